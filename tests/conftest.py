@@ -1,0 +1,29 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data` beside the repository; the test skips cleanly when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (tests that need real data skip without it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_medtl_config(tmp_path_factory, monkeypatch):
+    """Keep keys, alias maps and MLflow stores of a test out of the user's real folders."""
+    cfg = tmp_path_factory.mktemp("medtl-config")
+    monkeypatch.setenv("MEDTL_CONFIG_DIR", str(cfg))
+    monkeypatch.delenv("MEDTL_KEY_FILE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    yield
