@@ -1,0 +1,140 @@
+"""The `medtl` command line: a thin shell over the orchestration layer and the data layer.
+
+Every command prints only pseudonyms, aliases, counts and paths the user gave; it never prints a
+patient identifier, an original file name or a DICOM header value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medtl import __version__
+from medtl.errors import MedtlError
+
+EPILOG = """examples:
+  medtl demo-data demo_data --patients 200 --seed 0
+  medtl manifest build demo_data --labels demo_data/labels.csv --out data_manifests/demo.csv
+  medtl manifest verify data_manifests/demo.csv --root demo_data
+  medtl demo --output demo_output
+"""
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from medtl.data.demo import write_demo_data
+
+    summary = write_demo_data(Path(args.dir), patients=args.patients, seed=args.seed, progress=not args.quiet)
+    print(
+        f"wrote {summary.n_studies} synthetic studies of {summary.n_patients} patients to {args.dir}; "
+        f"labels: {summary.labels_csv}"
+    )
+    print(f"planted gap: {summary.planted_gap}")
+    return 0
+
+
+def _cmd_manifest_build(args: argparse.Namespace) -> int:
+    from medtl.data.manifest import build_manifest
+
+    fractions = tuple(float(x) for x in args.fractions.split(","))
+    subgroups = tuple(s for s in (args.subgroups or "").split(",") if s)
+    result = build_manifest(
+        Path(args.root),
+        Path(args.labels),
+        Path(args.out),
+        key_file=Path(args.key_file) if args.key_file else None,
+        seed=args.seed,
+        subgroup_columns=subgroups,
+        fractions=fractions,  # type: ignore[arg-type]
+        k_min=args.k_min,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    return 0
+
+
+def _cmd_manifest_verify(args: argparse.Namespace) -> int:
+    from medtl.data.manifest import verify_manifest
+
+    result = verify_manifest(
+        Path(args.manifest), Path(args.root), key_file=Path(args.key_file) if args.key_file else None
+    )
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from medtl.workflow import run_demo
+
+    run_demo(Path(args.output), patients=args.patients, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `medtl` console script."""
+    parser = argparse.ArgumentParser(
+        prog="medtl",
+        description=(
+            "Transfer learning for hospital imaging studies: privacy-aware manifests, pretrained "
+            "encoders, MLflow records and per-subgroup audits."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"medtl {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo-data", help="write fully synthetic hospital-like demo studies and labels.csv")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--patients", type=int, default=200, help="number of synthetic patients (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=_cmd_demo_data)
+
+    manifest = sub.add_parser("manifest", help="build or verify a privacy-aware data manifest")
+    msub = manifest.add_subparsers(dest="manifest_command", metavar="ACTION")
+    b = msub.add_parser("build", help="list every study under ROOT with pseudonyms, hashes, subgroups and splits")
+    b.add_argument("root", help="data root folder (paths in the labels CSV are relative to it)")
+    b.add_argument("--labels", required=True, help="labels CSV: path, label and/or mask, optional patient_id, split, ...")
+    b.add_argument("--out", required=True, help="manifest CSV to write, e.g. data_manifests/NAME.csv")
+    b.add_argument("--key-file", help="project key file (default: $MEDTL_KEY_FILE, else created in the config folder)")
+    b.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    b.add_argument("--subgroups", help="extra subgroup columns of the labels CSV, comma-separated")
+    b.add_argument("--fractions", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
+    b.add_argument("--k-min", type=int, default=11, help="warn when k-anonymity is below this (default 11)")
+    b.set_defaults(func=_cmd_manifest_build)
+    v = msub.add_parser("verify", help="re-hash the files of a manifest; exit 1 when anything changed")
+    v.add_argument("manifest", help="manifest CSV")
+    v.add_argument("--root", required=True, help="data root folder")
+    v.add_argument("--key-file", help="project key file (default: $MEDTL_KEY_FILE or the config folder)")
+    v.set_defaults(func=_cmd_manifest_verify)
+
+    d = sub.add_parser("demo", help="the main job end to end on synthetic demo studies")
+    d.add_argument("--output", default="demo_output", help="output folder (default demo_output)")
+    d.add_argument("--patients", type=int, default=200, help="number of synthetic patients (default 200)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `medtl` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MedtlError as err:
+        print(f"medtl: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""Workflow configuration: one schema, loaded from YAML, validated up front.
+
+Stable keys (scripts and hospital tooling call them): `data.root`, `data.labels`,
+`data.manifest`, `model.encoder`, `model.weights`, `train.strategy`, `train.epochs`, `seed`.
+`--set key=value` takes any key in dotted form; values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from medtl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the studies are and how they become tensors."""
+
+    root: str = ""
+    labels: str = ""
+    manifest: str = ""  # an existing manifest CSV to use instead of building one
+    manifest_out: str = ""  # where to write the manifest built from root + labels
+    key_file: str = ""
+    subgroups: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()  # keep only these manifest modalities (e.g. [CR, DX]); empty keeps all
+    fractions: tuple[float, ...] = (0.7, 0.15, 0.15)
+    image_size: tuple[int, ...] = (96, 96)  # 2D (H, W) or 3D (D, H, W) network input
+    spacing: tuple[float, ...] = ()  # 3D resampling spacing in mm; empty keeps the source spacing
+    intensity: str = "auto"  # auto | ct | mr | xray
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    cache: str = "memory"  # memory | disk | none
+    num_workers: int = 0
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which pretrained encoder, which weights, which head."""
+
+    encoder: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # imagenet | medicalnet | a file path | none
+    spatial_dims: int = 2
+    in_channels: int = 1
+    num_classes: int = 2
+    multi_label: bool = False
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class TrainConfigSection:
+    """Transfer strategy and optimisation."""
+
+    strategy: str = "finetune"  # linear_probe | finetune | gradual_unfreeze | lp_ft
+    epochs: int = 8
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    layer_decay: float = 0.0  # 0 disables layer-wise learning-rate decay
+    warmup_epochs: int = 1
+    early_stopping_patience: int = 5
+    bn: str = "adapt"  # adapt | freeze
+    amp: str = "auto"
+    balance: str = "none"  # none | sampler | loss
+    deterministic: bool = True
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """How test metrics and their confidence intervals are computed."""
+
+    threshold_rule: str = "youden"  # youden | sensitivity | fpr
+    threshold_target: float = 0.9
+    n_boot: int = 2000
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Per-subgroup bias audit settings."""
+
+    attributes: tuple[str, ...] = ("sex", "age_band", "site", "scanner")
+    intersections: bool = True
+    tolerance_auroc: float = 0.05
+    tolerance_rate: float = 0.10
+    fail_on_flag: bool = True
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow experiment and registry names."""
+
+    experiment: str = "medtl"
+    registered_model: str = ""  # defaults to the workflow name
+    register: bool = True
+
+
+@dataclass(frozen=True)
+class WorkflowConfig:
+    """A whole workflow: data -> model -> training -> evaluation -> audit -> MLflow."""
+
+    name: str = "workflow"
+    task: str = "classification"  # classification | segmentation
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfigSection = field(default_factory=TrainConfigSection)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+_CHOICES = {
+    "task": ("classification", "segmentation"),
+    "data.intensity": ("auto", "ct", "mr", "xray"),
+    "data.cache": ("memory", "disk", "none"),
+    "train.strategy": ("linear_probe", "finetune", "gradual_unfreeze", "lp_ft"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.bn": ("adapt", "freeze"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.balance": ("none", "sampler", "loss"),
+    "evaluation.threshold_rule": ("youden", "sensitivity", "fpr"),
+    "model.spatial_dims": (2, 3),
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = get_origin(annotation)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{key}' must be a list, not {type(value).__name__}; e.g. [96, 96]")
+        inner = get_args(annotation)[0]
+        return tuple(_coerce(v, inner, key) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, not {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"config key '{key}' must be a number, not {value!r}")
+        try:
+            number = annotation(value)
+        except ValueError as err:
+            raise ConfigError(f"config key '{key}' must be a number, not {value!r}") from err
+        if annotation is int and float(value) != number:
+            raise ConfigError(f"config key '{key}' must be a whole number, not {value!r}")
+        return number
+    if annotation is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, not {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value, dotted + ".")
+        else:
+            kwargs[key] = _coerce(value, annotation, dotted)
+        if dotted in _CHOICES and kwargs[key] not in _CHOICES[dotted]:
+            allowed = ", ".join(str(c) for c in _CHOICES[dotted])
+            raise ConfigError(f"config key '{dotted}' must be one of {allowed}, not {kwargs[key]!r}")
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `key=value` overrides in dotted form to a raw config mapping (values parsed as YAML)."""
+    result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set takes key=value, not {item!r}; e.g. --set train.epochs=3")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text.strip() else ""
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a config section")
+            node[part] = dict(child)
+            node = node[part]
+        node[parts[-1]] = value
+    return result
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> WorkflowConfig:
+    """Load and validate a workflow YAML (or a base mapping) with dotted `--set` overrides.
+
+    Relative `data.*` paths are resolved against the current working directory, as users type them.
+
+    Raises:
+        ConfigError: naming the bad key, when a key is unknown or a value has the wrong type.
+    """
+    raw: dict = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"workflow file {path} does not exist; see workflows/README.md") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"workflow file {path} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"workflow file {path} must hold a mapping of config keys")
+        raw.update(loaded or {})
+        raw.setdefault("name", Path(path).stem)
+    raw = apply_overrides(raw, overrides or [])
+    cfg = _build(WorkflowConfig, raw, "")
+    return validate(cfg)
+
+
+def validate(cfg: WorkflowConfig) -> WorkflowConfig:
+    """Cross-key checks that a single key's type cannot express."""
+    if not cfg.data.manifest and not (cfg.data.root and cfg.data.labels):
+        raise ConfigError("config must set data.manifest, or both data.root and data.labels")
+    if cfg.data.manifest and not cfg.data.root:
+        raise ConfigError("config key 'data.root' must be set with data.manifest (files are read from it)")
+    if len(cfg.data.image_size) != cfg.model.spatial_dims:
+        raise ConfigError(
+            f"config key 'data.image_size' must have {cfg.model.spatial_dims} values for "
+            f"model.spatial_dims={cfg.model.spatial_dims}, not {list(cfg.data.image_size)}"
+        )
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"config key 'train.epochs' must be at least 1, not {cfg.train.epochs}")
+    if abs(sum(cfg.data.fractions) - 1.0) > 1e-6 or len(cfg.data.fractions) != 3:
+        raise ConfigError(f"config key 'data.fractions' must be three numbers summing to 1, not {list(cfg.data.fractions)}")
+    return cfg
+
+
+def to_dict(cfg: WorkflowConfig) -> dict:
+    """The config as a plain nested mapping (for logging and writing back to YAML)."""
+    return dataclasses.asdict(cfg)
