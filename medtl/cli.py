@@ -7,7 +7,6 @@ patient identifier, an original file name or a DICOM header value.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -50,7 +49,17 @@ def _cmd_manifest_build(args: argparse.Namespace) -> int:
         k_min=args.k_min,
         progress=not args.quiet,
     )
-    print(result.summary())
+    if result.key_message:
+        print(result.key_message)
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    splits = ", ".join(f"{k} {v}" for k, v in result.split_rows.items())
+    print(f"manifest: {result.manifest_csv} ({result.rows} rows, {result.patients} patients; splits: {splits})")
+    print(f"sidecar:  {result.sidecar_json} (files: {counts}; k-anonymity {result.k_anonymity}; key id {result.key_id})")
+    if result.rows == 0:
+        print("medtl: error: no study matched a labels row; check --labels paths against ROOT", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -60,7 +69,10 @@ def _cmd_manifest_verify(args: argparse.Namespace) -> int:
     result = verify_manifest(
         Path(args.manifest), Path(args.root), key_file=Path(args.key_file) if args.key_file else None
     )
-    print(result.summary())
+    for line in result.problems:
+        print(line)
+    verdict = "OK" if result.ok else "DIFFERS"
+    print(f"verify {verdict}: {result.files_checked} files and {result.rows_checked} rows checked")
     return 0 if result.ok else 1
 
 
@@ -130,10 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     except MedtlError as err:
         print(f"medtl: error: {err}", file=sys.stderr)
         return 2
-
-
-def _print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

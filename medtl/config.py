@@ -87,9 +87,11 @@ class AuditConfig:
 
     attributes: tuple[str, ...] = ("sex", "age_band", "site", "scanner")
     intersections: bool = True
-    tolerance_auroc: float = 0.05
-    tolerance_rate: float = 0.10
-    fail_on_flag: bool = True
+    tolerances: dict[str, float] = field(default_factory=dict)  # empty: medtl.evaluation defaults
+    alpha: float = 0.05
+    correction: str = "bonferroni"  # bonferroni | none
+    fail_on_flagged: bool = True
+    min_group_size: int = 10
 
 
 @dataclass(frozen=True)
@@ -120,18 +122,24 @@ _CHOICES = {
     "task": ("classification", "segmentation"),
     "data.intensity": ("auto", "ct", "mr", "xray"),
     "data.cache": ("memory", "disk", "none"),
-    "train.strategy": ("linear_probe", "finetune", "gradual_unfreeze", "lp_ft"),
+    "train.strategy": ("linear_probe", "finetune", "gradual_unfreeze", "lp_ft", "discriminative"),
     "train.optimizer": ("adamw", "sgd"),
     "train.bn": ("adapt", "freeze"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.balance": ("none", "sampler", "loss"),
     "evaluation.threshold_rule": ("youden", "sensitivity", "fpr"),
+    "audit.correction": ("bonferroni", "none"),
     "model.spatial_dims": (2, 3),
 }
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = get_origin(annotation)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, not {type(value).__name__}; e.g. {{auroc: 0.05}}")
+        inner = get_args(annotation)[1]
+        return {str(k): _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]

@@ -1,0 +1,580 @@
+"""DICOM specifics of discovery and loading: sniffing, reading, classifying, geometry and pixels.
+
+medtl reads DICOM with pydicom directly, not with MONAI's `PydicomReader`: in MONAI 1.6 that
+reader orders a folder's slices by InstanceNumber (not by position), does not separate the series
+of a mixed folder, does not check slice gaps or duplicates, and applies neither VOI LUT/window nor
+MONOCHROME1 inversion to radiographs (monai/data/image_reader.py). Its affine formula is the one
+used here (nibabel's "DICOM orientation" notes); the tests cross-check the two.
+
+Nothing here prints or logs a header value: pydicom's own warnings and log records, which can
+quote values, are silenced while a file is read or decoded (`quiet_pydicom`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.datadict import dictionary_has_tag
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    UID_dictionary,
+)
+
+from medtl.data.deid import identifying_values, quiet_pydicom
+from medtl.data.types import HeaderFacts, Rejection
+
+# Pixel values of these modalities are physical quantities (HU, activity, signal) kept as such;
+# other single images (radiographs, secondary captures) get their VOI LUT or window.
+QUANTITATIVE_MODALITIES = frozenset({"CT", "MR", "PT", "NM"})
+# Projection images are never slices of a volume, even when they carry a position.
+PROJECTION_MODALITIES = frozenset(
+    {"CR", "DX", "MG", "IO", "PX", "RG", "RF", "XA", "XC", "OP", "ES", "GM", "SM"}
+)
+
+# Slice spacing checks: positions come from decimal strings rounded by the scanner, so small jitter
+# is normal; a missing slice doubles a gap. Tolerances are in mm / as a fraction of the median gap.
+_DUPLICATE_MM = 0.01
+_GAP_ATOL_MM = 0.05
+_GAP_RTOL = 0.05
+_ORIENTATION_ATOL = 1e-3
+# ITU-R BT.601 luma weights, the ones PIL uses for mode "L": DICOM colour images and PNG/JPEG
+# exports become the same grey values.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_EXPLICIT_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+# (words of the standard's SOP class name, modality codes, description) of valid non-image objects.
+_NON_IMAGE = (
+    (("Media Storage Directory",), (), "DICOMDIR index file"),
+    (("Key Object Selection",), ("KO",), "DICOM key object selection (KO)"),
+    (("Presentation State",), ("PR",), "DICOM presentation state (PR)"),
+    (("SR Storage", "Procedure Log"), ("SR",), "DICOM structured report (SR)"),
+    (("Segmentation Storage",), ("SEG",), "DICOM segmentation (SEG)"),
+    (("Encapsulated",), ("DOC",), "encapsulated document (PDF, CDA or 3D model) in DICOM"),
+    (("Waveform",), ("ECG", "HD", "AU", "EEG", "EMG", "RESP"), "DICOM waveform (ECG, audio, ...)"),
+    (("Parametric Map",), (), "DICOM parametric map"),
+)
+Orientation = tuple[float, ...]  # ImageOrientationPatient: row then column direction cosines
+Point = tuple[float, float, float]  # ImagePositionPatient, LPS mm
+
+
+@dataclass(frozen=True)
+class DicomImage:
+    """What discovery keeps of one decodable DICOM image file (in memory only, never written).
+
+    `positions` holds one ImagePositionPatient per frame when known (per-frame functional groups
+    for enhanced multi-frame files), only the first frame's when that is all the file gives, or
+    None. `pixel_spacing` is (between rows, between columns) in mm, as DICOM orders it.
+    """
+
+    path: Path
+    series_uid: str
+    file_digest: str  # SHA-256 of the file's bytes, to recognise copied files
+    modality: str
+    rows: int
+    columns: int
+    n_frames: int
+    orientation: Orientation | None
+    positions: tuple[Point, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    header: HeaderFacts
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Slices ordered along the normal of their common orientation."""
+
+    order: tuple[int, ...]
+    step: Point  # LPS mm from one slice origin to the next (tilt included)
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """Whether a file starts like DICOM: "DICM" after the preamble, or a bare header element.
+
+    Files written without preamble and meta header (older NEMA/ACR-era files) start directly with
+    a group 0x0008 element. `dcmread(force=True)` would turn any bytes into a "dataset", so such
+    a file must start with a dictionary tag followed by a valid explicit VR or a sane length.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(132)
+    if len(head) == 132 and head[128:] == b"DICM":
+        return True
+    if len(head) < 8:
+        return False
+    for endian in "<>":
+        group, element = struct.unpack(endian + "HH", head[:4])
+        if group not in (0x0002, 0x0008) or not (element == 0 or dictionary_has_tag(group << 16 | element)):
+            continue
+        if head[4:6] in _EXPLICIT_VRS:
+            return True
+        (length,) = struct.unpack(endian + "I", head[4:8])
+        if length < 0x10000:
+            return True
+    return False
+
+
+def read_dataset(path: Path | BinaryIO, *, pixels: bool = True) -> Dataset:
+    """Read a DICOM file, with or without preamble/meta header, and make its transfer syntax explicit.
+
+    Args:
+        path: The file, or its bytes as a binary stream.
+        pixels: Whether to read the pixel data too.
+
+    Returns:
+        The dataset; `file_meta.TransferSyntaxUID` is set from the encoding pydicom detected when
+        the file lacks it (implicit VR little endian for headerless files, per PS3.5 default).
+
+    Raises:
+        Exception: whatever pydicom raises for an unreadable file (callers quarantine it).
+    """
+    with quiet_pydicom():
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        if implicit is None or implicit:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        else:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    return ds
+
+
+@quiet_pydicom()
+def inspect_dicom(path: Path) -> DicomImage | Rejection:
+    """Classify one DICOM file: a decodable image, a valid non-image object, or bad input.
+
+    The pixels are decoded once here so that every study discover returns also loads.
+
+    Args:
+        path: A file for which `looks_like_dicom` is True.
+
+    Returns:
+        A `DicomImage`, or a `Rejection` whose reason names no header value and no path.
+    """
+    content = path.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    try:
+        ds = read_dataset(io.BytesIO(content))
+    except Exception:
+        return Rejection(path, "quarantined", "DICOM header could not be parsed (truncated or corrupt file)")
+    if not any(
+        elem.tag.group > 0x0002 and not elem.tag.is_private and dictionary_has_tag(elem.tag) for elem in ds
+    ):
+        return Rejection(path, "quarantined", "no readable DICOM attributes (corrupt file?)")
+    modality = _text(ds, "Modality").upper()  # "" here: non_image_category needs to see it missing
+    category = non_image_category(
+        _text(ds, "SOPClassUID") or _text(ds.file_meta, "MediaStorageSOPClassUID"), modality
+    )
+    if category:
+        return Rejection(path, "skipped", f"{category}, not an image")
+    if not any(kw in ds for kw in _PIXEL_KEYWORDS):
+        return Rejection(path, "quarantined", "DICOM object without pixel data")
+    if "PixelData" not in ds:
+        return Rejection(path, "skipped", "floating-point pixel data (parametric map), not an image")
+    problem = pixel_problem(ds)
+    if problem:
+        return Rejection(path, "quarantined", problem)
+    n_frames = number_of_frames(ds)
+    orientation, positions, spacing = frame_geometry(ds, n_frames)
+    if n_frames > 1 and positions is not None and len(positions) == n_frames:
+        if orientation is None:
+            return Rejection(path, "quarantined", "multi-frame orientation differs between frames")
+        stack = order_stack(orientation, positions)
+        if isinstance(stack, str):
+            return Rejection(path, "quarantined", f"multi-frame {stack}")
+    return DicomImage(
+        path=path,
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        file_digest=digest,
+        modality=modality or "OT",
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        n_frames=n_frames,
+        orientation=orientation,
+        positions=positions,
+        pixel_spacing=spacing,
+        header=header_facts(ds),
+    )
+
+
+def non_image_category(sop_class: str, modality: str) -> str:
+    """A fixed description of a valid non-image DICOM object, or "" for (possible) images.
+
+    Decided from the standard's SOP class name (only for UIDs in pydicom's dictionary, so a
+    private value is never echoed), else, for unknown SOP classes, from the modality code.
+    """
+    known = sop_class in UID_dictionary and UID_dictionary[sop_class][1] == "SOP Class"
+    name = UID_dictionary[sop_class][0] if known else ""
+    for words, modalities, description in _NON_IMAGE:
+        if any(word in name for word in words) or (not known and modality in modalities):
+            return description
+    radiotherapy = (name.startswith("RT ") and "Image" not in name) or "Radiation" in name
+    if radiotherapy or (not known and modality.startswith("RT") and modality != "RTIMAGE"):
+        return "DICOM radiotherapy object (plan, structure set, dose or record)"
+    if known and not any(word in name for word in ("Image", "Volume Storage", "Map Storage", "AIT Storage")):
+        return "non-image DICOM object"
+    return ""
+
+
+def pixel_problem(ds: Dataset) -> str | None:
+    """Why the pixel data cannot become an image, or None once it decoded through `frames`."""
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    ts_name = ts.name if ts in UID_dictionary else "this transfer syntax"
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        return f"pixel data in an unsupported transfer syntax ({ts_name})"
+    if not decoder.is_available:
+        return f"no installed decoder for {ts_name}"
+    try:
+        if not ts.is_compressed and len(ds.PixelData) < get_expected_length(ds):
+            return "pixel data shorter than the image size requires (truncated file?)"
+        frames(ds)
+    except Exception:
+        return "pixel data could not be decoded (corrupt data or inconsistent image attributes)"
+    return None
+
+
+def modality_of(ds: Dataset) -> str:
+    """The Modality code, "OT" (other) when absent."""
+    return _text(ds, "Modality").upper() or "OT"
+
+
+def number_of_frames(ds: Dataset) -> int:
+    """NumberOfFrames, 1 when absent or empty; raises ValueError when it is not a number."""
+    value = ds.get("NumberOfFrames")
+    return max(int(value), 1) if value not in (None, "") else 1
+
+
+def header_facts(ds: Dataset) -> HeaderFacts:
+    """Identifying and subgroup-relevant header values of one file (in memory only)."""
+    return HeaderFacts(
+        patient_id=_text(ds, "PatientID"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sex=_text(ds, "PatientSex"),
+        age=_text(ds, "PatientAge"),
+        birth_date=_text(ds, "PatientBirthDate"),
+        study_date=_text(ds, "StudyDate"),
+        institution=_text(ds, "InstitutionName"),
+        manufacturer=_text(ds, "Manufacturer"),
+        model=_text(ds, "ManufacturerModelName"),
+        body_part=_text(ds, "BodyPartExamined"),
+        photometric=_text(ds, "PhotometricInterpretation"),
+        identifying_values=identifying_values(ds),
+    )
+
+
+# --- geometry -----------------------------------------------------------------------------------
+
+
+def frame_geometry(
+    ds: Dataset, n_frames: int
+) -> tuple[Orientation | None, tuple[Point, ...] | None, tuple[float, float] | None]:
+    """Orientation, per-frame positions and pixel spacing, from the top level or functional groups.
+
+    Returns (None, ...) parts that are absent or malformed; orientation is None as well when the
+    frames of a multi-frame file disagree on it.
+    """
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])[:n_frames]
+
+    orientations = [
+        _group_value(item, "PlaneOrientationSequence", "ImageOrientationPatient") for item in per_frame
+    ]
+    orientations = [o for o in orientations if o is not None]
+    candidates = [
+        ds.get("ImageOrientationPatient"),
+        _group_value(shared, "PlaneOrientationSequence", "ImageOrientationPatient"),
+    ]
+    orientation = _unit_orientation(
+        next((c for c in candidates if c is not None), orientations[0] if orientations else None)
+    )
+    if orientation is not None and orientations:
+        parsed = [_unit_orientation(o) for o in orientations]
+        if any(p is None or not np.allclose(p, orientation, atol=_ORIENTATION_ATOL) for p in parsed):
+            orientation = None
+
+    frame_positions = [
+        _group_value(item, "PlanePositionSequence", "ImagePositionPatient") for item in per_frame
+    ]
+    positions: tuple[Point, ...] | None = None
+    if per_frame and len(per_frame) == n_frames and all(p is not None for p in frame_positions):
+        positions = _points(frame_positions)
+    if positions is None and ds.get("ImagePositionPatient") is not None:
+        positions = _points([ds.ImagePositionPatient])
+
+    spacing_candidates = [
+        ds.get("PixelSpacing"),
+        _group_value(shared, "PixelMeasuresSequence", "PixelSpacing"),
+        _group_value(per_frame[0] if per_frame else None, "PixelMeasuresSequence", "PixelSpacing"),
+        ds.get("ImagerPixelSpacing"),
+        ds.get("NominalScannedPixelSpacing"),
+    ]
+    spacing = next((s for s in (_pair(c) for c in spacing_candidates) if s is not None), None)
+    return orientation, positions, spacing
+
+
+def slice_spacing(ds: Dataset) -> float:
+    """Distance between frames when no per-frame positions exist: SpacingBetweenSlices, thickness or 1 mm."""
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    for value in (
+        ds.get("SpacingBetweenSlices"),
+        _group_value(shared, "PixelMeasuresSequence", "SpacingBetweenSlices"),
+        ds.get("SliceThickness"),
+        _group_value(shared, "PixelMeasuresSequence", "SliceThickness"),
+    ):
+        with contextlib.suppress(TypeError, ValueError):
+            if value not in (None, "") and abs(float(value)) > 0:
+                return abs(float(value))
+    return 1.0
+
+
+def order_stack(orientation: Sequence[float], positions: Sequence[Sequence[float]]) -> Stack | str:
+    """Order slices by their position along the normal and check that they form an even stack.
+
+    Never uses file names or InstanceNumber. Gantry tilt (positions offset within the plane)
+    is fine as long as the spacing along the normal is uniform and the positions lie on a line.
+
+    Args:
+        orientation: ImageOrientationPatient (row then column direction cosines).
+        positions: ImagePositionPatient of each slice (at least two).
+
+    Returns:
+        The `Stack`, or a one-line reason why these slices are not one (no header values).
+    """
+    points = np.asarray(positions, dtype=np.float64)
+    normal = np.cross(
+        np.asarray(orientation[:3], dtype=np.float64), np.asarray(orientation[3:6], dtype=np.float64)
+    )
+    depth = points @ normal
+    order = np.argsort(depth, kind="stable")
+    gaps = np.diff(depth[order])
+    repeated = int(np.sum(gaps < _DUPLICATE_MM))
+    if repeated:
+        return f"duplicate slice positions ({repeated} repeated) along the normal: several echoes, phases or copies?"
+    median = float(np.median(gaps))
+    if np.any(np.abs(gaps - median) > max(_GAP_ATOL_MM, _GAP_RTOL * median)):
+        return f"slice gaps {gaps.min():.2f}-{gaps.max():.2f} mm along the normal: missing slices?"
+    ordered = points[order]
+    step = (ordered[-1] - ordered[0]) / (len(ordered) - 1)
+    predicted = ordered[0] + np.outer(np.arange(len(ordered)), step)
+    if np.max(np.linalg.norm(ordered - predicted, axis=1)) > max(0.5, 0.5 * float(np.linalg.norm(step))):
+        return "slice positions do not lie on one line (several stacks in one series?)"
+    return Stack(tuple(int(i) for i in order), (float(step[0]), float(step[1]), float(step[2])))
+
+
+def volume_affine(
+    orientation: Sequence[float] | None,
+    origin: Sequence[float] | None,
+    pixel_spacing: tuple[float, float] | None,
+    step: Sequence[float] | float,
+) -> np.ndarray:
+    """Voxel (column, row, slice) to RAS mm affine from DICOM geometry (LPS converted to RAS).
+
+    Args:
+        orientation: ImageOrientationPatient, or None for images without patient geometry.
+        origin: ImagePositionPatient of the first slice, or None.
+        pixel_spacing: (between rows, between columns) mm, or None for 1 mm.
+        step: LPS vector from one slice to the next, or a slice distance along the normal.
+
+    Returns:
+        The 4x4 affine; without orientation, the identity scaled by the spacings.
+    """
+    row_mm, col_mm = pixel_spacing or (1.0, 1.0)
+    if orientation is None:
+        thickness = float(step) if np.isscalar(step) else float(np.linalg.norm(step))
+        return np.diag([col_mm, row_mm, thickness or 1.0, 1.0])
+    along_row = np.asarray(orientation[:3], dtype=np.float64)
+    along_col = np.asarray(orientation[3:6], dtype=np.float64)
+    step_vec = (
+        np.cross(along_row, along_col) * float(step)
+        if np.isscalar(step)
+        else np.asarray(step, dtype=np.float64)
+    )
+    affine = np.eye(4)
+    affine[:3, 0] = along_row * col_mm  # voxel index i runs along a row, i.e. across columns
+    affine[:3, 1] = along_col * row_mm
+    affine[:3, 2] = step_vec
+    affine[:3, 3] = np.asarray(origin if origin is not None else (0.0, 0.0, 0.0), dtype=np.float64)
+    return _LPS_TO_RAS @ affine
+
+
+# --- pixels -------------------------------------------------------------------------------------
+
+
+def frames(ds: Dataset, *, display: bool = False) -> np.ndarray:
+    """Decoded frames (frames, rows, columns) as float32, brighter = more attenuation/signal.
+
+    Applies, per frame, the Modality LUT or rescale slope/intercept (also from enhanced
+    functional groups); with `display`, the VOI LUT or window of monochrome images; and the
+    MONOCHROME1 inversion over the output range of the last stage applied. Colour images
+    (RGB, YBR, palette) become luminance with `LUMA_WEIGHTS`.
+    """
+    with quiet_pydicom():
+        data = ds.pixel_array
+    n = number_of_frames(ds)
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1 or photometric == "PALETTE COLOR"
+    expected_ndim = 2 + (n > 1) + (colour and photometric != "PALETTE COLOR")
+    if data.ndim != expected_ndim:
+        raise ValueError("decoded pixel array does not match the image attributes")
+    if n == 1:
+        data = data[None]
+    if photometric == "PALETTE COLOR":
+        with quiet_pydicom():
+            data = apply_color_lut(data, ds)
+    if colour:
+        return (data[..., :3].astype(np.float32) @ LUMA_WEIGHTS).astype(np.float32)
+    out = np.empty(data.shape, dtype=np.float32)
+    for index in range(n):
+        out[index] = _grey_frame(data[index], ds, _rescale_source(ds, index), display=display)
+    return out
+
+
+def _grey_frame(frame: np.ndarray, ds: Dataset, rescale: Dataset, *, display: bool) -> np.ndarray:
+    values = apply_modality_lut(frame, rescale)
+    low, high = _modality_range(ds, rescale)
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    if display and photometric in ("MONOCHROME1", "MONOCHROME2"):
+        voi_lut = ds.get("VOILUTSequence")
+        uses_lut = bool(voi_lut) and "LUTDescriptor" in voi_lut[0] and "LUTData" in voi_lut[0]
+        source = np.rint(values).astype(np.int64) if uses_lut else values
+        try:
+            with quiet_pydicom():
+                windowed = apply_voi_lut(source, ds)
+        except Exception:
+            # A malformed window (width < 1, unknown function) is a display hint, not the image:
+            # keep the modality values rather than lose the radiograph.
+            windowed = None
+        if windowed is not None and windowed is not source:
+            values = windowed
+            if uses_lut:
+                low, high = _lut_range(ds, voi_lut[0])
+    values = np.asarray(values, dtype=np.float64)
+    if photometric == "MONOCHROME1":
+        values = low + high - values  # PS3.3 C.7.6.3.1.2: minimum value is white
+    return values.astype(np.float32)
+
+
+def _modality_range(ds: Dataset, rescale: Dataset) -> tuple[float, float]:
+    """Output range of the modality stage, computed as pydicom's `apply_windowing` does."""
+    lut = ds.get("ModalityLUTSequence")
+    if lut:
+        return _lut_range(ds, lut[0])
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        low, high = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    else:
+        low, high = 0.0, 2.0**bits - 1
+    slope = float(rescale.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(rescale.get("RescaleIntercept", 0.0) or 0.0)
+    a, b = low * slope + intercept, high * slope + intercept
+    return min(a, b), max(a, b)
+
+
+def _lut_range(ds: Dataset, item: Dataset) -> tuple[float, float]:
+    """Smallest and largest entry of a Modality/VOI LUT: the output range inversion must mirror.
+
+    The LUT Descriptor's bit depth is only nominal (a 10-bit LUT is often declared 16-bit), so
+    inverting over 2**bits - 1 would shift the image to the top of the 16-bit range.
+    """
+    data = item.LUTData
+    if isinstance(data, bytes | bytearray):
+        little = ds.file_meta.TransferSyntaxUID != ExplicitVRBigEndian
+        entries = np.frombuffer(bytes(data), dtype="<u2" if little else ">u2")
+    else:
+        entries = np.atleast_1d(np.asarray(data, dtype=np.float64))
+    return float(entries.min()), float(entries.max())
+
+
+def _rescale_source(ds: Dataset, index: int) -> Dataset:
+    """The dataset holding the modality transform of one frame (enhanced files keep it per frame)."""
+    if ds.get("ModalityLUTSequence") or ("RescaleSlope" in ds and "RescaleIntercept" in ds):
+        return ds
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    for item in (
+        per_frame[index] if index < len(per_frame) else None,
+        _first_item(ds, "SharedFunctionalGroupsSequence"),
+    ):
+        seq = item.get("PixelValueTransformationSequence") if item is not None else None
+        if seq and "RescaleSlope" in seq[0] and "RescaleIntercept" in seq[0]:
+            return seq[0]
+    return ds
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple | MultiValue):
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _group_value(item: Dataset | None, sequence: str, keyword: str) -> object:
+    if item is None:
+        return None
+    seq = item.get(sequence)
+    return seq[0].get(keyword) if seq else None
+
+
+def _floats(value: object, count: int) -> np.ndarray | None:
+    """`count` finite numbers from a multi-valued DS element, or None when absent or malformed."""
+    try:
+        numbers = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return numbers if numbers.shape == (count,) and np.all(np.isfinite(numbers)) else None
+
+
+def _unit_orientation(value: object) -> Orientation | None:
+    cosines = _floats(value, 6)
+    if cosines is None:
+        return None
+    row, col = cosines[:3], cosines[3:]
+    if min(np.linalg.norm(row), np.linalg.norm(col)) < 0.5 or abs(float(row @ col)) > 0.05:
+        return None
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    return tuple(float(v) for v in (*row, *col))
+
+
+def _points(values: Sequence[object]) -> tuple[Point, ...] | None:
+    points = [_floats(value, 3) for value in values]
+    if any(p is None for p in points):
+        return None
+    return tuple((float(p[0]), float(p[1]), float(p[2])) for p in points)  # type: ignore[index]
+
+
+def _pair(value: object) -> tuple[float, float] | None:
+    pair = _floats(value, 2)
+    return (float(pair[0]), float(pair[1])) if pair is not None and pair.min() > 0 else None

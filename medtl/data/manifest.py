@@ -1,0 +1,886 @@
+"""Studies + a labels CSV -> the privacy-aware manifest CSV and its JSON sidecar; verify; resolve.
+
+The manifest is the only description of the data that leaves the data folder: one row per
+study/series used for learning, with keyed pseudonyms instead of identifiers, coarsened
+subgroups, patient-level splits, decoded-pixel hashes and the relative path (or its alias).
+The sidecar accounts for every file seen, records k-anonymity and the file inventory that
+`verify_manifest` re-checks. Before a build succeeds, every output (and every medtl log message
+it would emit) is scanned for the identifying values read from the inputs; a hit deletes the
+outputs and stops the build.
+
+Example:
+    >>> result = build_manifest(Path("data"), Path("data/labels.csv"), Path("out/manifest.csv"))
+    ... # doctest: +SKIP
+    >>> verify_manifest(Path("out/manifest.csv"), Path("data")).ok  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from medtl.data import discover as discovery
+from medtl.data.privacy import (
+    ALIAS_PREFIX,
+    UNKNOWN,
+    Needles,
+    ProjectKey,
+    age_band,
+    identifying_needles,
+    key_created_message,
+    load_key,
+    looks_identifying,
+    normalise_sex,
+    path_alias,
+    resolve_alias,
+    save_aliases,
+    scan_for_phi,
+    scanner_code,
+    site_code,
+)
+from medtl.data.splits import SPLITS, assign_splits, check_fractions, check_leakage, normalise_split
+from medtl.data.types import Rejection, Study
+from medtl.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST_COLUMNS = (
+    "id", "patient", "study", "series", "key_id", "path", "kind", "modality", "n_files", "shape", "spacing",
+    "orientation", "sha256", "label", "mask", "mask_sha256", "sex", "age_band", "site", "scanner",
+)  # then the declared extra subgroup columns, then "split"
+SUBGROUPS = ("sex", "age_band", "site", "scanner")
+QUASI_IDENTIFIERS = ("sex", "age_band", "site")
+LABEL_COLUMNS = ("path", "label", "mask", "patient_id", "split", "sex", "age", "site", "scanner")
+DEID_PROFILE = (
+    "DICOM PS3.15 Annex E Basic Profile; keyed HMAC-SHA-256 pseudonyms; ages top-coded at 90; dates removed; "
+    "site/scanner coded; identifying paths aliased"
+)
+NO_LABEL_ROW = "no row in the labels CSV"
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One row of the labels CSV, cleaned. `number` is the CSV line (the header is line 1)."""
+
+    number: int
+    path: str
+    label: str = ""
+    mask: str = ""
+    patient_id: str = ""
+    split: str = ""
+    sex: str = ""
+    age: str = ""
+    site: str = ""
+    scanner: str = ""
+    extras: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ManifestResult:
+    """What `build_manifest` wrote (the CLI prints `key_message` when it is not None)."""
+
+    manifest_csv: Path
+    sidecar_json: Path
+    key_id: str
+    key_path: Path
+    key_created: bool
+    key_message: str | None
+    rows: int
+    patients: int
+    counts: dict[str, int]
+    split_rows: dict[str, int]
+    k_anonymity: int | None
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What `verify_manifest` found; files are named by alias or safe relative path, rows by id."""
+
+    ok: bool
+    files_checked: int
+    rows_checked: int
+    manifest_modified: bool
+    changed: tuple[str, ...]
+    missing: tuple[str, ...]
+    new: tuple[str, ...]
+    rows_changed: tuple[str, ...]
+    rows_missing: tuple[str, ...]
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per difference, for the CLI."""
+        out = ["the manifest CSV differs from the SHA-256 in its sidecar"] if self.manifest_modified else []
+        out += [f"changed file: {f}" for f in self.changed] + [f"missing file: {f}" for f in self.missing]
+        out += [f"new file: {f}" for f in self.new] + [f"row {r}: pixel sha256 changed" for r in self.rows_changed]
+        return out + [f"row {r}: study not found" for r in self.rows_missing]
+
+
+def pixel_sha256(array: np.ndarray) -> str:
+    """SHA-256 of decoded pixels: dtype (with byte order), shape and C-order bytes."""
+    data = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{data.dtype.str}|{data.shape}|".encode())
+    digest.update(data.tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels CSV
+
+
+def read_labels(labels_csv: Path, subgroup_columns: Sequence[str] = ()) -> list[LabelRow]:
+    """Read and check the labels CSV; errors name the file and row, never a value.
+
+    Args:
+        labels_csv: Columns `path` and `label` and/or `mask`; optional `patient_id`, `split`,
+            `sex`, `age`, `site`, `scanner` and the declared extra subgroup columns.
+        subgroup_columns: Extra subgroup columns to carry into the manifest.
+
+    Returns:
+        The rows, in file order.
+
+    Raises:
+        InputError: If the file, a column or a row is unusable.
+    """
+    name = Path(labels_csv).name
+    if not Path(labels_csv).is_file():
+        raise InputError(f"labels CSV must be an existing file, not missing ({name}); check the path")
+    try:
+        table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(
+            f"{name} must be a UTF-8 comma-separated table with a header row, not unreadable "
+            f"({type(err).__name__}); save it as CSV"
+        ) from err
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    extras = _check_columns(name, list(table.columns), subgroup_columns)
+    rows, problems, seen = [], [], {}
+    for number, record in enumerate(table.to_dict("records"), start=2):
+        cell = {k: str(v).strip() for k, v in record.items()}
+        path, mask = _clean_rel(cell["path"]), _clean_rel(cell.get("mask", ""))
+        label = _canonical_label(cell.get("label", ""))
+        if path is None or mask is None:
+            problems.append(f"row {number}: path and mask must be relative to the data root, not absolute or "
+                            f"leaving it (..)")
+        elif not path:
+            problems.append(f"row {number}: path must not be empty")
+        elif not label and not mask:
+            problems.append(f"row {number}: label or mask must be given, not both empty")
+        elif path in seen:
+            problems.append(f"row {number}: path must appear once, not again after row {seen[path]}")
+        try:
+            split = normalise_split(cell.get("split", ""))
+        except ValueError:
+            problems.append(f"row {number}: split must be train, val, test or empty")
+            split = ""
+        if cell.get("age") and not _is_age(cell["age"]):
+            problems.append(f"row {number}: age must be a number of years (0-150) or empty")
+        if path:
+            seen.setdefault(path, number)
+        rows.append(LabelRow(
+            number, path or "", label, mask or "", cell.get("patient_id", ""), split, cell.get("sex", ""),
+            cell.get("age", ""), cell.get("site", ""), cell.get("scanner", ""), tuple(cell[c] for c in extras)))
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise InputError(f"{name} {'; '.join(problems[:5])}{more}; fix these rows and rebuild")
+    return rows
+
+
+def extra_subgroups(subgroup_columns: Sequence[str]) -> list[str]:
+    """Declared subgroup columns beyond the built-in ones, lower-cased, in order.
+
+    Raises:
+        ConfigError: If a name clashes with a manifest or labels-CSV column.
+    """
+    extras: list[str] = []
+    for column in (str(c).strip().lower() for c in subgroup_columns):
+        if column in ("sex", "age", "age_band", "site", "scanner") or column in extras:
+            continue  # built-in subgroups are always there
+        if not column or column in MANIFEST_COLUMNS or column in LABEL_COLUMNS:
+            raise ConfigError(f"subgroup column must not be empty or a manifest column, not {column!r}; rename it")
+        extras.append(column)
+    return extras
+
+
+def _check_columns(name: str, columns: list[str], subgroup_columns: Sequence[str]) -> list[str]:
+    if "path" not in columns:
+        raise InputError(f"{name} must have a 'path' column, not only {columns}; add it (relative to the data root)")
+    if "label" not in columns and "mask" not in columns:
+        raise InputError(f"{name} must have a 'label' and/or 'mask' column, not neither; add the targets")
+    extras = extra_subgroups(subgroup_columns)
+    for column in extras:
+        if column not in columns:
+            raise InputError(f"subgroup column {column!r} must be a column of {name}, not missing; add it or "
+                             f"drop it from the subgroup columns")
+    return extras
+
+
+def _clean_rel(text: str) -> str | None:
+    """POSIX relative path without '.' parts; None for absolute or escaping paths."""
+    text = text.replace("\\", "/").strip()
+    if not text:
+        return ""
+    pure = PurePosixPath(text)
+    if pure.is_absolute() or (len(text) > 1 and text[1] == ":") or ".." in pure.parts:
+        return None
+    return PurePosixPath(*[p for p in pure.parts if p != "."]).as_posix() if pure.parts else "."
+
+
+def _is_age(text: str) -> bool:
+    try:
+        return 0 <= float(text) <= 150
+    except ValueError:
+        return False
+
+
+def _canonical_label(text: str) -> str:
+    """Integers in any spelling ("1.0", "01") become "1"; class names are kept as written."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+# ---------------------------------------------------------------------------------------------
+# What is on disk
+
+
+@dataclass
+class _Disk:
+    """Discovered studies and rejections of one root, indexed by relative path."""
+
+    root: Path
+    studies: list[Study]
+    rejections: list[Rejection]
+    files: list[str]  # every file under root (our own walk), relative POSIX paths
+    study_of: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, Rejection] = field(default_factory=dict)
+    below: dict[str, set[int]] = field(default_factory=dict)  # folder -> studies under it
+
+    def rel(self, path: Path) -> str:
+        path = Path(path)
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.resolve().relative_to(self.root).as_posix()
+
+    def targets(self, rel: str) -> list[int] | None:
+        """Studies a labels path points at: [] if it exists without studies, None if missing."""
+        if rel in self.study_of:
+            return [self.study_of[rel]]
+        if rel == ".":
+            return list(range(len(self.studies)))
+        if rel in self.below:
+            return sorted(self.below[rel])
+        return [] if (self.root / rel).exists() else None
+
+
+def _scan_disk(root: Path, exclude: set[str], progress: bool) -> _Disk:
+    studies, rejections = discovery.discover(root, progress=progress)
+    files = []
+    for folder, _dirs, names in os.walk(root):
+        for file_name in names:
+            rel = (Path(folder) / file_name).relative_to(root).as_posix()
+            if rel not in exclude:
+                files.append(rel)
+    disk = _Disk(root, [], [], sorted(files))
+    for study in studies:
+        rels = [disk.rel(f) for f in study.files]
+        if any(r in exclude for r in rels):
+            continue
+        index = len(disk.studies)
+        disk.studies.append(study)
+        for rel in rels:
+            disk.study_of[rel] = index
+            for parent in PurePosixPath(rel).parents:
+                if parent.as_posix() != ".":
+                    disk.below.setdefault(parent.as_posix(), set()).add(index)
+    for rejection in rejections:
+        rel = disk.rel(rejection.path)
+        if rel not in exclude:
+            disk.rejections.append(rejection)
+            disk.rejected[rel] = rejection
+    return disk
+
+
+def _series_identity(study: Study, disk: _Disk) -> str:
+    header = study.header
+    if header is not None and header.series_uid:
+        return header.series_uid
+    return "file:" + disk.rel(study.files[0])
+
+
+def _row_id(key: ProjectKey, study: Study, disk: _Disk) -> str:
+    return key.pseudonym("row", _series_identity(study, disk) + "\x00" + disk.rel(study.files[0]))
+
+
+@dataclass
+class _Namer:
+    """Names files in outputs: the relative path, or its alias when a part identifies someone.
+
+    Every part is checked against every identifying value of the data set, the same values the
+    PHI scan looks for, so a path written in clear can never trip the scan.
+    """
+
+    key: ProjectKey
+    needles: Needles
+    aliases: dict[str, str] = field(default_factory=dict)
+    flagged: set[str] = field(default_factory=set)  # parts flagged by their shape alone
+    _parts: dict[str, bool] = field(default_factory=dict)
+
+    def __call__(self, rel: str) -> str:
+        hit = False
+        for part in PurePosixPath(rel).parts:
+            if part not in self._parts:
+                shaped = looks_identifying(part)
+                self._parts[part] = shaped or self.needles.found_in(part)
+                if shaped:
+                    self.flagged.add(part)
+            hit = hit or self._parts[part]
+        if not hit:
+            return rel
+        alias = path_alias(self.key, rel)
+        self.aliases[alias] = rel
+        return alias
+
+
+# ---------------------------------------------------------------------------------------------
+# Build
+
+
+def build_manifest(
+    root: Path,
+    labels_csv: Path,
+    out_csv: Path,
+    *,
+    key_file: Path | None = None,
+    seed: int = 0,
+    subgroup_columns: Sequence[str] = (),
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    k_min: int = 11,
+    progress: bool = True,
+) -> ManifestResult:
+    """Build the manifest CSV and its sidecar `out_csv.with_suffix(".json")`.
+
+    Args:
+        root: Data folder; every file under it is accounted for in the sidecar.
+        labels_csv: The labels CSV (see `read_labels`); may lie inside `root`.
+        out_csv: Manifest CSV to write (parents are created).
+        key_file: Project key; default `$MEDTL_KEY_FILE`, else `<config dir>/keys/medtl.key`.
+        seed: Seed of the patient-level split.
+        subgroup_columns: Extra labels-CSV columns to carry as subgroups.
+        fractions: Train/val/test fractions for patients without a given split.
+        k_min: Smallest acceptable k-anonymity over (sex, age_band, site); below it, a warning.
+        progress: Show progress bars.
+
+    Returns:
+        A `ManifestResult`.
+
+    Raises:
+        InputError: Unusable root or labels CSV, or identifying values found in the outputs.
+        ConfigError: Bad key, fractions or k_min.
+        LeakageError: A given split puts a patient in two splits.
+    """
+    root, out_csv = Path(root).resolve(), Path(out_csv).resolve()
+    labels_csv = Path(labels_csv).resolve()
+    sidecar_json = out_csv.with_suffix(".json")
+    if not root.is_dir():
+        raise InputError("data root must be an existing folder, not missing or a file; check the path given")
+    fractions = check_fractions(fractions)
+    if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
+        raise ConfigError(f"k_min must be a positive integer, not {k_min!r}; the default is 11")
+    key = load_key(key_file)
+    labels = read_labels(labels_csv, subgroup_columns)
+    extras = extra_subgroups(subgroup_columns)
+    outputs = {_inside(root, p) for p in (out_csv, sidecar_json)} - {None}
+    with _held_messages() as (held_logs, held_warnings):
+        disk = _scan_disk(root, outputs, progress)
+        rows, fate, notes = _rows(key, disk, labels, labels_csv, progress)
+    namer = _Namer(key, identifying_needles(_all_values(disk, labels)))
+    records = [r for r in rows if "id" in r]
+    for record in records:
+        record["path"] = namer(record["path"])
+        record["mask"] = namer(record["mask"]) if record["mask"] else ""
+    table = _table(records, extras, seed, fractions)
+    check_leakage(table)
+    sidecar, messages = _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, namer,
+                                 seed, fractions, k_min, progress)
+    forbidden = _forbidden(disk, labels, namer, root)
+    _write_checked(out_csv, sidecar_json, table, sidecar, messages, held_logs, held_warnings, forbidden)
+    save_aliases(key, namer.aliases)
+    for message in messages:
+        logger.warning(message)
+    return ManifestResult(
+        manifest_csv=out_csv, sidecar_json=sidecar_json, key_id=key.key_id, key_path=key.path,
+        key_created=key.created, key_message=key_created_message(key), rows=len(table),
+        patients=int(table["patient"].nunique()), counts=sidecar["counts"],
+        split_rows={s: int((table["split"] == s).sum()) for s in SPLITS},
+        k_anonymity=sidecar["k_anonymity"]["k"], warnings=tuple(messages),
+    )
+
+
+def _inside(root: Path, path: Path) -> str | None:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return None
+
+
+def _match(disk: _Disk, labels: list[LabelRow], labels_csv: Path):
+    """Studies each label row points at, its mask study, and the rows that cannot be used."""
+    masks: dict[int, int] = {}
+    problems: dict[int, str] = {}
+    for row in labels:
+        if row.mask:
+            found = disk.targets(row.mask)
+            if found is None:
+                problems[row.number] = "mask: no file or folder at this path"
+            elif len(found) != 1:
+                problems[row.number] = f"mask must resolve to one image, not {len(found)}"
+            else:
+                masks[row.number] = found[0]
+    mask_studies = set(masks.values())
+    targeted: dict[int, list[int]] = {}
+    claimed: dict[int, int] = {}
+    for row in labels:
+        found = disk.targets(row.path)
+        targeted[row.number] = [i for i in found or [] if i not in mask_studies]
+        if found is None:
+            problems.setdefault(row.number, "no file or folder at this path")
+        elif not targeted[row.number]:
+            problems.setdefault(row.number, "no usable image at this path (its files were quarantined or skipped)")
+        elif row.mask and len(targeted[row.number]) > 1:
+            problems.setdefault(row.number, f"a row with a mask must resolve to one image, not "
+                                            f"{len(targeted[row.number])}")
+        for index in targeted[row.number]:
+            if index in claimed:
+                raise InputError(f"{labels_csv.name} rows {claimed[index]} and {row.number} must not both cover "
+                                 f"the same image; keep one row per file or folder")
+            claimed[index] = row.number
+    return targeted, masks, problems
+
+
+def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path, progress: bool):
+    """Manifest records (and unused label rows), each study's (status, reason), and notes."""
+    targeted, masks, problems = _match(disk, labels, labels_csv)
+    fate: dict[int, tuple[str, str]] = {}
+    mask_cache: dict[int, tuple[str, tuple[int, ...]] | str] = {}
+    rows: list[dict] = []
+    work = [(row, i) for row in labels if row.number not in problems for i in targeted[row.number]]
+    for row, index in tqdm(work, desc="hashing studies", unit="study", disable=not progress):
+        try:
+            image = discovery.load_study(disk.studies[index])
+        except Exception as err:  # noqa: BLE001 - bad input is accounted for, never crashes the build
+            fate[index] = ("quarantined", f"pixels could not be decoded ({type(err).__name__})")
+            problems.setdefault(row.number, "its images could not be decoded")
+            continue
+        mask = _load_mask(disk, masks.get(row.number), mask_cache, image.array.shape)
+        if isinstance(mask, str):
+            problems.setdefault(row.number, mask)
+            continue
+        fate[index] = ("used", "")
+        if mask:
+            fate[masks[row.number]] = ("used", "mask")
+        rows.append(_record(key, disk, row, index, image, mask))
+    used = {r["_row"] for r in rows}
+    for row in labels:
+        if row.number in used:
+            continue
+        reason = problems.get(row.number, "its images could not be used")
+        exists = (disk.root / row.path).exists()
+        rows.append({"_row": row.number, "_path": row.path if exists else "", "_reason": reason})
+        for index in targeted[row.number]:
+            fate.setdefault(index, ("skipped", f"labels CSV row {row.number} not used: {reason}"))
+        if row.number in masks:
+            fate.setdefault(masks[row.number], ("skipped", f"mask of labels CSV row {row.number}, not used"))
+    for index, cached in mask_cache.items():
+        if isinstance(cached, str):
+            fate[index] = ("quarantined", cached)
+    for index in range(len(disk.studies)):
+        fate.setdefault(index, ("skipped", NO_LABEL_ROW))
+    notes = []
+    per_file = sum(1 for r in rows if r.get("_patient_source") == "one_per_file")
+    if per_file:
+        notes.append(f"{per_file} rows had no patient_id and no DICOM PatientID: each file was treated as its own "
+                     f"patient; add a patient_id column to the labels CSV if some share a patient")
+    return rows, fate, notes
+
+
+def _load_mask(disk: _Disk, index: int | None, cache: dict, shape: tuple[int, ...]):
+    """(sha256, shape) of a mask, None without one, or the reason it cannot be used."""
+    if index is None:
+        return None
+    if index not in cache:
+        try:
+            array = discovery.load_study(disk.studies[index]).array
+            cache[index] = (pixel_sha256(array), tuple(array.shape))
+        except Exception as err:  # noqa: BLE001 - as for images
+            cache[index] = f"pixels could not be decoded ({type(err).__name__})"
+    if isinstance(cache[index], str):
+        return "its mask could not be decoded"
+    if cache[index][1] != tuple(shape):
+        return "mask shape must equal the image shape"
+    return cache[index]
+
+
+def _record(key: ProjectKey, disk: _Disk, row: LabelRow, index: int, image, mask) -> dict:
+    """One manifest row (plus `_`-prefixed working fields) for a study of a label row."""
+    study, h = disk.studies[index], disk.studies[index].header
+    identity = _series_identity(study, disk)
+    patient, source = row.patient_id, "labels_csv"
+    if not patient and h is not None and h.patient_id:
+        patient, source = h.patient_id, "dicom_header"
+    if not patient:
+        patient, source = "file:" + disk.rel(study.files[0]), "one_per_file"
+    if row.age:
+        band = age_band(age=row.age)
+    else:
+        band = age_band(patient_age=h.age, birth_date=h.birth_date, study_date=h.study_date) if h else UNKNOWN
+    if row.scanner:
+        scanner = scanner_code(key, row.scanner)
+    else:
+        scanner = scanner_code(key, h.manufacturer if h else "", h.model if h else "")
+    return {
+        "id": _row_id(key, study, disk), "patient": key.pseudonym("patient", patient),
+        "study": key.pseudonym("study", h.study_uid if h is not None and h.study_uid else identity),
+        "series": key.pseudonym("series", identity), "key_id": key.key_id, "path": row.path, "kind": study.kind,
+        "modality": study.modality or UNKNOWN, "n_files": len(study.files),
+        "shape": "x".join(str(n) for n in image.array.shape),
+        "spacing": "x".join(f"{round(v, 4):g}" for v in image.spacing), "orientation": image.orientation,
+        "sha256": pixel_sha256(image.array), "label": row.label,
+        "mask": row.mask if mask else "", "mask_sha256": mask[0] if mask else "",
+        "sex": normalise_sex(row.sex or (h.sex if h else "")), "age_band": band,
+        "site": site_code(key, row.site or (h.institution if h else "")), "scanner": scanner,
+        "_row": row.number, "_extras": row.extras, "_split": row.split, "_patient_source": source,
+    }
+
+
+def _table(records: list[dict], extras: list[str], seed: int, fractions) -> pd.DataFrame:
+    table = pd.DataFrame(
+        [{**{c: r[c] for c in MANIFEST_COLUMNS}, **dict(zip(extras, r["_extras"], strict=True))} for r in records],
+        columns=[*MANIFEST_COLUMNS, *extras], dtype=object,
+    )
+    for column in extras:
+        table[column] = [v or UNKNOWN for v in table[column]]
+    given = [r["_split"] for r in records]
+    table["split"] = assign_splits(
+        list(table["patient"]), [str(v) for v in table["label"]], seed=seed, fractions=fractions,
+        given=given if any(given) else None,
+    )
+    return table
+
+
+def _all_values(disk: _Disk, labels: list[LabelRow]) -> list[str]:
+    values = [v for s in disk.studies if s.header is not None for v in s.header.identifying_values]
+    return values + [row.patient_id for row in labels if row.patient_id]
+
+
+def _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, namer, seed, fractions, k_min,
+             progress):
+    """The sidecar dictionary and the warnings to emit."""
+    status: dict[str, tuple[str, str]] = {r: (j.status, j.reason) for r, j in disk.rejected.items()}
+    for index, study in enumerate(disk.studies):
+        status.update(dict.fromkeys((disk.rel(f) for f in study.files), fate[index]))
+    labels_rel = _inside(disk.root, labels_csv)
+    if labels_rel is not None:
+        status[labels_rel] = ("used", "labels CSV")
+    counts = Counter({"used": 0, "quarantined": 0, "skipped": 0})
+    not_used, unlabeled, unaccounted, inventory = [], [], [], []
+    for rel in tqdm(disk.files, desc="hashing files", unit="file", disable=not progress):
+        name = namer(rel)
+        inventory.append({"token": key.pseudonym("path", rel), "file": name, "sha256": file_sha256(disk.root / rel)})
+        if rel not in status:
+            unaccounted.append(name)
+            continue
+        state, reason = status[rel]
+        counts[state] += 1
+        if state != "used":
+            not_used.append({"file": name, "status": state, "reason": reason})
+            if reason == NO_LABEL_ROW:
+                unlabeled.append(name)
+    # A row whose path is missing is named by its row number only: its path identified no study.
+    unused_rows = [{"row": r["_row"], **({"path": namer(r["_path"])} if r["_path"] else {}), "reason": r["_reason"]}
+                   for r in rows if "_reason" in r]
+    messages = list(notes)
+    if unaccounted:
+        messages.append(f"{len(unaccounted)} files under the data root were neither used nor reported by discovery "
+                        f"(see 'unaccounted_files' in the sidecar); this is a medtl bug, please report it")
+    if unused_rows:
+        messages.append(f"{len(unused_rows)} labels CSV rows were not used (see 'label_rows_not_used' in the sidecar)")
+    if unlabeled:
+        messages.append(f"{len(unlabeled)} image files have no row in the labels CSV (see 'unlabeled_files')")
+    quarantined = counts["quarantined"]
+    if quarantined:
+        messages.append(f"{quarantined} files were quarantined as bad input (see 'files_not_used')")
+    k_info = _k_anonymity(table, k_min)
+    if k_info["k"] is not None and k_info["k"] < k_min:
+        messages.append(
+            f"k-anonymity over ({', '.join(QUASI_IDENTIFIERS)}) is {k_info['k']}, below k_min={k_min}: "
+            f"{k_info['classes_below_k_min']} of {k_info['equivalence_classes']} classes hold fewer than {k_min} "
+            f"patients; coarsen or drop a quasi-identifier before sharing the manifest")
+    counted = {
+        "files_seen": len(disk.files), "used": counts["used"], "quarantined": counts["quarantined"],
+        "skipped": counts["skipped"], "unaccounted": len(unaccounted), "unlabeled_files": len(unlabeled),
+        "label_rows": len(labels), "label_rows_not_used": len(unused_rows), "manifest_rows": len(table),
+        "patients": int(table["patient"].nunique()),
+    }
+    # The books must balance: every file is used, quarantined, skipped or reported unaccounted.
+    if counted["used"] + counted["quarantined"] + counted["skipped"] + counted["unaccounted"] != len(disk.files):
+        messages.append("file counts do not add up; this is a medtl bug, please report it")
+    per_split = {}
+    for split in SPLITS:
+        part = table[table["split"] == split]
+        per_split[split] = {"rows": len(part), "patients": int(part["patient"].nunique())}
+        for column in ("label", *SUBGROUPS, *extras):
+            per_split[split][column] = dict(sorted(Counter(str(v) for v in part[column]).items()))
+    sources = Counter(r["_patient_source"] for r in rows if "_patient_source" in r)
+    sidecar = {
+        "schema_version": SCHEMA_VERSION, "key_id": key.key_id, "deidentification": DEID_PROFILE,
+        "manifest_sha256": "", "labels_csv_sha256": file_sha256(labels_csv), "columns": list(table.columns),
+        "subgroup_columns": [*SUBGROUPS, *extras], "seed": seed, "fractions": list(fractions),
+        "classes": sorted({str(v) for v in table["label"] if str(v)}, key=_class_key),
+        "counts": counted, "patient_source": dict(sorted(sources.items())), "splits": per_split,
+        "k_anonymity": k_info, "warnings": messages,
+        "label_rows_not_used": unused_rows, "unlabeled_files": sorted(unlabeled),
+        "files_not_used": sorted(not_used, key=lambda e: e["file"]), "unaccounted_files": sorted(unaccounted),
+        "inventory": sorted(inventory, key=lambda e: e["token"]),
+    }
+    return sidecar, messages
+
+
+def _class_key(name: str) -> tuple:
+    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+
+
+def _k_anonymity(table: pd.DataFrame, k_min: int) -> dict:
+    """Smallest number of patients sharing one (sex, age_band, site) combination."""
+    classes = table.groupby(list(QUASI_IDENTIFIERS))["patient"].nunique() if len(table) else pd.Series(dtype=int)
+    k = int(classes.min()) if len(classes) else None
+    return {
+        "quasi_identifiers": list(QUASI_IDENTIFIERS), "k": k, "k_min": k_min,
+        "equivalence_classes": len(classes), "classes_below_k_min": int((classes < k_min).sum()),
+        "ok": k is not None and k >= k_min,
+    }
+
+
+def _forbidden(disk: _Disk, labels: list[LabelRow], namer: _Namer, root: Path) -> dict[str, str]:
+    forbidden: dict[str, str] = {}
+    for component in namer.flagged:
+        forbidden[component] = "identifying path component"
+    for row in labels:
+        if row.patient_id:
+            forbidden[row.patient_id] = "labels-CSV patient_id value"
+    for study in disk.studies:
+        h = study.header
+        if h is not None:
+            for value in (*h.identifying_values, h.patient_id, h.study_uid, h.series_uid, h.birth_date,
+                          h.study_date, h.institution):
+                if value:
+                    forbidden[value] = "DICOM header value"
+    forbidden[str(root)] = "data folder path"
+    return forbidden
+
+
+@contextlib.contextmanager
+def _held_messages() -> Iterator[tuple[list[logging.LogRecord], list[warnings.WarningMessage]]]:
+    """Hold medtl's log records and Python warnings until the outputs passed the PHI scan."""
+    medtl_logger = logging.getLogger("medtl")
+    records: list[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    saved = (medtl_logger.handlers[:], medtl_logger.propagate)
+    medtl_logger.handlers, medtl_logger.propagate = [_Hold()], False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield records, caught
+    finally:
+        medtl_logger.handlers, medtl_logger.propagate = saved
+
+
+def _write_checked(out_csv, sidecar_json, table, sidecar, messages, held_logs, held_warnings, forbidden) -> None:
+    """Write both outputs, scan them and every held message; delete everything on a hit."""
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    csv_bytes = table.to_csv(index=False, lineterminator="\n").encode("utf-8")
+    out_csv.write_bytes(csv_bytes)
+    sidecar["manifest_sha256"] = hashlib.sha256(csv_bytes).hexdigest()
+    sidecar_json.write_text(json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    texts = {f"log message {i + 1}": m for i, m in enumerate(messages)}
+    texts.update({f"log record {i + 1}": r.getMessage() for i, r in enumerate(held_logs)})
+    findings = scan_for_phi([out_csv, sidecar_json], forbidden) + scan_for_phi(texts, forbidden)
+    if findings:
+        for path in (out_csv, sidecar_json):
+            path.unlink(missing_ok=True)
+        raise InputError(
+            f"outputs must contain no identifying values, not: {'; '.join(findings)}; the build stopped and its "
+            f"outputs were deleted; remove identifying text from the labels CSV (label names, extra subgroup "
+            f"columns) or, if it came from a header, report a medtl bug"
+        )
+    for record in held_logs:
+        logging.getLogger(record.name).handle(record)
+    # Library warnings (pydicom quotes invalid header values) are held back when they quote one.
+    quoting = {f.split(":", 1)[0] for f in scan_for_phi({str(i): str(w.message) for i, w in enumerate(held_warnings)},
+                                                       forbidden)}
+    for i, caught in enumerate(held_warnings):
+        if str(i) not in quoting:
+            warnings.showwarning(caught.message, caught.category, caught.filename, caught.lineno)
+    if withheld := len(quoting):
+        messages.append(f"{withheld} library warnings were withheld because they quoted an identifying value")
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify and resolve
+
+
+def verify_manifest(manifest_csv: Path, root: Path, *, key_file: Path | None = None,
+                    progress: bool = True) -> VerifyResult:
+    """Re-walk the data root and re-hash files and pixels against the manifest and its sidecar.
+
+    Args:
+        manifest_csv: A manifest written by `build_manifest` (its sidecar must lie beside it).
+        root: The data root it was built from.
+        key_file: The key it was built with (default as in `load_key`).
+        progress: Show a progress bar over rows.
+
+    Returns:
+        A `VerifyResult`; `ok` is False when anything differs.
+
+    Raises:
+        InputError: If the manifest or its sidecar is missing or unreadable.
+        ConfigError: If the key is not the one the manifest was built with.
+    """
+    manifest_csv, root = Path(manifest_csv).resolve(), Path(root).resolve()
+    sidecar_json = manifest_csv.with_suffix(".json")
+    try:
+        sidecar = json.loads(sidecar_json.read_text(encoding="utf-8"))
+        table = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"manifest {manifest_csv.name} and its sidecar {sidecar_json.name} must be readable, not "
+                         f"{type(err).__name__}; rebuild the manifest") from err
+    key = load_key(key_file)
+    if sidecar.get("key_id") != key.key_id:
+        raise ConfigError(f"key must be the one the manifest was built with (key id {sidecar.get('key_id')}), not "
+                          f"key id {key.key_id}; pass its key file")
+    modified = file_sha256(manifest_csv) != sidecar.get("manifest_sha256")
+    outputs = {_inside(root, p) for p in (manifest_csv, sidecar_json)} - {None}
+    disk = _scan_disk(root, outputs, progress=False)
+    namer = _Namer(key, identifying_needles(_all_values(disk, [])))
+    before = {e["token"]: e for e in sidecar.get("inventory", [])}
+    now = {key.pseudonym("path", rel): rel for rel in disk.files}
+    changed = [before[t]["file"] for t, rel in now.items()
+               if t in before and file_sha256(root / rel) != before[t]["sha256"]]
+    missing = [e["file"] for t, e in before.items() if t not in now]
+    new = [namer(rel) for t, rel in now.items() if t not in before]
+    by_id = {_row_id(key, s, disk): i for i, s in enumerate(disk.studies)}
+    rows_changed, rows_missing = [], []
+    for row in tqdm(table.to_dict("records"), desc="verifying rows", unit="row", disable=not progress):
+        index = by_id.get(row["id"])
+        if index is None:
+            rows_missing.append(f"{row['id']} ({row['path']})")
+            continue
+        try:
+            same = pixel_sha256(discovery.load_study(disk.studies[index]).array) == row["sha256"]
+            if same and row.get("mask"):
+                mask = _study_at(disk, resolve_alias(key, row["mask"], disk.files))
+                same = mask is not None and pixel_sha256(discovery.load_study(mask).array) == row["mask_sha256"]
+        except Exception:  # noqa: BLE001 - an undecodable file is a change, not a crash
+            same = False
+        if not same:
+            rows_changed.append(f"{row['id']} ({row['path']})")
+    ok = not (modified or changed or missing or new or rows_changed or rows_missing)
+    return VerifyResult(ok, len(disk.files), len(table), modified, tuple(sorted(changed)), tuple(sorted(missing)),
+                        tuple(sorted(new)), tuple(rows_changed), tuple(rows_missing))
+
+
+def _study_at(disk: _Disk, rel: str) -> Study | None:
+    found = disk.targets(rel)
+    return disk.studies[found[0]] if found and len(found) == 1 else None
+
+
+def resolve_path(ref: str, root: Path, *, key_file: Path | None = None) -> Path:
+    """Absolute path of a manifest `path`/`mask` value (a relative path or "alias:<hex>").
+
+    Raises:
+        InputError: If the alias cannot be resolved or the path does not exist under `root`.
+    """
+    root, ref = Path(root).resolve(), str(ref)
+    rel = resolve_alias(load_key(key_file), ref, _walk_all(root)) if ref.startswith(ALIAS_PREFIX) else ref
+    target = root / rel
+    if not target.exists():
+        # Name the manifest value, never the resolved path: that is what the alias hides.
+        raise InputError(f"manifest path {ref} must exist under the data root, not missing; run medtl verify")
+    return target
+
+
+def resolve_study(row: Mapping, root: Path, *, key_file: Path | None = None) -> Study:
+    """The `Study` of a manifest row: resolve its path, rediscover there, pick the row's series.
+
+    Args:
+        row: A manifest row (needs `id`, `series` and `path`).
+        root: The data root the manifest was built from.
+        key_file: The key it was built with.
+
+    Returns:
+        The study, ready for `load_study`.
+
+    Raises:
+        InputError: If the path or the series cannot be found.
+    """
+    root = Path(root).resolve()
+    key = load_key(key_file)
+    target = resolve_path(str(row["path"]), root, key_file=key_file)
+    studies = _discover_cached(target if target.is_dir() else target.parent)
+    disk = _Disk(root, list(studies), [], [])
+    candidates = [s for s in studies if key.pseudonym("series", _series_identity(s, disk)) == row["series"]]
+    if len(candidates) > 1:
+        candidates = [s for s in candidates if _row_id(key, s, disk) == row["id"]]
+    if len(candidates) != 1:
+        raise InputError(f"manifest row {row['id']} must resolve to one series under its path, not "
+                         f"{len(candidates)}; run medtl verify to see what changed")
+    return candidates[0]
+
+
+_DISCOVERED: dict[tuple[str, int], list[Study]] = {}
+
+
+def _discover_cached(folder: Path) -> list[Study]:
+    """Studies of a folder, remembered while its entries do not change: the data pipeline resolves
+    every row of a flat folder of thousands of images, and must not rediscover it each time."""
+    stamp = (str(folder), folder.stat().st_mtime_ns)
+    if stamp not in _DISCOVERED:
+        if len(_DISCOVERED) >= 8:
+            _DISCOVERED.pop(next(iter(_DISCOVERED)))
+        _DISCOVERED[stamp] = discovery.discover(folder, progress=False)[0]
+    return _DISCOVERED[stamp]
+
+
+def _walk_all(root: Path) -> Iterator[str]:
+    for folder, dirs, names in os.walk(root):
+        for name in (*dirs, *names):
+            yield (Path(folder) / name).relative_to(root).as_posix()

@@ -1,0 +1,576 @@
+"""The project key, keyed pseudonyms, coarsened subgroups, path aliases and the PHI scanner.
+
+Everything medtl writes about a patient goes through this module: identifiers become keyed
+HMAC-SHA-256 pseudonyms (DICOM PS3.15 warns that plain hashes of identifiers fall to dictionary
+attacks), ages become bands top-coded at 90 (HIPAA Safe Harbor), institutions and scanners
+become keyed codes, and relative paths that carry a name, an ID or a date become aliases whose
+originals live only in a local file beside the key. `scan_for_phi` is the last line of defence:
+the manifest builder runs it over every output before it lets the build succeed.
+
+Example:
+    >>> key = load_key()                             # doctest: +SKIP
+    >>> key.pseudonym("patient", "12345678")        # doctest: +SKIP
+    'P-3f0c2a...'
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from medtl.errors import ConfigError, InputError
+
+KEY_BYTES = 32
+KEY_ENV = "MEDTL_KEY_FILE"
+CONFIG_ENV = "MEDTL_CONFIG_DIR"
+ALIAS_PREFIX = "alias:"
+UNKNOWN = "unknown"
+
+# One HMAC domain per kind of value, so equal strings of different kinds never share a pseudonym.
+_PREFIXES = {
+    "patient": "P-",
+    "study": "ST-",
+    "series": "SE-",
+    "row": "R-",
+    "path": "",
+    "site": "SITE-",
+    "scanner": "SCN-",
+}
+_HEX_LENGTH = {"site": 6, "scanner": 6}
+_DEFAULT_HEX = 16
+
+AGE_BANDS = ("0-17", "18-29", "30-39", "40-49", "50-59", "60-69", "70-79", "80-89", "90+")
+
+
+@dataclass(frozen=True)
+class ProjectKey:
+    """The secret that makes pseudonyms reproducible for one project and useless to anyone else.
+
+    Attributes:
+        path: Where the key file lives (alias maps are kept beside it, in `aliases/`).
+        key_id: A short HMAC-derived id that names the key in outputs; it never reveals the key.
+        created: True when this call created the key file (the CLI tells the user to back it up).
+    """
+
+    path: Path
+    key_id: str
+    created: bool
+    secret: bytes = field(repr=False)
+
+    def pseudonym(self, kind: str, value: str) -> str:
+        """Keyed pseudonym of `value` in the domain `kind` (patient, study, series, row, path, ...).
+
+        Args:
+            kind: One of patient, study, series, row, path, site, scanner.
+            value: The identifying value (stripped before hashing).
+
+        Returns:
+            The prefix of the kind plus hex digits, e.g. "P-<16 hex>" or "SITE-<6 hex>".
+
+        Raises:
+            ValueError: If `kind` is not a known pseudonym domain.
+        """
+        if kind not in _PREFIXES:
+            raise ValueError(f"pseudonym kind must be one of {sorted(_PREFIXES)}, not {kind!r}")
+        mac = hmac.new(self.secret, f"medtl/{kind}\x00{value.strip()}".encode(), hashlib.sha256)
+        return _PREFIXES[kind] + mac.hexdigest()[: _HEX_LENGTH.get(kind, _DEFAULT_HEX)]
+
+    @property
+    def alias_file(self) -> Path:
+        """Local-only JSON map from path aliases to relative paths, beside the key."""
+        return self.path.parent / "aliases" / f"{self.key_id}.json"
+
+
+def config_dir() -> Path:
+    """medtl's configuration folder: `$MEDTL_CONFIG_DIR`, else `~/.config/medtl`."""
+    env = os.environ.get(CONFIG_ENV, "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".config" / "medtl"
+
+
+def default_key_path() -> Path:
+    """Where a new project key is created when none is given: `<config dir>/keys/medtl.key`."""
+    return config_dir() / "keys" / "medtl.key"
+
+
+def load_key(key_file: str | os.PathLike[str] | None = None) -> ProjectKey:
+    """Load the project key, creating one only at the default location.
+
+    The key comes from `key_file`, else `$MEDTL_KEY_FILE`, else `<config dir>/keys/medtl.key`,
+    which is created (32 random bytes as hex, mode 0600) when missing. An explicitly named key
+    that does not exist is refused rather than created: a typo must not silently start a new
+    pseudonym space.
+
+    Args:
+        key_file: Path of an existing key file, or None.
+
+    Returns:
+        The key; `created` says whether this call wrote it.
+
+    Raises:
+        ConfigError: If a named key file is missing or does not hold at least 32 bytes.
+    """
+    explicit = key_file if key_file is not None else (os.environ.get(KEY_ENV, "").strip() or None)
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            source = "key_file" if key_file is not None else f"${KEY_ENV}"
+            raise ConfigError(
+                f"{source} must name an existing key file, not the missing {path}; pass the key this "
+                f"project was built with, or omit it to use {default_key_path()}"
+            )
+        return _key_from_file(path, created=False)
+    path = default_key_path()
+    created = False
+    if not path.is_file():
+        created = _create_key_file(path)
+    return _key_from_file(path, created=created)
+
+
+def key_created_message(key: ProjectKey) -> str | None:
+    """The sentence the CLI prints when `load_key` created a key; None when it already existed."""
+    if not key.created:
+        return None
+    return (
+        f"Created a new project key at {key.path} (key id {key.key_id}, mode 0600). Back it up with "
+        f"its aliases/ folder: without it, pseudonyms cannot be reproduced and aliases not resolved."
+    )
+
+
+def _create_key_file(path: Path) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        # O_EXCL: two processes racing to create the key must not both write one.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(KEY_BYTES) + "\n")
+    os.chmod(path, 0o600)
+    return True
+
+
+def _key_from_file(path: Path, *, created: bool) -> ProjectKey:
+    raw = path.read_bytes()
+    text = raw.strip()
+    if re.fullmatch(rb"[0-9a-fA-F]{64,}", text):
+        secret = bytes.fromhex(text.decode())
+    else:
+        secret = raw
+    if len(secret) < KEY_BYTES:
+        raise ConfigError(
+            f"key file {path} must hold at least {KEY_BYTES} bytes, not {len(secret)}; "
+            f"point to the right key or remove the setting to create a new one"
+        )
+    key_id = hmac.new(secret, b"medtl/key-id", hashlib.sha256).hexdigest()[:16]
+    return ProjectKey(path=path, key_id=key_id, created=created, secret=secret)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coarsened subgroups
+
+
+def normalise_sex(value: str | None) -> str:
+    """Map a sex value from DICOM or a labels CSV to M, F, O or U (unknown).
+
+    Example:
+        >>> normalise_sex("female"), normalise_sex(""), normalise_sex("o")
+        ('F', 'U', 'O')
+    """
+    text = (value or "").strip().casefold()
+    if text in {"m", "male", "man", "1"}:
+        return "M"
+    if text in {"f", "female", "woman", "2"}:
+        return "F"
+    if text in {"o", "other", "x", "diverse", "non-binary", "nonbinary"}:
+        return "O"
+    return "U"
+
+
+def age_band_of(years: float | None) -> str:
+    """Band an age in years: 0-17, 18-29, 30-39, ..., 80-89, 90+ (top-coded); None -> "unknown"."""
+    if years is None or years != years or years < 0 or years > 150:
+        return UNKNOWN
+    if years < 18:
+        return AGE_BANDS[0]
+    if years >= 90:
+        return AGE_BANDS[-1]
+    if years < 30:
+        return AGE_BANDS[1]
+    return AGE_BANDS[int(years // 10) - 1]
+
+
+def years_from_dicom_age(value: str | None) -> float | None:
+    """Age in years from a DICOM AS value such as "045Y", "006M", "002W" or "010D"."""
+    match = re.fullmatch(r"\s*(\d{1,3})\s*([YMWDymwd])?\s*", value or "")
+    if not match:
+        return None
+    number = int(match.group(1))
+    per_year = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.2425}[(match.group(2) or "Y").upper()]
+    return number / per_year
+
+
+def years_between(birth_date: str | None, study_date: str | None) -> float | None:
+    """Completed years from a DICOM birth date to a study date (both YYYYMMDD), or None."""
+    birth, study = _parse_da(birth_date), _parse_da(study_date)
+    if birth is None or study is None or study < birth:
+        return None
+    years = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
+    return float(years)
+
+
+def age_band(
+    *,
+    age: str | float | None = None,
+    patient_age: str | None = None,
+    birth_date: str | None = None,
+    study_date: str | None = None,
+) -> str:
+    """Age band from the first available source: a numeric age, PatientAge, or the two dates.
+
+    Args:
+        age: Age in years (the labels CSV `age` column); empty strings count as absent.
+        patient_age: DICOM PatientAge ("045Y", "006M", ...).
+        birth_date: DICOM PatientBirthDate (YYYYMMDD).
+        study_date: DICOM StudyDate (YYYYMMDD).
+
+    Returns:
+        One of `AGE_BANDS` or "unknown".
+
+    Example:
+        >>> age_band(patient_age="093Y"), age_band(birth_date="19800615", study_date="20200614")
+        ('90+', '30-39')
+    """
+    if age is not None and str(age).strip() != "":
+        return age_band_of(float(age))
+    years = years_from_dicom_age(patient_age)
+    if years is None:
+        years = years_between(birth_date, study_date)
+    return age_band_of(years)
+
+
+def site_code(key: ProjectKey, institution: str | None) -> str:
+    """Keyed short code of an institution name ("SITE-3fa2c1"); "unknown" when empty.
+
+    Names are compared case- and whitespace-insensitively, so "St Mary's" and "ST MARY'S " agree.
+    A value that already is a site code is kept.
+    """
+    text = " ".join((institution or "").split()).casefold()
+    if not text:
+        return UNKNOWN
+    if re.fullmatch(r"site-[0-9a-f]{6}", text):
+        return text.upper()[:5] + text[5:]
+    return key.pseudonym("site", text)
+
+
+def scanner_code(key: ProjectKey, manufacturer: str | None, model: str | None = None) -> str:
+    """Keyed short code of a scanner from manufacturer and model ("SCN-1b2c3d"); "unknown" if both empty."""
+    parts = [" ".join((v or "").split()).casefold() for v in (manufacturer, model)]
+    if not any(parts):
+        return UNKNOWN
+    if not parts[1] and re.fullmatch(r"scn-[0-9a-f]{6}", parts[0]):
+        return "SCN-" + parts[0][4:]
+    return key.pseudonym("scanner", "|".join(parts))
+
+
+def _parse_da(value: str | None) -> dt.date | None:
+    text = (value or "").strip()[:8]
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Path aliasing
+
+_MIN_NEEDLE = 3  # shorter values ("M", "1", "CT") would alias or flag nearly everything
+# Decimal numbers ("1.25" in a private tag) identify nobody but collide with spacings.
+_DECIMAL = re.compile(r"[+-]?\d*\.\d+")
+_NAME_SPLIT = re.compile(r"[\^\s,]+")
+_LONG_DIGITS = re.compile(r"\d{6,}")
+_DATE_LIKE = re.compile(
+    r"(?<!\d)(?:(?:19|20)\d\d[-_.](?:0[1-9]|1[0-2])[-_.](?:0[1-9]|[12]\d|3[01])"
+    r"|(?:0[1-9]|[12]\d|3[01])[-_.](?:0[1-9]|1[0-2])[-_.](?:19|20)\d\d)(?!\d)"
+)
+# LAST_FIRST, Last^First, "Last, First": two or three capitalised words and nothing else.
+_NAME_LIKE = re.compile(r"[A-Z][A-Za-z'\-]+(?:[_ ,^]+[A-Z][A-Za-z'\-]+){1,2}")
+
+
+@dataclass(frozen=True)
+class Needles:
+    """Case-folded identifying strings, indexed so that checking a path part costs one lookup per
+    character however many values a data set holds (a scan per value would not scale)."""
+
+    values: frozenset[str]
+    by_prefix: Mapping[str, tuple[str, ...]] = field(repr=False)
+
+    def found_in(self, text: str) -> bool:
+        """True if any needle occurs in `text` (case-insensitive substring)."""
+        folded = text.casefold()
+        for at in range(len(folded) - _MIN_NEEDLE + 1):
+            for needle in self.by_prefix.get(folded[at : at + _MIN_NEEDLE], ()):
+                if folded.startswith(needle, at):
+                    return True
+        return False
+
+
+def identifying_needles(values: Iterable[str]) -> Needles:
+    """The strings whose presence in a path component makes it identifying.
+
+    Each value counts whole, person names ("DOE^JANE") also by component, IDs that mix letters
+    and digits also by their run of 6+ digits ("MRN0012345" -> "0012345"), and DICOM dates also
+    as YYYY-MM-DD. Values under 3 characters (digits-only under 4) and decimals are ignored.
+    """
+    found: set[str] = set()
+    for value in values:
+        found.update(needle for needle, _kind in _needles_of(value, min_digits=4))
+    by_prefix: dict[str, list[str]] = {}
+    for needle in found:
+        by_prefix.setdefault(needle[:_MIN_NEEDLE], []).append(needle)
+    return Needles(frozenset(found), {k: tuple(v) for k, v in by_prefix.items()})
+
+
+def _needles_of(value: str, *, min_digits: int) -> list[tuple[str, str]]:
+    text = " ".join(str(value).split()).casefold()
+    if not text or _DECIMAL.fullmatch(text):
+        return []
+    out: list[tuple[str, str]] = []
+    is_digits = text.isdigit()
+    if len(text) >= (min_digits if is_digits else _MIN_NEEDLE):
+        out.append((text, _kind_of(text)))
+    if "^" in text:
+        parts = [p for p in _NAME_SPLIT.split(text) if len(p) >= _MIN_NEEDLE]
+        out.extend((p, "person-name component") for p in parts)
+        if len(parts) >= 2:
+            out.append((" ".join(parts), "person name"))
+    elif re.search(r"[a-z]", text) and "." not in text:
+        # Not for UIDs: their digit runs (org roots) are shared by unrelated files.
+        out.extend((run, "digits of an identifier") for run in _LONG_DIGITS.findall(text))
+    date = _parse_da(text) if re.fullmatch(r"\d{8}(\d{6}(\.\d+)?)?([+-]\d{4})?", text) else None
+    if date is not None:
+        for form in (f"{date:%Y-%m-%d}", f"{date:%Y/%m/%d}", f"{date:%Y.%m.%d}", f"{date:%Y%m%d}"):
+            out.append((form, "date"))
+    return out
+
+
+def _kind_of(text: str) -> str:
+    if _parse_da(text) is not None and re.fullmatch(r"\d{8}.*", text):
+        return "date"
+    if re.fullmatch(r"[\d.]+", text) and text.count(".") >= 2:
+        return "UID"
+    if text.isdigit():
+        return "digits-only identifier"
+    if "^" in text:
+        return "person name"
+    return "identifying text value"
+
+
+def looks_identifying(component: str) -> bool:
+    """True for a path component shaped like a name, an ID or a date, whatever the study holds.
+
+    Flags LAST_FIRST / Last^First names, any "^", runs of 6+ digits, and YYYY-MM-DD-like dates.
+
+    Example:
+        >>> looks_identifying("SMITH_JOHN"), looks_identifying("image_01.png")
+        (True, False)
+    """
+    stem = component.split(".", 1)[0]
+    return bool(
+        "^" in component
+        or _LONG_DIGITS.search(component)
+        or _DATE_LIKE.search(component)
+        or _NAME_LIKE.fullmatch(stem)
+    )
+
+
+def identifying_components(relative: str | PurePosixPath, needles: Needles) -> list[str]:
+    """Components of a relative path that contain a needle or look like a name, ID or date."""
+    return [c for c in PurePosixPath(relative).parts if looks_identifying(c) or needles.found_in(c)]
+
+
+def safe_path(key: ProjectKey, relative: str | PurePosixPath, needles: Needles) -> str:
+    """The relative path as written to outputs: unchanged, or "alias:<hex>" if any part identifies.
+
+    Args:
+        key: The project key (aliases are keyed pseudonyms of the relative path).
+        relative: A path relative to the data root, with "/" separators.
+        needles: From `identifying_needles` over the identifying values of the data set.
+
+    Returns:
+        The POSIX relative path, or its alias.
+    """
+    rel = PurePosixPath(relative).as_posix()
+    if identifying_components(rel, needles):
+        return path_alias(key, rel)
+    return rel
+
+
+def path_alias(key: ProjectKey, relative: str | PurePosixPath) -> str:
+    """The alias of a relative path, "alias:<16 hex>", whether or not it needs one."""
+    return ALIAS_PREFIX + key.pseudonym("path", PurePosixPath(relative).as_posix())
+
+
+def load_aliases(key: ProjectKey) -> dict[str, str]:
+    """The local alias map of this key (alias -> relative path); empty when none was saved."""
+    try:
+        data = json.loads(key.alias_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"alias map {key.alias_file} must be readable JSON, not {type(err).__name__}; "
+            f"restore it from backup or rebuild the manifest"
+        ) from err
+    return {str(k): str(v) for k, v in data.get("aliases", {}).items()}
+
+
+def save_aliases(key: ProjectKey, aliases: Mapping[str, str]) -> Path:
+    """Merge `aliases` into the key's local alias map (mode 0600) and return its path."""
+    merged = load_aliases(key)
+    merged.update(aliases)
+    target = key.alias_file
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = target.with_suffix(".json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump({"key_id": key.key_id, "aliases": dict(sorted(merged.items()))}, handle, indent=1)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_alias(key: ProjectKey, path: str, candidates: Iterable[str] = ()) -> str:
+    """Turn a manifest path back into a relative path.
+
+    Args:
+        key: The key the manifest was built with.
+        path: A relative path or "alias:<hex>".
+        candidates: Relative paths to try when the alias is not in the local map (the alias is
+            a keyed hash, so any path under the data root can be checked against it).
+
+    Returns:
+        The relative path.
+
+    Raises:
+        InputError: If the alias is neither in the map nor any candidate's alias.
+    """
+    if not path.startswith(ALIAS_PREFIX):
+        return path
+    found = load_aliases(key).get(path)
+    if found is not None:
+        return found
+    for candidate in candidates:
+        if path_alias(key, candidate) == path:
+            return PurePosixPath(candidate).as_posix()
+    raise InputError(
+        f"path {path} must resolve through the alias map {key.alias_file} or a file under the data "
+        f"root, not neither; use the key the manifest was built with and the same data root"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# PHI scanner
+
+_HEX_TOKEN = re.compile(r"(?<![0-9a-z])[0-9a-f]{16,}(?![0-9a-z])")
+_SURE_LENGTH = 12  # a 12+ character value inside a hash by chance: ~1e-15 per position
+# Where a bounded match can start: a letter after a non-letter, a digit after a non-digit.
+_WORD_START = re.compile(r"(?<![^\W\d_])[^\W\d_]|(?<!\d)\d")
+
+
+def scan_for_phi(
+    texts_or_files: Mapping[str, str] | Iterable[str | os.PathLike[str]],
+    forbidden: Mapping[str, str] | Iterable[str],
+) -> list[str]:
+    """Find identifying values in outputs; findings name the output and the kind, never the value.
+
+    Matching is case-insensitive on whole words: a value must not continue into letters (for a
+    value ending in a letter) or digits (ending in a digit), so "Ned" does not hit "quarantined".
+    Person names also match by component, DICOM dates (YYYYMMDD) also as YYYY-MM-DD, YYYY/MM/DD
+    and YYYY.MM.DD. Short values (under 3 characters, digits-only under 5) and decimal numbers are not
+    searched alone.
+    Matches of short values inside long hex tokens (hashes, pseudonyms) are chance and ignored.
+
+    Args:
+        texts_or_files: A mapping output name -> text, or an iterable of files (`Path`) and
+            texts (`str`, named "text 1", "text 2", ...).
+        forbidden: Identifying values, or a mapping value -> kind of value ("DICOM header value").
+
+    Returns:
+        One line per (output, kind, form) found, e.g. "manifest.csv: a DICOM header value (date)".
+    """
+    kinds = dict(forbidden) if isinstance(forbidden, Mapping) else dict.fromkeys(forbidden, "")
+    patterns: dict[str, set[str]] = {}
+    for value, source in kinds.items():
+        # Digits-only values under 5 digits collide with shapes and counts ("1024x1024").
+        for needle, form in _needles_of(value, min_digits=5):
+            label = f"{source} ({form})" if source else form
+            patterns.setdefault(needle, set()).add(label)
+    # Index needles by their first three characters and try them only where a word starts, so
+    # a scan costs one dict lookup per word, not one pass over the text per identifying value.
+    by_prefix: dict[str, list[str]] = {}
+    odd: list[str] = []
+    for needle in patterns:
+        (by_prefix.setdefault(needle[:3], []) if needle[0].isalnum() else odd).append(needle)
+    findings: list[str] = []
+    for name, text in _iter_outputs(texts_or_files):
+        folded = text.casefold()
+        hex_spans = [m.span() for m in _HEX_TOKEN.finditer(folded)]
+        hex_starts = [a for a, _ in hex_spans]
+        hits: set[str] = set()
+        for match in _WORD_START.finditer(folded):
+            at = match.start()
+            for needle in by_prefix.get(folded[at : at + 3], ()):
+                if folded.startswith(needle, at) and _counts(folded, at, needle, hex_spans, hex_starts):
+                    hits.update(patterns[needle])
+        for needle in odd:
+            at = folded.find(needle)
+            while at >= 0:
+                if _counts(folded, at, needle, hex_spans, hex_starts):
+                    hits.update(patterns[needle])
+                    break
+                at = folded.find(needle, at + 1)
+        findings.extend(f"{name}: contains a {label}" for label in sorted(hits))
+    return findings
+
+
+def _iter_outputs(texts_or_files) -> Iterable[tuple[str, str]]:
+    if isinstance(texts_or_files, Mapping):
+        yield from ((str(k), str(v)) for k, v in texts_or_files.items())
+        return
+    count = 0
+    for item in texts_or_files:
+        if isinstance(item, os.PathLike):
+            path = Path(item)
+            yield path.name, path.read_text(encoding="utf-8", errors="replace")
+        else:
+            count += 1
+            yield f"text {count}", str(item)
+
+
+def _counts(text: str, start: int, needle: str, hex_spans: list[tuple[int, int]], hex_starts: list[int]) -> bool:
+    end = start + len(needle)
+    if not _bounded(text, start, end):
+        return False
+    if len(needle) >= _SURE_LENGTH:
+        return True
+    i = bisect.bisect_right(hex_starts, start) - 1
+    return not (i >= 0 and end <= hex_spans[i][1])
+
+
+def _bounded(text: str, start: int, end: int) -> bool:
+    def same_class(a: str, b: str) -> bool:
+        return (a.isalpha() and b.isalpha()) or (a.isdigit() and b.isdigit())
+
+    before = start == 0 or not same_class(text[start - 1], text[start])
+    after = end == len(text) or not same_class(text[end - 1], text[end])
+    return before and after

@@ -1,0 +1,248 @@
+"""Write small, real DICOM files with pydicom for the data-layer tests.
+
+Every file carries fake but realistic identifying values (name, IDs, dates, institution) so the
+tests can check that none of them leaks into reasons, logs or outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+PATIENT_NAME = "DOE^JANE"
+PATIENT_ID = "PAT-7731"
+BIRTH_DATE = "19610314"
+STUDY_DATE = "20190722"
+INSTITUTION = "Saint Example Hospital"
+ACCESSION = "ACC99812"
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def uid(seed: str) -> str:
+    """A deterministic UID (2.25.<int>) derived from a seed string."""
+    return generate_uid(prefix=None, entropy_srcs=[seed])
+
+
+def base_dataset(*, sop_class: str, series_uid: str, study_uid: str, modality: str, instance: str) -> Dataset:
+    """A dataset with patient/study/series identity and a file meta header."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = instance
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = instance
+    ds.PatientName = PATIENT_NAME
+    ds.PatientID = PATIENT_ID
+    ds.PatientBirthDate = BIRTH_DATE
+    ds.PatientSex = "F"
+    ds.PatientAge = "058Y"
+    ds.StudyDate = STUDY_DATE
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = ACCESSION
+    ds.InstitutionName = INSTITUTION
+    ds.Manufacturer = "ACME"
+    ds.ManufacturerModelName = "Scanner 3000"
+    ds.Modality = modality
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = 3
+    return ds
+
+
+def write_slice(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    position: Sequence[float],
+    orientation: Sequence[float] = AXIAL,
+    spacing: tuple[float, float] = (0.8, 0.7),
+    series_uid: str,
+    study_uid: str,
+    instance_number: int = 1,
+    modality: str = "CT",
+    rescale: tuple[float, float] | None = (1.0, -1024.0),
+) -> Path:
+    """One CT/MR slice; `pixels` is (rows, columns) int16 or uint16."""
+    ds = base_dataset(
+        sop_class=CTImageStorage,
+        series_uid=series_uid,
+        study_uid=study_uid,
+        modality=modality,
+        instance=uid(f"{series_uid}/{path.name}/{instance_number}/{tuple(position)}"),
+    )
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = [float(v) for v in position]
+    ds.ImageOrientationPatient = [float(v) for v in orientation]
+    ds.PixelSpacing = [float(spacing[0]), float(spacing[1])]
+    ds.SliceThickness = 1.0
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.set_pixel_data(np.ascontiguousarray(pixels), "MONOCHROME2", 16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_series(
+    folder: Path,
+    volume: np.ndarray,
+    *,
+    origin: Sequence[float] = (-10.0, -20.0, 30.0),
+    orientation: Sequence[float] = AXIAL,
+    step: Sequence[float] | None = None,
+    slice_gap: float = 2.5,
+    spacing: tuple[float, float] = (0.8, 0.7),
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    names: Sequence[str] | None = None,
+    instance_numbers: Sequence[int] | None = None,
+    modality: str = "CT",
+) -> list[Path]:
+    """Write `volume` (slices, rows, columns) as one file per slice, slice k at origin + k * step.
+
+    `step` defaults to the slice normal times `slice_gap`. `names[k]` and `instance_numbers[k]`
+    (defaults: "k.dcm", k + 1) let tests scramble both.
+    """
+    orientation = np.asarray(orientation, dtype=float)
+    if step is None:
+        step = np.cross(orientation[:3], orientation[3:]) * slice_gap
+    series_uid = series_uid or uid(f"series/{folder}")
+    study_uid = study_uid or uid("study/1")
+    paths = []
+    for k, pixels in enumerate(volume):
+        position = np.asarray(origin, dtype=float) + k * np.asarray(step, dtype=float)
+        name = names[k] if names is not None else f"{k}.dcm"
+        number = instance_numbers[k] if instance_numbers is not None else k + 1
+        paths.append(
+            write_slice(
+                folder / name,
+                pixels,
+                position=position,
+                orientation=orientation,
+                spacing=spacing,
+                series_uid=series_uid,
+                study_uid=study_uid,
+                instance_number=number,
+                modality=modality,
+            )
+        )
+    return paths
+
+
+def write_radiograph(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME1",
+    bits_stored: int = 12,
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None,
+    modality: str = "CR",
+    imager_spacing: tuple[float, float] | None = (0.15, 0.2),
+) -> Path:
+    """A single-frame projection radiograph; `pixels` is (rows, columns) uint16."""
+    series_uid = uid(f"cr-series/{path}")
+    ds = base_dataset(
+        sop_class=ComputedRadiographyImageStorage,
+        series_uid=series_uid,
+        study_uid=uid("study/cr"),
+        modality=modality,
+        instance=uid(f"cr/{path}"),
+    )
+    ds.BodyPartExamined = "CHEST"
+    if imager_spacing:
+        ds.ImagerPixelSpacing = list(imager_spacing)
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.set_pixel_data(np.ascontiguousarray(pixels.astype(np.uint16)), photometric, bits_stored)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_multiframe(
+    path: Path,
+    volume: np.ndarray,
+    positions: Sequence[Sequence[float]],
+    *,
+    orientation: Sequence[float] = AXIAL,
+    spacing: tuple[float, float] = (0.5, 0.6),
+) -> Path:
+    """An enhanced CT file: `volume` (frames, rows, columns) with per-frame positions."""
+    ds = base_dataset(
+        sop_class=EnhancedCTImageStorage,
+        series_uid=uid(f"mf-series/{path}"),
+        study_uid=uid("study/mf"),
+        modality="CT",
+        instance=uid(f"mf/{path}"),
+    )
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = list(spacing)
+    measures.SliceThickness = 1.0
+    plane = Dataset()
+    plane.ImageOrientationPatient = list(orientation)
+    transform = Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept = 1.0, -1024.0
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    shared.PlaneOrientationSequence = DicomSequence([plane])
+    shared.PixelValueTransformationSequence = DicomSequence([transform])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    frames = []
+    for position in positions:
+        item, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = [float(v) for v in position]
+        item.PlanePositionSequence = DicomSequence([pos])
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    ds.set_pixel_data(np.ascontiguousarray(volume), "MONOCHROME2", 16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_headerless(path: Path, pixels: np.ndarray) -> Path:
+    """An old-style file: implicit VR little endian, no preamble, no file meta header."""
+    ds = base_dataset(
+        sop_class=ComputedRadiographyImageStorage,
+        series_uid=uid(f"nometa/{path}"),
+        study_uid=uid("study/nometa"),
+        modality="CR",
+        instance=uid(f"nometa-instance/{path}"),
+    )
+    ds.set_pixel_data(np.ascontiguousarray(pixels.astype(np.uint16)), "MONOCHROME2", 12)
+    del ds.file_meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    return path
+
+
+def write_structured_report(path: Path) -> Path:
+    """A Basic Text SR (valid DICOM, no pixels)."""
+    ds = base_dataset(
+        sop_class="1.2.840.10008.5.1.4.1.1.88.11",
+        series_uid=uid(f"sr/{path}"),
+        study_uid=uid("study/1"),
+        modality="SR",
+        instance=uid(f"sr-instance/{path}"),
+    )
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.ContentDate = STUDY_DATE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

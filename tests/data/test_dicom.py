@@ -1,0 +1,377 @@
+"""Tests of medtl.data.dicom (sniffing, geometry, intensities) and medtl.data.deid (PHI values)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import RLELossless
+
+from medtl.data import dicom
+from medtl.data.deid import IDENTIFYING_KEYWORDS, MIN_VALUE_LENGTH, identifying_values
+from medtl.data.discover import load_study
+from medtl.data.types import Study
+from tests.data import dicom_factory as factory
+
+# --- sniffing -----------------------------------------------------------------------------------
+
+
+def test_looks_like_dicom_accepts_preamble_and_headerless_files_and_refuses_text_and_binary(tmp_path):
+    with_preamble = factory.write_radiograph(tmp_path / "a.dcm", np.zeros((4, 4)))
+    headerless = factory.write_headerless(tmp_path / "old", np.zeros((4, 4)))
+    text = tmp_path / "notes.dcm"
+    text.write_text("Patient DOE^JANE, chest film, see attached\n" * 20)
+    binary = tmp_path / "blob"
+    binary.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    tiny = tmp_path / "tiny"
+    tiny.write_bytes(b"\x08\x00")
+
+    assert dicom.looks_like_dicom(with_preamble)
+    assert dicom.looks_like_dicom(headerless)
+    assert not dicom.looks_like_dicom(text)
+    assert not dicom.looks_like_dicom(binary)
+    assert not dicom.looks_like_dicom(tiny)
+
+
+def test_read_dataset_sets_implicit_little_endian_for_headerless_files(tmp_path):
+    path = factory.write_headerless(tmp_path / "old", np.arange(12).reshape(3, 4))
+    ds = dicom.read_dataset(path)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    np.testing.assert_array_equal(ds.pixel_array, np.arange(12).reshape(3, 4))
+
+
+# --- geometry -----------------------------------------------------------------------------------
+
+
+def test_order_stack_sorts_by_position_along_the_normal_not_input_order():
+    positions = [(0, 0, 5.0), (0, 0, -5.0), (0, 0, 0.0), (0, 0, 2.5), (0, 0, -2.5)]
+    stack = dicom.order_stack(factory.AXIAL, positions)
+    assert stack.order == (1, 4, 2, 3, 0)
+    np.testing.assert_allclose(stack.step, (0, 0, 2.5))
+
+
+def test_order_stack_accepts_gantry_tilt_with_uniform_spacing():
+    tilt = np.deg2rad(18.5)
+    orientation = (1.0, 0.0, 0.0, 0.0, np.cos(tilt), np.sin(tilt))  # column direction tilted
+    positions = [(0.0, 0.0, 3.0 * k) for k in range(6)]  # table moves along z only
+    stack = dicom.order_stack(orientation, positions)
+    assert not isinstance(stack, str)
+    np.testing.assert_allclose(stack.step, (0, 0, 3.0))
+
+
+def test_order_stack_reports_gap_range_for_missing_slice():
+    positions = [(0, 0, z) for z in (0.0, 1.0, 2.0, 5.0, 6.0)]
+    reason = dicom.order_stack(factory.AXIAL, positions)
+    assert reason == "slice gaps 1.00-3.00 mm along the normal: missing slices?"
+
+
+def test_order_stack_reports_duplicate_positions():
+    reason = dicom.order_stack(factory.AXIAL, [(0, 0, 0.0), (0, 0, 1.0), (0, 0, 1.0), (0, 0, 2.0)])
+    assert isinstance(reason, str) and reason.startswith("duplicate slice positions (1 repeated)")
+
+
+def test_order_stack_refuses_positions_off_one_line():
+    positions = [(0, 0, 0.0), (0, 0, 1.0), (40, 0, 2.0), (0, 0, 3.0)]
+    reason = dicom.order_stack(factory.AXIAL, positions)
+    assert isinstance(reason, str) and "one line" in reason
+
+
+def test_order_stack_tolerates_rounding_jitter_in_positions():
+    positions = [(0, 0, z) for z in (0.0, 0.625, 1.25, 1.876, 2.5, 3.124)]
+    assert not isinstance(dicom.order_stack(factory.AXIAL, positions), str)
+
+
+def test_volume_affine_matches_the_dicom_formula_in_ras():
+    orientation = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # sagittal
+    origin, spacing, step = (12.0, -30.0, 40.0), (0.8, 0.6), (3.0, 0.0, 0.0)
+    affine = dicom.volume_affine(orientation, origin, spacing, step)
+    # PS3.3 C.7.6.2.1.1: P = S + i * col_spacing * row_cosine + j * row_spacing * col_cosine (LPS)
+    i, j, k = 4, 7, 2
+    lps = (
+        np.array(origin)
+        + i * 0.6 * np.array(orientation[:3])
+        + j * 0.8 * np.array(orientation[3:])
+        + k * np.array(step)
+    )
+    expected_ras = lps * np.array([-1, -1, 1])
+    np.testing.assert_allclose((affine @ [i, j, k, 1])[:3], expected_ras)
+
+
+def test_volume_affine_without_orientation_is_identity_scaled_by_spacing():
+    np.testing.assert_allclose(
+        dicom.volume_affine(None, None, (0.2, 0.15), 1.0), np.diag([0.15, 0.2, 1.0, 1.0])
+    )
+
+
+def test_frame_geometry_reads_per_frame_positions_from_functional_groups(tmp_path):
+    positions = [(0, 0, 4.0), (0, 0, 0.0), (0, 0, 2.0)]
+    path = factory.write_multiframe(tmp_path / "mf.dcm", np.zeros((3, 4, 5), np.int16), positions)
+    orientation, found, spacing = dicom.frame_geometry(dicom.read_dataset(path), 3)
+    assert orientation == factory.AXIAL
+    assert found == tuple(tuple(float(v) for v in p) for p in positions)
+    assert spacing == (0.5, 0.6)
+
+
+# --- intensities --------------------------------------------------------------------------------
+
+
+def _load_image(path):
+    """Load one file the way discover's studies of kind "dicom_image" are loaded."""
+    return load_study(Study((path,), "dicom_image", "", None))
+
+
+def _linear_window(x: np.ndarray, center: float, width: float, low: float, high: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1, written out independently of pydicom."""
+    c, w = center - 0.5, width - 1
+    y = ((x - c) / w + 0.5) * (high - low) + low
+    return np.where(x <= c - w / 2, low, np.where(x > c + w / 2, high, y))
+
+
+def test_monochrome1_radiograph_is_windowed_then_inverted_so_bright_means_attenuation(tmp_path):
+    stored = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
+    path = factory.write_radiograph(
+        tmp_path / "cr.dcm", stored, photometric="MONOCHROME1", window=(2048, 1024)
+    )
+    image = _load_image(path)
+
+    expected = 4095 - _linear_window(stored.astype(float), 2048, 1024, 0, 4095)
+    assert image.array.dtype == np.float32
+    assert image.array.shape == (16, 16)
+    np.testing.assert_allclose(image.array, expected.T, atol=1e-3)
+    # MONOCHROME1: the lowest stored value is displayed white, i.e. the densest tissue.
+    assert image.array[0, 0] == image.array.max() == 4095
+
+
+def test_monochrome1_without_window_inverts_over_the_stored_range(tmp_path):
+    stored = np.arange(20 * 12, dtype=np.uint16).reshape(20, 12) * 10
+    image = _load_image(factory.write_radiograph(tmp_path / "cr.dcm", stored, bits_stored=12))
+    np.testing.assert_allclose(image.array, (4095.0 - stored).T)
+
+
+def test_rescale_is_applied_to_a_monochrome2_radiograph(tmp_path):
+    stored = np.arange(6 * 8, dtype=np.uint16).reshape(6, 8)
+    path = factory.write_radiograph(
+        tmp_path / "dx.dcm", stored, photometric="MONOCHROME2", rescale=(2.0, -100.0), modality="DX"
+    )
+    image = _load_image(path)
+    np.testing.assert_allclose(image.array, (2.0 * stored - 100.0).T)
+    np.testing.assert_allclose(image.spacing, (0.2, 0.15))  # ImagerPixelSpacing is (row, column)
+
+
+def test_malformed_window_falls_back_to_modality_values(tmp_path):
+    stored = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    path = factory.write_radiograph(tmp_path / "cr.dcm", stored, photometric="MONOCHROME2", window=(8, 0.5))
+    np.testing.assert_allclose(_load_image(path).array, stored.T.astype(float))
+
+
+def test_ct_slice_keeps_hounsfield_units_and_ignores_its_window(tmp_path):
+    stored = np.arange(0, 2000, 125, dtype=np.int16).reshape(4, 4)
+    path = factory.write_slice(
+        tmp_path / "ct.dcm", stored, position=(0, 0, 0), series_uid="1.2.3", study_uid="1.2.4"
+    )
+    ds = pydicom.dcmread(path)
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.save_as(path)
+    np.testing.assert_allclose(_load_image(path).array, (stored - 1024.0).T)
+
+
+def test_enhanced_multiframe_uses_rescale_from_functional_groups(tmp_path):
+    volume = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4) + 1000
+    path = factory.write_multiframe(tmp_path / "mf.dcm", volume, [(0, 0, 0), (0, 0, 1)])
+    np.testing.assert_allclose(dicom.frames(dicom.read_dataset(path)), volume - 1024.0)
+
+
+def test_rle_and_jpeg2000_lossless_decode_to_the_uncompressed_pixels(tmp_path):
+    stored = np.random.default_rng(3).integers(-1000, 3000, (64, 48)).astype(np.int16)  # J2K needs >= 64 px
+    plain = factory.write_slice(
+        tmp_path / "plain.dcm", stored, position=(0, 0, 0), series_uid="1.2", study_uid="1.3"
+    )
+    expected = _load_image(plain).array
+    for syntax in (RLELossless, pydicom.uid.JPEG2000Lossless):
+        ds = pydicom.dcmread(plain)
+        ds.compress(syntax)
+        ds.save_as(tmp_path / "packed.dcm")
+        assert dicom.read_dataset(tmp_path / "packed.dcm").file_meta.TransferSyntaxUID == syntax
+        np.testing.assert_array_equal(_load_image(tmp_path / "packed.dcm").array, expected)
+
+
+def test_inspect_dicom_quarantines_truncated_pixel_data_without_quoting_the_header(tmp_path):
+    path = factory.write_radiograph(tmp_path / "cr.dcm", np.ones((32, 32)))
+    path.write_bytes(path.read_bytes()[:-300])
+    rejection = dicom.inspect_dicom(path)
+    assert rejection.status == "quarantined"
+    assert "truncated" in rejection.reason
+    assert factory.PATIENT_ID not in rejection.reason and str(tmp_path) not in rejection.reason
+
+
+def test_inspect_dicom_quarantines_a_transfer_syntax_no_decoder_handles(tmp_path):
+    path = factory.write_radiograph(tmp_path / "video.dcm", np.ones((8, 8)))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
+    ds.save_as(path)
+    rejection = dicom.inspect_dicom(path)
+    assert rejection.status == "quarantined"
+    assert rejection.reason.startswith("pixel data in an unsupported transfer syntax (MPEG2")
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "modality", "expected"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.88.22", "SR", "structured report"),
+        ("1.2.840.10008.5.1.4.1.1.11.1", "PR", "presentation state"),
+        ("1.2.840.10008.5.1.4.1.1.88.59", "KO", "key object selection"),
+        ("1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT", "radiotherapy"),
+        ("1.2.840.10008.5.1.4.1.1.481.5", "RTPLAN", "radiotherapy"),
+        ("1.2.840.10008.5.1.4.1.1.481.2", "RTDOSE", "radiotherapy"),
+        ("1.2.840.10008.5.1.4.1.1.66.4", "SEG", "segmentation"),
+        ("1.2.840.10008.5.1.4.1.1.104.1", "DOC", "encapsulated document"),
+        ("1.2.840.10008.1.3.10", "", "DICOMDIR"),
+        ("", "SR", "structured report"),
+    ],
+)
+def test_non_image_category_names_valid_non_image_objects(sop_class, modality, expected):
+    assert expected in dicom.non_image_category(sop_class, modality)
+
+
+@pytest.mark.parametrize(
+    "sop_class",
+    [
+        "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+        "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image - For Presentation
+        "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography - For Presentation
+        "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image
+        "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
+        "1.2.999.1",  # private SOP class: decided by its pixel data
+    ],
+)
+def test_non_image_category_keeps_image_storage_classes(sop_class):
+    assert dicom.non_image_category(sop_class, "") == ""
+
+
+# --- identifying values (deid) ------------------------------------------------------------------
+
+
+def _dataset_with_phi() -> Dataset:
+    ds = factory.base_dataset(
+        sop_class=pydicom.uid.CTImageStorage,
+        series_uid="1.2.826.0.1.555.2",
+        study_uid="1.2.826.0.1.555.1",
+        modality="CT",
+        instance="1.2.826.0.1.555.3",
+    )
+    ds.ReferringPhysicianName = "House^Gregory^^Dr."
+    ds.StudyDescription = "CT THORAX Mr Smithers follow-up"
+    ds.StationName = "CTSCAN04"
+    ds.DeviceSerialNumber = "SN-448812"
+    ds.StudyTime = "093512"
+    ds.PatientWeight = 72.5
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    request = Dataset()
+    request.AccessionNumber = "REQ-55512"
+    request.RequestedProcedureID = "RP-4411"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-D3000", "SRT", "Chest"
+    request.ScheduledProtocolCodeSequence = DicomSequence([code])
+    ds.RequestAttributesSequence = DicomSequence([request])
+    other = Dataset()
+    other.PatientID = "MRN-000917"
+    ds.OtherPatientIDsSequence = DicomSequence([other])
+    ds.add_new(0x00091001, "LO", "site code GREENFIELD")
+    ds.add_new(0x00091002, "DS", "12.5")
+    ds.add_new(0x00090010, "LO", "ACME PRIVATE DICT")
+    return ds
+
+
+def test_identifying_values_collects_names_ids_dates_uids_institution_and_private_strings():
+    values = identifying_values(_dataset_with_phi())
+    expected = {
+        "DOE^JANE", "DOE", "JANE", "JANE DOE", "DOE JANE",  # patient name and components
+        "House", "Gregory", "Gregory House",  # physician name components
+        factory.PATIENT_ID, "MRN-000917",  # IDs, also inside OtherPatientIDsSequence
+        factory.BIRTH_DATE, "1961-03-14", factory.STUDY_DATE,  # dates as stored and ISO
+        factory.ACCESSION, "REQ-55512", "RP-4411",  # accession, also inside RequestAttributesSequence
+        "1.2.826.0.1.555.1", "1.2.826.0.1.555.2", "1.2.826.0.1.555.3",  # instance UIDs
+        factory.INSTITUTION, "CTSCAN04", "SN-448812",  # institution, station, device serial number
+        "CT THORAX Mr Smithers follow-up",  # free-text description
+        "site code GREENFIELD",  # private string
+        "058Y",  # age
+    }  # fmt: skip
+    assert expected <= values
+
+
+def test_identifying_values_leaves_out_standard_uids_codes_numbers_times_and_short_values():
+    values = identifying_values(_dataset_with_phi())
+    assert pydicom.uid.CTImageStorage not in values  # SOP class: the same for everyone
+    assert pydicom.uid.ExplicitVRLittleEndian not in values
+    assert not {"T-D3000", "SRT", "Chest"} & values  # code plumbing inside identifying sequences
+    assert not {"72.5", "12.5", "093512", "ORIGINAL", "ACME PRIVATE DICT"} & values
+    assert all(len(v) >= MIN_VALUE_LENGTH for v in values)
+    assert "F" not in values and "CT" not in values
+
+
+def test_identifying_values_ignores_placeholders_written_by_anonymisers():
+    ds = Dataset()
+    ds.PatientName = "ANONYMOUS"
+    ds.PatientID = "UNKNOWN"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom rightly calls a zero date invalid
+        ds.PatientBirthDate = "00000000"
+    assert identifying_values(ds) == frozenset()
+
+
+def test_identifying_values_reads_private_strings_of_files_without_a_dictionary(tmp_path):
+    ds = factory.base_dataset(
+        sop_class=pydicom.uid.CTImageStorage,
+        series_uid="1.2.9.1",
+        study_uid="1.2.9.2",
+        modality="CT",
+        instance="1.2.9.3",
+    )
+    ds.add_new(0x00291010, "LO", "Operator KOWALSKI")
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    reread = pydicom.dcmread(tmp_path / "x.dcm")
+    assert reread[0x00291010].VR == "UN"  # implicit VR: the private tag's VR is unknown
+    assert "Operator KOWALSKI" in identifying_values(reread)
+
+
+def test_identifying_values_emit_no_warning_or_log_quoting_an_invalid_value(tmp_path, caplog):
+    ds = factory.base_dataset(
+        sop_class=pydicom.uid.CTImageStorage,
+        series_uid="1.2.9.1",
+        study_uid="1.2.9.2",
+        modality="CT",
+        instance="1.2.9.3",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.add_new(0x00081155, "UI", "SECRET.01.77")  # invalid UID: pydicom warns quoting the value
+        ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    reread = pydicom.dcmread(tmp_path / "x.dcm")  # values are converted (and checked) on first access
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        values = identifying_values(reread)
+    assert "SECRET.01.77" in values
+    assert not any("SECRET" in str(w.message) for w in caught)
+    assert "SECRET" not in caplog.text
+
+
+def test_identifying_keywords_cover_the_basic_profile_core_and_are_pydicom_keywords():
+    core = {
+        "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientIDsSequence",
+        "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
+        "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
+        "PerformingPhysicianName", "OperatorsName", "StationName", "StudyDate", "SeriesDate",
+        "AcquisitionDateTime", "StudyTime", "StudyDescription", "SeriesDescription", "ImageComments",
+        "PatientComments", "DeviceSerialNumber", "PatientAddress", "RequestAttributesSequence",
+    }  # fmt: skip
+    assert core <= IDENTIFYING_KEYWORDS
+    assert all(pydicom.datadict.tag_for_keyword(k) is not None for k in IDENTIFYING_KEYWORDS)
+    assert not {"Modality", "Manufacturer", "Rows", "PixelSpacing", "SOPClassUID"} & IDENTIFYING_KEYWORDS
