@@ -1,0 +1,333 @@
+"""Between-group gaps, their flags, and bias amplification against a reference model.
+
+A gap summarises one metric over the groups of one attribute (suppressed groups never enter):
+
+- `difference`: best minus worst group (max - min), as fairlearn's `difference()`;
+- `ratio`: min / max, as fairlearn's `ratio()` (not for calibration slope/intercept);
+- `worst_vs_overall`: how much worse the worst group is than the whole test set
+  (positive = worse), in the metric's units;
+- `equalized_odds` (metric) / `difference` (kind): max(TPR difference, FPR difference), as
+  fairlearn's `equalized_odds_difference`.
+
+Gap CIs come from the same paired replicates as the group metrics (every group resampled
+together), so the gap's sampling correlation is kept. A `difference` gap with a configured
+tolerance is tested: flagged when its whole CI lies above the tolerance, with the CI level
+Bonferroni-corrected over all tested gaps.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medtl.errors import InputError
+from medtl.evaluation.bootstrap import percentile_ci
+from medtl.evaluation.metrics import CALIBRATION_IDEAL, METRIC_DIRECTION
+from medtl.evaluation.segmentation import SEGMENTATION_DIRECTION, segmentation_family
+
+GAP_KINDS: tuple[str, ...] = ("difference", "ratio", "worst_vs_overall")
+#: The gap metric built from TPR and FPR together.
+EQUALIZED_ODDS = "equalized_odds"
+CORRECTIONS: tuple[str, ...] = ("bonferroni", "none")
+
+
+@dataclass(frozen=True)
+class GapDraft:
+    """A gap before flagging: point value, paired replicates, and the groups at both ends."""
+
+    attribute: str
+    metric: str
+    kind: str
+    value: float
+    replicates: np.ndarray
+    worst_group: str | None
+    best_group: str | None
+
+
+@dataclass(frozen=True)
+class Gap:
+    """One reported gap. `status` is flagged / within / inconclusive / not_tested / not_estimable."""
+
+    attribute: str
+    metric: str
+    kind: str
+    value: float
+    ci: tuple[float, float] | None
+    ci_level: float
+    tolerance: float | None
+    flagged: bool
+    status: str
+    worst_group: str | None
+    best_group: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The audit.json form of the gap (NaN becomes None)."""
+        return {
+            "attribute": self.attribute,
+            "metric": self.metric,
+            "kind": self.kind,
+            "value": _json_float(self.value),
+            "ci": list(self.ci) if self.ci is not None else None,
+            "ci_level": self.ci_level,
+            "tolerance": self.tolerance,
+            "flagged": self.flagged,
+            "status": self.status,
+            "worst_group": self.worst_group,
+            "best_group": self.best_group,
+        }
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def metric_direction(metric: str) -> int | None:
+    """+1 if higher is better, -1 if lower is better, None for ideal-value (calibration) metrics."""
+    if metric in METRIC_DIRECTION:
+        return METRIC_DIRECTION[metric]
+    family = segmentation_family(metric)
+    return SEGMENTATION_DIRECTION[family] if family else None
+
+
+def _badness(metric: str, values: np.ndarray) -> np.ndarray:
+    """A transform of the metric where larger is worse (distance from the ideal for calibration)."""
+    direction = metric_direction(metric)
+    if direction is None:
+        return np.abs(values - CALIBRATION_IDEAL[metric])
+    return -direction * values
+
+
+def gap_values(metric: str, groups: np.ndarray, overall: np.ndarray) -> dict[str, np.ndarray]:
+    """Every gap kind of one metric; NaN groups are skipped, fewer than two defined give NaN.
+
+    Args:
+        metric: the metric's name (decides what "worst" means).
+        groups: values of shape (..., g), one column per reported group.
+        overall: values of shape (...,) on all rows of the test set.
+
+    Returns:
+        Dict kind -> array of shape (...,). Calibration metrics have no ratio.
+    """
+    defined = np.isfinite(groups).sum(axis=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices stay NaN
+        hi, lo = np.nanmax(groups, axis=-1), np.nanmin(groups, axis=-1)
+        worst = np.nanmax(_badness(metric, groups), axis=-1)
+        out = {
+            "difference": np.where(defined >= 2, hi - lo, np.nan),
+            "ratio": np.where((defined >= 2) & (hi > 0), lo / np.where(hi > 0, hi, 1.0), np.nan),
+            "worst_vs_overall": np.where(defined >= 2, worst - _badness(metric, overall), np.nan),
+        }
+    if metric in CALIBRATION_IDEAL:
+        del out["ratio"]
+    return out
+
+
+def extreme_groups(metric: str, names: Sequence[str], values: np.ndarray) -> tuple[str | None, str | None]:
+    """Names of the worst and the best group by point estimate (None when undefined)."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isfinite(values).sum() < 2:
+        return None, None
+    bad = np.where(np.isfinite(values), _badness(metric, values), np.nan)
+    return names[int(np.nanargmax(bad))], names[int(np.nanargmin(bad))]
+
+
+def draft_gaps(
+    attribute: str,
+    names: Sequence[str],
+    point: Mapping[str, np.ndarray],
+    replicates: Mapping[str, np.ndarray],
+    overall_point: Mapping[str, float],
+    overall_replicates: Mapping[str, np.ndarray],
+    metrics: Sequence[str],
+) -> list[GapDraft]:
+    """All gap drafts of one attribute.
+
+    Args:
+        attribute: attribute name ("sex", "sex&age_band").
+        names: reported (non-suppressed) group names, in column order.
+        point: metric -> point values per group, shape (g,).
+        replicates: metric -> paired replicates, shape (b, g).
+        overall_point: metric -> point value on the whole test set.
+        overall_replicates: metric -> replicates on the whole test set from the same draws, (b,).
+        metrics: gap metrics; "equalized_odds" needs "tpr" and "fpr" in point/replicates.
+
+    Returns:
+        One draft per metric and kind.
+    """
+    drafts = []
+    for metric in metrics:
+        if metric == EQUALIZED_ODDS:
+            # np.maximum, not max(): a NaN in either rate must give NaN, whichever comes first.
+            pt = np.maximum(
+                gap_values("tpr", point["tpr"], np.nan)["difference"],
+                gap_values("fpr", point["fpr"], np.nan)["difference"],
+            )
+            reps = np.maximum(
+                gap_values("tpr", replicates["tpr"], np.nan)["difference"],
+                gap_values("fpr", replicates["fpr"], np.nan)["difference"],
+            )
+            drafts.append(GapDraft(attribute, metric, "difference", float(pt), reps, None, None))
+            continue
+        worst, best = extreme_groups(metric, names, point[metric])
+        pts = gap_values(metric, point[metric], np.asarray(overall_point[metric]))
+        reps = gap_values(metric, replicates[metric], overall_replicates[metric])
+        for kind, value in pts.items():
+            drafts.append(GapDraft(attribute, metric, kind, float(value), reps[kind], worst, best))
+    return drafts
+
+
+def flag_gaps(
+    drafts: Sequence[GapDraft], tolerances: Mapping[str, float], alpha: float, correction: str
+) -> tuple[list[Gap], int]:
+    """Attach CIs and flags. Only `difference` gaps with a tolerance and a value are tested.
+
+    Args:
+        drafts: gap drafts of every attribute.
+        tolerances: metric -> largest acceptable difference.
+        alpha: family-wise error rate (0.05 gives 95% CIs for untested gaps).
+        correction: "bonferroni" (CI level 1 - alpha/m over the m tested gaps) or "none".
+
+    Returns:
+        `(gaps, m)`: the gaps in draft order and the number tested.
+    """
+
+    def tested(d: GapDraft) -> bool:
+        return d.kind == "difference" and d.metric in tolerances and math.isfinite(d.value)
+
+    m = sum(tested(d) for d in drafts)
+    test_level = 1.0 - alpha / m if correction == "bonferroni" and m else 1.0 - alpha
+    gaps = []
+    for d in drafts:
+        is_tested = tested(d)
+        level = test_level if is_tested else 1.0 - alpha
+        ci = percentile_ci(d.replicates, level)
+        tol = float(tolerances[d.metric]) if d.kind == "difference" and d.metric in tolerances else None
+        if tol is None:
+            status = "not_tested"
+        elif not is_tested or ci is None:
+            status = "not_estimable"
+        elif ci[0] > tol:
+            status = "flagged"
+        elif ci[1] <= tol:
+            status = "within"
+        else:
+            status = "inconclusive"
+        gaps.append(
+            Gap(
+                d.attribute,
+                d.metric,
+                d.kind,
+                d.value,
+                ci,
+                level,
+                tol,
+                status == "flagged",
+                status,
+                d.worst_group,
+                d.best_group,
+            )
+        )
+    return gaps, m
+
+
+def _direction(kind: str, delta: float, lo: float, hi: float) -> str:
+    """widened / narrowed / unchanged; for ratios a smaller value is a wider gap."""
+    sign = -1.0 if kind == "ratio" else 1.0
+    lo, hi = sorted((sign * lo, sign * hi))
+    if not math.isfinite(delta):
+        return "unchanged"
+    return "widened" if lo > 0 else "narrowed" if hi < 0 else "unchanged"
+
+
+def paired_amplification(
+    model: Sequence[GapDraft], reference: Sequence[GapDraft], level: float
+) -> list[dict[str, Any]]:
+    """Bias amplification from replicates of both models on the same resampled patients.
+
+    A gap widened (narrowed) when the CI of model-minus-reference excludes zero upwards
+    (downwards); otherwise it is "unchanged" (no detectable change).
+
+    Returns:
+        One dict per gap: attribute, metric, kind, model, reference, delta, ci, direction.
+    """
+    ref = {(d.attribute, d.metric, d.kind): d for d in reference}
+    out = []
+    for d in model:
+        r = ref.get((d.attribute, d.metric, d.kind))
+        if r is None:
+            continue
+        delta = d.value - r.value
+        ci = percentile_ci(d.replicates - r.replicates, level)
+        direction = _direction(d.kind, delta, *(ci if ci else (math.nan, math.nan)))
+        out.append(
+            {
+                "attribute": d.attribute,
+                "metric": d.metric,
+                "kind": d.kind,
+                "model": _json_float(d.value),
+                "reference": _json_float(r.value),
+                "delta": _json_float(delta),
+                "ci": list(ci) if ci else None,
+                "direction": direction,
+            }
+        )
+    return out
+
+
+def compare_gaps(
+    audit_model: Mapping[str, Any], audit_reference: Mapping[str, Any], *, min_change: float = 0.01
+) -> list[dict[str, Any]]:
+    """Bias amplification from two audit.json documents (no shared replicates, so no CI).
+
+    Use the paired comparison of `BiasAudit.run(..., reference_predictions=...)` when both
+    models' predictions on the same patients are at hand; this unpaired version suits a
+    reference that only left its audit.json (e.g. the current champion).
+
+    Args:
+        audit_model: the transfer-learned model's audit.json, parsed.
+        audit_reference: the reference model's audit.json, parsed.
+        min_change: changes of at most this size (metric units) count as "unchanged".
+
+    Returns:
+        For every gap present with a value in both: attribute, metric, kind, model,
+        reference, delta (model - reference) and direction "widened" / "narrowed" /
+        "unchanged" (for ratios a lower value is a wider gap).
+
+    Raises:
+        InputError: when a document has no "gaps" list.
+
+    Example:
+        >>> compare_gaps(json.load(open("audit.json")), json.load(open("champion_audit.json")))  # doctest: +SKIP
+    """
+    for name, doc in (("audit_model", audit_model), ("audit_reference", audit_reference)):
+        if not isinstance(doc, Mapping) or not isinstance(doc.get("gaps"), list):
+            raise InputError(
+                f"{name} must be a parsed audit.json with a 'gaps' list, not {type(doc).__name__}; json.load it"
+            )
+    ref = {(g["attribute"], g["metric"], g.get("kind", "difference")): g for g in audit_reference["gaps"]}
+    out = []
+    for g in audit_model["gaps"]:
+        key = (g["attribute"], g["metric"], g.get("kind", "difference"))
+        r = ref.get(key)
+        if r is None or g.get("value") is None or r.get("value") is None:
+            continue
+        delta = float(g["value"]) - float(r["value"])
+        direction = _direction(key[2], delta, delta - min_change, delta + min_change)
+        out.append(
+            {
+                "attribute": key[0],
+                "metric": key[1],
+                "kind": key[2],
+                "model": float(g["value"]),
+                "reference": float(r["value"]),
+                "delta": delta,
+                "direction": direction,
+            }
+        )
+    return out

@@ -1,0 +1,344 @@
+"""PHI guard: look through everything a run (or a registered version) stored for identifiers.
+
+The guard reads back what the tracking server holds, not what medtl meant to send, so it also
+catches what MLflow adds by itself. It looks at every experiment/run/model name, param, tag,
+metric name and dataset input (name, source, schema, profile, tags), and at every artifact of the
+run and of its logged models: each file is downloaded and searched as bytes, which covers text
+files (JSON, YAML, CSV, HTML, MLmodel, ...) and the text inside binary ones; compressed members of
+zip archives are searched after decompression.
+
+It looks for the caller's forbidden strings (patient names, MRNs, accession numbers, original file
+or folder names; case-insensitive), for the given absolute paths and the current user's home
+folder, and for a field whose whole value is the OS user name. The store's own artifact locations
+(which MLflow writes into every `MLmodel`) are not path findings.
+
+A finding says where and what kind ("run param 'data.root': forbidden path #1"), never the value;
+when a name itself contains a forbidden item it is replaced by its position.
+"""
+
+from __future__ import annotations
+
+import getpass
+import mmap
+import re
+import tempfile
+import urllib.parse
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import mlflow
+from mlflow.entities import LoggedModel, Run
+from mlflow.exceptions import MlflowException
+
+from medtl.errors import InputError
+from medtl.tracking.registry import get_model_version
+from medtl.tracking.store import client
+
+_MAX_MEMBER_BYTES = 1 << 30  # compressed zip members larger than this are reported, not read
+
+
+@dataclass(frozen=True)
+class _Needles:
+    """Search needles; labels name the kind of finding, never the value.
+
+    Forbidden strings are matched as lower-cased bytes with `in` (one fast substring search per
+    needle) rather than one regex each: a run's artifacts include multi-megabyte model files and
+    a manifest can contribute thousands of identifying values.
+    """
+
+    strings: tuple[tuple[str, tuple[bytes, ...]], ...]
+    paths: tuple[tuple[str, re.Pattern[bytes]], ...]
+    user: str | None
+    allowed: tuple[re.Pattern[bytes], ...] = ()
+
+    def hits(self, data: bytes | mmap.mmap) -> list[str]:
+        raw = bytes(data)
+        text = _text_of(raw)
+        # In the printable runs of binary data, short needles match by chance (a 3-letter name
+        # turns up in any multi-megabyte weight file): there only needles of 6+ bytes count.
+        shortest = 1 if text is raw else _MIN_BINARY_NEEDLE
+        text = text.lower()
+        found = [label for label, variants in self.strings
+                 if any(len(v) >= shortest and v in text for v in variants)]
+        spans: list[tuple[int, int]] | None = None
+        for label, pattern in self.paths:
+            for match in pattern.finditer(raw):
+                if spans is None:
+                    spans = [m.span() for allowed in self.allowed for m in allowed.finditer(raw)]
+                if not any(start <= match.start() < end for start, end in spans):
+                    found.append(label)
+                    break
+        return found
+
+    def with_allowed(self, locations: Iterable[str | None]) -> _Needles:
+        patterns = set(self.allowed)
+        for location in locations:
+            for form in _location_forms(location):
+                patterns.add(re.compile(re.escape(form.encode()), re.IGNORECASE))
+        return _Needles(self.strings, self.paths, self.user, tuple(patterns))
+
+
+def scan_run(run_id: str, forbidden: Iterable[str], forbidden_paths: Iterable[Path]) -> list[str]:
+    """Scan one run, its dataset inputs, artifacts and logged models for PHI and local paths.
+
+    Args:
+        run_id: The MLflow run id.
+        forbidden: Strings that must appear nowhere (case-insensitive), e.g. patient names, MRNs,
+            original file names. Blank entries are ignored.
+        forbidden_paths: Absolute paths that must appear nowhere (data root, key file, ...); the
+            current user's home folder is always added.
+
+    Returns:
+        Findings such as `"run artifact 'weights/load_report.json': forbidden string #2"`; empty
+        when the run is clean.
+
+    Raises:
+        InputError: when `forbidden`/`forbidden_paths` is a single string, a path is the
+            filesystem root, or the run does not exist.
+
+    Example:
+        >>> assert not scan_run(run.info.run_id, ["DOE^JOHN"], [Path("/data/raw")])
+    """
+    needles = _needles(forbidden, forbidden_paths)
+    findings: list[str] = []
+    _scan_run(_get_run(run_id), needles, findings, set())
+    return list(dict.fromkeys(findings))
+
+
+def scan_registered_version(
+    name: str, version: str | int, forbidden: Iterable[str], forbidden_paths: Iterable[Path]
+) -> list[str]:
+    """Scan a registered version (names, tags, descriptions, aliases), its source run and model.
+
+    Args:
+        name: Registered model name.
+        version: Version number.
+        forbidden: As for `scan_run`.
+        forbidden_paths: As for `scan_run`.
+
+    Returns:
+        Findings, empty when clean.
+
+    Raises:
+        InputError: as for `scan_run`, or when the version does not exist.
+    """
+    needles = _needles(forbidden, forbidden_paths)
+    current = get_model_version(name, version)
+    registered = client().get_registered_model(name)
+    findings: list[str] = []
+    _field(findings, needles, "registered model", "name", registered.name)
+    _field(findings, needles, "registered model", "description", registered.description)
+    for key, value in sorted((registered.tags or {}).items()):
+        _field(findings, needles, "registered model tag", key, value)
+    for alias in sorted(registered.aliases or {}):
+        _field(findings, needles, "registered model alias", alias, "")
+    _field(findings, needles, "model version", "description", current.description)
+    _field(findings, needles, "model version", "source", current.source)
+    for key, value in sorted((current.tags or {}).items()):
+        _field(findings, needles, "model version tag", key, value)
+    seen: set[str] = set()
+    if current.run_id:
+        _scan_run(_get_run(current.run_id), needles, findings, seen)
+    model_id = getattr(current, "model_id", None)
+    if not model_id and (current.source or "").startswith("models:/m-"):
+        model_id = current.source.removeprefix("models:/")  # MLflow 3 sources name the logged model
+    if model_id and model_id not in seen:
+        _scan_logged_model(client().get_logged_model(model_id), needles, findings, seen)
+    return list(dict.fromkeys(findings))
+
+
+def _scan_run(run: Run, needles: _Needles, findings: list[str], seen: set[str]) -> None:
+    mlflow_client = client()
+    experiment = mlflow_client.get_experiment(run.info.experiment_id)
+    needles = needles.with_allowed([experiment.artifact_location, run.info.artifact_uri])
+    _field(findings, needles, "experiment", "name", experiment.name)
+    for key, value in sorted((experiment.tags or {}).items()):
+        _field(findings, needles, "experiment tag", key, value)
+    _field(findings, needles, "run", "name", run.info.run_name)
+    for kind, items in (("run param", run.data.params), ("run tag", run.data.tags)):
+        for key, value in sorted(items.items()):
+            _field(findings, needles, kind, key, value)
+    for key in sorted(run.data.metrics):
+        _field(findings, needles, "run metric", key, "")
+    for number, dataset_input in enumerate(run.inputs.dataset_inputs if run.inputs else [], 1):
+        dataset = dataset_input.dataset
+        where = f"run dataset input #{number}"
+        for part in ("name", "digest", "source_type", "source", "schema", "profile"):
+            _field(findings, needles, where, part, getattr(dataset, part, None))
+        for tag in dataset_input.tags or []:
+            _field(findings, needles, f"{where} tag", tag.key, tag.value)
+    if mlflow_client.list_artifacts(run.info.run_id):
+        with tempfile.TemporaryDirectory(prefix="medtl-scan-") as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=tmp)
+            _scan_tree(Path(local), "run artifact", needles, findings)
+    for model in _run_models(run):
+        if model.model_id not in seen:
+            _scan_logged_model(model, needles, findings, seen)
+
+
+def _scan_logged_model(model: LoggedModel, needles: _Needles, findings: list[str], seen: set[str]) -> None:
+    seen.add(model.model_id)
+    needles = needles.with_allowed([model.artifact_location])
+    where = f"logged model {model.model_id}"
+    _field(findings, needles, where, "name", model.name)
+    for kind, items in (("param", model.params), ("tag", model.tags)):
+        for key, value in sorted((items or {}).items()):
+            _field(findings, needles, f"{where} {kind}", key, value)
+    for metric in model.metrics or []:
+        _field(findings, needles, f"{where} metric", metric.key, "")
+    with tempfile.TemporaryDirectory(prefix="medtl-scan-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model.model_id}", dst_path=tmp)
+        _scan_tree(Path(local), f"{where} artifact", needles, findings)
+
+
+def _run_models(run: Run) -> Iterator[LoggedModel]:
+    """Logged models listed as the run's outputs plus any created with it as source run."""
+    mlflow_client = client()
+    ids = [output.model_id for output in (run.outputs.model_outputs if run.outputs else [])]
+    token = None
+    while True:
+        page = mlflow_client.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+            page_token=token,
+        )
+        ids.extend(model.model_id for model in page)
+        token = page.token
+        if not token:
+            break
+    for model_id in dict.fromkeys(ids):
+        yield mlflow_client.get_logged_model(model_id)
+
+
+def _scan_tree(root: Path, where: str, needles: _Needles, findings: list[str]) -> None:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for number, file in enumerate(files, 1):
+        relative = file.relative_to(root).as_posix()
+        name_hits = needles.hits(relative.encode())
+        label = f"{where} #{number}" if name_hits else f"{where} {relative!r}"
+        findings.extend(f"{label} (file name): {hit}" for hit in name_hits)
+        findings.extend(f"{label}: {hit}" for hit in _file_hits(file, needles))
+        if zipfile.is_zipfile(file):
+            findings.extend(f"{label}: {hit}" for hit in _zip_hits(file, needles))
+
+
+def _file_hits(file: Path, needles: _Needles) -> list[str]:
+    if file.stat().st_size == 0:
+        return []
+    # A memory map lets the patterns run over model files of any size without loading them.
+    with file.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return needles.hits(data)
+
+
+def _zip_hits(file: Path, needles: _Needles) -> list[str]:
+    """Hits in member names and compressed members (stored members were searched as raw bytes)."""
+    hits: list[str] = []
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                hits.extend(f"archive member name: {hit}" for hit in needles.hits(info.filename.encode()))
+                if info.compress_type == zipfile.ZIP_STORED:
+                    continue
+                if info.file_size > _MAX_MEMBER_BYTES:
+                    hits.append("compressed archive member too large to scan")
+                    continue
+                hits.extend(f"archive member: {hit}" for hit in needles.hits(archive.read(info)))
+    except (zipfile.BadZipFile, NotImplementedError, OSError):
+        hits.append("archive could not be opened for scanning")
+    return list(dict.fromkeys(hits))
+
+
+def _field(findings: list[str], needles: _Needles, where: str, key: str | None, value: object) -> None:
+    key_text = "" if key is None else str(key)
+    value_text = "" if value is None else str(value)
+    key_hits = needles.hits(key_text.encode())
+    # Only the name's position is safe to show when the name itself holds a forbidden item.
+    label = f"{where} (name withheld)" if key_hits else f"{where} {key_text!r}"
+    findings.extend(f"{label} name: {hit}" for hit in key_hits)
+    findings.extend(f"{label}: {hit}" for hit in needles.hits(value_text.encode()))
+    if needles.user and value_text.strip().casefold() == needles.user:
+        findings.append(f"{label}: OS user name")
+
+
+def _needles(forbidden: Iterable[str], forbidden_paths: Iterable[Path]) -> _Needles:
+    for argument, what in ((forbidden, "forbidden"), (forbidden_paths, "forbidden_paths")):
+        if isinstance(argument, str | bytes | PurePath):
+            raise InputError(
+                f"{what} must be a list, not a single {type(argument).__name__}; wrap it in a list"
+            )
+    strings = []
+    for number, text in enumerate(forbidden, 1):
+        text = str(text)
+        if text.strip():
+            if text.strip().isdigit() and len(text.strip()) < _MIN_NUMERIC_NEEDLE:
+                continue  # short numbers occur in every metrics file; such IDs are not evidence
+            variants = {v.encode().lower() for v in (text, text.casefold())}
+            strings.append((f"forbidden string #{number}", tuple(sorted(variants))))
+    paths = []
+    for number, path in enumerate(forbidden_paths, 1):
+        absolute = Path(path).expanduser().absolute()
+        if absolute == Path(absolute.anchor):
+            raise InputError(
+                f"forbidden path #{number} must be a folder or file, not the filesystem root; "
+                "pass the data root or the file concerned"
+            )
+        paths.append((f"forbidden path #{number}", _path_pattern(absolute)))
+    home = Path.home()
+    if home != Path(home.anchor):
+        paths.append(("home directory", _path_pattern(home)))
+    try:
+        user = getpass.getuser().strip().casefold() or None
+    except (ImportError, KeyError, OSError):
+        user = None
+    return _Needles(tuple(strings), tuple(paths), user)
+
+
+_MIN_BINARY_NEEDLE = 6
+_MIN_NUMERIC_NEEDLE = 6
+_PRINTABLE_RUN = re.compile(rb"[\x20-\x7e\t\n\r]{3,}")
+
+
+def _text_of(raw: bytes) -> bytes:
+    """The text a reader could see: the whole file if it is text, else its printable runs.
+
+    Binary files (weights, pt2 archives) are reduced to their ASCII runs of 3+ characters, like
+    `strings(1)`: identifiers in them are stored as text, and the reduction keeps the substring
+    search over a 20 MB model file cheap.
+    """
+    if b"\x00" not in raw[:8192]:
+        return raw
+    return b"\n".join(_PRINTABLE_RUN.findall(raw))
+
+
+def _path_pattern(path: Path) -> re.Pattern[bytes]:
+    forms = {str(path), path.as_posix(), urllib.parse.quote(path.as_posix())}
+    try:
+        resolved = path.resolve()
+        forms |= {str(resolved), resolved.as_posix()}
+    except OSError:
+        pass
+    # A longer name that merely starts with the path ("/home/ann" vs "/home/anna") is not a hit.
+    alternatives = b"|".join(re.escape(form.encode()) for form in sorted(forms, key=len, reverse=True))
+    return re.compile(b"(?:" + alternatives + rb")(?![\w-])", re.IGNORECASE)
+
+
+def _location_forms(location: str | None) -> set[str]:
+    if not location:
+        return set()
+    forms = {location}
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme == "file":
+        forms.add(urllib.parse.unquote(parsed.path))
+    return forms
+
+
+def _get_run(run_id: str) -> Run:
+    try:
+        return client().get_run(run_id)
+    except MlflowException as err:
+        raise InputError(
+            f"run {run_id!r} must exist in the tracking store, not be unknown; check the run id and "
+            f"MLFLOW_TRACKING_URI ({err.error_code})"
+        ) from err

@@ -1,0 +1,174 @@
+"""Model registry: versions with audit tags, the `candidate` and `champion` aliases.
+
+Aliases replace MLflow's deprecated stages. Every new version gets `candidate` and
+`audit_status=pending`; only `promote` moves `champion`, and only to a version whose bias audit
+passed (`set_audit_status(..., "passed", ...)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from medtl.errors import ConfigError, InputError
+from medtl.tracking.store import client
+from medtl.tracking.values import MAX_TAG_LENGTH, safe_key, safe_text
+
+_log = logging.getLogger(__name__)
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+AUDIT_STATUS = "audit_status"
+AUDIT_STATUSES = ("pending", "passed", "failed")
+REQUIRED_VERSION_TAGS = ("task", "encoder", "weights_origin", "strategy", "manifest_sha256")
+
+
+def register_model(
+    model_uri: str,
+    name: str,
+    tags: Mapping[str, Any],
+    metrics: Mapping[str, float] | None = None,
+) -> str:
+    """Register a logged model as a new version, tag it and point `candidate` at it.
+
+    Version tags: the given `tags` (at least task, encoder, weights_origin, strategy,
+    manifest_sha256), `metric.<name>` for each key metric, and `audit_status=pending`.
+
+    Args:
+        model_uri: From `log_torch_model`, e.g. `models:/m-...`.
+        name: Registered model name, e.g. the workflow's `tracking.registered_model`.
+        tags: Version tags; values that look like absolute paths are replaced.
+        metrics: Key metrics to copy onto the version, e.g. `{"test.auroc": 0.95}`.
+
+    Returns:
+        The new version number as a string.
+
+    Raises:
+        ConfigError: when a required tag is missing, `audit_status` is given, or the name is not
+            a plain name.
+    """
+    _check_name(name)
+    missing = [key for key in REQUIRED_VERSION_TAGS if key not in tags]
+    if missing:
+        raise ConfigError(
+            f"registry tags must include {', '.join(REQUIRED_VERSION_TAGS)}, not lack {', '.join(missing)}; "
+            "pass them from the run's config and weight record"
+        )
+    if AUDIT_STATUS in tags:
+        raise ConfigError(
+            f"registry tags must not set {AUDIT_STATUS!r}, not {AUDIT_STATUS}=...; "
+            "it starts as 'pending' and only set_audit_status changes it"
+        )
+    version_tags = {safe_key(k): safe_text(v, max_length=MAX_TAG_LENGTH) for k, v in tags.items()}
+    for key, value in (metrics or {}).items():
+        version_tags[safe_key(f"metric.{key}")] = _metric_text(key, value)
+    version_tags[AUDIT_STATUS] = "pending"
+    version = mlflow.register_model(model_uri, name, tags=version_tags)
+    client().set_registered_model_alias(name, CANDIDATE, version.version)
+    return str(version.version)
+
+
+def set_audit_status(
+    name: str, version: str | int, status: str, summary: Mapping[str, Any] | None = None
+) -> None:
+    """Record the bias audit's verdict on a version (tags `audit_status` and `audit.<key>`).
+
+    A version whose audit is not "passed" loses the `champion` alias if it held it.
+
+    Args:
+        name: Registered model name.
+        version: Version number.
+        status: "pending", "passed" or "failed".
+        summary: Short facts to keep with the verdict, e.g. `{"max_gap.sex.fnr": 0.04, "flags": 0}`.
+
+    Raises:
+        InputError: when the status is unknown or the version does not exist.
+    """
+    if status not in AUDIT_STATUSES:
+        raise InputError(
+            f"audit status must be one of {', '.join(AUDIT_STATUSES)}, not {safe_text(status)!r}; "
+            "pass the audit's verdict"
+        )
+    current = get_model_version(name, version)
+    mlflow_client = client()
+    for key, value in (summary or {}).items():
+        mlflow_client.set_model_version_tag(
+            name, current.version, safe_key(f"audit.{key}"), safe_text(value, max_length=MAX_TAG_LENGTH)
+        )
+    mlflow_client.set_model_version_tag(name, current.version, AUDIT_STATUS, status)
+    if status != "passed" and CHAMPION in (current.aliases or []):
+        mlflow_client.delete_registered_model_alias(name, CHAMPION)
+        _log.warning(
+            "model %s version %s lost the %r alias: its audit status is now %r",
+            name,
+            current.version,
+            CHAMPION,
+            status,
+        )
+
+
+def promote(name: str, version: str | int) -> None:
+    """Point the `champion` alias at a version whose bias audit passed.
+
+    Args:
+        name: Registered model name.
+        version: Version number.
+
+    Raises:
+        InputError: when the version does not exist or its `audit_status` is not "passed".
+
+    Example:
+        >>> set_audit_status("classify_2d", "3", "passed", {"flags": 0})
+        >>> promote("classify_2d", "3")  # models:/classify_2d@champion
+    """
+    current = get_model_version(name, version)
+    status = current.tags.get(AUDIT_STATUS)
+    if status != "passed":
+        shown = "missing" if status is None else repr(safe_text(status))
+        raise InputError(
+            f"model {name!r} version {current.version} audit_status must be 'passed' to promote, "
+            f"not {shown}; run the bias audit and record it with set_audit_status(..., 'passed', ...)"
+        )
+    client().set_registered_model_alias(name, CHAMPION, current.version)
+
+
+def get_model_version(name: str, version: str | int) -> ModelVersion:
+    """The registry entry of one version (with its tags and aliases).
+
+    Raises:
+        ConfigError: when the name is not a plain name.
+        InputError: when the version does not exist.
+    """
+    _check_name(name)
+    try:
+        return client().get_model_version(name, str(version))
+    except MlflowException as err:
+        raise InputError(
+            f"model {name!r} version {safe_text(version)!r} must exist in the registry, not be "
+            f"unknown; check the name and version in the MLflow UI ({err.error_code})"
+        ) from err
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name.strip() or safe_text(name) != name:
+        raise ConfigError(
+            "tracking.registered_model must be a plain name such as 'classify_2d', not empty or a path; "
+            "set it in the workflow"
+        )
+
+
+def _metric_text(key: str, value: float) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"registry metric {safe_key(str(key))!r} must be a number, not {type(value).__name__}; "
+            "pass final metrics only"
+        ) from err
+    return "nan" if math.isnan(number) else f"{number:.6g}"

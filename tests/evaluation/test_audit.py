@@ -1,0 +1,393 @@
+"""Bias audit: fairlearn cross-check, suppression, flags and pass/fail, amplification, audit.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import pytest
+from fairlearn.metrics import (
+    MetricFrame,
+    equalized_odds_difference,
+    false_negative_rate,
+    false_positive_rate,
+    true_positive_rate,
+)
+from sklearn.metrics import accuracy_score, precision_score, roc_auc_score
+
+from medtl.errors import ConfigError, InputError, LeakageError
+from medtl.evaluation.audit import BiasAudit
+from medtl.evaluation.audit_types import AuditConfig
+from medtl.evaluation.gaps import compare_gaps
+
+FAST = {"n_boot": 200, "progress": False}
+
+
+def _predictions(n_patients: int = 500, seed: int = 0, gap: float = 0.0, small_sites: bool = False):
+    """predictions.csv-like frame: 1-2 images per patient, AUROC lowered for F by `gap`.
+
+    The same seed gives the same ids, patients, labels and splits whatever `gap` is, so two
+    calls make a model and a reference predicted on one manifest.
+    """
+    rng = np.random.default_rng(seed)
+    per_patient = rng.integers(1, 3, n_patients)
+    patient = np.repeat(np.arange(n_patients), per_patient)
+    sex = rng.choice(["F", "M"], n_patients)[patient]
+    age = rng.choice(["18-39", "40-64", "65+"], n_patients)[patient]
+    site = rng.choice(["A", "B"], n_patients)[patient]
+    y = (rng.random(n_patients) < 0.4).astype(int)[patient]
+    split = np.where(rng.random(n_patients) < 0.3, "val", "test")[patient]
+    noise = rng.normal(0, 1, patient.size)
+    if small_sites:  # test-only sites: C = 10 patients x 1 image, D = 11 x 1, E = 9 patients x 2 images
+        pool = iter(p for p in range(n_patients) if per_patient[p] == 1)
+        pool2 = iter(p for p in range(n_patients) if per_patient[p] == 2)
+        for name, members in (
+            ("C", [next(pool) for _ in range(10)]),
+            ("D", [next(pool) for _ in range(11)]),
+            ("E", [next(pool2) for _ in range(9)]),
+        ):
+            for p in members:
+                site[patient == p] = name
+                split[patient == p] = "test"
+    signal = 1.4 - gap * (sex == "F")
+    score = 1 / (1 + np.exp(-(noise + signal * (2 * y - 1))))
+    if small_sites:
+        score[site == "C"] = 1 - score[site == "C"]  # terrible there: must not leak into any gap
+    df = pd.DataFrame(
+        {
+            "id": [f"row-{i:05d}" for i in range(patient.size)],
+            "split": split,
+            "y_true": y,
+            "y_score": score,
+            "y_pred": (score >= 0.5).astype(int),
+            "sex": sex,
+            "age_band": age,
+            "site": site,
+        }
+    )
+    return df, np.array([f"pseudo-{p:05d}" for p in patient], dtype=object)
+
+
+# -- fairlearn cross-check -----------------------------------------------------------------
+
+
+def test_group_estimates_and_gaps_equal_fairlearn_metricframe_and_equalized_odds():
+    df, pid = _predictions(seed=1)
+    metrics = ("auroc", "accuracy", "tpr", "fpr", "fnr", "ppv", "equalized_odds")
+    audit = BiasAudit(["sex", "age_band"], intersections=[("sex", "age_band")], gap_metrics=metrics, **FAST)
+    result = audit.run(df, pid).to_dict()
+    t = result["thresholds"]["value"]
+    test = df[df["split"] == "test"]
+    y, s = test["y_true"].to_numpy(), test["y_score"].to_numpy()
+    pred = (s >= t).astype(int)
+    hard = {
+        "accuracy": accuracy_score,
+        "tpr": true_positive_rate,
+        "fpr": false_positive_rate,
+        "fnr": false_negative_rate,
+        "ppv": partial(precision_score, zero_division=np.nan),
+    }
+    for attribute, features in (
+        ("sex", test[["sex"]]),
+        ("age_band", test[["age_band"]]),
+        ("sex&age_band", test[["sex", "age_band"]]),
+    ):
+        mf = MetricFrame(metrics=hard, y_true=y, y_pred=pred, sensitive_features=features)
+        mf_auc = MetricFrame(
+            metrics={"auroc": roc_auc_score}, y_true=y, y_pred=s, sensitive_features=features
+        )
+        by_group = mf.by_group.join(mf_auc.by_group)
+        groups = {g["group"]: g for g in result["groups"] if g["attribute"] == attribute}
+        assert len(groups) == len(by_group) and not any(g["suppressed"] for g in groups.values())
+        for key, row in by_group.iterrows():
+            name = "&".join(key) if isinstance(key, tuple) else key
+            for metric in [*hard, "auroc"]:
+                assert groups[name]["metrics"][metric]["value"] == pytest.approx(
+                    row[metric], rel=1e-12, abs=1e-15
+                )
+        gaps = {(g["metric"], g["kind"]): g["value"] for g in result["gaps"] if g["attribute"] == attribute}
+        for metric, diff in [*mf.difference().items(), *mf_auc.difference().items()]:
+            assert gaps[(metric, "difference")] == pytest.approx(diff, rel=1e-12, abs=1e-15)
+        for metric, ratio in [*mf.ratio().items(), *mf_auc.ratio().items()]:
+            assert gaps[(metric, "ratio")] == pytest.approx(ratio, rel=1e-12, abs=1e-15)
+        eod = equalized_odds_difference(y, pred, sensitive_features=features)
+        assert gaps[("equalized_odds", "difference")] == pytest.approx(eod, rel=1e-12, abs=1e-15)
+    assert result["overall"]["metrics"]["auroc"]["value"] == pytest.approx(mf_auc.overall["auroc"], rel=1e-12)
+
+
+# -- small groups --------------------------------------------------------------------------
+
+
+def test_groups_of_at_most_ten_patients_are_suppressed_and_never_shown_as_numbers():
+    df, pid = _predictions(seed=2, small_sites=True)
+    audit = BiasAudit(["site"], intersections=False, gap_metrics=("auroc",), **FAST).run(df, pid)
+    result = audit.to_dict()
+    groups = {g["group"]: g for g in result["groups"]}
+    for name, note in (("C", "suppressed, n <= 10"), ("E", "suppressed, patients <= 10")):
+        g = groups[name]
+        assert g["suppressed"] is True and g["metrics"] == {} and g["note"] == note
+        assert all(g[k] is None for k in ("n", "n_patients", "n_positive", "n_negative", "imprecise"))
+        numbers = [
+            v for k, v in g.items() if k != "note" and isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        assert numbers == []
+    assert groups["D"]["suppressed"] is False and groups["D"]["n_patients"] == 11  # 11 is reported...
+    assert groups["D"]["imprecise"] is True  # ...but labelled imprecise (< 100 positives)
+    # C (scores inverted) is excluded: the AUROC difference spans only the reported groups.
+    reported = [groups[k]["metrics"]["auroc"]["value"] for k in ("A", "B", "D")]
+    gap = next(g for g in result["gaps"] if g["metric"] == "auroc" and g["kind"] == "difference")
+    assert gap["value"] == pytest.approx(max(reported) - min(reported))
+    assert gap["worst_group"] != "C" and any("suppressed" in n for n in result["notes"])
+    frame = audit.result_.groups_frame()  # the report's tidy table keeps the row, not the numbers
+    row = frame[frame["group"] == "C"]
+    assert len(row) == 1 and row["n"].isna().all() and row["value"].isna().all()
+
+
+def test_groups_with_fewer_than_min_events_are_labelled_imprecise():
+    df, pid = _predictions(n_patients=400, seed=3)
+    result = BiasAudit(["sex"], intersections=False, **FAST).run(df, pid).to_dict()
+    for g in result["groups"]:
+        assert g["imprecise"] is (min(g["n_positive"], g["n_negative"]) < 100)
+    assert any(g["imprecise"] for g in result["groups"])
+
+
+# -- flags, multiplicity, pass/fail --------------------------------------------------------
+
+
+def test_a_large_auroc_gap_is_flagged_and_fails_the_audit():
+    df, pid = _predictions(n_patients=800, seed=4, gap=1.2)
+    audit = BiasAudit(["sex"], intersections=False, **FAST).run(df, pid)
+    gap = next(g for g in audit.to_dict()["gaps"] if g["metric"] == "auroc" and g["kind"] == "difference")
+    assert gap["flagged"] is True and gap["status"] == "flagged" and gap["ci"][0] > gap["tolerance"] == 0.05
+    assert gap["worst_group"] == "F" and gap["best_group"] == "M"
+    assert audit.result_.passed is False
+    lenient = AuditConfig(fail_on_flagged=False)
+    assert BiasAudit(["sex"], intersections=False, config=lenient, **FAST).run(df, pid).result_.passed is True
+
+
+def test_without_a_real_gap_nothing_is_flagged_and_the_audit_passes():
+    df, pid = _predictions(n_patients=800, seed=5, gap=0.0)
+    audit = BiasAudit(["sex", "age_band"], intersections=False, **FAST).run(df, pid)
+    assert audit.result_.passed is True
+    assert not any(g["flagged"] for g in audit.to_dict()["gaps"])
+
+
+def test_bonferroni_widens_tested_gap_intervals_over_the_number_of_tested_gaps():
+    df, pid = _predictions(seed=6)
+    result = BiasAudit(["sex", "age_band"], intersections=True, **FAST).run(df, pid).to_dict()
+    tested = [g for g in result["gaps"] if g["tolerance"] is not None]
+    m = result["correction"]["tested"]
+    assert m == len(tested) == 3 * 3  # auroc, fnr, equalized_odds x (sex, age_band, sex&age_band)
+    assert all(g["ci_level"] == pytest.approx(1 - 0.05 / m) for g in tested)
+    assert all(g["ci_level"] == 0.95 for g in result["gaps"] if g["tolerance"] is None)
+    plain = (
+        BiasAudit(["sex", "age_band"], config=AuditConfig(correction="none"), **FAST).run(df, pid).to_dict()
+    )
+    a = next(g for g in result["gaps"] if g["tolerance"] is not None)
+    b = next(
+        g
+        for g in plain["gaps"]
+        if (g["attribute"], g["metric"], g["kind"]) == (a["attribute"], a["metric"], a["kind"])
+    )
+    assert b["ci_level"] == 0.95 and b["ci"][1] - b["ci"][0] < a["ci"][1] - a["ci"][0]
+
+
+# -- bias amplification --------------------------------------------------------------------
+
+
+def test_paired_amplification_says_transfer_widened_a_gap_the_reference_did_not_have():
+    model, pid = _predictions(n_patients=800, seed=7, gap=1.2)
+    reference, _ = _predictions(n_patients=800, seed=7, gap=0.0)
+    audit = BiasAudit(["sex"], intersections=False, gap_metrics=("auroc",), **FAST)
+    result = audit.run(model, pid, reference_predictions=reference, reference_label="from-scratch").to_dict()
+    assert result["reference"] == {"label": "from-scratch", "paired": True}
+    amp = {a["kind"]: a for a in result["amplification"] if a["metric"] == "auroc"}
+    assert amp["difference"]["direction"] == "widened" and amp["difference"]["ci"][0] > 0
+    assert amp["ratio"]["direction"] == "widened" and amp["ratio"]["delta"] < 0  # lower ratio = wider gap
+    swapped = audit.run(reference, pid, reference_predictions=model).to_dict()
+    assert {a["direction"] for a in swapped["amplification"]} == {"narrowed"}
+
+
+def test_compare_gaps_from_two_audit_documents():
+    def doc(values):
+        return {
+            "gaps": [{"attribute": "sex", "metric": m, "kind": k, "value": v} for (m, k), v in values.items()]
+        }
+
+    model = doc(
+        {
+            ("auroc", "difference"): 0.10,
+            ("tpr", "difference"): 0.02,
+            ("fnr", "difference"): 0.050,
+            ("auroc", "ratio"): 0.80,
+        }
+    )
+    reference = doc(
+        {
+            ("auroc", "difference"): 0.04,
+            ("tpr", "difference"): 0.09,
+            ("fnr", "difference"): 0.045,
+            ("auroc", "ratio"): 0.95,
+        }
+    )
+    out = {(a["metric"], a["kind"]): a for a in compare_gaps(model, reference)}
+    assert out[("auroc", "difference")]["direction"] == "widened"
+    assert out[("auroc", "difference")]["delta"] == pytest.approx(0.06)
+    assert out[("tpr", "difference")]["direction"] == "narrowed"
+    assert out[("fnr", "difference")]["direction"] == "unchanged"  # within min_change=0.01
+    assert out[("auroc", "ratio")]["direction"] == "widened"
+    with pytest.raises(InputError, match="gaps"):
+        compare_gaps({"groups": []}, reference)
+
+
+def test_reference_audit_document_gives_unpaired_amplification():
+    df, pid = _predictions(n_patients=600, seed=8, gap=1.0)
+    champion = (
+        BiasAudit(["sex"], intersections=False, **FAST).run(_predictions(600, seed=8)[0], pid).to_dict()
+    )
+    result = (
+        BiasAudit(["sex"], intersections=False, **FAST)
+        .run(df, pid, reference_audit=champion, reference_label="champion")
+        .to_dict()
+    )
+    assert result["reference"] == {"label": "champion", "paired": False}
+    auroc = next(a for a in result["amplification"] if (a["metric"], a["kind"]) == ("auroc", "difference"))
+    assert auroc["direction"] == "widened" and "ci" not in auroc
+
+
+# -- audit.json ----------------------------------------------------------------------------
+
+
+def test_audit_json_has_the_stable_schema_and_no_identifiers():
+    df, pid = _predictions(seed=9)
+    audit = BiasAudit(["sex", "age_band"], **FAST).run(df, pid)
+    text = audit.to_json()
+    doc = json.loads(text)
+    assert {"passed", "reference", "groups", "gaps"} <= set(doc) and isinstance(doc["passed"], bool)
+    g = doc["groups"][0]
+    assert {"attribute", "group", "n", "n_patients", "suppressed", "metrics"} <= set(g)
+    assert (
+        isinstance(g["n"], int)
+        and set(g["metrics"]["auroc"]) == {"value", "ci"}
+        and len(g["metrics"]["tpr"]["ci"]) == 2
+    )
+    assert {"tpr", "fpr", "auroc"} <= set(g["metrics"])
+    assert {"sex", "age_band", "sex&age_band"} == {x["attribute"] for x in doc["groups"]}
+    assert all(
+        re.fullmatch(r"(F|M)&(18-39|40-64|65\+)", x["group"])
+        for x in doc["groups"]
+        if x["attribute"] == "sex&age_band"
+    )
+    assert {"attribute", "metric", "value", "ci", "flagged"} <= set(doc["gaps"][0])
+    assert "pseudo-" not in text and "row-" not in text  # no patient or row pseudonyms
+    assert BiasAudit(["sex", "age_band"], **FAST).run(df, pid).to_json() == text  # seeded: reproducible
+
+
+def test_validation_threshold_is_recorded_with_its_interval():
+    df, pid = _predictions(seed=10)
+    doc = (
+        BiasAudit(["sex"], intersections=False, threshold_rule="sensitivity", threshold_target=0.9, **FAST)
+        .run(df, pid)
+        .to_dict()
+    )
+    t = doc["thresholds"]
+    assert (
+        t["source"] == "validation" and t["rule"] == "sensitivity" and t["ci"][0] <= t["value"] <= t["ci"][1]
+    )
+    fixed = (
+        BiasAudit(["sex"], intersections=False, **FAST).run(df, pid, threshold=0.5).to_dict()["thresholds"]
+    )
+    assert fixed == {"source": "fixed", "rule": None, "target": None, "value": 0.5, "ci": None}
+
+
+# -- other tasks ---------------------------------------------------------------------------
+
+
+def test_multiclass_predictions_are_audited_one_vs_rest_for_the_positive_class():
+    df, pid = _predictions(seed=11)
+    rng = np.random.default_rng(0)
+    labels = np.where(df["y_true"] == 1, "covid", rng.choice(["normal", "pneumonia"], len(df)))
+    other = (1 - df["y_score"]) / 2
+    multi = df.drop(columns=["y_score"]).assign(
+        y_true=labels, y_score_covid=df["y_score"], y_score_normal=other, y_score_pneumonia=other
+    )
+    doc = BiasAudit(["sex"], intersections=False, positive_class="covid", **FAST).run(multi, pid).to_dict()
+    test = df[df["split"] == "test"]
+    f = test[test["sex"] == "F"]
+    group_f = next(g for g in doc["groups"] if g["group"] == "F")
+    assert group_f["metrics"]["auroc"]["value"] == roc_auc_score(f["y_true"], f["y_score"])
+    with pytest.raises(ConfigError, match="positive_class"):
+        BiasAudit(["sex"], **FAST).run(multi, pid)
+
+
+def test_segmentation_audit_uses_per_case_dice_means_and_gaps():
+    df, pid = _predictions(seed=12)
+    rng = np.random.default_rng(1)
+    dice = np.clip(np.where(df["sex"] == "F", 0.70, 0.85) + rng.normal(0, 0.05, len(df)), 0, 1)
+    seg = df[["id", "split", "sex"]].assign(
+        dice_1=dice, dice=dice, hd95_1=5 * (1 - dice), hd95=5 * (1 - dice)
+    )
+    seg.loc[seg.index[:3], "dice_1"] = np.nan  # undefined cases are ignored, not zeros
+    doc = (
+        BiasAudit(["sex"], intersections=False, task="segmentation", gap_metrics=("dice", "hd95"), **FAST)
+        .run(seg, pid)
+        .to_dict()
+    )
+    test = seg[seg["split"] == "test"]
+    means = test.groupby("sex")["dice"].mean()
+    group_m = next(g for g in doc["groups"] if g["group"] == "M")
+    assert group_m["metrics"]["dice"]["value"] == pytest.approx(means["M"]) and group_m["n_positive"] is None
+    gap = next(g for g in doc["gaps"] if g["metric"] == "dice" and g["kind"] == "difference")
+    assert gap["value"] == pytest.approx(means["M"] - means["F"]) and gap["flagged"] and not doc["passed"]
+    assert doc["thresholds"] is None
+
+
+# -- contract and errors -------------------------------------------------------------------
+
+
+def test_init_only_stores_arguments_and_run_validates_them():
+    audit = BiasAudit(["sex"], n_boot=-5, task="detection")
+    assert audit.n_boot == -5 and audit.task == "detection" and not hasattr(audit, "result_")
+    with pytest.raises(InputError, match="run"):
+        audit.to_json()
+    df, pid = _predictions(seed=13)
+    with pytest.raises(ConfigError, match="task"):
+        audit.run(df, pid)
+    with pytest.raises(ConfigError, match="gap metric"):
+        BiasAudit(["sex"], gap_metrics=("dice",), **FAST).run(df, pid)
+
+
+def test_audit_config_errors_name_the_bad_key():
+    with pytest.raises(ConfigError, match=r"audit\.tolerances\.aurocc.*auroc"):
+        AuditConfig(tolerances={"aurocc": 0.05})
+    with pytest.raises(ConfigError, match=r"audit\.tolerances\.fnr must be a number >= 0"):
+        AuditConfig(tolerances={"fnr": -1})
+    with pytest.raises(ConfigError, match=r"audit\.tolerance .*tolerances"):
+        AuditConfig.from_mapping({"tolerance": {"auroc": 0.05}})
+    with pytest.raises(ConfigError, match=r"audit\.correction"):
+        AuditConfig.from_mapping({"correction": "holm"})
+    cfg = AuditConfig.from_mapping({"tolerances": {"auroc": 0.03}, "alpha": 0.1})
+    assert dict(cfg.tolerances) == {"auroc": 0.03} and cfg.alpha == 0.1 and cfg.fail_on_flagged is True
+
+
+def test_patients_in_validation_and_test_are_refused():
+    df, pid = _predictions(seed=14)
+    pid = pid.copy()
+    val_row = np.flatnonzero(df["split"].to_numpy() == "val")[0]
+    pid[val_row] = pid[np.flatnonzero(df["split"].to_numpy() == "test")[0]]
+    with pytest.raises(LeakageError, match="one split only"):
+        BiasAudit(["sex"], **FAST).run(df, pid)
+
+
+def test_input_errors_name_the_column_and_never_a_patient():
+    df, pid = _predictions(seed=15)
+    with pytest.raises(InputError, match="'scanner' column"):
+        BiasAudit(["scanner"], **FAST).run(df, pid)
+    with pytest.raises(InputError, match="one entry per prediction row") as err:
+        BiasAudit(["sex"], **FAST).run(df, pid[:-3])
+    assert "pseudo-" not in str(err.value)
+    with pytest.raises(InputError, match="categorical"):
+        BiasAudit(["age"], **FAST).run(df.assign(age=np.arange(len(df))), pid)

@@ -1,0 +1,119 @@
+"""The PHI guard finds planted identifiers and paths (so it can fail) and passes a clean medtl run."""
+
+from __future__ import annotations
+
+import getpass
+import zipfile
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from medtl import tracking
+from medtl.errors import InputError
+from tests.tracking.helpers import SHA, registry_tags
+
+PATIENT = "DOE^JOHN"
+MRN = "MRN0047113"
+ORIGINAL_FILE = "IM-0001-0042.dcm"
+
+
+def _no_value_echoed(findings: list[str], *values: str) -> None:
+    text = " ".join(findings).casefold()
+    for value in values:
+        assert value.casefold() not in text
+
+
+def test_scan_finds_a_planted_string_in_a_param_and_in_an_artifact_without_echoing_it(store, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text(f"reviewed by radiologist\npatient doe^john, {MRN.lower()}\n")
+    with tracking.start_run("medtl-test") as run:
+        # Straight to MLflow on purpose: the guard reads back what is stored, whoever wrote it.
+        mlflow.log_param("comment", f"case of {PATIENT}")
+        mlflow.log_param("clean", "nothing here")
+        mlflow.log_artifact(str(notes), artifact_path="review")
+    findings = tracking.scan_run(run.info.run_id, [PATIENT, MRN], [])
+    assert "run param 'comment': forbidden string #1" in findings
+    assert "run artifact 'review/notes.txt': forbidden string #1" in findings
+    assert "run artifact 'review/notes.txt': forbidden string #2" in findings
+    assert not any("'clean'" in f for f in findings)
+    _no_value_echoed(findings, PATIENT, MRN, "doe")
+
+
+def test_scan_finds_data_paths_home_folder_and_os_user(store, tmp_path):
+    data_root = tmp_path / "raw"
+    report = tmp_path / "report.html"
+    report.write_text(f"<p>source: {Path.home() / 'exports'}</p>")
+    with tracking.start_run("medtl-test") as run:
+        mlflow.set_tag("where", str(data_root / "series1"))
+        mlflow.set_tag("operator", getpass.getuser())
+        mlflow.log_artifact(str(report))
+    findings = tracking.scan_run(run.info.run_id, [], [data_root])
+    assert "run tag 'where': forbidden path #1" in findings
+    assert "run artifact 'report.html': home directory" in findings
+    assert "run tag 'operator': OS user name" in findings
+
+
+def test_a_name_holding_a_forbidden_string_is_withheld(store, tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / f"{ORIGINAL_FILE}.txt").write_text("ok")
+    with tracking.start_run("medtl-test") as run:
+        mlflow.log_metric(f"loss_{MRN}", 1.0)
+        mlflow.log_artifacts(str(folder), artifact_path="x")
+    findings = tracking.scan_run(run.info.run_id, [MRN, ORIGINAL_FILE], [])
+    assert "run metric (name withheld) name: forbidden string #1" in findings
+    assert "run artifact #1 (file name): forbidden string #2" in findings
+    _no_value_echoed(findings, MRN, ORIGINAL_FILE)
+
+
+def test_scan_reads_compressed_zip_members(store, tmp_path):
+    archive = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("inner/notes.json", '{"who": "' + PATIENT * 20 + '"}')
+    assert PATIENT.encode() not in archive.read_bytes(), "the member must really be compressed"
+    with tracking.start_run("medtl-test") as run:
+        mlflow.log_artifact(str(archive))
+    assert tracking.scan_run(run.info.run_id, [PATIENT], []) == [
+        "run artifact 'bundle.zip': archive member: forbidden string #1"
+    ]
+
+
+def test_full_medtl_run_and_registered_version_scan_clean(store, tmp_path, tiny_model, manifest):
+    data_root = tmp_path / "hospital" / PATIENT
+    config = {
+        "data": {"root": str(data_root), "labels": str(data_root / "labels.csv"), "modalities": ["CR"]},
+        "train": {"lr": 0.001, "epochs": 1},
+    }
+    report = {"matched": ["conv.weight"], "missing": [], "source": str(data_root / "w.pth")}
+    with tracking.start_run("medtl-test", "clean", tags={"workflow": "classify_2d"}) as run:
+        tracking.log_config(config)
+        tracking.log_weights({"origin": "imagenet", "sha256": "ab" * 32, "licence": "Apache-2.0"}, report)
+        tracking.log_manifest(manifest, SHA)
+        tracking.log_epoch_metrics({"train.loss": 0.5}, 0)
+        tracking.log_final_metrics({"test.auroc": 0.8})
+        tracking.log_environment()
+        tracking.log_json({"thresholds": {"youden": 0.4}}, "evaluation/thresholds.json")
+        model_uri = tracking.log_torch_model(tiny_model, (1, 8, 8))
+    version = tracking.register_model(model_uri, "reg-clean", registry_tags(), {"test.auroc": 0.8})
+    forbidden = [PATIENT, MRN, ORIGINAL_FILE]
+    # The venv and the test folder: torch.export would have stored both in the model's stack traces.
+    paths = [data_root, Path(torch.__file__).parents[2], Path(__file__).parent]
+    assert tracking.scan_run(run.info.run_id, forbidden, paths) == []
+    assert tracking.scan_registered_version("reg-clean", version, forbidden, paths) == []
+
+    mlflow.MlflowClient().set_model_version_tag("reg-clean", version, "note", f"from {data_root}")
+    assert tracking.scan_registered_version("reg-clean", version, forbidden, paths) == [
+        "model version tag 'note': forbidden string #1",
+        "model version tag 'note': forbidden path #1",
+    ]
+
+
+def test_a_single_string_instead_of_a_list_is_refused(store):
+    with tracking.start_run("medtl-test") as run:
+        pass
+    with pytest.raises(InputError, match="forbidden must be a list"):
+        tracking.scan_run(run.info.run_id, PATIENT, [])
+    with pytest.raises(InputError, match="not the filesystem root"):
+        tracking.scan_run(run.info.run_id, [], [Path("/")])
