@@ -77,9 +77,33 @@ def _cmd_manifest_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from medtl.workflow import run_demo
+    from medtl.demo import run_demo
 
-    run_demo(Path(args.output), patients=args.patients, seed=args.seed, progress=not args.quiet)
+    run_demo(Path(args.output), patients=args.patients, seed=args.seed, progress=not args.quiet,
+             overrides=args.set)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from medtl.config import load_config
+    from medtl.run import run_workflow
+
+    cfg = load_config(Path(args.workflow), args.set)
+    output = Path(args.output or Path("outputs") / cfg.name)
+    out = run_workflow(cfg, output, resume=args.resume, progress=not args.quiet)
+    test = ", ".join(f"{k} {v:.3f}" for k, v in out.metrics["test"].items() if isinstance(v, float))
+    print(f"run {out.run_id}: test {test}")
+    print(f"audit {'passed' if out.audit_passed else 'FAILED'}; registered {out.model_name} v{out.model_version}")
+    print(f"outputs in {out.output_dir} (metrics.json, predictions.csv, audit.json, report.html)")
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from medtl.tracking import registry, store
+
+    store.tracking_uri()
+    registry.promote(args.name, args.version)
+    print(f"{args.name} version {args.version} is now @champion")
     return 0
 
 
@@ -124,9 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job end to end on synthetic demo studies")
     d.add_argument("--output", default="demo_output", help="output folder (default demo_output)")
-    d.add_argument("--patients", type=int, default=200, help="number of synthetic patients (default 200)")
+    d.add_argument("--patients", type=int, default=400, help="number of synthetic patients (default 400)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     d.set_defaults(func=_cmd_demo)
+
+    r = sub.add_parser("run", help="run a workflow: manifest -> train -> evaluate -> audit -> MLflow -> report")
+    r.add_argument("workflow", help="workflow YAML, e.g. workflows/classify_2d.yaml")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in dotted form, e.g. --set train.epochs=3 (repeatable)")
+    r.add_argument("--output", help="output folder (default outputs/<workflow name>)")
+    r.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
+    r.set_defaults(func=_cmd_run)
+
+    reg = sub.add_parser("registry", help="model registry actions")
+    rsub = reg.add_subparsers(dest="registry_command", metavar="ACTION")
+    pr = rsub.add_parser("promote", help="give a version the alias champion (its audit must have passed)")
+    pr.add_argument("name", help="registered model name")
+    pr.add_argument("version", help="version number")
+    pr.set_defaults(func=_cmd_promote)
     return parser
 
 

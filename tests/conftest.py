@@ -25,5 +25,6 @@ def _isolated_medtl_config(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MEDTL_CONFIG_DIR", str(cfg))
     monkeypatch.delenv("MEDTL_KEY_FILE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     yield

@@ -105,6 +105,9 @@ class ManifestResult:
     split_rows: dict[str, int]
     k_anonymity: int | None
     warnings: tuple[str, ...]
+    # Identifying value -> kind, in memory only, so later steps (MLflow, report) can be scanned
+    # for the same values; never written, never shown in repr.
+    forbidden: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -439,7 +442,7 @@ def build_manifest(
         key_created=key.created, key_message=key_created_message(key), rows=len(table),
         patients=int(table["patient"].nunique()), counts=sidecar["counts"],
         split_rows={s: int((table["split"] == s).sum()) for s in SPLITS},
-        k_anonymity=sidecar["k_anonymity"]["k"], warnings=tuple(messages),
+        k_anonymity=sidecar["k_anonymity"]["k"], warnings=tuple(messages), forbidden=forbidden,
     )
 
 

