@@ -7,6 +7,8 @@ patient identifier, an original file name or a DICOM header value.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,8 +53,6 @@ def _cmd_manifest_build(args: argparse.Namespace) -> int:
     )
     if result.key_message:
         print(result.key_message)
-    for warning in result.warnings:
-        print(f"warning: {warning}")
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     splits = ", ".join(f"{k} {v}" for k, v in result.split_rows.items())
     print(f"manifest: {result.manifest_csv} ({result.rows} rows, {result.patients} patients; splits: {splits})")
@@ -95,6 +95,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"run {out.run_id}: test {test}")
     print(f"audit {'passed' if out.audit_passed else 'FAILED'}; registered {out.model_name} v{out.model_version}")
     print(f"outputs in {out.output_dir} (metrics.json, predictions.csv, audit.json, report.html)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from medtl.run import rerender_report
+
+    path = rerender_report(args.run_id, Path(args.output or f"report-{args.run_id[:8]}.html"), pdf=args.pdf)
+    print(f"report written to {path}" + (f" and {path.with_suffix('.pdf')}" if args.pdf else ""))
     return 0
 
 
@@ -161,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
     r.set_defaults(func=_cmd_run)
 
+    rep = sub.add_parser("report", help="render the audited evaluation report of an MLflow run again")
+    rep.add_argument("run_id", help="MLflow run id (printed by `medtl run`)")
+    rep.add_argument("--output", help="HTML file to write (default report-<run id>.html)")
+    rep.add_argument("--pdf", action="store_true", help="also print a PDF with headless Chromium")
+    rep.set_defaults(func=_cmd_report)
+
     reg = sub.add_parser("registry", help="model registry actions")
     rsub = reg.add_subparsers(dest="registry_command", metavar="ACTION")
     pr = rsub.add_parser("promote", help="give a version the alias champion (its audit must have passed)")
@@ -172,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `medtl` console script."""
+    # MLflow 3 sends usage telemetry unless told not to; hospital machines must not phone home.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.basicConfig(level=logging.WARNING, format="medtl: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -249,6 +249,8 @@ def validate(cfg: WorkflowConfig) -> WorkflowConfig:
             f"config key 'data.image_size' must have {cfg.model.spatial_dims} values for "
             f"model.spatial_dims={cfg.model.spatial_dims}, not {list(cfg.data.image_size)}"
         )
+    if cfg.evaluation.n_boot < 100:
+        raise ConfigError(f"config key 'evaluation.n_boot' must be at least 100 (2000 recommended), not {cfg.evaluation.n_boot}")
     if cfg.train.epochs < 1:
         raise ConfigError(f"config key 'train.epochs' must be at least 1, not {cfg.train.epochs}")
     if abs(sum(cfg.data.fractions) - 1.0) > 1e-6 or len(cfg.data.fractions) != 3:

@@ -141,3 +141,41 @@ def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, au
         ),
         audit=audit,
     )
+
+
+def inputs_to_json(inputs: ReportInputs) -> str:
+    """Serialise report inputs (aggregates only) so `medtl report RUN_ID` can re-render later."""
+    import json
+
+    return json.dumps(dataclasses.asdict(inputs), default=_jsonable, sort_keys=True)
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    return str(value)
+
+
+def inputs_from_json(text: str) -> ReportInputs:
+    """The inverse of `inputs_to_json`."""
+    import json
+
+    raw = json.loads(text)
+    return ReportInputs(
+        identification=Identification(**raw["identification"]),
+        data=DataProvenance(**raw["data"]),
+        model=ModelTransfer(**raw["model"]),
+        methods=EvaluationMethods(**raw["methods"]),
+        results=Results(**raw["results"]),
+        audit=raw["audit"],
+        amplification=raw.get("amplification"),
+        limitations=tuple(raw.get("limitations") or ()),
+        transfer_benefit=raw.get("transfer_benefit"),
+        transfer_benefit_metric=raw.get("transfer_benefit_metric", "auroc"),
+    )

@@ -25,7 +25,7 @@ from medtl.evaluation.bootstrap import bootstrap_binary
 from medtl.evaluation.metrics import choose_threshold, classification_report_data, multiclass_metrics
 from medtl.evaluation.report import render_report
 from medtl.evaluation.segmentation import segmentation_case_metrics
-from medtl.report_inputs import build_report_inputs
+from medtl.report_inputs import build_report_inputs, inputs_from_json, inputs_to_json
 from medtl.tracking import phi_guard, registry, run_records, store
 from medtl.tracking.torch_model import log_torch_model
 from medtl.workflow import (
@@ -262,7 +262,9 @@ def run_workflow(
                                      model_version=version, code_version=__version__)
         report_path = output_dir / "report.html"
         digest = render_report(inputs, report_path)
+        (output_dir / "report_inputs.json").write_text(inputs_to_json(inputs))
         run_records.log_artifact(report_path)
+        run_records.log_artifact(output_dir / "report_inputs.json")
         store.client().set_tag(run_id, "medtl.report_sha256", digest)
         if version:
             store.client().set_model_version_tag(name, version, "report_sha256", digest)
@@ -281,4 +283,35 @@ def run_workflow(
                       model_name=name, model_version=version, report_path=report_path)
 
 
-__all__ = ["RunOutputs", "PHILeakError", "evaluate", "run_audit", "run_workflow", "TrainedModel"]
+def rerender_report(run_id: str, out_path: Path, *, pdf: bool = False) -> Path:
+    """Render the report of an MLflow run again from its `report_inputs.json` artifact.
+
+    Raises:
+        InputError: when the run has no report inputs (it was not made by `medtl run`).
+    """
+    import tempfile
+
+    import mlflow
+
+    from medtl.errors import InputError
+    from medtl.evaluation.report import write_pdf
+
+    store.tracking_uri()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report_inputs.json", dst_path=tmp)
+        except Exception as err:  # noqa: BLE001 - MLflow raises several kinds for a missing run/artifact
+            raise InputError(
+                f"run {run_id} must have a report_inputs.json artifact (written by `medtl run`); "
+                f"check the run id in the MLflow UI ({type(err).__name__})"
+            ) from err
+        inputs = inputs_from_json(Path(local).read_text())
+    out_path = Path(out_path)
+    render_report(inputs, out_path)
+    if pdf:
+        write_pdf(out_path, out_path.with_suffix(".pdf"))
+    return out_path
+
+
+__all__ = [
+    "rerender_report","RunOutputs", "PHILeakError", "evaluate", "run_audit", "run_workflow", "TrainedModel"]

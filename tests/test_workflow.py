@@ -1,0 +1,119 @@
+"""The main job end to end: demo studies -> manifest -> fine-tune -> audit -> MLflow -> report.
+
+One small real run (tiny images, one epoch) checks the stable outputs (metrics.json,
+predictions.csv, audit.json, registry tags and aliases) and that nothing identifying from the
+demo studies — fake PHI or the data folder's absolute path — reached MLflow or the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medtl.cli import main
+from medtl.data.demo import write_demo_data
+from medtl.demo import run_demo
+from medtl.errors import InputError
+from medtl.tracking import phi_guard, registry, store
+
+TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    import os
+
+    old = Path.cwd()
+    os.chdir(work)  # the embedded MLflow store is ./mlruns of the working directory
+    try:
+        outputs = run_demo(work / "out", patients=48, seed=0, progress=False, overrides=TINY)
+        phi = write_demo_data(work / "twin", patients=48, seed=0, progress=False).phi_strings
+        yield work, outputs, phi
+    finally:
+        os.chdir(old)
+
+
+@pytest.mark.slow
+def test_demo_run_writes_the_stable_outputs(demo_run):
+    work, outputs, _ = demo_run
+    metrics = json.loads((outputs.output_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["auroc"] <= 1.0
+    assert metrics["run_id"] == outputs.run_id
+    assert {"train_seconds", "manifest_seconds"} <= set(metrics["timings"])
+    predictions = pd.read_csv(outputs.output_dir / "predictions.csv")
+    assert list(predictions.columns) == ["id", "split", "y_true", "y_score", "y_pred", "sex", "age_band", "site", "scanner"]
+    assert set(predictions["split"]) == {"val", "test"}
+    assert predictions["id"].str.startswith("R-").all()
+    audit = json.loads((outputs.output_dir / "audit.json").read_text())
+    assert isinstance(audit["passed"], bool) and audit["groups"] and "gaps" in audit
+    assert (work / "mlruns" / "mlflow.db").is_file()
+    assert (outputs.output_dir / "report.html").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_demo_run_is_registered_with_the_documented_tags(demo_run):
+    work, outputs, _ = demo_run
+    import os
+
+    os.chdir(work)
+    store.tracking_uri()
+    version = registry.get_model_version(outputs.model_name, outputs.model_version)
+    for tag in ("task", "encoder", "weights_origin", "strategy", "manifest_sha256", "audit_status", "report_sha256"):
+        assert tag in version.tags, tag
+    assert version.tags["audit_status"] in ("passed", "failed")
+    aliases = store.client().get_registered_model(outputs.model_name).aliases
+    assert str(aliases.get("candidate")) == outputs.model_version
+
+
+@pytest.mark.slow
+def test_nothing_identifying_reaches_mlflow_or_the_outputs(demo_run):
+    work, outputs, phi = demo_run
+    import os
+
+    os.chdir(work)
+    store.tracking_uri()
+    data_root = (work / "out" / "demo_data").resolve()
+    assert phi, "the demo must carry fake PHI for this test to mean anything"
+    assert phi_guard.scan_run(outputs.run_id, sorted(phi), [data_root]) == []
+    assert phi_guard.scan_registered_version(outputs.model_name, outputs.model_version, sorted(phi), [data_root]) == []
+    texts = {p.name: p.read_text(errors="ignore").lower() for p in outputs.output_dir.glob("*") if p.is_file()}
+    for manifest in (work / "out" / "data_manifests").glob("*"):
+        texts[manifest.name] = manifest.read_text().lower()
+    long_phi = [s for s in phi if len(s) >= 6]
+    for name, text in texts.items():
+        assert str(data_root).lower() not in text, name
+        leaked = [s for s in long_phi if s.lower() in text]
+        assert not leaked, f"{name} holds {len(leaked)} fake identifiers"
+
+
+@pytest.mark.slow
+def test_promote_requires_a_passed_audit(demo_run, capsys):
+    work, outputs, _ = demo_run
+    import os
+
+    os.chdir(work)
+    store.tracking_uri()
+    registry.set_audit_status(outputs.model_name, outputs.model_version, "failed", {"reason": "test"})
+    assert main(["registry", "promote", outputs.model_name, outputs.model_version]) == 2
+    assert "audit" in capsys.readouterr().err
+    with pytest.raises(InputError):
+        registry.promote(outputs.model_name, outputs.model_version)
+    registry.set_audit_status(outputs.model_name, outputs.model_version, "passed", {"reason": "test"})
+    assert main(["registry", "promote", outputs.model_name, outputs.model_version]) == 0
+    aliases = store.client().get_registered_model(outputs.model_name).aliases
+    assert str(aliases.get("champion")) == outputs.model_version
+
+
+@pytest.mark.slow
+def test_report_rerenders_from_the_run(demo_run, tmp_path):
+    work, outputs, _ = demo_run
+    import os
+
+    os.chdir(work)
+    assert main(["report", outputs.run_id, "--output", str(tmp_path / "again.html")]) == 0
+    html = (tmp_path / "again.html").read_text()
+    assert 'id="subgroups"' in html and outputs.run_id in html
