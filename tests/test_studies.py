@@ -162,7 +162,7 @@ def test_transfer_benefit_study_on_demo_data_writes_json_plot_and_nested_mlflow_
     monkeypatch.chdir(tmp_path)  # the default MLflow store is ./mlruns of the working directory
     demo = write_demo_data(tmp_path / "demo", patients=60, seed=0, progress=False)
     cfg = load_config(None, [
-        f"data.root={demo.root}", f"data.labels={demo.labels_csv}", "data.image_size=[32,32]",
+        f"data.root={demo.root}", f"data.labels={demo.labels_csv}", "data.image_size=[64,64]",
         "data.augment=false", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100",
         "audit.attributes=[sex]", "audit.intersections=false", "audit.min_group_size=2",
         "tracking.experiment=tb-test",

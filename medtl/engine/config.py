@@ -82,6 +82,10 @@ class TrainConfig:
         deterministic: deterministic algorithms and cuDNN; needed for bit-exact resume.
         seed: base seed (the process rank is added, the epoch seeds shuffling).
         num_workers: DataLoader worker processes per process.
+        num_threads: CPU intra-op threads; None = OMP_NUM_THREADS when set, else measured by
+            `runtime.pick_cpu_threads` (at the start of every epoch, or once per run when
+            `deterministic`, since float reductions depend on the thread count; a resumed
+            deterministic run reuses the count of the run it resumes).
         balance: "none", "sampler" (WeightedRandomSampler from label counts) or "loss" (the
             caller builds its loss with `class_weights(train_ds)`; the engine samples plainly).
         grad_clip: clip the global gradient norm to this value; None = no clipping.
@@ -114,6 +118,7 @@ class TrainConfig:
     deterministic: bool = False
     seed: int = 0
     num_workers: int = 2
+    num_threads: int | None = None
     balance: str = "none"
     grad_clip: float | None = None
     drop_last: bool = True
@@ -145,6 +150,8 @@ class TrainConfig:
         _choice("amp", self.amp, AMP_MODES)
         _positive("seed", self.seed, allow_zero=True)
         _positive("num_workers", self.num_workers, allow_zero=True)
+        if self.num_threads is not None:
+            _positive("num_threads", self.num_threads)
         _choice("balance", self.balance, BALANCE_MODES)
         if self.grad_clip is not None:
             _positive("grad_clip", self.grad_clip, integer=False)
@@ -184,7 +191,7 @@ class FitResult:
     Attributes:
         history: one record per epoch run (0-based "epoch", "train_loss", "val_loss", the
             validation metrics, "lr" (first group; "lr_<name>" per group when there are several),
-            "epoch_seconds", "train_seconds", "samples_per_s").
+            "epoch_seconds", "train_seconds", "samples_per_s", "num_threads" (CPU intra-op threads).
         best_epoch: epoch whose weights were kept.
         best_metric: value of `monitor` at `best_epoch`.
         monitor: name of the monitored metric.

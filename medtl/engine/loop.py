@@ -36,12 +36,15 @@ from medtl.engine.optim import build_optimizer, build_scheduler, default_param_g
 from medtl.engine.runtime import (
     DistInfo,
     all_reduce_sum,
+    auto_cpu_threads,
     barrier,
     broadcast_from_main,
     configure_determinism,
+    cpu_share,
     device_setup,
     gather_to_main,
     init_distributed,
+    pick_cpu_threads,
     resolve_amp,
     seed_everything,
 )
@@ -156,6 +159,14 @@ def fit(
     state = RunState()
     if resume:
         state = resume_run(folder / LAST_NAME, model, trainers, cfg, rt.info, manifest_sha256)  # type: ignore[operator]
+    # Threads measured per epoch unless the run must be reproducible: then once, and a resumed run
+    # keeps the count of the run it resumes (float reductions depend on it).
+    retune_threads = rt.device.type == "cpu" and cfg.num_threads is None and auto_cpu_threads()
+    if retune_threads and cfg.deterministic:
+        retune_threads = False
+        if state.history and "num_threads" in state.history[-1]:
+            torch.set_num_threads(int(state.history[-1]["num_threads"]))
+    first_epoch = state.next_epoch
     best_in_memory: dict[str, torch.Tensor] | None = None
     net, trainable = None, None
     epochs_bar = tqdm(
@@ -168,6 +179,8 @@ def fit(
     for epoch in range(state.next_epoch, cfg.epochs):
         if state.stopped_early:
             break
+        if retune_threads and epoch > first_epoch:  # the first epoch uses the count `_setup` measured
+            pick_cpu_threads(cpu_share(rt.info))
         started = time.perf_counter()
         model.train()
         if plan is not None:
@@ -206,6 +219,7 @@ def fit(
             "epoch_seconds": time.perf_counter() - started,
             "train_seconds": train_seconds,
             "samples_per_s": seen / max(train_seconds, 1e-9),
+            "num_threads": float(torch.get_num_threads()),
         }
         record = broadcast_from_main(record, rt.info)  # one set of timings, so every rank decides alike
         improved = _update_state(state, record, cfg)
@@ -229,7 +243,7 @@ def fit(
 
 def _setup(model: torch.nn.Module, train_ds: Dataset, cfg: TrainConfig) -> _Runtime:
     info = init_distributed()
-    device = device_setup(info)
+    device = device_setup(info, num_threads=cfg.num_threads)
     configure_determinism(cfg.deterministic, compiled=cfg.compile)
     seed_everything(cfg.seed + info.rank)
     amp_dtype = resolve_amp(cfg.amp, device)
@@ -244,7 +258,10 @@ def _setup(model: torch.nn.Module, train_ds: Dataset, cfg: TrainConfig) -> _Runt
         # Replaces BatchNorm children in place, so the caller's model object is the one trained.
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if info.is_main:
-        log.info("training on %s (world size %d), amp=%s", device, info.world_size, amp_dtype)
+        log.info(
+            "training on %s (world size %d, %d CPU threads), amp=%s",
+            device, info.world_size, torch.get_num_threads(), amp_dtype,
+        )
     return _Runtime(info, device, amp_dtype, memory_format)
 
 

@@ -117,3 +117,23 @@ def test_a_single_string_instead_of_a_list_is_refused(store):
         tracking.scan_run(run.info.run_id, PATIENT, [])
     with pytest.raises(InputError, match="not the filesystem root"):
         tracking.scan_run(run.info.run_id, [], [Path("/")])
+
+
+def test_short_name_parts_match_as_whole_words_and_base64_plots_are_not_text(store, tmp_path):
+    # "WEI" (from "HUANG^WEI") is in "weights" and, by chance, in base64 image data: neither is a
+    # finding; the name itself as a word is. Binary files only match needles of 6+ characters.
+    page = tmp_path / "report.html"
+    page.write_text('<img src="data:image/png;base64,QUJDd2VpWFla+wei/AAAA"><p>weights: imagenet</p>')
+    named = tmp_path / "named.txt"
+    named.write_text("reader: huang, wei\n")
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\x00\x01WEI\x02\x00" + b"\x00MRN0047113\x00")
+    with tracking.start_run("medtl-test") as run:
+        mlflow.log_param("model.weights", "imagenet")
+        for path in (page, named, weights):
+            mlflow.log_artifact(str(path))
+    findings = tracking.scan_run(run.info.run_id, ["WEI", MRN], [])
+    assert "run artifact 'named.txt': forbidden string #1" in findings
+    assert "run artifact 'weights.bin': forbidden string #2" in findings
+    assert not any("report.html" in f or "model.weights" in f for f in findings)
+    assert not any("weights.bin': forbidden string #1" in f for f in findings)
