@@ -91,6 +91,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(Path(args.workflow), args.set)
     output = Path(args.output or Path("outputs") / cfg.name)
     out = run_workflow(cfg, output, resume=args.resume, progress=not args.quiet)
+    if not out.run_id:  # a non-zero torchrun rank: rank 0 reports
+        return 0
     test = ", ".join(f"{k} {v:.3f}" for k, v in out.metrics["test"].items() if isinstance(v, float))
     print(f"run {out.run_id}: test {test}")
     print(f"audit {'passed' if out.audit_passed else 'FAILED'}; registered {out.model_name} v{out.model_version}")

@@ -7,6 +7,7 @@ audit verdict on the version -> HTML report -> PHI scan of everything the run lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ import pandas as pd
 
 from medtl import __version__
 from medtl.config import WorkflowConfig
+from medtl.engine.runtime import barrier, cleanup_distributed, init_distributed
 from medtl.errors import MedtlError
 from medtl.evaluation.audit import BiasAudit
 from medtl.evaluation.audit_types import AuditConfig
@@ -200,10 +202,25 @@ def run_workflow(
     output_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    data = prepare_data(cfg, output_dir, progress=progress)
+    # Under torchrun every rank runs this function: rank 0 builds the manifest, owns the MLflow
+    # run and evaluates; the others read the manifest it wrote and only join training (DDP).
+    dist_info = init_distributed()
+    main_rank = dist_info.rank == 0
+    if main_rank:
+        data = prepare_data(cfg, output_dir, progress=progress)
+    barrier(dist_info)
+    if not main_rank:
+        built = cfg.data.manifest or cfg.data.manifest_out or str(output_dir / "manifest.csv")
+        data = prepare_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=built)),
+                            output_dir, progress=False)
     timings["manifest_seconds"] = time.perf_counter() - start
     store.tracking_uri()
     name = cfg.tracking.registered_model or cfg.name
+    if not main_rank:
+        train_model(cfg, data, output_dir=output_dir, resume=resume, progress=False)
+        cleanup_distributed()
+        return RunOutputs(run_id="", output_dir=output_dir, metrics={}, audit_passed=None,
+                          model_name=name, model_version="", report_path=None)
     with store.start_run(cfg.tracking.experiment, run_name=cfg.name, tags={"medtl.workflow": cfg.name}) as run:
         run_id = run.info.run_id
         run_records.log_config(config_dict(cfg))
@@ -214,6 +231,7 @@ def run_workflow(
             on_epoch_end=lambda epoch, record: run_records.log_epoch_metrics(
                 {k: v for k, v in record.items() if k != "epoch"}, epoch),
         )
+        cleanup_distributed()
         timings["train_seconds"] = float(trained.fit.total_train_seconds)
         timings["time_to_best_seconds"] = float(trained.fit.time_to_best_seconds)
         bundle = trained.bundle
