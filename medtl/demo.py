@@ -30,6 +30,14 @@ DEMO_WORKFLOW = {
 }
 
 
+def _gap_site(cfg, summary) -> str:
+    """The manifest's code of the demo site with the planted gap (never its fake name)."""
+    from medtl.data.privacy import load_key, site_code
+
+    key = load_key(cfg.data.key_file or None)
+    return site_code(key, summary.gap_institution)
+
+
 def run_demo(output: Path, *, patients: int = 400, seed: int = 0, progress: bool = True,
              overrides: list[str] | None = None):
     """Run the demo end to end and print a short summary; returns the `RunOutputs`."""
@@ -64,7 +72,8 @@ def run_demo(output: Path, *, patients: int = 400, seed: int = 0, progress: bool
     print(f"  test AUROC {test.get('auroc', float('nan')):.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}), "
           f"accuracy {test.get('accuracy', float('nan')):.3f}")
     print(f"  audit: {'PASSED' if outputs.audit_passed else 'FAILED (flagged subgroup gaps, see the report)'}")
-    print(f"  planted gap: {summary.planted_gap}")
+    print(f"  planted gap: the radiographs of site {_gap_site(cfg, summary)} show the finding fainter "
+          "(docs/demo_data.md); the audit should flag that site and no sex or age group")
     print(f"  MLflow run {outputs.run_id}; registered model '{outputs.model_name}' version "
           f"{outputs.model_version} (alias candidate)")
     print(f"  outputs: {outputs.output_dir}/metrics.json, predictions.csv, audit.json")

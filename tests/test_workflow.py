@@ -7,7 +7,10 @@ demo studies — fake PHI or the data folder's absolute path — reached MLflow 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -29,10 +32,13 @@ def demo_run(tmp_path_factory):
 
     old = Path.cwd()
     os.chdir(work)  # the embedded MLflow store is ./mlruns of the working directory
+    printed = io.StringIO()
     try:
-        outputs = run_demo(work / "out", patients=48, seed=0, progress=False, overrides=TINY)
-        phi = write_demo_data(work / "twin", patients=48, seed=0, progress=False).phi_strings
-        yield work, outputs, phi
+        with contextlib.redirect_stdout(printed):
+            outputs = run_demo(work / "out", patients=48, seed=0, progress=False, overrides=TINY)
+        twin = write_demo_data(work / "twin", patients=48, seed=0, progress=False)
+        (work / "printed.txt").write_text(printed.getvalue())
+        yield work, outputs, twin.phi_strings | {f"date:{d}" for d in twin.phi_dates}
     finally:
         os.chdir(old)
 
@@ -77,16 +83,22 @@ def test_nothing_identifying_reaches_mlflow_or_the_outputs(demo_run):
     os.chdir(work)
     store.tracking_uri()
     data_root = (work / "out" / "demo_data").resolve()
-    assert phi, "the demo must carry fake PHI for this test to mean anything"
-    assert phi_guard.scan_run(outputs.run_id, sorted(phi), [data_root]) == []
-    assert phi_guard.scan_registered_version(outputs.model_name, outputs.model_version, sorted(phi), [data_root]) == []
+    strings = sorted(s for s in phi if not s.startswith("date:"))
+    dates = sorted(s.removeprefix("date:") for s in phi if s.startswith("date:"))
+    assert strings and dates, "the demo must carry fake PHI for this test to mean anything"
+    assert phi_guard.scan_run(outputs.run_id, strings, [data_root]) == []
+    assert phi_guard.scan_registered_version(outputs.model_name, outputs.model_version, strings, [data_root]) == []
     texts = {p.name: p.read_text(errors="ignore").lower() for p in outputs.output_dir.glob("*") if p.is_file()}
     for manifest in (work / "out" / "data_manifests").glob("*"):
         texts[manifest.name] = manifest.read_text().lower()
-    long_phi = [s for s in phi if len(s) >= 6]
+    texts["stdout"] = (work / "printed.txt").read_text().lower()
     for name, text in texts.items():
-        assert str(data_root).lower() not in text, name
-        leaked = [s for s in long_phi if s.lower() in text]
+        if name != "stdout":  # the console may name the folders the user chose; files never do
+            assert str(data_root).lower() not in text, name
+        # Long values as substrings; short ones and dates as whole tokens (they occur inside hex).
+        leaked = [s for s in strings if len(s) >= 6 and s.lower() in text]
+        leaked += [s for s in strings + dates if len(s) < 6 or s in dates
+                   if re.search(rf"(?<![0-9a-z]){re.escape(s.lower())}(?![0-9a-z])", text)]
         assert not leaked, f"{name} holds {len(leaked)} fake identifiers"
 
 

@@ -369,16 +369,20 @@ def _base_dataset(study: _StudyPlan, rng: np.random.Generator, modality: str, so
 
 @dataclass(frozen=True)
 class _Opacity:
-    """How a finding and the noise look on one kind of film (ranges are sampled uniformly)."""
+    """How a finding, its mimics and the noise look on one kind of film (ranges sampled uniformly)."""
 
     amplitude: tuple[float, float]  # added attenuation at the blob centre (lung field is ~0.25)
     sigma_px: tuple[float, float]  # Gaussian width in pixels of the 128 px image
     white_noise: float
-    mottle: float  # std of spatially correlated noise (sigma 2 px), the size of a small opacity
+    mottle: float  # std of spatially correlated noise (sigma 2 px)
+    mimics: tuple[float, ...] = (1.0,)  # probability of 0, 1, 2, ... opacity-like blobs in any image
 
 
-FIXED_ROOM = _Opacity(amplitude=(0.13, 0.22), sigma_px=(4.5, 8.0), white_noise=0.012, mottle=0.0)
-PORTABLE = _Opacity(amplitude=(0.065, 0.115), sigma_px=(3.0, 5.0), white_noise=0.024, mottle=0.016)
+FIXED_ROOM = _Opacity(amplitude=(0.15, 0.25), sigma_px=(5.0, 8.5), white_noise=0.012, mottle=0.0)
+# Bedside films: electrodes, lines and skin folds over the lungs look like small opacities
+# (same size and contrast as the finding, in either class) and the finding itself is fainter.
+PORTABLE = _Opacity(amplitude=(0.08, 0.14), sigma_px=(3.5, 6.0), white_noise=0.018, mottle=0.005,
+                    mimics=(0.3, 0.4, 0.3))
 
 
 def _blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: float, power: float = 2.0,
@@ -424,13 +428,9 @@ def chest_attenuation(rng: np.random.Generator, *, finding: bool, portable: bool
     img = 0.04 + body * (0.5 + 0.04 * (1 - y) + 0.12 * spine - 0.1 * trachea + 0.1 * clavicles)
     img += lung * (0.05 * ribs - rng.uniform(0.26, 0.32))
     look = PORTABLE if portable else FIXED_ROOM
-    if finding:
-        for _ in range(50):  # a point well inside a lung field, not behind the heart
-            lx, ly, ax, ay = fields[int(rng.integers(2))]
-            ang, rad = rng.uniform(0, 2 * np.pi), 0.7 * np.sqrt(rng.uniform(0, 1))
-            fx, fy = lx + rad * ax * np.cos(ang), ly + rad * ay * np.sin(ang)
-            if lung[int(fy * XR_SIZE), int(fx * XR_SIZE)] > 0.9:
-                break
+    n_blobs = int(rng.choice(len(look.mimics), p=look.mimics)) + finding
+    for _ in range(n_blobs):
+        fx, fy = _lung_point(rng, fields, lung)
         amp, sigma = rng.uniform(*look.amplitude), rng.uniform(*look.sigma_px)
         img += amp * np.exp(-(((x - fx) ** 2 + (y - fy) ** 2) * XR_SIZE**2) / (2 * sigma**2))
     noise = rng.normal(0, look.white_noise, img.shape)
@@ -438,6 +438,18 @@ def chest_attenuation(rng: np.random.Generator, *, finding: bool, portable: bool
         # Gaussian blur of white noise with sigma 2 px keeps 1/(4*sqrt(pi)) of its std.
         noise += gaussian(rng.normal(0, look.mottle * 4 * np.sqrt(np.pi), img.shape), sigma=2.0)
     return np.clip(img + noise, 0.0, 1.0)
+
+
+def _lung_point(rng: np.random.Generator, fields: list[tuple[float, float, float, float]],
+                lung: np.ndarray) -> tuple[float, float]:
+    """A point well inside a lung field, not behind the heart (x, y as fractions of the image)."""
+    for _ in range(50):
+        lx, ly, ax, ay = fields[int(rng.integers(len(fields)))]
+        ang, rad = rng.uniform(0, 2 * np.pi), 0.7 * np.sqrt(rng.uniform(0, 1))
+        fx, fy = lx + rad * ax * np.cos(ang), ly + rad * ay * np.sin(ang)
+        if lung[int(fy * XR_SIZE), int(fx * XR_SIZE)] > 0.9:
+            break
+    return fx, fy
 
 
 def _write_radiograph(root: Path, folder: Path, study_uid: str, study: _StudyPlan, rng: np.random.Generator,

@@ -18,8 +18,10 @@ when a name itself contains a forbidden item it is replaced by its position.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import mmap
+import os
 import re
 import tempfile
 import urllib.parse
@@ -181,7 +183,8 @@ def _scan_run(run: Run, needles: _Needles, findings: list[str], seen: set[str]) 
             _field(findings, needles, f"{where} tag", tag.key, tag.value)
     if mlflow_client.list_artifacts(run.info.run_id):
         with tempfile.TemporaryDirectory(prefix="medtl-scan-") as tmp:
-            local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=tmp)
+            with _quiet_downloads():
+                local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=tmp)
             _scan_tree(Path(local), "run artifact", needles, findings)
     for model in _run_models(run):
         if model.model_id not in seen:
@@ -199,7 +202,8 @@ def _scan_logged_model(model: LoggedModel, needles: _Needles, findings: list[str
     for metric in model.metrics or []:
         _field(findings, needles, f"{where} metric", metric.key, "")
     with tempfile.TemporaryDirectory(prefix="medtl-scan-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model.model_id}", dst_path=tmp)
+        with _quiet_downloads():
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model.model_id}", dst_path=tmp)
         _scan_tree(Path(local), f"{where} artifact", needles, findings)
 
 
@@ -303,6 +307,20 @@ def _needles(forbidden: Iterable[str], forbidden_paths: Iterable[Path]) -> _Need
     except (ImportError, KeyError, OSError):
         user = None
     return _Needles(tuple(strings), tuple(paths), user)
+
+
+@contextlib.contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """No MLflow download progress bars while the guard reads a run back (it is not user work)."""
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 _MIN_SUBSTRING_NEEDLE = 6
