@@ -138,7 +138,7 @@ def deterministic_transforms(prep: Preprocessing, root: Path, key_file: Path | N
     modes = ["bilinear", "nearest"] if has_mask else ["bilinear"]
     steps: list = [mt.Lambda(lambda item: _load_item(item, root, key_file, prep))]
     if prep.spatial_dims == 3:
-        steps.append(mt.Orientationd(keys=keys, axcodes="RAS"))
+        steps.append(mt.Orientationd(keys=keys, axcodes="RAS", labels=None))
         if prep.spacing:
             steps.append(mt.Spacingd(keys=keys, pixdim=prep.spacing, mode=modes))
     if prep.patch:
