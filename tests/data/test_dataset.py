@@ -1,0 +1,85 @@
+"""Manifest rows -> MONAI datasets: shapes, the encoder's normalisation, masks as label maps, no paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medtl.data.dataset import Preprocessing, class_names, make_dataset, manifest_items
+from medtl.data.demo import write_demo_data
+from medtl.data.manifest import build_manifest
+
+
+@pytest.fixture(scope="module")
+def demo_manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    summary = write_demo_data(root / "data", patients=24, seed=3, progress=False)
+    out = root / "manifest.csv"
+    import os
+
+    os.environ["MEDTL_KEY_FILE"] = str(root / "key")
+    (root / "key").write_bytes(os.urandom(32))
+    try:
+        build_manifest(root / "data", summary.labels_csv, out, progress=False)
+        manifest = pd.read_csv(out, dtype=str, keep_default_na=False)
+        yield root / "data", manifest
+    finally:
+        os.environ.pop("MEDTL_KEY_FILE", None)
+
+
+def _key(root):
+    return root.parent / "key"
+
+
+def test_radiographs_become_normalised_one_channel_tensors_with_no_path(demo_manifest):
+    root, manifest = demo_manifest
+    xray = manifest[manifest["modality"].isin(["CR", "DX"])]
+    items = manifest_items(xray, "train", "classification", class_names(xray["label"]))
+    prep = Preprocessing(spatial_dims=2, image_size=(40, 40), normalization="imagenet", in_channels=1)
+    ds = make_dataset(items, prep, root, key_file=_key(root), train=False, cache="none", progress=False)
+    sample = ds[0]
+    assert set(sample) == {"id", "image", "label"}
+    assert sample["id"].startswith("R-") and sample["label"] in (0, 1)
+    image = sample["image"]
+    assert tuple(image.shape) == (1, 40, 40) and image.dtype == torch.float32
+    assert not hasattr(image, "meta") or "filename_or_obj" not in getattr(image, "meta", {})
+    # 0..1 scaling then ImageNet mean/std averaged over RGB (the 1-channel stem sums RGB kernels)
+    lo, hi = (0 - 0.449) / 0.226, (1 - 0.449) / 0.226
+    assert lo - 1e-3 <= float(image.min()) < float(image.max()) <= hi + 1e-3
+
+
+def test_three_channel_inputs_get_per_channel_imagenet_statistics(demo_manifest):
+    root, manifest = demo_manifest
+    xray = manifest[manifest["modality"].isin(["CR", "DX"])]
+    items = manifest_items(xray, "train", "classification", class_names(xray["label"]))[:1]
+    prep = Preprocessing(spatial_dims=2, image_size=(32, 32), normalization="imagenet", in_channels=3)
+    image = make_dataset(items, prep, root, key_file=_key(root), train=False, cache="none")[0]["image"]
+    assert image.shape[0] == 3
+    raw = (image * torch.tensor([0.229, 0.224, 0.225])[:, None, None]) + torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)
+
+
+def test_ct_masks_are_resampled_as_label_maps(demo_manifest):
+    root, manifest = demo_manifest
+    ct = manifest[manifest["modality"] == "CT"]
+    assert len(ct), "the demo must contain CT series with masks"
+    split = ct["split"].iloc[0]
+    items = manifest_items(ct, split, "segmentation", [])
+    prep = Preprocessing(spatial_dims=3, image_size=(24, 24, 12), spacing=(1.5, 1.5, 2.5), intensity="ct",
+                         ct_window=(-200.0, 300.0), normalization="zscore_nonzero", patch=False)
+    for train in (False, True):
+        sample = make_dataset(items, prep, root, key_file=_key(root), train=train, cache="memory", progress=False)[0]
+        assert tuple(sample["image"].shape) == (1, 24, 24, 12) == tuple(sample["label"].shape)
+        assert set(np.unique(sample["label"].numpy())) <= {0.0, 1.0, 2.0}  # nearest neighbour only
+        assert (sample["label"] > 0).any()
+
+
+def test_unknown_label_is_refused_naming_the_row(demo_manifest):
+    root, manifest = demo_manifest
+    xray = manifest[manifest["modality"].isin(["CR", "DX"])].copy()
+    xray.loc[xray.index[0], "label"] = "7"
+    xray.loc[xray.index[0], "split"] = "train"
+    with pytest.raises(ValueError, match=xray["id"].iloc[0]):
+        manifest_items(xray, "train", "classification", ["0", "1"])
