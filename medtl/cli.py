@@ -65,7 +65,7 @@ def _cmd_manifest_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_manifest_verify(args: argparse.Namespace) -> int:
-    from medtl.data.manifest import verify_manifest
+    from medtl.data.verify import verify_manifest
 
     result = verify_manifest(
         Path(args.manifest), Path(args.root), key_file=Path(args.key_file) if args.key_file else None
@@ -106,6 +106,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     path = rerender_report(args.run_id, Path(args.output or f"report-{args.run_id[:8]}.html"), pdf=args.pdf)
     print(f"report written to {path}" + (f" and {path.with_suffix('.pdf')}" if args.pdf else ""))
+    return 0
+
+
+def _cmd_study_transfer_benefit(args: argparse.Namespace) -> int:
+    from medtl.config import load_config
+    from medtl.studies import run_transfer_benefit
+
+    cfg = load_config(Path(args.workflow), args.set)
+    output = Path(args.output or Path("outputs") / f"{cfg.name}-transfer-benefit")
+    result = run_transfer_benefit(
+        cfg,
+        output,
+        fractions=[f for f in args.fractions.split(",") if f.strip()],  # validated inside (ConfigError)
+        seeds=args.seeds,
+        arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
+        linear_probe=args.linear_probe,
+        target=args.target,
+        n_boot=args.n_boot,
+        keep_checkpoints=args.keep_checkpoints,
+        progress=not args.quiet,
+    )
+    print(result["headline"]["text"])
+    print(f"outputs in {output} (transfer_benefit.json, transfer_benefit.png, transfer_benefit_time.png, "
+          "transfer_benefit.html)")
     return 0
 
 
@@ -177,6 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", help="HTML file to write (default report-<run id>.html)")
     rep.add_argument("--pdf", action="store_true", help="also print a PDF with headless Chromium")
     rep.set_defaults(func=_cmd_report)
+
+    st = sub.add_parser("study", help="studies built on a workflow (transfer benefit, few-shot)")
+    ssub = st.add_subparsers(dest="study_command", metavar="STUDY")
+    tb = ssub.add_parser("transfer-benefit", help="pretrained vs scratch at several label fractions and seeds")
+    tb.add_argument("workflow", help="workflow YAML")
+    tb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    tb.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1.0", help="label fractions of the training patients")
+    tb.add_argument("--seeds", type=int, default=3, help="runs per arm and fraction (default 3)")
+    tb.add_argument("--arms", default="pretrained,scratch", help="among pretrained, scratch, linear_probe")
+    tb.add_argument("--linear-probe", action="store_true", help="add the linear-probe arm")
+    tb.add_argument("--target", type=float,
+                    help="validation value for time-to-target (default: scratch's best at the largest fraction)")
+    tb.add_argument("--n-boot", type=int, help="bootstrap replicates (>= 100; default evaluation.n_boot)")
+    tb.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints under OUTPUT/runs/")
+    tb.add_argument("--output", help="output folder (default outputs/<name>-transfer-benefit)")
+    tb.set_defaults(func=_cmd_study_transfer_benefit)
 
     reg = sub.add_parser("registry", help="model registry actions")
     rsub = reg.add_subparsers(dest="registry_command", metavar="ACTION")

@@ -52,7 +52,12 @@ def _order(patients: Sequence[str], seed: int) -> list[str]:
 
 
 def nested_label_subsets(
-    manifest: pd.DataFrame, fractions: Sequence[float], *, seed: int, stratify: bool = True
+    manifest: pd.DataFrame,
+    fractions: Sequence[float],
+    *,
+    seed: int,
+    stratify: bool = True,
+    target_column: str | None = None,
 ) -> dict[float, frozenset[str]]:
     """Manifest row ids of the training split kept at each label fraction.
 
@@ -66,6 +71,9 @@ def nested_label_subsets(
         fractions: Label fractions in (0, 1].
         seed: Orders the patients; each seed gives its own nested chain.
         stratify: Stratify by label (classification); False treats all patients as one stratum.
+        target_column: Column whose empty cells mark unlabelled rows ("label" or "mask"), e.g. the
+            target-domain studies domain adaptation keeps; they cost no labelling, so every subset
+            keeps them and the fractions count labelled patients only. None: every row is labelled.
 
     Returns:
         Fraction -> frozenset of manifest `id`s of training rows.
@@ -80,13 +88,19 @@ def nested_label_subsets(
         True
     """
     values = check_label_fractions(fractions)
-    needed = ["id", "patient", "split"] + (["label"] if stratify else [])
+    needed = list(dict.fromkeys(["id", "patient", "split"] + (["label"] if stratify else [])
+                                + ([target_column] if target_column else [])))
     missing = [c for c in needed if c not in manifest.columns]
     if missing:
         raise InputError(f"the manifest must have columns {needed}, not lack {missing}; rebuild it with medtl")
     train = manifest[manifest["split"].astype(str) == "train"]
+    free = frozenset()
+    if target_column:
+        unlabelled = train[target_column].astype(str).str.strip() == ""
+        free = frozenset(train.loc[unlabelled, "id"].astype(str))
+        train = train[~unlabelled]
     if train.empty:
-        raise InputError("the manifest must have 'train' rows, not none; adjust data.fractions")
+        raise InputError("the manifest must have labelled 'train' rows, not none; adjust data.fractions")
     patients = train["patient"].astype(str).tolist()
     labels = train["label"].astype(str).tolist() if stratify else [""] * len(patients)
     by_stratum: dict[str, list[str]] = {}
@@ -100,5 +114,5 @@ def nested_label_subsets(
             # round() first: 0.1 * 10 is 1.0000000000000002 in binary, whose ceil would be 2.
             count = max(1, math.ceil(round(fraction * len(members), 9)))
             kept.update(members[:count])
-        out[fraction] = frozenset(train.loc[train["patient"].astype(str).isin(kept), "id"].astype(str))
+        out[fraction] = free | frozenset(train.loc[train["patient"].astype(str).isin(kept), "id"].astype(str))
     return out

@@ -149,7 +149,9 @@ def run_transfer_benefit(
     output_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, output_dir, progress=progress)
     stratify = cfg.task == "classification"
-    subsets = {s: nested_label_subsets(data.manifest, values, seed=s, stratify=stratify) for s in seed_list}
+    target_column = "label" if stratify else "mask"
+    subsets = {s: nested_label_subsets(data.manifest, values, seed=s, stratify=stratify, target_column=target_column)
+               for s in seed_list}
     reference = values[-1]
     store.tracking_uri()
     records: dict[str, dict[str, list[dict]]] = {a.name: {fraction_key(f): [] for f in values} for a in chosen}
