@@ -13,7 +13,7 @@ from collections import Counter
 from importlib import metadata
 
 from medtl.config import WorkflowConfig
-from medtl.evaluation.report import (
+from medtl.evaluation.report_types import (
     DataProvenance,
     EvaluationMethods,
     Identification,

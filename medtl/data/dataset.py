@@ -22,7 +22,7 @@ from monai import transforms as mt
 from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 
 from medtl.data.discover import load_study
-from medtl.data.manifest import resolve_path, resolve_study
+from medtl.data.verify import resolve_path, resolve_study
 from medtl.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -1,30 +1,26 @@
-"""Studies + a labels CSV -> the privacy-aware manifest CSV and its JSON sidecar; verify; resolve.
+"""Studies + a labels CSV -> the privacy-aware manifest CSV and its JSON sidecar.
 
 The manifest is the only description of the data that leaves the data folder: one row per
 study/series used for learning, with keyed pseudonyms instead of identifiers, coarsened
 subgroups, patient-level splits, decoded-pixel hashes and the relative path (or its alias).
 The sidecar accounts for every file seen, records k-anonymity and the file inventory that
-`verify_manifest` re-checks. Before a build succeeds, every output (and every medtl log message
-it would emit) is scanned for the identifying values read from the inputs; a hit deletes the
-outputs and stops the build.
+`medtl.data.verify.verify_manifest` re-checks. Before a build succeeds, every output (and every
+medtl log message it would emit) is scanned for the identifying values read from the inputs; a
+hit deletes the outputs and stops the build (`medtl.data.output_guard`).
 
 Example:
     >>> result = build_manifest(Path("data"), Path("data/labels.csv"), Path("out/manifest.csv"))
     ... # doctest: +SKIP
-    >>> verify_manifest(Path("out/manifest.csv"), Path("data")).ok  # doctest: +SKIP
-    True
+    >>> result.sidecar_json.name  # doctest: +SKIP
+    'manifest.json'
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import logging
-import os
-import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -33,26 +29,21 @@ import pandas as pd
 from tqdm import tqdm
 
 from medtl.data import discover as discovery
+from medtl.data.inventory import _Disk, _inside, _Namer, _row_id, _scan_disk, _series_identity
+from medtl.data.output_guard import _held_messages, _write_checked
 from medtl.data.privacy import (
-    ALIAS_PREFIX,
     UNKNOWN,
-    Needles,
     ProjectKey,
     age_band,
     identifying_needles,
     key_created_message,
     load_key,
-    looks_identifying,
     normalise_sex,
-    path_alias,
-    resolve_alias,
     save_aliases,
-    scan_for_phi,
     scanner_code,
     site_code,
 )
 from medtl.data.splits import SPLITS, assign_splits, check_fractions, check_leakage, normalise_split
-from medtl.data.types import Rejection, Study
 from medtl.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -108,29 +99,6 @@ class ManifestResult:
     # Identifying value -> kind, in memory only, so later steps (MLflow, report) can be scanned
     # for the same values; never written, never shown in repr.
     forbidden: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    """What `verify_manifest` found; files are named by alias or safe relative path, rows by id."""
-
-    ok: bool
-    files_checked: int
-    rows_checked: int
-    manifest_modified: bool
-    changed: tuple[str, ...]
-    missing: tuple[str, ...]
-    new: tuple[str, ...]
-    rows_changed: tuple[str, ...]
-    rows_missing: tuple[str, ...]
-
-    @property
-    def problems(self) -> list[str]:
-        """One line per difference, for the CLI."""
-        out = ["the manifest CSV differs from the SHA-256 in its sidecar"] if self.manifest_modified else []
-        out += [f"changed file: {f}" for f in self.changed] + [f"missing file: {f}" for f in self.missing]
-        out += [f"new file: {f}" for f in self.new] + [f"row {r}: pixel sha256 changed" for r in self.rows_changed]
-        return out + [f"row {r}: study not found" for r in self.rows_missing]
 
 
 def pixel_sha256(array: np.ndarray) -> str:
@@ -269,109 +237,6 @@ def _canonical_label(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# What is on disk
-
-
-@dataclass
-class _Disk:
-    """Discovered studies and rejections of one root, indexed by relative path."""
-
-    root: Path
-    studies: list[Study]
-    rejections: list[Rejection]
-    files: list[str]  # every file under root (our own walk), relative POSIX paths
-    study_of: dict[str, int] = field(default_factory=dict)
-    rejected: dict[str, Rejection] = field(default_factory=dict)
-    below: dict[str, set[int]] = field(default_factory=dict)  # folder -> studies under it
-
-    def rel(self, path: Path) -> str:
-        path = Path(path)
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return path.resolve().relative_to(self.root).as_posix()
-
-    def targets(self, rel: str) -> list[int] | None:
-        """Studies a labels path points at: [] if it exists without studies, None if missing."""
-        if rel in self.study_of:
-            return [self.study_of[rel]]
-        if rel == ".":
-            return list(range(len(self.studies)))
-        if rel in self.below:
-            return sorted(self.below[rel])
-        return [] if (self.root / rel).exists() else None
-
-
-def _scan_disk(root: Path, exclude: set[str], progress: bool) -> _Disk:
-    studies, rejections = discovery.discover(root, progress=progress)
-    files = []
-    for folder, _dirs, names in os.walk(root):
-        for file_name in names:
-            rel = (Path(folder) / file_name).relative_to(root).as_posix()
-            if rel not in exclude:
-                files.append(rel)
-    disk = _Disk(root, [], [], sorted(files))
-    for study in studies:
-        rels = [disk.rel(f) for f in study.files]
-        if any(r in exclude for r in rels):
-            continue
-        index = len(disk.studies)
-        disk.studies.append(study)
-        for rel in rels:
-            disk.study_of[rel] = index
-            for parent in PurePosixPath(rel).parents:
-                if parent.as_posix() != ".":
-                    disk.below.setdefault(parent.as_posix(), set()).add(index)
-    for rejection in rejections:
-        rel = disk.rel(rejection.path)
-        if rel not in exclude:
-            disk.rejections.append(rejection)
-            disk.rejected[rel] = rejection
-    return disk
-
-
-def _series_identity(study: Study, disk: _Disk) -> str:
-    header = study.header
-    if header is not None and header.series_uid:
-        return header.series_uid
-    return "file:" + disk.rel(study.files[0])
-
-
-def _row_id(key: ProjectKey, study: Study, disk: _Disk) -> str:
-    return key.pseudonym("row", _series_identity(study, disk) + "\x00" + disk.rel(study.files[0]))
-
-
-@dataclass
-class _Namer:
-    """Names files in outputs: the relative path, or its alias when a part identifies someone.
-
-    Every part is checked against every identifying value of the data set, the same values the
-    PHI scan looks for, so a path written in clear can never trip the scan.
-    """
-
-    key: ProjectKey
-    needles: Needles
-    aliases: dict[str, str] = field(default_factory=dict)
-    flagged: set[str] = field(default_factory=set)  # parts flagged by their shape alone
-    _parts: dict[str, bool] = field(default_factory=dict)
-
-    def __call__(self, rel: str) -> str:
-        hit = False
-        for part in PurePosixPath(rel).parts:
-            if part not in self._parts:
-                shaped = looks_identifying(part)
-                self._parts[part] = shaped or self.needles.found_in(part)
-                if shaped:
-                    self.flagged.add(part)
-            hit = hit or self._parts[part]
-        if not hit:
-            return rel
-        alias = path_alias(self.key, rel)
-        self.aliases[alias] = rel
-        return alias
-
-
-# ---------------------------------------------------------------------------------------------
 # Build
 
 
@@ -444,13 +309,6 @@ def build_manifest(
         split_rows={s: int((table["split"] == s).sum()) for s in SPLITS},
         k_anonymity=sidecar["k_anonymity"]["k"], warnings=tuple(messages), forbidden=forbidden,
     )
-
-
-def _inside(root: Path, path: Path) -> str | None:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return None
 
 
 def _match(disk: _Disk, labels: list[LabelRow], labels_csv: Path):
@@ -706,184 +564,3 @@ def _forbidden(disk: _Disk, labels: list[LabelRow], namer: _Namer, root: Path) -
                     forbidden[value] = "DICOM header value"
     forbidden[str(root)] = "data folder path"
     return forbidden
-
-
-@contextlib.contextmanager
-def _held_messages() -> Iterator[tuple[list[logging.LogRecord], list[warnings.WarningMessage]]]:
-    """Hold medtl's log records and Python warnings until the outputs passed the PHI scan."""
-    medtl_logger = logging.getLogger("medtl")
-    records: list[logging.LogRecord] = []
-
-    class _Hold(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    saved = (medtl_logger.handlers[:], medtl_logger.propagate)
-    medtl_logger.handlers, medtl_logger.propagate = [_Hold()], False
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            yield records, caught
-    finally:
-        medtl_logger.handlers, medtl_logger.propagate = saved
-
-
-def _write_checked(out_csv, sidecar_json, table, sidecar, messages, held_logs, held_warnings, forbidden) -> None:
-    """Write both outputs, scan them and every held message; delete everything on a hit."""
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    csv_bytes = table.to_csv(index=False, lineterminator="\n").encode("utf-8")
-    out_csv.write_bytes(csv_bytes)
-    sidecar["manifest_sha256"] = hashlib.sha256(csv_bytes).hexdigest()
-    sidecar_json.write_text(json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    texts = {f"log message {i + 1}": m for i, m in enumerate(messages)}
-    texts.update({f"log record {i + 1}": r.getMessage() for i, r in enumerate(held_logs)})
-    findings = scan_for_phi([out_csv, sidecar_json], forbidden) + scan_for_phi(texts, forbidden)
-    if findings:
-        for path in (out_csv, sidecar_json):
-            path.unlink(missing_ok=True)
-        raise InputError(
-            f"outputs must contain no identifying values, not: {'; '.join(findings)}; the build stopped and its "
-            f"outputs were deleted; remove identifying text from the labels CSV (label names, extra subgroup "
-            f"columns) or, if it came from a header, report a medtl bug"
-        )
-    for record in held_logs:
-        logging.getLogger(record.name).handle(record)
-    # Library warnings (pydicom quotes invalid header values) are held back when they quote one.
-    quoting = {f.split(":", 1)[0] for f in scan_for_phi({str(i): str(w.message) for i, w in enumerate(held_warnings)},
-                                                       forbidden)}
-    for i, caught in enumerate(held_warnings):
-        if str(i) not in quoting:
-            warnings.showwarning(caught.message, caught.category, caught.filename, caught.lineno)
-    if withheld := len(quoting):
-        messages.append(f"{withheld} library warnings were withheld because they quoted an identifying value")
-
-
-# ---------------------------------------------------------------------------------------------
-# Verify and resolve
-
-
-def verify_manifest(manifest_csv: Path, root: Path, *, key_file: Path | None = None,
-                    progress: bool = True) -> VerifyResult:
-    """Re-walk the data root and re-hash files and pixels against the manifest and its sidecar.
-
-    Args:
-        manifest_csv: A manifest written by `build_manifest` (its sidecar must lie beside it).
-        root: The data root it was built from.
-        key_file: The key it was built with (default as in `load_key`).
-        progress: Show a progress bar over rows.
-
-    Returns:
-        A `VerifyResult`; `ok` is False when anything differs.
-
-    Raises:
-        InputError: If the manifest or its sidecar is missing or unreadable.
-        ConfigError: If the key is not the one the manifest was built with.
-    """
-    manifest_csv, root = Path(manifest_csv).resolve(), Path(root).resolve()
-    sidecar_json = manifest_csv.with_suffix(".json")
-    try:
-        sidecar = json.loads(sidecar_json.read_text(encoding="utf-8"))
-        table = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"manifest {manifest_csv.name} and its sidecar {sidecar_json.name} must be readable, not "
-                         f"{type(err).__name__}; rebuild the manifest") from err
-    key = load_key(key_file)
-    if sidecar.get("key_id") != key.key_id:
-        raise ConfigError(f"key must be the one the manifest was built with (key id {sidecar.get('key_id')}), not "
-                          f"key id {key.key_id}; pass its key file")
-    modified = file_sha256(manifest_csv) != sidecar.get("manifest_sha256")
-    outputs = {_inside(root, p) for p in (manifest_csv, sidecar_json)} - {None}
-    disk = _scan_disk(root, outputs, progress=False)
-    namer = _Namer(key, identifying_needles(_all_values(disk, [])))
-    before = {e["token"]: e for e in sidecar.get("inventory", [])}
-    now = {key.pseudonym("path", rel): rel for rel in disk.files}
-    changed = [before[t]["file"] for t, rel in now.items()
-               if t in before and file_sha256(root / rel) != before[t]["sha256"]]
-    missing = [e["file"] for t, e in before.items() if t not in now]
-    new = [namer(rel) for t, rel in now.items() if t not in before]
-    by_id = {_row_id(key, s, disk): i for i, s in enumerate(disk.studies)}
-    rows_changed, rows_missing = [], []
-    for row in tqdm(table.to_dict("records"), desc="verifying rows", unit="row", disable=not progress):
-        index = by_id.get(row["id"])
-        if index is None:
-            rows_missing.append(f"{row['id']} ({row['path']})")
-            continue
-        try:
-            same = pixel_sha256(discovery.load_study(disk.studies[index]).array) == row["sha256"]
-            if same and row.get("mask"):
-                mask = _study_at(disk, resolve_alias(key, row["mask"], disk.files))
-                same = mask is not None and pixel_sha256(discovery.load_study(mask).array) == row["mask_sha256"]
-        except Exception:  # noqa: BLE001 - an undecodable file is a change, not a crash
-            same = False
-        if not same:
-            rows_changed.append(f"{row['id']} ({row['path']})")
-    ok = not (modified or changed or missing or new or rows_changed or rows_missing)
-    return VerifyResult(ok, len(disk.files), len(table), modified, tuple(sorted(changed)), tuple(sorted(missing)),
-                        tuple(sorted(new)), tuple(rows_changed), tuple(rows_missing))
-
-
-def _study_at(disk: _Disk, rel: str) -> Study | None:
-    found = disk.targets(rel)
-    return disk.studies[found[0]] if found and len(found) == 1 else None
-
-
-def resolve_path(ref: str, root: Path, *, key_file: Path | None = None) -> Path:
-    """Absolute path of a manifest `path`/`mask` value (a relative path or "alias:<hex>").
-
-    Raises:
-        InputError: If the alias cannot be resolved or the path does not exist under `root`.
-    """
-    root, ref = Path(root).resolve(), str(ref)
-    rel = resolve_alias(load_key(key_file), ref, _walk_all(root)) if ref.startswith(ALIAS_PREFIX) else ref
-    target = root / rel
-    if not target.exists():
-        # Name the manifest value, never the resolved path: that is what the alias hides.
-        raise InputError(f"manifest path {ref} must exist under the data root, not missing; run medtl verify")
-    return target
-
-
-def resolve_study(row: Mapping, root: Path, *, key_file: Path | None = None) -> Study:
-    """The `Study` of a manifest row: resolve its path, rediscover there, pick the row's series.
-
-    Args:
-        row: A manifest row (needs `id`, `series` and `path`).
-        root: The data root the manifest was built from.
-        key_file: The key it was built with.
-
-    Returns:
-        The study, ready for `load_study`.
-
-    Raises:
-        InputError: If the path or the series cannot be found.
-    """
-    root = Path(root).resolve()
-    key = load_key(key_file)
-    target = resolve_path(str(row["path"]), root, key_file=key_file)
-    studies = _discover_cached(target if target.is_dir() else target.parent)
-    disk = _Disk(root, list(studies), [], [])
-    candidates = [s for s in studies if key.pseudonym("series", _series_identity(s, disk)) == row["series"]]
-    if len(candidates) > 1:
-        candidates = [s for s in candidates if _row_id(key, s, disk) == row["id"]]
-    if len(candidates) != 1:
-        raise InputError(f"manifest row {row['id']} must resolve to one series under its path, not "
-                         f"{len(candidates)}; run medtl verify to see what changed")
-    return candidates[0]
-
-
-_DISCOVERED: dict[tuple[str, int], list[Study]] = {}
-
-
-def _discover_cached(folder: Path) -> list[Study]:
-    """Studies of a folder, remembered while its entries do not change: the data pipeline resolves
-    every row of a flat folder of thousands of images, and must not rediscover it each time."""
-    stamp = (str(folder), folder.stat().st_mtime_ns)
-    if stamp not in _DISCOVERED:
-        if len(_DISCOVERED) >= 8:
-            _DISCOVERED.pop(next(iter(_DISCOVERED)))
-        _DISCOVERED[stamp] = discovery.discover(folder, progress=False)[0]
-    return _DISCOVERED[stamp]
-
-
-def _walk_all(root: Path) -> Iterator[str]:
-    for folder, dirs, names in os.walk(root):
-        for name in (*dirs, *names):
-            yield (Path(folder) / name).relative_to(root).as_posix()

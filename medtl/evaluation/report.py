@@ -5,7 +5,9 @@ TRIPOD+AI (2024) items that apply to a transfer-learned imaging model. Each sect
 stable id (`identification`, `data`, `partitions`, `model`, `methods`, `results`, `subgroups`,
 `amplification`, `limitations`, `audit-trail`, `sign-off`) so tests and reviewers can find it.
 Figures are inline PNGs (see `report_plots`); there is no script, stylesheet, font or URL
-to fetch, so the file opens offline, prints to PDF and can be archived as it is.
+to fetch, so the file opens offline, prints to PDF and can be archived as it is. The inputs
+are the dataclasses of `report_types`; the subgroup, amplification and limitations sections
+are written in `report_audit`, on the HTML helpers of `report_html`.
 
 Privacy: the report renders only aggregate numbers. It reads named fields of its inputs and
 never dumps a whole input, so per-patient rows, identifiers or paths that a caller leaves in
@@ -27,19 +29,38 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import html
-import math
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from medtl.errors import InputError, MedtlError
 from medtl.evaluation import report_plots as rp
+from medtl.evaluation.report_audit import (
+    _amplification,
+    _limitations,
+    _subgroups,
+    _suppression_limit,
+    _tolerances,
+)
+from medtl.evaluation.report_html import (
+    _METRIC_NAMES,
+    _SEG_FAMILIES,
+    _count,
+    _display,
+    _e,
+    _estimate,
+    _figure,
+    _kv,
+    _metric_name,
+    _num,
+    _passfail,
+    _table,
+)
+from medtl.evaluation.report_types import ReportInputs
 
 HASH_MARKER = "data-medtl-report-sha256"
 _HASH_ATTRIBUTE = HASH_MARKER + '="'  # only the hash line holds it: escaped text can never contain a raw quote
@@ -61,128 +82,6 @@ _SECTIONS: dict[str, tuple[str, str]] = {
     "audit-trail": ("Audit trail", "CLAIM 23 · reproducibility"),
     "sign-off": ("Reviewer sign-off", "to be completed by hand"),
 }
-_METRIC_NAMES = {
-    "auroc": "AUROC", "auprc": "AUPRC", "accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
-    "tpr": "Sensitivity (TPR)", "tnr": "Specificity (TNR)", "fpr": "False positive rate", "fnr": "False negative rate",
-    "ppv": "PPV (precision)", "npv": "NPV", "brier": "Brier score", "ece": "ECE",
-    "calibration_slope": "Calibration slope", "calibration_intercept": "Calibration intercept",
-    "auroc_macro": "AUROC (macro)", "auprc_macro": "AUPRC (macro)", "dice": "Dice", "hd95": "HD95 (mm)",
-    "surface_dice": "Surface Dice", "f1": "F1", "equalized_odds": "Equalized odds",
-}
-_SEG_FAMILIES = ("surface_dice", "hd95", "dice")
-_AMP = {"widened": "bad", "amplified": "bad", "narrowed": "ok", "reduced": "ok", "unchanged": "muted"}
-_LIST_PREVIEW = 8
-
-
-@dataclass(frozen=True)
-class Identification:
-    """Who and what the model is (model card "model details" and "intended use")."""
-
-    model_name: str
-    task: str  # classification | segmentation
-    intended_use: str
-    run_id: str
-    created: str  # ISO date of the run
-    code_version: str  # git commit or package version
-    model_version: str = ""  # registry version; "" when not registered
-    out_of_scope: str = ""  # uses the model is not meant for
-    developers: str = ""
-
-
-@dataclass(frozen=True)
-class DataProvenance:
-    """Aggregate facts about the data, from the manifest and its sidecar (no rows)."""
-
-    n_files: int
-    n_studies: int
-    n_patients: int
-    manifest_sha256: str
-    source: str = ""  # free-text description of the studies' origin
-    synthetic: bool = False
-    modalities: Mapping[str, int] = field(default_factory=dict)
-    sites: Mapping[str, int] = field(default_factory=dict)  # site code -> studies
-    years: str = ""  # acquisition years only, e.g. "2014-2019"
-    quarantined: Mapping[str, int] = field(default_factory=dict)  # reason -> files held back
-    skipped: Mapping[str, int] = field(default_factory=dict)  # reason -> files not used
-    deid_profile: str = ""
-    key_id: str = ""  # id of the pseudonym key (never the key)
-    k_anonymity: Mapping[str, Any] = field(default_factory=dict)  # k, k_min, quasi_identifiers, passed
-    phi_scan: Mapping[str, Any] = field(default_factory=dict)  # passed, n_findings
-    # split -> {"n_studies": int, "n_patients": int, "<column>": {value: count}, ...}
-    splits: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    split_level: str = "patient"
-    leakage: Mapping[str, Any] = field(default_factory=dict)  # passed, level, n_shared
-
-
-@dataclass(frozen=True)
-class ModelTransfer:
-    """The encoder, where its weights come from and how they were adapted and trained."""
-
-    encoder: str
-    strategy: str
-    weights: Mapping[str, Any] = field(default_factory=dict)  # origin, licence, sha256, mean/std, ...
-    load_report: Mapping[str, Any] = field(default_factory=dict)  # matched/missing/unexpected/adapted
-    frozen_layers: Sequence[str] = ()
-    preprocessing: Mapping[str, Any] = field(default_factory=dict)
-    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
-    library_versions: Mapping[str, str] = field(default_factory=dict)
-    head: str = ""
-    spatial_dims: int = 2
-
-
-@dataclass(frozen=True)
-class EvaluationMethods:
-    """How the numbers were computed."""
-
-    metrics: Sequence[str]
-    threshold_rule: str
-    ci_method: str
-    n_boot: int
-    threshold: float | None = None
-    threshold_target: float | None = None
-    ci_level: float = 0.95
-    tolerances: Mapping[str, float] = field(default_factory=dict)  # metric -> allowed gap
-    min_group_size: int = 10  # groups with at most this many patients are suppressed (audit setting)
-    test_description: str = "held-out test split of the same sources (internal validation)"
-    external_validation: bool = False
-
-
-@dataclass(frozen=True)
-class Results:
-    """Test-set results: metric -> {"value", "ci"} plus the data of the figures.
-
-    `curves` is `metrics.classification_report_data(...)` (binary or multi-class); ROC/PR curves
-    may carry `tpr_lo`/`tpr_hi` and `precision_lo`/`precision_hi` bands. For segmentation,
-    `metrics` holds `dice`, `hd95`, ... and per class `dice_<class>`, ...; `dice_per_case`
-    maps class -> per-case Dice, drawn only as a distribution.
-    """
-
-    metrics: Mapping[str, Mapping[str, Any]]
-    n_cases: int = 0
-    n_patients: int = 0
-    curves: Mapping[str, Any] | None = None
-    dice_per_case: Mapping[str, Sequence[float]] | None = None
-
-
-@dataclass(frozen=True)
-class ReportInputs:
-    """Everything the report shows, as plain data (JSON-ready mappings and numbers).
-
-    `audit` is audit.json; `amplification` defaults to `audit["amplification"]`; `limitations`
-    come first in their section, followed by those the report derives from the data;
-    `transfer_benefit` maps arm -> training fraction -> {"mean", "sd"} of `transfer_benefit_metric`.
-    """
-
-    identification: Identification
-    data: DataProvenance
-    model: ModelTransfer
-    methods: EvaluationMethods
-    results: Results
-    audit: Mapping[str, Any]
-    amplification: Sequence[Mapping[str, Any]] | None = None
-    limitations: Sequence[str] = ()
-    transfer_benefit: Mapping[str, Mapping[Any, Mapping[str, float]]] | None = None
-    transfer_benefit_metric: str = "auroc"
 
 
 # ---------------------------------------------------------------- public API
@@ -285,110 +184,6 @@ def write_pdf(html_path: Path, pdf_path: Path, *, timeout: float = 120.0) -> Pat
         raise MedtlError(f"chromium must print the report to PDF, not fail (exit {done.returncode}); "
                          "open the HTML in a browser and print it instead")
     return pdf_path
-
-
-# ---------------------------------------------------------------- small HTML helpers
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None or (_is_number(value) and not math.isfinite(float(value))):
-        return "n/a"
-    if not _is_number(value):
-        return _e(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.{1 if abs(value) >= 100 else 2 if abs(value) >= 10 else digits}f}"
-
-
-def _ci(ci: Any) -> str:
-    if not isinstance(ci, Sequence) or isinstance(ci, str) or len(ci) != 2:
-        return ""
-    return f"[{_num(ci[0])}, {_num(ci[1])}]"
-
-
-def _estimate(entry: Any) -> str:
-    """`0.912 [0.881, 0.940]` from a {"value", "ci"} mapping (or a bare number)."""
-    if isinstance(entry, Mapping):
-        ci = _ci(entry.get("ci"))
-        return _num(entry.get("value")) + (f' <span class="ci">{ci}</span>' if ci else "")
-    return _num(entry)
-
-
-def _metric_name(key: str) -> str:
-    for family in _SEG_FAMILIES:
-        if key.startswith(family + "_") and key not in _METRIC_NAMES:
-            return f"{_METRIC_NAMES[family]}: {key[len(family) + 1:]}"
-    return _METRIC_NAMES.get(key, key)
-
-
-def _display(value: Any) -> str:
-    """A config value as text; absolute paths shrink to their file name (folders can name people)."""
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}={_display(v)}" for k, v in value.items())
-    if isinstance(value, list | tuple | set | frozenset):
-        items = [_display(v) for v in value]
-        more = f" … and {len(items) - _LIST_PREVIEW} more" if len(items) > _LIST_PREVIEW else ""
-        return ", ".join(items[:_LIST_PREVIEW]) + more
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    text = str(value)
-    if text.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", text):
-        return "…/" + re.split(r"[\\/]", text.rstrip("/\\"))[-1]
-    return text
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, cls: str = "",
-           row_classes: Sequence[str] | None = None) -> str:
-    """A table; headers are escaped here, cells must already be HTML."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = []
-    for index, row in enumerate(rows):
-        rc = f' class="{row_classes[index]}"' if row_classes and row_classes[index] else ""
-        body.append(f"<tr{rc}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
-    if not body:
-        return '<p class="muted">None recorded.</p>'
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-
-
-def _kv(pairs: Iterable[tuple[str, Any]], *, raw: bool = False) -> str:
-    """A two-column key/value table; values are escaped unless `raw`."""
-    rows = [f"<tr><th>{_e(k)}</th><td>{v if raw else _e(_display(v))}</td></tr>" for k, v in pairs]
-    return f'<table class="kv">{"".join(rows)}</table>' if rows else '<p class="muted">None recorded.</p>'
-
-
-def _figure(plot: rp.Plot, caption: str) -> str:
-    return (f'<figure><img src="{plot.uri}" alt="{_e(plot.alt)}" width="{plot.width}" height="{plot.height}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
-
-
-def _cross(name: Any) -> str:
-    """Intersections are stored as "sex&age_band" / "F&80-89"; shown as "sex × age_band"."""
-    return str(name).replace("&", " × ")
-
-
-def _badge(text: str, kind: str) -> str:
-    return f'<span class="badge {kind}">{_e(text)}</span>'
-
-
-def _passfail(passed: Any) -> str:
-    if passed is None:
-        return _badge("not recorded", "muted")
-    return _badge("passed", "ok") if passed else _badge("failed", "bad")
-
-
-def _count(n: Any, k_min: int) -> str:
-    """A small-cell-safe count: 1..k_min-1 is shown as "< k_min"."""
-    if _is_number(n) and 0 < n < k_min:
-        return f'<span class="suppressed">&lt; {k_min}</span>'
-    return _num(n)
 
 
 def _section(sid: str, body: str) -> str:
@@ -554,185 +349,6 @@ def _segmentation_rows(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _imprecise_keys(audit: Mapping[str, Any]) -> set[tuple[str, str, str]]:
-    """(attribute, group, metric or "*") triples the audit marks imprecise, in any of its spellings."""
-    keys: set[tuple[str, str, str]] = set()
-    for g in audit.get("groups", []):
-        a, n = str(g.get("attribute")), str(g.get("group"))
-        flag = g.get("imprecise")
-        if flag is True:
-            keys.add((a, n, "*"))
-        elif isinstance(flag, list | tuple):
-            keys.update((a, n, str(m)) for m in flag)
-        keys.update((a, n, str(m)) for m, v in (g.get("metrics") or {}).items()
-                    if isinstance(v, Mapping) and v.get("imprecise"))
-    for item in audit.get("imprecise", []) if isinstance(audit.get("imprecise"), list) else []:
-        if isinstance(item, Mapping):
-            keys.add((str(item.get("attribute")), str(item.get("group")), str(item.get("metric", "*"))))
-    return keys
-
-
-def _suppression_limit(x: ReportInputs) -> int:
-    """Groups with at most this many patients were suppressed by the audit."""
-    settings = x.audit.get("settings") or {}
-    return int(settings.get("min_group_size", x.methods.min_group_size))
-
-
-def _tolerances(x: ReportInputs) -> dict[str, float]:
-    """The tolerances the audit applied (audit.json "tolerance"), else those of the methods."""
-    return {**x.methods.tolerances, **(x.audit.get("tolerance") or {})}
-
-
-def _reference(ref: Any) -> str:
-    if isinstance(ref, Mapping) and "label" in ref:
-        return f"{ref.get('label') or 'unnamed'} ({'paired' if ref.get('paired') else 'unpaired'} comparison)"
-    return _display(ref) if ref else "none"
-
-
-def _group_table(x: ReportInputs, attribute: str, groups: list[Mapping[str, Any]], metrics: list[str]) -> str:
-    imprecise, limit = _imprecise_keys(x.audit), _suppression_limit(x)
-    rows, classes = [], []
-    for g in groups:
-        name = str(g.get("group"))
-        label = _e(_cross(name)) + (" " + _badge("imprecise", "warn") if (attribute, name, "*") in imprecise else "")
-        if g.get("suppressed"):  # the audit's numbers, if any were left, are never read
-            rows.append([label, f"&le; {limit}", "—", *([f"suppressed, n &le; {limit}"] + [""] * (len(metrics) - 1))])
-            classes.append("suppressed")
-            continue
-        if g.get("note"):
-            label += f' <span class="ci">{_e(g["note"])}</span>'
-        cells = []
-        for m in metrics:
-            entry = (g.get("metrics") or {}).get(m)
-            flag = " " + _badge("imprecise", "warn") if (attribute, name, m) in imprecise else ""
-            cells.append(_estimate(entry) + flag if entry is not None else "n/a")
-        rows.append([label, _num(g.get("n")), _num(g.get("n_patients")), *cells])
-        classes.append("")
-    return _table(["Group", "Cases", "Patients", *(_metric_name(m) for m in metrics)], rows, cls="groups",
-                  row_classes=classes)
-
-
-def _subgroups(x: ReportInputs) -> str:
-    audit = x.audit
-    groups = [g for g in audit.get("groups", []) if isinstance(g, Mapping)]
-    present = list(dict.fromkeys(m for g in groups for m in (g.get("metrics") or {})))
-    metrics = [m for m in x.methods.metrics if m in present] or present
-    gaps = [g for g in audit.get("gaps", []) if isinstance(g, Mapping)]
-    tolerances = _tolerances(x)
-    tested = [g for g in gaps if str(g.get("kind", "difference")) == "difference"
-              and g.get("tolerance", tolerances.get(str(g.get("metric")))) is not None]
-    shown = {*metrics, *(str(g.get("metric")) for g in tested)}
-    rest = [g for g in gaps if not any(g is t for t in tested) and str(g.get("metric")) in shown]
-    n_suppressed = sum(1 for g in groups if g.get("suppressed"))
-    correction = audit.get("correction") or {}
-    body = _kv([("Audit result", _passfail(audit.get("passed"))),
-                ("Reference model", _e(_reference(audit.get("reference")))),
-                ("Groups", _e(f"{len(groups) - n_suppressed} reported, {n_suppressed} suppressed "
-                              f"(at most {_suppression_limit(x)} patients)")),
-                ("Gaps tested", _e(f"{len(tested)}; {sum(1 for g in tested if g.get('flagged'))} flagged"
-                                   + (f"; multiple-testing correction: {correction.get('method')}"
-                                      if correction.get("method") else ""))),
-                ("Tolerances", _e(", ".join(f"{_metric_name(k)} {v:g}" for k, v in tolerances.items()) or "none"))],
-               raw=True)
-    primary = next((m for m in metrics if m in ("auroc", "auroc_macro", "dice")), metrics[0] if metrics else None)
-    if primary:
-        overall = ((audit.get("overall") or {}).get("metrics") or {}).get(primary) or x.results.metrics.get(primary)
-        plot = rp.group_forest(groups, primary, _metric_name(primary), (overall or {}).get("value"))
-        if plot:
-            body += '<div class="figures wide">' + _figure(
-                plot, f"{_metric_name(primary)} by group with {x.methods.ci_level:.0%} CIs; the vertical line is "
-                "the overall test value; hollow markers are imprecise estimates.") + "</div>"
-    for attribute in dict.fromkeys(str(g.get("attribute")) for g in groups):
-        members = [g for g in groups if str(g.get("attribute")) == attribute]
-        body += f'<h3>By {_e(_cross(attribute))}</h3>' + _group_table(x, attribute, members, metrics)
-    if tested:
-        plot = rp.gap_forest(tested, tolerances, {m: _metric_name(m) for m in shown})
-        body += '<div class="figures wide">' + _figure(
-            plot, "Between-group differences (max − min) with CIs, one panel per metric; dashed lines mark the "
-            "tolerance; flagged gaps (vermillion diamonds) have their whole CI above it; hollow = inconclusive."
-        ) + "</div>"
-    body += "<h3>Gaps tested against a tolerance</h3>" + _gap_table(tested, x.methods)
-    if rest:
-        body += "<h3>Descriptive gaps (not tested)</h3>" + _gap_table(rest, x.methods)
-    notes = [n for n in audit.get("notes", []) if isinstance(n, str)]
-    if notes:
-        body += "<h3>Audit notes</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
-    return _section("subgroups", body)
-
-
-def _gap_table(gaps: Sequence[Mapping[str, Any]], methods: EvaluationMethods) -> str:
-    rows, classes = [], []
-    for g in gaps:
-        level = g.get("ci_level")
-        level_text = f' <span class="ci">({level:.1%} CI)</span>' if _is_number(level) and abs(
-            level - methods.ci_level) > 1e-9 else ""
-        ends = " → ".join(_e(v) for v in (g.get("worst_group"), g.get("best_group")) if v is not None)
-        status = str(g.get("status") or ("flagged" if g.get("flagged") else "not recorded"))
-        kind = {"flagged": "bad", "within": "ok", "inconclusive": "warn"}.get(status, "muted")
-        rows.append([_e(_cross(g.get("attribute"))), _e(_metric_name(str(g.get("metric")))),
-                     _e(str(g.get("kind", "difference")).replace("_", " ")), _estimate(g) + level_text,
-                     ends or "—", _num(g.get("tolerance", methods.tolerances.get(str(g.get("metric"))))),
-                     _badge(status.replace("_", " "), kind)])
-        classes.append("flagged" if g.get("flagged") else "")
-    return _table(("Attribute", "Metric", "Kind", "Gap [CI]", "Worst → best group", "Tolerance", "Status"),
-                  rows, cls="compact", row_classes=classes)
-
-
-def _amplification(x: ReportInputs) -> str:
-    items = x.amplification if x.amplification is not None else x.audit.get("amplification")
-    items = [a for a in (items or []) if isinstance(a, Mapping)]
-    intro = ("<p>Does the transfer-learned model widen or narrow the between-group gaps of a reference model "
-             "(e.g. the current champion or a from-scratch baseline)? Delta = model gap − reference gap; "
-             "a gap is widened or narrowed only when the change is distinguishable from zero.</p>")
-    rows = [[_e(_cross(a.get("attribute"))), _e(_metric_name(str(a.get("metric")))),
-             _e(str(a.get("kind", "difference")).replace("_", " ")), _num(a.get("reference")), _num(a.get("model")),
-             _estimate({"value": a.get("delta"), "ci": a.get("ci")}), _badge(str(a.get("direction", "n/a")), _AMP.get(
-                 str(a.get("direction")), "muted"))] for a in items]
-    body = intro + _table(("Attribute", "Metric", "Kind", "Reference gap", "Model gap", "Delta [CI]", "Direction"),
-                          rows, cls="compact", row_classes=["flagged" if a.get("direction") in ("widened", "amplified")
-                                                            else "" for a in items])
-    return _section("amplification", body)
-
-
-def _derived_limitations(x: ReportInputs) -> list[str]:
-    out = []
-    groups = x.audit.get("groups", [])
-    suppressed = [f"{_cross(g.get('attribute'))} = {_cross(g.get('group'))}" for g in groups if g.get("suppressed")]
-    if suppressed:
-        out.append(f"{len(suppressed)} subgroup(s) had at most {_suppression_limit(x)} patients and were "
-                   f"suppressed; performance there is unknown: {', '.join(suppressed[:12])}.")
-    imprecise = sorted({f"{_cross(a)} = {_cross(g)}" for a, g, _ in _imprecise_keys(x.audit)})
-    if imprecise:
-        out.append(f"Estimates for {', '.join(imprecise[:12])} rest on few positive or negative cases (imprecise); "
-                   "read their confidence intervals, not their point values.")
-    flagged = [f"{_cross(g.get('attribute'))} ({_metric_name(str(g.get('metric')))})" for g in x.audit.get("gaps", [])
-               if g.get("flagged")]
-    if flagged:
-        out.append(f"Performance gaps beyond tolerance: {', '.join(flagged)}. Review before use in these groups.")
-    if x.data.synthetic:
-        out.append("The data are synthetic: these numbers say nothing about clinical performance.")
-    if len(x.data.sites) <= 1:
-        out.append("Data come from a single site (or sites were not recorded); performance elsewhere is unknown.")
-    if not x.methods.external_validation:
-        out.append("Internal validation only: the test split shares sources with training data (no external test set).")
-    if 0 < x.results.n_patients < 100:
-        out.append(f"The test set has only {x.results.n_patients} patients; confidence intervals are wide.")
-    missing = x.model.load_report.get("missing")
-    if isinstance(missing, list | tuple) and missing:
-        out.append(f"{len(missing)} encoder parameter tensor(s) were not initialised from the pretrained weights.")
-    if x.data.k_anonymity.get("passed") is False:
-        out.append("The manifest's k-anonymity is below the required k: re-identification risk from subgroup codes.")
-    if x.data.leakage.get("passed") is False:
-        out.append("The leakage check failed: patients appear in more than one split; results are optimistic.")
-    return out
-
-
-def _limitations(x: ReportInputs) -> str:
-    items = [*x.limitations, *_derived_limitations(x)]
-    body = "<ul>" + "".join(f"<li>{_e(t)}</li>" for t in items) + "</ul>" if items else "<p>None recorded.</p>"
-    return _section("limitations", body)
-
-
 def _audit_trail(x: ReportInputs, stamp: str) -> str:
     ident = x.identification
     pairs = [("Code version", _e(ident.code_version)), ("MLflow run id", f"<code>{_e(ident.run_id)}</code>"),
@@ -773,7 +389,8 @@ def _page(x: ReportInputs, stamp: str) -> str:
     title = f"Evaluation report: {ident.model_name}" + (f" v{ident.model_version}" if ident.model_version else "")
     toc = "".join(f'<li><a href="#{sid}">{_e(_SECTIONS[sid][0])}</a></li>' for sid in SECTION_IDS)
     parts = [_identification(x), _data(x), _partitions(x), _model(x), _methods(x), _results(x),
-             _subgroups(x), _amplification(x), _limitations(x)]
+             _section("subgroups", _subgroups(x)), _section("amplification", _amplification(x)),
+             _section("limitations", _limitations(x))]
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

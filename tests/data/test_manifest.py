@@ -16,14 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medtl.data.discover import load_study
-from medtl.data.manifest import (
-    MANIFEST_COLUMNS,
-    build_manifest,
-    pixel_sha256,
-    resolve_path,
-    resolve_study,
-    verify_manifest,
-)
+from medtl.data.manifest import MANIFEST_COLUMNS, build_manifest, pixel_sha256
+from medtl.data.verify import resolve_path, resolve_study, verify_manifest
 from medtl.errors import ConfigError, InputError, LeakageError
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from medtl.evaluation.metrics import binary_metrics, classification_report_data
-from medtl.evaluation.report import (
+from medtl.evaluation.report import find_chromium
+from medtl.evaluation.report_types import (
     DataProvenance,
     EvaluationMethods,
     Identification,
     ModelTransfer,
     ReportInputs,
     Results,
-    find_chromium,
 )
 
 #: Strings planted where the report must not look (per-patient fields of the inputs).

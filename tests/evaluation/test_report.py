@@ -18,14 +18,8 @@ from PIL import Image
 
 from medtl.errors import InputError, MedtlError
 from medtl.evaluation.metrics import classification_report_data
-from medtl.evaluation.report import (
-    SECTION_IDS,
-    ReportInputs,
-    Results,
-    render_report,
-    verify_report_hash,
-    write_pdf,
-)
+from medtl.evaluation.report import SECTION_IDS, render_report, verify_report_hash, write_pdf
+from medtl.evaluation.report_types import ReportInputs, Results
 from tests.evaluation.conftest import PLANTED_FOLDER, PLANTED_PATIENT
 
 WHEN = dt.datetime(2025, 11, 21, 9, 30, tzinfo=dt.UTC)

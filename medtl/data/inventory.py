@@ -1,0 +1,121 @@
+"""The data root as the manifest sees it: files and studies by relative path, row ids, file names.
+
+Internal helpers shared by `medtl.data.manifest` (build) and `medtl.data.verify` (verify,
+resolve), so both walk a root, derive row ids and name files in their outputs the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from medtl.data import discover as discovery
+from medtl.data.privacy import Needles, ProjectKey, looks_identifying, path_alias
+from medtl.data.types import Rejection, Study
+
+
+@dataclass
+class _Disk:
+    """Discovered studies and rejections of one root, indexed by relative path."""
+
+    root: Path
+    studies: list[Study]
+    rejections: list[Rejection]
+    files: list[str]  # every file under root (our own walk), relative POSIX paths
+    study_of: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, Rejection] = field(default_factory=dict)
+    below: dict[str, set[int]] = field(default_factory=dict)  # folder -> studies under it
+
+    def rel(self, path: Path) -> str:
+        path = Path(path)
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.resolve().relative_to(self.root).as_posix()
+
+    def targets(self, rel: str) -> list[int] | None:
+        """Studies a labels path points at: [] if it exists without studies, None if missing."""
+        if rel in self.study_of:
+            return [self.study_of[rel]]
+        if rel == ".":
+            return list(range(len(self.studies)))
+        if rel in self.below:
+            return sorted(self.below[rel])
+        return [] if (self.root / rel).exists() else None
+
+
+def _scan_disk(root: Path, exclude: set[str], progress: bool) -> _Disk:
+    studies, rejections = discovery.discover(root, progress=progress)
+    files = []
+    for folder, _dirs, names in os.walk(root):
+        for file_name in names:
+            rel = (Path(folder) / file_name).relative_to(root).as_posix()
+            if rel not in exclude:
+                files.append(rel)
+    disk = _Disk(root, [], [], sorted(files))
+    for study in studies:
+        rels = [disk.rel(f) for f in study.files]
+        if any(r in exclude for r in rels):
+            continue
+        index = len(disk.studies)
+        disk.studies.append(study)
+        for rel in rels:
+            disk.study_of[rel] = index
+            for parent in PurePosixPath(rel).parents:
+                if parent.as_posix() != ".":
+                    disk.below.setdefault(parent.as_posix(), set()).add(index)
+    for rejection in rejections:
+        rel = disk.rel(rejection.path)
+        if rel not in exclude:
+            disk.rejections.append(rejection)
+            disk.rejected[rel] = rejection
+    return disk
+
+
+def _series_identity(study: Study, disk: _Disk) -> str:
+    header = study.header
+    if header is not None and header.series_uid:
+        return header.series_uid
+    return "file:" + disk.rel(study.files[0])
+
+
+def _row_id(key: ProjectKey, study: Study, disk: _Disk) -> str:
+    return key.pseudonym("row", _series_identity(study, disk) + "\x00" + disk.rel(study.files[0]))
+
+
+@dataclass
+class _Namer:
+    """Names files in outputs: the relative path, or its alias when a part identifies someone.
+
+    Every part is checked against every identifying value of the data set, the same values the
+    PHI scan looks for, so a path written in clear can never trip the scan.
+    """
+
+    key: ProjectKey
+    needles: Needles
+    aliases: dict[str, str] = field(default_factory=dict)
+    flagged: set[str] = field(default_factory=set)  # parts flagged by their shape alone
+    _parts: dict[str, bool] = field(default_factory=dict)
+
+    def __call__(self, rel: str) -> str:
+        hit = False
+        for part in PurePosixPath(rel).parts:
+            if part not in self._parts:
+                shaped = looks_identifying(part)
+                self._parts[part] = shaped or self.needles.found_in(part)
+                if shaped:
+                    self.flagged.add(part)
+            hit = hit or self._parts[part]
+        if not hit:
+            return rel
+        alias = path_alias(self.key, rel)
+        self.aliases[alias] = rel
+        return alias
+
+
+def _inside(root: Path, path: Path) -> str | None:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return None
