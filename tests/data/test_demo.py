@@ -61,8 +61,13 @@ def radiographs(demo, rows) -> dict[str, np.ndarray]:
         sites.append(str(ds.InstitutionName))
         sexes.append(str(ds.PatientSex))
         ages.append(_age_years(ds))
-    return {"image": np.stack(images), "label": np.array(labels), "site": np.array(sites),
-            "sex": np.array(sexes), "age": np.array(ages)}
+    return {
+        "image": np.stack(images),
+        "label": np.array(labels),
+        "site": np.array(sites),
+        "sex": np.array(sexes),
+        "age": np.array(ages),
+    }
 
 
 def _age_years(ds: Dataset) -> int:
@@ -73,8 +78,11 @@ def _age_years(ds: Dataset) -> int:
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_writes_byte_identical_files_and_another_seed_differs(tmp_path):
@@ -111,17 +119,24 @@ def test_every_dicom_reads_back_and_decodes_in_every_encoding(demo, headers):
         windowed += ds.Modality != "CT" and "WindowCenter" in ds
     assert {ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless} <= set(syntaxes)
     assert photometric["MONOCHROME1"] >= 10 and rescaled >= 10 and windowed >= 10
-    assert {"Computed Radiography Image Storage", "CT Image Storage", "Basic Text SR Storage",
-            "Digital X-Ray Image Storage - For Presentation"} <= set(classes)
+    assert {
+        "Computed Radiography Image Storage",
+        "CT Image Storage",
+        "Basic Text SR Storage",
+        "Digital X-Ray Image Storage - For Presentation",
+    } <= set(classes)
 
 
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
 def test_unlabelled_files_are_an_sr_a_truncated_dicom_and_a_text_file(demo, rows):
     listed = {r["path"] for r in rows} | {r["mask"] for r in rows}
     sr, broken, notes = (demo.root / p for p in demo.unlabelled_files)
     assert not {p.as_posix() for p in demo.unlabelled_files} & listed
     assert dcmread(sr).Modality == "SR" and notes.read_text()
-    with pytest.raises(Exception):  # noqa: B017 - pydicom raises several types for cut pixel data
-        dcmread(broken).pixel_array
+    head = dcmread(broken, stop_before_pixels=True)
+    assert head.PatientName == "WINTERBOTTOM^GRETA"  # the header survives the cut, the pixels do not
+    with pytest.raises((AttributeError, ValueError)):  # missing vs short pixel data, by encoding
+        _ = dcmread(broken).pixel_array
 
 
 def test_labels_csv_rows_point_to_existing_files_of_the_named_patient(demo, rows, headers):
@@ -143,9 +158,19 @@ def test_fake_phi_is_in_headers_free_text_private_tags_and_paths(demo, headers):
     phi = demo.phi_strings
     free_text = named_paths = 0
     for rel, ds in headers.items():
-        for keyword in ("PatientName", "PatientID", "AccessionNumber", "InstitutionName", "InstitutionAddress",
-                        "ReferringPhysicianName", "OperatorsName", "StationName", "StudyInstanceUID",
-                        "SeriesInstanceUID", "SOPInstanceUID"):
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "AccessionNumber",
+            "InstitutionName",
+            "InstitutionAddress",
+            "ReferringPhysicianName",
+            "OperatorsName",
+            "StationName",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+        ):
             assert str(ds[keyword].value) in phi, keyword
         assert ds.PatientBirthDate in demo.phi_dates and ds.StudyDate in demo.phi_dates
         assert ds.private_block(0x0011, "ACME_PACS")[0x01].value == f"MRN {ds.PatientID}"
@@ -156,7 +181,9 @@ def test_fake_phi_is_in_headers_free_text_private_tags_and_paths(demo, headers):
     assert b"WINTERBOTTOM^GRETA" in (demo.root / demo.unlabelled_files[1]).read_bytes()
 
 
-def test_cohort_has_balanced_classes_both_sexes_every_age_band_and_repeat_studies(demo, rows, headers, radiographs):
+def test_cohort_has_balanced_classes_both_sexes_every_age_band_and_repeat_studies(
+    demo, rows, headers, radiographs
+):
     assert abs(radiographs["label"].mean() - 0.5) < 0.02
     ct_labels = [int(r["label"]) for r in rows if r["mask"]]
     assert 0 < sum(ct_labels) < len(ct_labels)
@@ -170,7 +197,10 @@ def test_cohort_has_balanced_classes_both_sexes_every_age_band_and_repeat_studie
     studies = defaultdict(set)
     for ds in images:
         studies[ds.PatientID].add(ds.StudyInstanceUID)
-    assert len(studies) == demo.n_patients and sum(len(s) >= 2 for s in studies.values()) >= 0.2 * demo.n_patients
+    assert (
+        len(studies) == demo.n_patients
+        and sum(len(s) >= 2 for s in studies.values()) >= 0.2 * demo.n_patients
+    )
 
 
 def test_sites_and_scanners_vary_and_the_gap_site_is_a_fifth_of_patients_or_more(demo, headers):
@@ -201,10 +231,13 @@ def test_planted_gap_shows_in_a_simple_statistic_only_at_the_gap_site(demo, radi
     score, label, site = _opacity_score(radiographs["image"]), radiographs["label"], radiographs["site"]
     auc = {s: roc_auc_score(label[site == s], score[site == s]) for s in set(site)}
     others = [a for s, a in auc.items() if s != demo.gap_institution]
-    assert auc[demo.gap_institution] < 0.8 and min(others) > 0.9, auc
+    assert auc[demo.gap_institution] < 0.8 and min(others) > 0.88, auc
+    assert min(others) - auc[demo.gap_institution] > 0.15, auc
     rest = site != demo.gap_institution  # sex and age must carry no gap of their own
-    by_sex = [roc_auc_score(label[rest & (radiographs["sex"] == s)], score[rest & (radiographs["sex"] == s)])
-              for s in "FM"]
+    by_sex = [
+        roc_auc_score(label[rest & (radiographs["sex"] == s)], score[rest & (radiographs["sex"] == s)])
+        for s in "FM"
+    ]
     old = radiographs["age"] >= 50
     by_age = [roc_auc_score(label[rest & g], score[rest & g]) for g in (old, ~old)]
     assert abs(by_sex[0] - by_sex[1]) < 0.08 and abs(by_age[0] - by_age[1]) < 0.08, (by_sex, by_age)
@@ -254,8 +287,11 @@ def test_medtl_discovery_loads_ct_like_the_masks_and_rejects_the_unlabelled_file
     status = {r.path.relative_to(demo.root.absolute()).as_posix(): r.status for r in rejections}
     sr, broken, notes = (p.as_posix() for p in demo.unlabelled_files)
     assert (status.get(sr), status.get(broken), status.get(notes)) == ("skipped", "quarantined", "skipped")
-    series = {s.files[0].parent.relative_to(demo.root.absolute()).as_posix(): s
-              for s in studies if s.kind == "dicom_series"}
+    series = {
+        s.files[0].parent.relative_to(demo.root.absolute()).as_posix(): s
+        for s in studies
+        if s.kind == "dicom_series"
+    }
     for row in (r for r in rows if r["mask"]):
         loaded = discover_module.load_study(series[row["path"]])
         mask = nib.load(demo.root / row["mask"])
