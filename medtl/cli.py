@@ -94,8 +94,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = run_workflow(cfg, output, resume=args.resume, progress=not args.quiet)
     if not out.run_id:  # a non-zero torchrun rank: rank 0 reports
         return 0
-    test = ", ".join(f"{k} {v:.3f}" for k, v in out.metrics["test"].items() if isinstance(v, float))
-    print(f"run {out.run_id}: test {test}")
+    for part in ("test", "old_test", "target_test", "source_test"):
+        if isinstance(out.metrics.get(part), dict):
+            values = ", ".join(f"{k} {v:.3f}" for k, v in out.metrics[part].items() if isinstance(v, float))
+            print(f"run {out.run_id}: {part} {values}")
     print(f"audit {'passed' if out.audit_passed else 'FAILED'}; registered {out.model_name} v{out.model_version}")
     print(f"outputs in {out.output_dir} (metrics.json, predictions.csv, audit.json, report.html)")
     return 0
@@ -130,6 +132,21 @@ def _cmd_study_transfer_benefit(args: argparse.Namespace) -> int:
     print(result["headline"]["text"])
     print(f"outputs in {output} (transfer_benefit.json, transfer_benefit.png, transfer_benefit_time.png, "
           "transfer_benefit.html)")
+    return 0
+
+
+def _cmd_study_few_shot(args: argparse.Namespace) -> int:
+    from medtl.adaptation import few_shot_summary
+    from medtl.config import load_config
+    from medtl.run import run_few_shot
+
+    cfg = load_config(Path(args.workflow), args.set)
+    ks = [int(k) for k in args.k.split(",") if k.strip()] if args.k else None
+    output = Path(args.output or Path("outputs") / f"{cfg.name}-few-shot")
+    result = run_few_shot(cfg, output, ks=ks, draws=args.draws, progress=not args.quiet)
+    for line in few_shot_summary(result):
+        print(line)
+    print(f"run {result['run_id']}; results in {output / 'few_shot.json'}")
     return 0
 
 
@@ -217,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints under OUTPUT/runs/")
     tb.add_argument("--output", help="output folder (default outputs/<name>-transfer-benefit)")
     tb.set_defaults(func=_cmd_study_transfer_benefit)
+
+    fs = ssub.add_parser("few-shot", help="frozen-encoder prototype classifier and linear probe with k studies per class")
+    fs.add_argument("workflow", help="workflow YAML")
+    fs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    fs.add_argument("--k", help="studies per class, comma-separated (default fewshot.ks: 1,5,10,20)")
+    fs.add_argument("--draws", type=int, help="random draws of the k studies per k (default fewshot.draws: 5)")
+    fs.add_argument("--output", help="output folder (default outputs/<name>-few-shot)")
+    fs.set_defaults(func=_cmd_study_few_shot)
 
     reg = sub.add_parser("registry", help="model registry actions")
     rsub = reg.add_subparsers(dest="registry_command", metavar="ACTION")

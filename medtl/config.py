@@ -104,6 +104,49 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class AdaptationConfig:
+    """Domain adaptation to a target site/scanner whose training studies need no labels (docs/transfer.md)."""
+
+    method: str = "none"  # none | adabn | dann
+    domain_column: str = "site"  # manifest column holding the domain (site, scanner, ...)
+    target: str = ""  # the target domain's value in that column, e.g. a SITE-... code
+    batch_size: int = 32  # adabn: target images per forward pass (larger = steadier variances)
+    domain_weight: float = 1.0  # dann: weight of the domain-classification loss
+    gamma: float = 10.0  # dann: steepness of the gradient-reversal schedule
+    max_lambda: float = 1.0  # dann: final gradient-reversal strength
+    hidden: int = 256  # dann: width of the domain classifier
+
+
+@dataclass(frozen=True)
+class MultiTaskConfig:
+    """Segmentation plus a classification head on the shared encoder (task: segmentation)."""
+
+    enabled: bool = False
+    cls_weight: float = 1.0
+    seg_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    """The few-shot study: frozen-encoder classifiers fitted on k labelled patients per class."""
+
+    ks: tuple[int, ...] = (1, 5, 10, 20)
+    draws: int = 5
+    methods: tuple[str, ...] = ("prototype", "linear_probe")
+    normalize: bool = True  # L2-normalise the embeddings (both methods)
+    probe_c: float = 1.0  # inverse regularisation of the linear probe
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    """Continual fine-tuning: start from a registered version, report the old test set beside the new."""
+
+    from_model: str = ""  # models:/<name>@<alias> or models:/<name>/<version>
+    old_manifest: str = ""  # manifest CSV whose test split is the old test set
+    old_root: str = ""  # data root of the old manifest; empty = data.root
+
+
+@dataclass(frozen=True)
 class WorkflowConfig:
     """A whole workflow: data -> model -> training -> evaluation -> audit -> MLflow."""
 
@@ -116,6 +159,10 @@ class WorkflowConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
 
 _CHOICES = {
@@ -130,7 +177,10 @@ _CHOICES = {
     "evaluation.threshold_rule": ("youden", "sensitivity", "fpr"),
     "audit.correction": ("bonferroni", "none"),
     "model.spatial_dims": (2, 3),
+    "adaptation.method": ("none", "adabn", "dann"),
 }
+# Mirrors medtl.models.fewshot.FEW_SHOT_METHODS: loading a config must not import torch.
+_FEW_SHOT_METHODS = ("prototype", "linear_probe")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -255,7 +305,82 @@ def validate(cfg: WorkflowConfig) -> WorkflowConfig:
         raise ConfigError(f"config key 'train.epochs' must be at least 1, not {cfg.train.epochs}")
     if abs(sum(cfg.data.fractions) - 1.0) > 1e-6 or len(cfg.data.fractions) != 3:
         raise ConfigError(f"config key 'data.fractions' must be three numbers summing to 1, not {list(cfg.data.fractions)}")
+    _validate_adaptation(cfg)
+    _validate_multitask(cfg)
+    _validate_fewshot(cfg)
+    _validate_continual(cfg)
     return cfg
+
+
+def _at_least(key: str, value: float, low: float, example: str) -> None:
+    if value < low:
+        raise ConfigError(f"config key '{key}' must be at least {low:g}, not {value:g}; e.g. {example}")
+
+
+def _validate_adaptation(cfg: WorkflowConfig) -> None:
+    a = cfg.adaptation
+    if a.method == "none":
+        return
+    if not a.domain_column.strip():
+        raise ConfigError(f"config key 'adaptation.domain_column' must name a manifest column for "
+                          f"adaptation.method={a.method}, not be empty; e.g. site or scanner")
+    if not a.target.strip():
+        raise ConfigError(f"config key 'adaptation.target' must be set for adaptation.method={a.method}, not empty; "
+                          f"give the target domain's value of manifest column '{a.domain_column}'")
+    _at_least("adaptation.batch_size", a.batch_size, 2, "32")  # BatchNorm statistics need 2+ images a batch
+    if a.method == "dann":
+        if cfg.task != "classification" or cfg.model.multi_label:
+            raise ConfigError("config key 'adaptation.method' must be adabn or none for segmentation or multi-label "
+                              "models, not dann; DANN needs one class index per study")
+        if cfg.train.balance == "sampler":
+            raise ConfigError("config key 'train.balance' must be none or loss with adaptation.method=dann, not "
+                              "sampler; the sampler cannot read DANN's [class, domain] labels")
+        _at_least("adaptation.domain_weight", a.domain_weight, 0, "1.0")
+        _at_least("adaptation.max_lambda", a.max_lambda, 0, "1.0")
+        _at_least("adaptation.hidden", a.hidden, 1, "256")
+        if a.gamma <= 0:
+            raise ConfigError(f"config key 'adaptation.gamma' must be positive, not {a.gamma:g}; e.g. 10")
+
+
+def _validate_multitask(cfg: WorkflowConfig) -> None:
+    m = cfg.multitask
+    if not m.enabled:
+        return
+    if cfg.task != "segmentation":
+        raise ConfigError(f"config key 'multitask.enabled' needs task segmentation (studies with a mask and a "
+                          f"label), not task {cfg.task}; set task: segmentation")
+    _at_least("multitask.cls_weight", m.cls_weight, 0, "1.0")
+    _at_least("multitask.seg_weight", m.seg_weight, 0, "1.0")
+    if m.cls_weight == 0 and m.seg_weight == 0:
+        raise ConfigError("config keys 'multitask.cls_weight' and 'multitask.seg_weight' must not both be 0; "
+                          "set one to e.g. 1.0")
+
+
+def _validate_fewshot(cfg: WorkflowConfig) -> None:
+    f = cfg.fewshot
+    if not f.ks:
+        raise ConfigError("config key 'fewshot.ks' must list at least one k, not be empty; e.g. [1, 5, 10, 20]")
+    for k in f.ks:
+        _at_least("fewshot.ks", k, 1, "[1, 5, 10, 20]")
+    _at_least("fewshot.draws", f.draws, 1, "5")
+    unknown = [m for m in f.methods if m not in _FEW_SHOT_METHODS]
+    if unknown or not f.methods:
+        raise ConfigError(f"config key 'fewshot.methods' must be among {', '.join(_FEW_SHOT_METHODS)}, "
+                          f"not {list(f.methods)}")
+    if f.probe_c <= 0:
+        raise ConfigError(f"config key 'fewshot.probe_c' must be positive, not {f.probe_c:g}; e.g. 1.0")
+
+
+def _validate_continual(cfg: WorkflowConfig) -> None:
+    c = cfg.continual
+    if not (c.from_model or c.old_manifest or c.old_root):
+        return
+    if not c.from_model.startswith("models:/") or len(c.from_model) <= len("models:/"):
+        raise ConfigError(f"config key 'continual.from_model' must be a registry URI such as "
+                          f"models:/classify_2d@champion or models:/classify_2d/3, not {c.from_model!r}")
+    if not c.old_manifest:
+        raise ConfigError("config key 'continual.old_manifest' must be set with continual.from_model, not empty; "
+                          "give the manifest CSV whose test split is the old test set")
 
 
 def to_dict(cfg: WorkflowConfig) -> dict:

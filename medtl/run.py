@@ -3,6 +3,11 @@
 Order: manifest -> train (epoch metrics to MLflow) -> predictions on val/test -> test metrics with
 patient-level bootstrap CIs -> bias audit -> model + registry version (alias `candidate`) ->
 audit verdict on the version -> HTML report -> PHI scan of everything the run logged.
+
+The training step follows the config's transfer method (`medtl.adaptation`): domain adaptation
+adds `target_test`/`source_test` metrics, continual fine-tuning adds `old_test` (the registered
+version's old test set), multi-task adds the class head's metrics to `test`. `run_few_shot` is
+the few-shot study, recorded as its own run.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +24,18 @@ import numpy as np
 import pandas as pd
 
 from medtl import __version__
-from medtl.config import WorkflowConfig
+from medtl.adaptation import (
+    RegisteredWeights,
+    check_old_test_unseen,
+    check_registered_fits,
+    domain_test_sets,
+    few_shot_study,
+    load_registered_weights,
+    old_test_predictions,
+    prepare_old_data,
+    train_for_config,
+)
+from medtl.config import WorkflowConfig, validate
 from medtl.engine.runtime import barrier, cleanup_distributed, init_distributed
 from medtl.errors import MedtlError
 from medtl.evaluation.audit import BiasAudit
@@ -27,6 +44,7 @@ from medtl.evaluation.bootstrap import bootstrap_binary
 from medtl.evaluation.metrics import choose_threshold, classification_report_data, multiclass_metrics
 from medtl.evaluation.report import render_report
 from medtl.evaluation.segmentation import segmentation_case_metrics
+from medtl.models.fewshot import flatten_results
 from medtl.report_inputs import build_report_inputs, inputs_from_json, inputs_to_json
 from medtl.tracking import phi_guard, registry, run_records, store
 from medtl.tracking.torch_model import log_torch_model
@@ -37,7 +55,6 @@ from medtl.workflow import (
     patient_ids,
     predictions_table,
     prepare_data,
-    train_model,
     write_outputs,
 )
 
@@ -122,7 +139,41 @@ def _evaluate_segmentation(cfg: WorkflowConfig, data: PreparedData, predictions:
         out[split] = metrics
     out["cases"] = table
     out["threshold"] = None
+    if "y_true" in table.columns:  # a multi-task model's class head
+        _add_class_head_metrics(cfg, data, table, out)
     return out
+
+
+def _add_class_head_metrics(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, out: dict) -> None:
+    # Studies without a class label (y_true -1) count for the masks only.
+    labelled = table[table["y_true"] >= 0]
+    val, test = labelled[labelled["split"] == "val"], labelled[labelled["split"] == "test"]
+    if test.empty or val.empty:
+        logger.warning("no class-head metrics: the val or test split has no study with a class label")
+        return
+    ev = cfg.evaluation
+    if "y_score" in table.columns:
+        # The class head is secondary here: a validation split with one labelled class (few masks
+        # carry labels) gets a fixed 0.5 threshold instead of failing the segmentation run.
+        one_class = val["y_true"].nunique() < 2
+        if one_class:
+            logger.warning("class-head threshold fixed at 0.5: the validation studies hold one class label")
+        estimates = bootstrap_binary(
+            test["y_true"].to_numpy(), test["y_score"].to_numpy(), patient_ids(data, test["id"]),
+            threshold=0.5 if one_class else None,
+            validation=None if one_class else (val["y_true"].to_numpy(), val["y_score"].to_numpy(),
+                                               patient_ids(data, val["id"])),
+            rule=ev.threshold_rule, target=ev.threshold_target if ev.threshold_rule != "youden" else None,
+            n_boot=ev.n_boot, seed=cfg.seed,
+        )
+        out["threshold"] = estimates.pop("threshold").value
+        out["test"].update({k: e.to_dict() for k, e in estimates.items()})
+        out["val"]["auroc"] = {"value": _auroc(val["y_true"], val["y_score"]), "ci": None}
+        return
+    classes = [c.removeprefix("y_score_") for c in table.columns if c.startswith("y_score_")]
+    point = multiclass_metrics(test["y_true"].map(lambda i: classes[int(i)]),
+                               test[[f"y_score_{c}" for c in classes]].to_numpy(), classes)
+    out["test"].update({k: {"value": float(v), "ci": None} for k, v in point.items() if isinstance(v, int | float)})
 
 
 def _patient_bootstrap_mean(values: np.ndarray, patients: np.ndarray, n_boot: int, rng) -> dict:
@@ -167,12 +218,39 @@ def run_audit(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, *, p
 def _flat_metrics(evaluation: dict) -> dict[str, float]:
     flat = {}
     for split in ("val", "test"):
-        for name, est in evaluation.get(split, {}).items():
-            if isinstance(est, dict) and est.get("value") is not None and np.isfinite(est["value"]):
-                flat[f"{split}.{name}"] = float(est["value"])
-                if est.get("ci"):
-                    flat[f"{split}.{name}.ci_lo"], flat[f"{split}.{name}.ci_hi"] = map(float, est["ci"])
+        flat.update(_flat_estimates(split, evaluation.get(split, {})))
     return flat
+
+
+def _flat_estimates(prefix: str, estimates: dict) -> dict[str, float]:
+    flat = {}
+    for name, est in estimates.items():
+        if isinstance(est, dict) and est.get("value") is not None and np.isfinite(est["value"]):
+            flat[f"{prefix}.{name}"] = float(est["value"])
+            if est.get("ci"):
+                flat[f"{prefix}.{name}.ci_lo"], flat[f"{prefix}.{name}.ci_hi"] = map(float, est["ci"])
+    return flat
+
+
+def _extra_evaluations(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame, trained: TrainedModel,
+                       old: PreparedData | None, *, progress: bool) -> tuple[dict[str, dict], pd.DataFrame | None]:
+    """Test metrics beside `test`: per adaptation domain, and on the old test set of a continual run.
+
+    The old test set is evaluated like the registered version was (threshold from the old
+    manifest's validation split), so its numbers compare with that version's test metrics.
+    """
+    extra: dict[str, dict] = {}
+    if cfg.adaptation.method != "none":
+        for name, subset in domain_test_sets(cfg, data, predictions).items():
+            extra[name] = evaluate(cfg, data, subset)
+    old_table = None
+    if old is not None:
+        old_predictions = old_test_predictions(cfg, old, trained, progress=progress)
+        extra["old_test"] = evaluate(cfg, old, old_predictions)
+        old_table = extra["old_test"].get("cases", old_predictions)
+    for evaluation in extra.values():
+        evaluation.pop("cases", None)
+    return extra, old_table
 
 
 def run_workflow(
@@ -216,18 +294,27 @@ def run_workflow(
     timings["manifest_seconds"] = time.perf_counter() - start
     store.tracking_uri()
     name = cfg.tracking.registered_model or cfg.name
+    registered = _registered_start(cfg)
+    initial = registered.state if registered is not None else None
     if not main_rank:
-        train_model(cfg, data, output_dir=output_dir, resume=resume, progress=False)
+        train_for_config(cfg, data, output_dir=output_dir, resume=resume, progress=False, initial_state=initial)
         cleanup_distributed()
         return RunOutputs(run_id="", output_dir=output_dir, metrics={}, audit_passed=None,
                           model_name=name, model_version="", report_path=None)
-    with store.start_run(cfg.tracking.experiment, run_name=cfg.name, tags={"medtl.workflow": cfg.name}) as run:
+    old = None
+    if registered is not None:
+        old = prepare_old_data(cfg, output_dir / "old", progress=progress)
+        check_old_test_unseen(data, old)
+    run_tags = {"medtl.workflow": cfg.name}
+    if registered is not None:
+        run_tags["medtl.continual_from"] = registered.reference
+    with store.start_run(cfg.tracking.experiment, run_name=cfg.name, tags=run_tags) as run:
         run_id = run.info.run_id
         run_records.log_config(config_dict(cfg))
         run_records.log_environment()
         run_records.log_manifest(data.manifest, data.manifest_sha256)
-        trained, sets = train_model(
-            cfg, data, output_dir=output_dir, resume=resume, progress=progress,
+        trained, sets, method_info = train_for_config(
+            cfg, data, output_dir=output_dir, resume=resume, progress=progress, initial_state=initial,
             on_epoch_end=lambda epoch, record: run_records.log_epoch_metrics(
                 {k: v for k, v in record.items() if k != "epoch"}, epoch),
         )
@@ -241,6 +328,7 @@ def run_workflow(
         predictions = predictions_table(cfg, data, trained, sets, progress=progress)
         evaluation = evaluate(cfg, data, predictions)
         table = evaluation.pop("cases") if cfg.task == "segmentation" else predictions
+        extra, old_table = _extra_evaluations(cfg, data, predictions, trained, old, progress=progress)
         timings["evaluate_seconds"] = time.perf_counter() - t0
         audit = run_audit(cfg, data, table, progress=progress)
         audit_dict = audit.to_dict()
@@ -257,23 +345,29 @@ def run_workflow(
             "run_id": run_id,
             "audit_passed": passed,
         }
+        for key, ev in extra.items():
+            metrics[key] = {k: v["value"] for k, v in ev["test"].items()}
+            metrics[f"{key}_ci"] = {k: v["ci"] for k, v in ev["test"].items()}
+        metrics.update(_method_facts(cfg, method_info, registered, old))
         write_outputs(output_dir, table, metrics)
         flat = _flat_metrics(evaluation)
+        for key, ev in extra.items():
+            flat.update(_flat_estimates(key, ev["test"]))
+        flat.update({f"adaptation.{k}": float(v) for k, v in method_info.items()})
         flat["audit.passed"] = float(passed)
         run_records.log_final_metrics(flat)
-        for artifact in ("metrics.json", "predictions.csv", "audit.json"):
+        artifacts = ["metrics.json", "predictions.csv", "audit.json"]
+        if old_table is not None:
+            old_table[[c for c in old_table.columns if not c.startswith("_")]].to_csv(
+                output_dir / "old_predictions.csv", index=False)
+            artifacts.append("old_predictions.csv")
+        for artifact in artifacts:
             run_records.log_artifact(output_dir / artifact)
         model_uri = log_torch_model(bundle.model, (cfg.model.in_channels, *cfg.data.image_size))
         version = ""
         if cfg.tracking.register:
-            tags = {
-                "task": cfg.task, "encoder": cfg.model.encoder, "weights_origin": bundle.weights.origin,
-                "weights_source": bundle.weights.source, "strategy": cfg.train.strategy,
-                "manifest_sha256": data.manifest_sha256, "run_id": run_id,
-            }
-            key_metrics = {f"test.{k}": v for k, v in metrics["test"].items()
-                           if k in ("auroc", "auprc", "accuracy", "dice") and v is not None}
-            version = registry.register_model(model_uri, name, tags, key_metrics)
+            version = registry.register_model(model_uri, name, _version_tags(cfg, data, trained, run_id, registered),
+                                              _key_metrics(metrics))
             registry.set_audit_status(name, version, "passed" if passed else "failed",
                                       {"flagged_gaps": sum(1 for g in audit_dict.get("gaps", []) if g.get("flagged"))})
         inputs = build_report_inputs(cfg, data, trained, evaluation, audit_dict, run_id=run_id,
@@ -289,16 +383,144 @@ def run_workflow(
             store.client().set_model_version_tag(name, version, "report_artifact", f"runs:/{run_id}/report.html")
     forbidden = dict(data.forbidden)
     forbidden.update(extra_forbidden or {})
-    findings = phi_guard.scan_run(run_id, forbidden.keys(), [data.root.resolve()])
+    roots = [data.root.resolve()] + ([old.root.resolve()] if old is not None else [])
+    _scan_or_raise(run_id, forbidden, roots, name=name, version=version)
+    return RunOutputs(run_id=run_id, output_dir=output_dir, metrics=metrics, audit_passed=passed,
+                      model_name=name, model_version=version, report_path=report_path)
+
+
+def _registered_start(cfg: WorkflowConfig) -> RegisteredWeights | None:
+    """The registered version a continual run starts from (checked against the config), or None."""
+    if not cfg.continual.from_model:
+        return None
+    registered = load_registered_weights(cfg.continual.from_model)
+    check_registered_fits(cfg, registered)
+    return registered
+
+
+def _method_facts(cfg: WorkflowConfig, method_info: dict, registered: RegisteredWeights | None,
+                  old: PreparedData | None) -> dict:
+    """metrics.json entries that say how an adapted or continual run was made."""
+    facts: dict = {}
+    a = cfg.adaptation
+    if a.method != "none":
+        facts["adaptation"] = {"method": a.method, "domain_column": a.domain_column, "target": a.target,
+                               **method_info}
+    if registered is not None and old is not None:
+        facts["continual"] = {"from_model": registered.reference, "old_manifest_sha256": old.manifest_sha256,
+                              "old_test_studies": int((old.manifest["split"] == "test").sum())}
+    if cfg.multitask.enabled:
+        facts["multitask"] = {"cls_weight": cfg.multitask.cls_weight, "seg_weight": cfg.multitask.seg_weight}
+    return facts
+
+
+def _version_tags(cfg: WorkflowConfig, data: PreparedData, trained: TrainedModel, run_id: str,
+                  registered: RegisteredWeights | None) -> dict[str, str]:
+    bundle = trained.bundle
+    tags = {
+        "task": cfg.task, "encoder": cfg.model.encoder, "weights_origin": bundle.weights.origin,
+        "weights_source": bundle.weights.source, "strategy": cfg.train.strategy,
+        "manifest_sha256": data.manifest_sha256, "run_id": run_id,
+    }
+    if cfg.adaptation.method != "none":
+        tags["adaptation"] = f"{cfg.adaptation.method} to {cfg.adaptation.domain_column}={cfg.adaptation.target}"
+    if cfg.multitask.enabled:
+        # The logged model returns S segmentation maps then the K class logits repeated over space.
+        tags["multitask"] = f"outputs {bundle.model.num_seg_classes} segmentation + {bundle.model.num_classes} class"
+    if registered is not None:
+        tags["continual_from"] = registered.reference
+    return tags
+
+
+def _key_metrics(metrics: dict) -> dict[str, float]:
+    return {f"{split}.{k}": v for split in ("test", "target_test", "old_test") for k, v in metrics.get(split, {}).items()
+            if k in ("auroc", "auprc", "accuracy", "dice") and v is not None}
+
+
+def _scan_or_raise(run_id: str, forbidden: dict[str, str], roots: list[Path], *, name: str, version: str) -> None:
+    findings = phi_guard.scan_run(run_id, forbidden.keys(), roots)
     if findings:
         if version:
             registry.set_audit_status(name, version, "failed", {"phi_findings": len(findings)})
         raise PHILeakError(
             f"the MLflow run {run_id} holds {len(findings)} identifying value(s) or data path(s): "
-            + "; ".join(findings[:5]) + "; the version was marked failed — report this as a bug"
+            + "; ".join(findings[:5]) + ("; the version was marked failed" if version else "")
+            + " — report this as a bug"
         )
-    return RunOutputs(run_id=run_id, output_dir=output_dir, metrics=metrics, audit_passed=passed,
-                      model_name=name, model_version=version, report_path=report_path)
+
+
+def run_few_shot(
+    cfg: WorkflowConfig,
+    output_dir: Path,
+    *,
+    ks: Sequence[int] | None = None,
+    draws: int | None = None,
+    progress: bool = True,
+    extra_forbidden: dict[str, str] | None = None,
+) -> dict:
+    """The few-shot study of a classification workflow, recorded as one MLflow run.
+
+    Frozen pretrained encoder (no fine-tuning): prototype classifier and linear probe fitted on k
+    training patients per class, scored on the test split, `draws` random draws per k.
+
+    Args:
+        cfg: the validated workflow config (its `fewshot` section gives the defaults).
+        output_dir: gets few_shot.json (and the manifest when it is built).
+        ks: support sizes, overriding `fewshot.ks`.
+        draws: draws per k, overriding `fewshot.draws`.
+        progress: progress bars.
+        extra_forbidden: more identifying strings the PHI scan of the run must not find.
+
+    Returns:
+        The content of few_shot.json: settings, sizes, "skipped_ks", "run_id" and
+        "results" = {method: {k: {"auroc_mean", "auroc_sd", "accuracy_mean", "accuracy_sd",
+        "auroc", "accuracy" (per draw), "n_support"}}} (NaN written as null).
+
+    Raises:
+        ConfigError: for a segmentation workflow or invalid ks/draws.
+        PHILeakError: when the scan of the MLflow run finds an identifying value or a data path.
+
+    Example:
+        >>> result = run_few_shot(load_config(Path("workflows/classify_2d.yaml")), Path("outputs/few_shot"),
+        ...                       ks=[1, 5, 10], draws=5)
+    """
+    fewshot = dataclasses.replace(cfg.fewshot, ks=tuple(ks) if ks is not None else cfg.fewshot.ks,
+                                  draws=draws if draws is not None else cfg.fewshot.draws)
+    cfg = validate(dataclasses.replace(cfg, fewshot=fewshot))
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg, output_dir, progress=progress)
+    store.tracking_uri()
+    tags = {"medtl.workflow": cfg.name, "medtl.study": "few-shot"}
+    with store.start_run(cfg.tracking.experiment, run_name=f"{cfg.name}-few-shot", tags=tags) as run:
+        run_records.log_config(config_dict(cfg))
+        run_records.log_environment()
+        run_records.log_manifest(data.manifest, data.manifest_sha256)
+        result, bundle = few_shot_study(cfg, data, progress=progress)
+        report = bundle.load_report
+        run_records.log_weights(bundle.weights.as_dict(), report.as_dict() if report is not None else None)
+        result["run_id"] = run.info.run_id
+        numbers = flatten_results({m: {int(k): e for k, e in by_k.items()} for m, by_k in result["results"].items()})
+        run_records.log_final_metrics({k: v for k, v in numbers.items() if np.isfinite(v)})
+        path = output_dir / "few_shot.json"
+        path.write_text(json.dumps(_json_safe(result), indent=2, sort_keys=True))
+        run_records.log_artifact(path)
+    forbidden = {**data.forbidden, **(extra_forbidden or {})}
+    _scan_or_raise(result["run_id"], forbidden, [data.root.resolve()], name="", version="")
+    return _json_safe(result)
+
+
+def _json_safe(value):
+    """NaN/inf -> None (strict JSON), numpy scalars -> Python, recursively."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def rerender_report(run_id: str, out_path: Path, *, pdf: bool = False) -> Path:
@@ -332,4 +554,5 @@ def rerender_report(run_id: str, out_path: Path, *, pdf: bool = False) -> Path:
 
 
 __all__ = [
-    "rerender_report","RunOutputs", "PHILeakError", "evaluate", "run_audit", "run_workflow", "TrainedModel"]
+    "rerender_report", "RunOutputs", "PHILeakError", "evaluate", "run_audit", "run_few_shot", "run_workflow",
+    "TrainedModel"]

@@ -1,32 +1,36 @@
 """The orchestration layer: manifest -> model -> training -> evaluation -> audit -> MLflow -> report.
 
-This is the only module (with `medtl.cli` and `medtl.studies`) that imports every layer. Each step
-is a plain function so studies (transfer benefit, few-shot, ...) can reuse them.
+This is the orchestration layer (with `medtl.run`, `medtl.adaptation`, `medtl.studies` and
+`medtl.cli`): it imports every layer. Each step is a plain function so studies (transfer benefit,
+few-shot, ...) and the transfer methods of `medtl.adaptation` can reuse them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import Dataset
 
 from medtl.config import WorkflowConfig, to_dict
-from medtl.data.dataset import Preprocessing, class_names, make_dataset, manifest_items
+from medtl.data.dataset import Preprocessing, class_names, label_counts, make_dataset, manifest_items
 from medtl.data.manifest import build_manifest
 from medtl.data.splits import check_leakage
-from medtl.engine.config import FitResult, TrainConfig
+from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
 from medtl.engine.inference import predict
 from medtl.engine.loop import fit
 from medtl.errors import ConfigError, InputError
 from medtl.models.factory import ModelBundle, create_model
-from medtl.models.strategies import make_transfer_plan
+from medtl.models.multitask import MultiTaskModel, split_outputs
+from medtl.models.strategies import TransferPlan, make_transfer_plan
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +113,14 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
         keep = manifest["modality"].str.upper().isin([m.upper() for m in cfg.data.modalities])
         dropped["other modality"] = int((~keep).sum())
         manifest = manifest[keep]
-    if cfg.task == "segmentation":
-        keep = manifest["mask"].str.strip() != ""
-        dropped["no mask"] = int((~keep).sum())
-        manifest = manifest[keep]
-    else:
-        keep = manifest["label"].str.strip() != ""
-        dropped["no label"] = int((~keep).sum())
-        manifest = manifest[keep]
-    manifest = manifest.reset_index(drop=True)
+    # Domain adaptation learns from the target domain's training studies without their labels
+    # (masks), so those rows stay even when unlabelled; everywhere else a row needs its target.
+    unlabelled_ok = (target_domain_rows(cfg, manifest, source=manifest_path.name) & (manifest["split"] == "train")
+                     if cfg.adaptation.method != "none" else np.zeros(len(manifest), dtype=bool))
+    column, reason = ("mask", "no mask") if cfg.task == "segmentation" else ("label", "no label")
+    keep = (manifest[column].str.strip() != "") | unlabelled_ok
+    dropped[reason] = int((~keep).sum())
+    manifest = manifest[keep].reset_index(drop=True)
     for split in ("train", "val", "test"):
         if not (manifest["split"] == split).any():
             raise InputError(
@@ -144,6 +147,25 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
         dropped={k: v for k, v in dropped.items() if v},
         forbidden=forbidden,
     )
+
+
+def target_domain_rows(cfg: WorkflowConfig, manifest: pd.DataFrame, *, source: str = "the manifest") -> np.ndarray:
+    """Which manifest rows belong to the adaptation target domain (`adaptation.target`).
+
+    Raises:
+        ConfigError: when `adaptation.domain_column` is not a manifest column or no row holds the target.
+    """
+    a = cfg.adaptation
+    if a.domain_column not in manifest.columns:
+        raise ConfigError(f"config key 'adaptation.domain_column' must name a column of {source}, not "
+                          f"{a.domain_column!r}; e.g. site or scanner")
+    values = manifest[a.domain_column].astype(str).str.strip()
+    rows = (values == a.target.strip()).to_numpy()
+    if not rows.any():
+        known = sorted(v for v in set(values) if v)
+        raise ConfigError(f"config key 'adaptation.target' must be a value of column '{a.domain_column}' in {source}, "
+                          f"not {a.target!r}; choose one of {', '.join(known[:20])}")
+    return rows
 
 
 def preprocessing_for(cfg: WorkflowConfig, bundle: ModelBundle) -> Preprocessing:
@@ -178,10 +200,10 @@ def build_model(cfg: WorkflowConfig, *, weights: str | None = None) -> ModelBund
 
 
 def datasets_for(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing, *, progress: bool = True,
-                 train_ids: set[str] | None = None) -> dict:
-    """train/val/test MONAI datasets (train optionally restricted to `train_ids`)."""
+                 train_ids: set[str] | None = None, splits: tuple[str, ...] = ("train", "val", "test")) -> dict:
+    """MONAI datasets of the given splits (train optionally restricted to `train_ids`)."""
     out = {}
-    for split in ("train", "val", "test"):
+    for split in splits:
         items = manifest_items(data.manifest, split, cfg.task, data.classes)
         if split == "train" and train_ids is not None:
             items = [item for item in items if item["id"] in train_ids]
@@ -198,7 +220,8 @@ def datasets_for(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing, *
     return out
 
 
-def _loss_and_metric(cfg: WorkflowConfig, class_weights: torch.Tensor | None) -> tuple[Callable, Callable, str]:
+def loss_and_metric(cfg: WorkflowConfig, class_weights: torch.Tensor | None) -> tuple[Callable, Callable, str]:
+    """The task's loss, validation metric function and the metric that picks the best epoch."""
     if cfg.task == "segmentation":
         from monai.losses import DiceCELoss
         from monai.metrics import DiceMetric
@@ -215,24 +238,25 @@ def _loss_and_metric(cfg: WorkflowConfig, class_weights: torch.Tensor | None) ->
 
         return loss, dice, "dice"
 
-    from sklearn.metrics import roc_auc_score
-
     if cfg.model.multi_label:
         bce = torch.nn.BCEWithLogitsLoss()
         return (lambda o, t: bce(o, t.float())), (lambda o, t: {"auroc": _safe_auroc(t.numpy(), torch.sigmoid(o).numpy())}), "auroc"
     ce = torch.nn.CrossEntropyLoss(weight=class_weights)
+    return (lambda o, t: ce(o, t.long())), class_auroc, "auroc"
 
-    def auroc(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        probs = torch.softmax(outputs.float(), dim=1).numpy()
-        y = targets.long().numpy()
-        if probs.shape[1] == 2:
-            return {"auroc": _safe_auroc(y, probs[:, 1])}
-        try:
-            return {"auroc": float(roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))}
-        except ValueError:
-            return {"auroc": 0.5}
 
-    return (lambda o, t: ce(o, t.long())), auroc, "auroc"
+def class_auroc(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Validation AUROC of single-label class logits (one-vs-rest for more than two classes)."""
+    from sklearn.metrics import roc_auc_score
+
+    probs = torch.softmax(outputs.float(), dim=1).numpy()
+    y = targets.long().numpy()
+    if probs.shape[1] == 2:
+        return {"auroc": _safe_auroc(y, probs[:, 1])}
+    try:
+        return {"auroc": float(roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))}
+    except ValueError:
+        return {"auroc": 0.5}
 
 
 def _safe_auroc(y: np.ndarray, s: np.ndarray) -> float:
@@ -281,29 +305,94 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[TrainedModel, dict]:
-    """Build, adapt and train the workflow's model; returns it with its datasets."""
+    """Build, adapt and train the workflow's model; returns it with its datasets.
+
+    `initial_state` (e.g. a registered version's weights, for continual fine-tuning) replaces the
+    built model's weights before training.
+    """
     torch.manual_seed(cfg.seed)
     bundle = build_model(cfg, weights=weights)
+    load_initial_state(bundle.model, initial_state)
     prep = preprocessing_for(cfg, bundle)
     sets = datasets_for(cfg, data, prep, progress=progress, train_ids=train_ids)
-    class_weights = None
-    if cfg.task == "classification" and cfg.train.balance == "loss":
-        counts = np.bincount([item["label"] for item in sets["train"].data], minlength=cfg.model.num_classes)
-        class_weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
-    loss_fn, metric_fn, monitor = _loss_and_metric(cfg, class_weights)
-    plan = make_transfer_plan(
-        bundle.model,
-        strategy or cfg.train.strategy,
-        lr=cfg.train.lr,
-        layer_decay=cfg.train.layer_decay or None,
-        bn=cfg.train.bn,
+    class_weights = loss_class_weights(cfg, sets["train"].data)
+    loss_fn, metric_fn, monitor = loss_and_metric(cfg, class_weights)
+    trained = fit_model(
+        cfg, data, bundle, prep, model=bundle.model, train_set=sets["train"], val_set=sets["val"],
+        loss_fn=loss_fn, metric_fn=metric_fn, monitor=monitor, plan=transfer_plan_for(cfg, bundle.model, strategy),
+        output_dir=output_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end,
     )
+    return trained, sets
+
+
+def load_initial_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:
+    """Load starting weights into a freshly built model (every key must match).
+
+    A multi-task model may start from a plain segmenter's weights: only its class head is then new.
+
+    Raises:
+        InputError: when the weights do not fit the model built from the config.
+    """
+    if state is None:
+        return
+    result = model.load_state_dict(dict(state), strict=False)
+    missing = [k for k in result.missing_keys if not (k.startswith("cls_head.") and hasattr(model, "cls_head"))]
+    if missing or result.unexpected_keys:
+        raise InputError(
+            f"the starting weights must fit the model of this workflow, not miss {len(missing)} and add "
+            f"{len(result.unexpected_keys)} tensors (e.g. {(missing or result.unexpected_keys)[0]}); use a version "
+            f"trained with the same model.encoder, task and num_classes"
+        )
+
+
+def loss_class_weights(cfg: WorkflowConfig, items: list[dict]) -> torch.Tensor | None:
+    """Inverse-frequency class weights of the training items for `train.balance: loss` (else None)."""
+    if cfg.task != "classification" or cfg.train.balance != "loss":
+        return None
+    counts = label_counts(items, cfg.model.num_classes)
+    return torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
+
+
+def transfer_plan_for(cfg: WorkflowConfig, model: torch.nn.Module, strategy: str | None = None) -> TransferPlan:
+    """The transfer strategy's plan for `model` (the workflow's `train.strategy` unless given)."""
+    return make_transfer_plan(model, strategy or cfg.train.strategy, lr=cfg.train.lr,
+                              layer_decay=cfg.train.layer_decay or None, bn=cfg.train.bn)
+
+
+def fit_model(
+    cfg: WorkflowConfig,
+    data: PreparedData,
+    bundle: ModelBundle,
+    prep: Preprocessing,
+    *,
+    model: torch.nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    loss_fn: Callable,
+    metric_fn: Callable,
+    monitor: str,
+    plan: TransferPlanLike,
+    output_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> TrainedModel:
+    """Run the engine on prepared pieces (the model may wrap `bundle.model`, e.g. for DANN).
+
+    Returns:
+        The trained model; `bundle.model` holds the best epoch's weights.
+    """
     tcfg = train_config_for(cfg, progress=progress, monitor=monitor)
+    if len(train_set) % tcfg.batch_size == 1:  # type: ignore[arg-type]
+        # A last batch of one sample fails in BatchNorm layers whose input is 1 x 1 (train mode
+        # needs two values per channel), as in small 3D patches: drop that one sample per epoch.
+        tcfg = dataclasses.replace(tcfg, drop_last=True)
     result = fit(
-        bundle.model,
-        sets["train"],
-        sets["val"],
+        model,
+        train_set,
+        val_set,
         loss_fn=loss_fn,
         cfg=tcfg,
         val_metric_fn=metric_fn,
@@ -314,7 +403,7 @@ def train_model(
         on_epoch_end=on_epoch_end,
     )
     frozen = sum(p.numel() for p in bundle.model.parameters() if not p.requires_grad)
-    trained = TrainedModel(
+    return TrainedModel(
         bundle=bundle,
         prep=prep,
         fit=result,
@@ -322,39 +411,58 @@ def train_model(
         plan_groups=[g["name"] for g in plan.param_groups],
         frozen_parameters=int(frozen),
     )
-    return trained, sets
 
 
 def predictions_table(cfg: WorkflowConfig, data: PreparedData, trained: TrainedModel, sets: dict, *,
                       progress: bool = True) -> pd.DataFrame:
-    """predictions.csv for val and test: id, split, y_true, y_score(s), y_pred, subgroup columns."""
+    """predictions.csv for val and test: id, split, y_true, y_score(s), y_pred, subgroup columns.
+
+    Segmentation rows carry the predicted and reference masks (`_pred`, `_true`); a multi-task
+    model adds its class head's y_true (-1 = no label), y_score(s) and y_pred.
+    """
     frames = []
+    model = trained.bundle.model
+    multitask = isinstance(model, MultiTaskModel)
+    head_classes = multitask_classes(data) if multitask else data.classes
     roi = tuple(cfg.data.image_size) if trained.prep.patch else None
-    activation = "sigmoid" if cfg.model.multi_label else "softmax"
+    activation = "none" if multitask else ("sigmoid" if cfg.model.multi_label else "softmax")
     by_id = data.manifest.set_index("id")
+    index = {name: i for i, name in enumerate(head_classes)}
     for split in ("val", "test"):
-        outputs = predict(trained.bundle.model, sets[split], activation=activation, roi_size=roi,
+        outputs = predict(model, sets[split], activation=activation, roi_size=roi,
                           batch_size=8 if roi is None else 1, progress=progress)
         rows = []
         for out in outputs:
             row: dict = {"id": out["id"], "split": split}
+            output = out["output"]
+            if multitask:
+                segmentation, logits = split_outputs(output[None], model.num_seg_classes)
+                output = segmentation[0]
+                row["y_true"] = index.get(str(by_id.at[out["id"], "label"]).strip(), -1)
+                row.update(_score_columns(torch.softmax(logits[0], 0).numpy(), head_classes))
             if cfg.task == "segmentation":
-                row["_pred"] = out["output"].argmax(0).numpy().astype(np.uint8)
+                row["_pred"] = output.argmax(0).numpy().astype(np.uint8)
                 row["_true"] = out["label"][0].numpy().astype(np.uint8)
             else:
-                probs = out["output"].numpy()
                 row["y_true"] = int(out["label"])
-                if len(data.classes) == 2:
-                    row["y_score"] = float(probs[1])
-                else:
-                    row.update({f"y_score_{c}": float(p) for c, p in zip(data.classes, probs, strict=True)})
-                row["y_pred"] = int(np.argmax(probs))
+                row.update(_score_columns(output.numpy(), head_classes))
             rows.append(row)
         frames.append(pd.DataFrame(rows))
     table = pd.concat(frames, ignore_index=True)
     for column in data.subgroups:
         table[column] = by_id.loc[table["id"], column].to_numpy()
     return table
+
+
+def _score_columns(probs: np.ndarray, classes: list[str]) -> dict:
+    scores = {"y_score": float(probs[1])} if len(classes) == 2 else {
+        f"y_score_{c}": float(p) for c, p in zip(classes, probs, strict=True)}
+    return {**scores, "y_pred": int(np.argmax(probs))}
+
+
+def multitask_classes(data: PreparedData) -> list[str]:
+    """Class names of a multi-task model's class head: the manifest labels of the segmentation rows."""
+    return class_names(data.manifest["label"])
 
 
 def patient_ids(data: PreparedData, ids: pd.Series) -> np.ndarray:
@@ -377,6 +485,11 @@ def config_dict(cfg: WorkflowConfig) -> dict:
         value = raw["data"].get(key)
         if value:
             raw["data"][key] = Path(value).name
+    for key in ("old_manifest", "old_root"):
+        if raw["continual"][key]:
+            raw["continual"][key] = Path(raw["continual"][key]).name
+    # A registry URI is no path, but "models:/" reads like one to the path redaction.
+    raw["continual"]["from_model"] = raw["continual"]["from_model"].removeprefix("models:/")
     return raw
 
 
@@ -396,6 +509,14 @@ __all__ = [
     "datasets_for",
     "train_config_for",
     "train_model",
+    "fit_model",
+    "load_initial_state",
+    "loss_class_weights",
+    "transfer_plan_for",
+    "target_domain_rows",
+    "class_auroc",
+    "loss_and_metric",
+    "multitask_classes",
     "predictions_table",
     "patient_ids",
     "write_outputs",

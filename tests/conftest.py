@@ -24,7 +24,11 @@ def _isolated_medtl_config(tmp_path_factory, monkeypatch):
     cfg = tmp_path_factory.mktemp("medtl-config")
     monkeypatch.setenv("MEDTL_CONFIG_DIR", str(cfg))
     monkeypatch.delenv("MEDTL_KEY_FILE", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # MLflow's set_tracking_uri/set_registry_uri write these into os.environ themselves; setting
+    # them first makes monkeypatch restore (remove) them after the test, so no store leaks on.
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     yield

@@ -56,3 +56,43 @@ def test_missing_data_source_is_refused():
 def test_image_size_must_match_spatial_dims():
     with pytest.raises(ConfigError, match="data.image_size"):
         load_config(WORKFLOWS / "classify_2d.yaml", ["model.spatial_dims=3"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["adaptation.method=magic"], r"'adaptation\.method' must be one of none, adabn, dann, not 'magic'"),
+        (["adaptation.method=adabn"], r"'adaptation\.target' must be set for adaptation\.method=adabn"),
+        (["adaptation.method=dann", "adaptation.target=SITE-1", "train.balance=sampler"],
+         r"'train\.balance' must be none or loss with adaptation\.method=dann"),
+        (["adaptation.method=adabn", "adaptation.target=SITE-1", "adaptation.batch_size=1"],
+         r"'adaptation\.batch_size' must be at least 2"),
+        (["adaptation.methd=adabn"], r"unknown config key 'adaptation\.methd'; did you mean adaptation\.method"),
+        (["multitask.enabled=true"], r"'multitask\.enabled' needs task segmentation"),
+        (["fewshot.ks=[0, 5]"], r"'fewshot\.ks' must be at least 1"),
+        (["fewshot.methods=[prototype, knn]"], r"'fewshot\.methods' must be among prototype, linear_probe"),
+        (["continual.from_model=classify_2d"], r"'continual\.from_model' must be a registry URI"),
+        (["continual.from_model=models:/classify_2d@champion"], r"'continual\.old_manifest' must be set"),
+    ],
+)
+def test_transfer_method_errors_name_the_bad_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(WORKFLOWS / "classify_2d.yaml", overrides)
+
+
+def test_dann_is_refused_for_segmentation():
+    with pytest.raises(ConfigError, match=r"'adaptation\.method' must be adabn or none for segmentation"):
+        load_config(WORKFLOWS / "segment_3d.yaml", ["adaptation.method=dann", "adaptation.target=SITE-1"])
+
+
+def test_transfer_method_keys_parse_from_set():
+    cfg = load_config(
+        WORKFLOWS / "segment_3d.yaml",
+        ["adaptation.method=adabn", "adaptation.target=SITE-1c71bf", "adaptation.domain_column=scanner",
+         "multitask.enabled=true", "multitask.cls_weight=0.5", "fewshot.ks=1,5", "fewshot.draws=3",
+         "continual.from_model=models:/segment_3d/4", "continual.old_manifest=old.csv"],
+    )
+    assert (cfg.adaptation.method, cfg.adaptation.target, cfg.adaptation.domain_column) == (
+        "adabn", "SITE-1c71bf", "scanner")
+    assert (cfg.multitask.enabled, cfg.multitask.cls_weight, cfg.fewshot.ks, cfg.fewshot.draws) == (True, 0.5, (1, 5), 3)
+    assert cfg.continual.from_model == "models:/segment_3d/4"
