@@ -280,7 +280,8 @@ def _partitions(x: ReportInputs) -> str:
 
 def _k_min(x: ReportInputs) -> int:
     """Smallest count shown exactly (the manifest's k, else one more than the audit's suppression limit)."""
-    return int(x.data.k_anonymity.get("k_min", _suppression_limit(x) + 1))
+    k_min = x.data.k_anonymity.get("k_min")  # None when the manifest came without its sidecar
+    return int(k_min) if k_min is not None else _suppression_limit(x) + 1
 
 
 def _model(x: ReportInputs) -> str:
