@@ -416,7 +416,7 @@ def _evaluate(
             outputs.append(out.float().cpu())
             targets.append(labels.cpu())
     loss_sum, count = all_reduce_sum([loss_sum, float(len(indices))], rt.info, rt.device)
-    local = (indices, torch.cat(outputs), torch.cat(targets)) if outputs else None
+    local = (indices, _cat_padded(outputs), _cat_padded(targets)) if outputs else None
     gathered = gather_to_main(local, rt.info)
     result: dict[str, float] | BaseException | None = None
     if rt.info.is_main:
@@ -435,12 +435,31 @@ def _metrics(gathered: list[Any] | None, val_metric_fn: MetricFn | None) -> dict
         return {}
     parts = [part for part in gathered or [] if part is not None]
     order = torch.as_tensor([i for part in parts for i in part[0]]).argsort()
-    outputs = torch.cat([part[1] for part in parts])[order]
-    targets = torch.cat([part[2] for part in parts])[order]
+    outputs = _cat_padded([part[1] for part in parts])[order]
+    targets = _cat_padded([part[2] for part in parts])[order]
     value = val_metric_fn(outputs, targets)
     if isinstance(value, dict):
         return {str(k): float(v) for k, v in value.items()}
     return {"val_metric": float(value)}
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along the batch, zero-padding spatial axes to the largest size.
+
+    Whole validation volumes differ in size (e.g. hippocampus crops); zero padding adds only
+    background (label 0, equal logits -> class 0), which foreground metrics such as Dice ignore.
+    """
+    shapes = {tuple(t.shape[1:]) for t in tensors}
+    if len(shapes) == 1:
+        return torch.cat(tensors)
+    target = [max(sizes) for sizes in zip(*shapes, strict=True)]
+    padded = []
+    for t in tensors:
+        pad: list[int] = []
+        for have, want in zip(reversed(t.shape[1:]), reversed(target), strict=True):
+            pad += [0, want - have]
+        padded.append(torch.nn.functional.pad(t, pad))
+    return torch.cat(padded)
 
 
 def _update_state(state: RunState, record: dict[str, float], cfg: TrainConfig) -> bool:
