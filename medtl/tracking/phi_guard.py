@@ -62,7 +62,11 @@ class _Needles:
         found = []
         for label, variants in self.strings:
             for v in variants:
-                if len(v) >= _MIN_SUBSTRING_NEEDLE:
+                if v.isdigit():
+                    # Numbers only as whole numbers: an ID "334960" is not a leak inside the
+                    # score 0.9334960 of metrics.json.
+                    hit = v in text and re.search(rb"(?<![0-9.])" + v + rb"(?![0-9])", text) is not None
+                elif len(v) >= _MIN_SUBSTRING_NEEDLE:
                     hit = v in text
                 elif binary:
                     # In the printable runs of binary data, short needles match by chance.
