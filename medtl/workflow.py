@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from medtl.config import WorkflowConfig, to_dict
 from medtl.data.dataset import Preprocessing, class_names, label_counts, make_dataset, manifest_items
-from medtl.data.manifest import build_manifest
+from medtl.data.manifest import build_manifest, file_sha256
 from medtl.data.splits import check_leakage
 from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
 from medtl.engine.inference import predict
@@ -65,16 +65,6 @@ class TrainedModel:
     train_config: TrainConfig
     plan_groups: list[str]
     frozen_parameters: int
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True) -> PreparedData:
@@ -138,7 +128,7 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
     return PreparedData(
         manifest=manifest,
         manifest_path=manifest_path,
-        manifest_sha256=sidecar.get("manifest_sha256") or _sha256_file(manifest_path),
+        manifest_sha256=sidecar.get("manifest_sha256") or file_sha256(manifest_path),
         sidecar=sidecar,
         root=root,
         key_file=key_file,
