@@ -92,6 +92,7 @@ class AuditConfig:
     correction: str = "bonferroni"  # bonferroni | none
     fail_on_flagged: bool = True
     min_group_size: int = 10
+    min_gap_events: int = 10  # fewer positives/negatives: the group is left out of that metric's gaps
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,7 @@ def run_audit(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, *, p
         n_boot=ev.n_boot,
         seed=cfg.seed,
         min_group_size=cfg.audit.min_group_size,
+        min_gap_events=cfg.audit.min_gap_events,
         progress=progress,
     )
     return audit.run(table, patient_ids(data, table["id"]), reference_predictions=reference)

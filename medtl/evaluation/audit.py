@@ -82,6 +82,11 @@ class BiasAudit:
         min_group_size: groups with at most this many patients (hence images) are suppressed.
         min_events: estimates with fewer positives or negatives (segmentation: cases) are
             labelled imprecise.
+        min_gap_events: a group enters the gaps of a metric only with at least this many of
+            the events the metric counts (positives for TPR/FNR, negatives for FPR/TNR, both
+            for AUROC/AUPRC); it is still reported with its CI. Why: with three negatives the
+            bootstrap resamples the same three cases and its interval is far too narrow, so a
+            gap against such a group would be flagged on noise.
         split: the split audited (validation rows only choose the threshold).
         progress: show a progress bar over attributes.
 
@@ -106,6 +111,7 @@ class BiasAudit:
         seed: int = 0,
         min_group_size: int = 10,
         min_events: int = 100,
+        min_gap_events: int = 10,
         split: str = "test",
         progress: bool = True,
     ) -> None:
@@ -121,6 +127,7 @@ class BiasAudit:
         self.seed = seed
         self.min_group_size = min_group_size
         self.min_events = min_events
+        self.min_gap_events = min_gap_events
         self.split = split
         self.progress = progress
 
@@ -255,7 +262,7 @@ class BiasAudit:
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
         check_bootstrap_settings(self.n_boot, 0.95)
-        for key in ("min_group_size", "min_events", "seed"):
+        for key in ("min_group_size", "min_events", "min_gap_events", "seed"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
                 raise ConfigError(f"{key} must be a non-negative integer, not {value!r}")
@@ -283,6 +290,7 @@ class BiasAudit:
             "seed": self.seed,
             "min_group_size": self.min_group_size,
             "min_events": self.min_events,
+            "min_gap_events": self.min_gap_events,
             "split": self.split,
             "positive_class": _json_label(self.positive_class),
             "gap_metrics": list(self._gap_metrics()),
@@ -409,11 +417,15 @@ class BiasAudit:
             notes.append(f"{attribute}: fewer than two reported groups, no gaps")
             return groups, [], [], notes
         all_rows = np.arange(ctx.patient.size)
+        few = self._few_events(facts, shown, needed)
+        for metric, groups_out in few.items():
+            notes.append(f"{attribute}: {', '.join(map(str, groups_out))} left out of the {metric} gaps "
+                         f"(fewer than {self.min_gap_events} {_EVENTS[metric]})")
         drafts = draft_gaps(
             attribute,
             shown,
-            {m: np.array([point[g][m] for g in shown]) for m in needed},
-            {m: reps.stack(m) for m in needed},
+            {m: _masked(np.array([point[g][m] for g in shown]), shown, few.get(m)) for m in needed},
+            {m: _masked(reps.stack(m), shown, few.get(m)) for m in needed},
             ctx.scores.point(all_rows, ctx.threshold, needed),
             {m: reps.get("*overall*", m) for m in needed},
             gap_metrics,
@@ -424,13 +436,29 @@ class BiasAudit:
             ref_drafts = draft_gaps(
                 attribute,
                 shown,
-                {m: np.array([ref_point[g][m] for g in shown]) for m in needed},
-                {m: reps.stack(m, ref=True) for m in needed},
+                {m: _masked(np.array([ref_point[g][m] for g in shown]), shown, few.get(m)) for m in needed},
+                {m: _masked(reps.stack(m, ref=True), shown, few.get(m)) for m in needed},
                 ctx.ref.point(all_rows, ctx.ref_threshold, needed),
                 {m: reps.get("*overall*", m, ref=True) for m in needed},
                 gap_metrics,
             )
         return groups, drafts, ref_drafts, notes
+
+    def _few_events(self, facts: Mapping[str, dict], shown: Sequence[str], needed: Sequence[str]) -> dict:
+        """Metric -> reported groups with too few of the metric's events to enter its gaps."""
+        out: dict[str, list[str]] = {}
+        for metric in needed:
+            kind = _EVENTS.get(metric)
+            if kind is None:
+                continue
+            for g in shown:
+                pos, neg = facts[g]["n_positive"], facts[g]["n_negative"]
+                if pos is None:
+                    continue
+                counts = {"positives": (pos,), "negatives": (neg,), "positives and negatives": (pos, neg)}[kind]
+                if min(counts) < self.min_gap_events:
+                    out.setdefault(metric, []).append(g)
+        return out
 
     def _bootstrap(
         self, ctx: _Context, name: str, strata: np.ndarray, rows_of: dict, reps: _Replicates
@@ -510,6 +538,22 @@ class _Replicates:
     def stack(self, metric: str, ref: bool = False) -> np.ndarray:
         """Replicates of every group side by side, shape (n_boot, n_groups)."""
         return np.stack([self.get(g, metric, ref) for g in self.groups], axis=1)
+
+
+#: Which events a metric's estimate rests on (see `BiasAudit.min_gap_events`).
+_EVENTS: Mapping[str, str] = {
+    "tpr": "positives", "fnr": "positives", "fpr": "negatives", "tnr": "negatives",
+    "auroc": "positives and negatives", "auprc": "positives and negatives",
+}
+
+
+def _masked(values: np.ndarray, shown: Sequence[str], out: Sequence[str] | None) -> np.ndarray:
+    """`values` (last axis: one column per shown group) with the columns of `out` set to NaN."""
+    if not out:
+        return values
+    values = np.array(values, dtype=np.float64)
+    values[..., [shown.index(g) for g in out]] = np.nan
+    return values
 
 
 def _finite(value: float | None) -> float | None:

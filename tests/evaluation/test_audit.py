@@ -121,9 +121,25 @@ def test_group_estimates_and_gaps_equal_fairlearn_metricframe_and_equalized_odds
 # -- small groups --------------------------------------------------------------------------
 
 
+def test_a_group_with_too_few_events_is_reported_but_left_out_of_the_gap():
+    df, pid = _predictions(seed=2, small_sites=True)
+    audit = BiasAudit(["site"], intersections=False, gap_metrics=("auroc", "fpr"), min_gap_events=10, **FAST)
+    result = audit.run(df, pid).to_dict()
+    groups = {g["group"]: g for g in result["groups"]}
+    d = groups["D"]  # 11 patients: reported, but with fewer than 10 positives or negatives
+    assert d["suppressed"] is False and min(d["n_positive"], d["n_negative"]) < 10
+    assert d["metrics"]["auroc"]["ci"] is not None
+    reported = [groups[k]["metrics"]["auroc"]["value"] for k in ("A", "B")]
+    gap = next(g for g in result["gaps"] if g["metric"] == "auroc" and g["kind"] == "difference")
+    assert gap["value"] == pytest.approx(max(reported) - min(reported))
+    assert "D" not in (gap["worst_group"], gap["best_group"])
+    assert any("D left out of the auroc gaps" in n for n in result["notes"]), result["notes"]
+    assert result["settings"]["min_gap_events"] == 10
+
+
 def test_groups_of_at_most_ten_patients_are_suppressed_and_never_shown_as_numbers():
     df, pid = _predictions(seed=2, small_sites=True)
-    audit = BiasAudit(["site"], intersections=False, gap_metrics=("auroc",), **FAST).run(df, pid)
+    audit = BiasAudit(["site"], intersections=False, gap_metrics=("auroc",), min_gap_events=0, **FAST).run(df, pid)
     result = audit.to_dict()
     groups = {g["group"]: g for g in result["groups"]}
     for name, note in (("C", "suppressed, n <= 10"), ("E", "suppressed, patients <= 10")):
