@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job end to end on synthetic demo studies")
     d.add_argument("--output", default="demo_output", help="output folder (default demo_output)")
-    d.add_argument("--patients", type=int, default=400, help="number of synthetic patients (default 400)")
+    d.add_argument("--patients", type=int, default=600, help="number of synthetic patients (default 600)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     d.set_defaults(func=_cmd_demo)

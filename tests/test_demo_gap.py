@@ -18,8 +18,6 @@ from medtl.demo import run_demo
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not robust yet: on an idle machine (2 CPU threads) the run trains "
-                   "differently and the site gap's CI can include the tolerance; see issue 5")
 def test_demo_audit_flags_the_planted_site_gap_and_nothing_else(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with contextlib.redirect_stdout(io.StringIO()):
