@@ -455,7 +455,7 @@ class BiasAudit:
                 pos, neg = facts[g]["n_positive"], facts[g]["n_negative"]
                 if pos is None:
                     continue
-                counts = {"positives": (pos,), "negatives": (neg,), "positives and negatives": (pos, neg)}[kind]
+                counts = {"positives": (pos,), "negatives": (neg,), "positives or negatives": (pos, neg)}[kind]
                 if min(counts) < self.min_gap_events:
                     out.setdefault(metric, []).append(g)
         return out
@@ -543,7 +543,7 @@ class _Replicates:
 #: Which events a metric's estimate rests on (see `BiasAudit.min_gap_events`).
 _EVENTS: Mapping[str, str] = {
     "tpr": "positives", "fnr": "positives", "fpr": "negatives", "tnr": "negatives",
-    "auroc": "positives and negatives", "auprc": "positives and negatives",
+    "auroc": "positives or negatives", "auprc": "positives or negatives",
 }
 
 
