@@ -158,8 +158,6 @@ def read_labels(labels_csv: Path, subgroup_columns: Sequence[str] = ()) -> list[
                             f"leaving it (..)")
         elif not path:
             problems.append(f"row {number}: path must not be empty")
-        elif not label and not mask:
-            problems.append(f"row {number}: label or mask must be given, not both empty")
         elif path in seen:
             problems.append(f"row {number}: path must appear once, not again after row {seen[path]}")
         try:
@@ -490,6 +488,10 @@ def _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, na
     if unaccounted:
         messages.append(f"{len(unaccounted)} files under the data root were neither used nor reported by discovery "
                         f"(see 'unaccounted_files' in the sidecar); this is a medtl bug, please report it")
+    unlabelled_rows = int(sum(1 for r in labels if not r.label and not r.mask))
+    if unlabelled_rows:
+        messages.append(f"{unlabelled_rows} labels CSV rows have neither label nor mask: they are listed as unlabelled "
+                        "studies (used only by domain adaptation; training and evaluation leave them out)")
     if unused_rows:
         messages.append(f"{len(unused_rows)} labels CSV rows were not used (see 'label_rows_not_used' in the sidecar)")
     if unlabeled:
@@ -506,7 +508,8 @@ def _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, na
     counted = {
         "files_seen": len(disk.files), "used": counts["used"], "quarantined": counts["quarantined"],
         "skipped": counts["skipped"], "unaccounted": len(unaccounted), "unlabeled_files": len(unlabeled),
-        "label_rows": len(labels), "label_rows_not_used": len(unused_rows), "manifest_rows": len(table),
+        "label_rows": len(labels), "label_rows_not_used": len(unused_rows), "unlabelled_rows": unlabelled_rows,
+        "manifest_rows": len(table),
         "patients": int(table["patient"].nunique()),
     }
     # The books must balance: every file is used, quarantined, skipped or reported unaccounted.

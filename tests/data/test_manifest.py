@@ -228,11 +228,24 @@ def test_identifying_text_in_an_extra_subgroup_column_aborts_and_deletes_outputs
 def test_labels_csv_errors_name_the_row_never_the_value(tree, tmp_path):
     labels = pd.read_csv(tree / "labels.csv", dtype=str, keep_default_na=False)
     labels.loc[2, "path"] = "/abs/DOE_JANE.dcm"
-    labels.loc[3, "label"] = ""
+    labels.loc[3, "split"] = "later"
     labels.to_csv(tree / "labels.csv", index=False)
-    with pytest.raises(InputError, match=r"labels\.csv row 4: .*row 5: label or mask") as caught:
+    with pytest.raises(InputError, match=r"labels\.csv row 4: .*row 5: split must be") as caught:
         _build(tree, tmp_path / "out")
     assert "doe" not in str(caught.value).lower()
+
+
+def test_rows_with_neither_label_nor_mask_are_kept_as_counted_unlabelled_studies(tree, tmp_path):
+    labels = pd.read_csv(tree / "labels.csv", dtype=str, keep_default_na=False)
+    unlabelled = labels.index[(labels["label"] != "") & (labels["mask"] == "")][:2]
+    labels.loc[unlabelled, "label"] = ""  # e.g. a new site's studies for domain adaptation
+    labels.to_csv(tree / "labels.csv", index=False)
+    result = _build(tree, tmp_path / "out")
+    sidecar = json.loads(result.sidecar_json.read_text())
+    assert sidecar["counts"]["unlabelled_rows"] == 2
+    assert any("2 labels CSV rows have neither label nor mask" in w for w in result.warnings)
+    table = pd.read_csv(result.manifest_csv, dtype=str, keep_default_na=False)
+    assert ((table["label"] == "") & (table["mask"] == "")).sum() >= 2  # a folder row lists every image in it
 
 
 def test_demo_data_build_writes_no_phi_anywhere(tmp_path, caplog, capsys):
