@@ -70,6 +70,10 @@ class TrainConfigSection:
     balance: str = "none"  # none | sampler | loss
     deterministic: bool = True
     compile: bool = False
+    # CPU intra-op threads. 0 = measured at every epoch (fastest under changing load, but the
+    # summation order, hence the trained weights, can then differ between runs); N pins N threads
+    # so the same run on the same machine reproduces bit for bit.
+    num_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -304,6 +308,8 @@ def validate(cfg: WorkflowConfig) -> WorkflowConfig:
         raise ConfigError(f"config key 'evaluation.n_boot' must be at least 100 (2000 recommended), not {cfg.evaluation.n_boot}")
     if cfg.train.epochs < 1:
         raise ConfigError(f"config key 'train.epochs' must be at least 1, not {cfg.train.epochs}")
+    if cfg.train.num_threads < 0:
+        raise ConfigError(f"config key 'train.num_threads' must be 0 (measure) or a thread count, not {cfg.train.num_threads}")
     if abs(sum(cfg.data.fractions) - 1.0) > 1e-6 or len(cfg.data.fractions) != 3:
         raise ConfigError(f"config key 'data.fractions' must be three numbers summing to 1, not {list(cfg.data.fractions)}")
     _validate_adaptation(cfg)

@@ -275,6 +275,7 @@ def train_config_for(cfg: WorkflowConfig, *, progress: bool, monitor: str, epoch
         amp=t.amp,
         compile=t.compile,
         deterministic=t.deterministic,
+        num_threads=t.num_threads or None,
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
         balance="sampler" if t.balance == "sampler" else "none",

@@ -96,3 +96,15 @@ def test_transfer_method_keys_parse_from_set():
         "adabn", "SITE-1c71bf", "scanner")
     assert (cfg.multitask.enabled, cfg.multitask.cls_weight, cfg.fewshot.ks, cfg.fewshot.draws) == (True, 0.5, (1, 5), 3)
     assert cfg.continual.from_model == "models:/segment_3d/4"
+
+
+def test_train_num_threads_reaches_the_engine_zero_meaning_measure():
+    from medtl.workflow import train_config_for
+
+    base: list[str] = []
+    pinned = load_config(WORKFLOWS / "classify_2d.yaml", [*base, "train.num_threads=1"])
+    assert train_config_for(pinned, progress=False, monitor="auroc").num_threads == 1
+    auto = load_config(WORKFLOWS / "classify_2d.yaml", base)
+    assert auto.train.num_threads == 0 and train_config_for(auto, progress=False, monitor="auroc").num_threads is None
+    with pytest.raises(ConfigError, match="train.num_threads"):
+        load_config(WORKFLOWS / "classify_2d.yaml", [*base, "train.num_threads=-2"])
