@@ -300,6 +300,6 @@ def resume_run(
                 "are reseeded, so results will differ from an uninterrupted run",
                 stacklevel=3,
             )
-    if info.is_main:
-        log.info("resumed from %s at epoch %d", path.name, state.next_epoch)
+    if info.is_main:  # a warning so the CLI (WARNING level) shows it: the user must see where training restarts
+        log.warning("resumed from %s: %d epoch(s) already done, continuing", path.name, state.next_epoch)
     return state
