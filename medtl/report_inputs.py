@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import platform
 from collections import Counter
+from collections.abc import Mapping
 from importlib import metadata
 
 from medtl.config import WorkflowConfig
@@ -84,8 +85,14 @@ def _provenance(data, forbidden_scan_passed: bool = True) -> DataProvenance:
 
 def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, audit: dict, *, run_id: str,
                         model_version: str, code_version: str, source: str = "",
-                        synthetic: bool = False) -> ReportInputs:
-    """The report's inputs for a finished workflow run."""
+                        synthetic: bool = False, test_sets: Mapping[str, Mapping] | None = None) -> ReportInputs:
+    """The report's inputs for a finished workflow run.
+
+    Args:
+        test_sets: the evaluations beside `test` (`old_test`, `target_test`, `source_test`), as
+            `medtl.run` computes them: name -> {"test": metrics, "n_cases", "n_patients", ...}.
+            Only the metrics and the counts are carried into the report.
+    """
     bundle = trained.bundle
     load_report = dataclasses.asdict(bundle.load_report) if bundle.load_report is not None else {}
     frozen = [group for group in trained.plan_groups if cfg.train.strategy == "linear_probe" and group != "head"]
@@ -138,9 +145,21 @@ def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, au
             n_patients=int(data.manifest.loc[data.manifest["split"] == "test", "patient"].nunique()),
             curves=evaluation.get("curves"),
             dice_per_case=dice_per_case,
+            test_sets=_test_sets(test_sets or {}),
         ),
         audit=audit,
     )
+
+
+def _test_sets(evaluations: Mapping[str, Mapping]) -> dict[str, dict]:
+    out = {}
+    for name, evaluation in evaluations.items():
+        block: dict = {"metrics": dict(evaluation.get("test", {}))}
+        for count in ("n_cases", "n_patients"):
+            if evaluation.get(count) is not None:
+                block[count] = int(evaluation[count])
+        out[name] = block
+    return out
 
 
 def inputs_to_json(inputs: ReportInputs) -> str:

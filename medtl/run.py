@@ -239,19 +239,25 @@ def _extra_evaluations(cfg: WorkflowConfig, data: PreparedData, predictions: pd.
 
     The old test set is evaluated like the registered version was (threshold from the old
     manifest's validation split), so its numbers compare with that version's test metrics.
+    Each evaluation also gets the test `n_cases` and `n_patients` it was computed on (for the report).
     """
     extra: dict[str, dict] = {}
     if cfg.adaptation.method != "none":
         for name, subset in domain_test_sets(cfg, data, predictions).items():
-            extra[name] = evaluate(cfg, data, subset)
+            extra[name] = {**evaluate(cfg, data, subset), **_test_counts(data, subset)}
     old_table = None
     if old is not None:
         old_predictions = old_test_predictions(cfg, old, trained, progress=progress)
-        extra["old_test"] = evaluate(cfg, old, old_predictions)
+        extra["old_test"] = {**evaluate(cfg, old, old_predictions), **_test_counts(old, old_predictions)}
         old_table = extra["old_test"].get("cases", old_predictions)
     for evaluation in extra.values():
         evaluation.pop("cases", None)
     return extra, old_table
+
+
+def _test_counts(data: PreparedData, predictions: pd.DataFrame) -> dict[str, int]:
+    test = predictions[predictions["split"] == "test"]
+    return {"n_cases": int(len(test)), "n_patients": int(len(set(patient_ids(data, test["id"]))))}
 
 
 def run_workflow(
@@ -372,7 +378,7 @@ def run_workflow(
             registry.set_audit_status(name, version, "passed" if passed else "failed",
                                       {"flagged_gaps": sum(1 for g in audit_dict.get("gaps", []) if g.get("flagged"))})
         inputs = build_report_inputs(cfg, data, trained, evaluation, audit_dict, run_id=run_id,
-                                     model_version=version, code_version=__version__)
+                                     model_version=version, code_version=__version__, test_sets=extra)
         report_path = output_dir / "report.html"
         digest = render_report(inputs, report_path)
         (output_dir / "report_inputs.json").write_text(inputs_to_json(inputs))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -103,6 +104,13 @@ def _mlflow_run(run_id: str):
     return store.client().get_run(run_id).data
 
 
+def _side_by_side(report: Path) -> str:
+    """The HTML of the report's "Test sets side by side" table (fails when it is missing)."""
+    match = re.search(r'<h3 id="test-sets">.*?</table>', report.read_text(encoding="utf-8"), flags=re.DOTALL)
+    assert match, "the report must show the extra test sets side by side"
+    return match.group(0)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("workdir")
 def test_adabn_run_reports_target_and_source_test_and_changes_only_batchnorm_statistics(demo, tmp_path):
@@ -118,6 +126,10 @@ def test_adabn_run_reports_target_and_source_test_and_changes_only_batchnorm_sta
     assert demo.target in set(predictions.loc[predictions["split"] == "test", "site"])
     logged = _mlflow_run(out.run_id).metrics
     assert {"target_test.auroc", "source_test.auroc", "adaptation.bn_layers"} <= set(logged)
+    target_n = int(((predictions["split"] == "test") & (predictions["site"] == demo.target)).sum())
+    table = _side_by_side(tmp_path / "run" / "report.html")
+    assert f"Target-site test (n = {target_n})" in table and "Source test (n = " in table
+    assert f"{metrics['target_test']['auroc']:.3f}" in table and f"{metrics['source_test']['auroc']:.3f}" in table
 
     before = load_weights(next((tmp_path / "run" / "checkpoints").glob("best-*.pt")))
     after = load_registered_weights(f"models:/xr_adabn/{out.model_version}").state
@@ -164,6 +176,9 @@ def test_continual_run_records_both_test_sets_and_starts_from_the_registered_ver
     assert set(old_predictions.loc[old_predictions["split"] == "test", "id"]) == old_ids
     run = _mlflow_run(out.run_id)
     assert {"old_test.auroc", "test.auroc", "old_test.auroc.ci_lo"} <= set(run.metrics)
+    table = _side_by_side(tmp_path / "second" / "report.html")
+    assert "New test (n = " in table and f"Old test (n = {len(old_ids)})" in table
+    assert f"{metrics['old_test']['auroc']:.3f}" in table and f"{metrics['test']['auroc']:.3f}" in table
     assert run.tags["medtl.continual_from"] == f"xr_continual/{first.model_version}"
     version = store.client().get_model_version("xr_continual", out.model_version)
     assert version.tags["continual_from"] == f"xr_continual/{first.model_version}"

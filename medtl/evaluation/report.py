@@ -318,10 +318,10 @@ def _methods(x: ReportInputs) -> str:
 
 def _results(x: ReportInputs) -> str:
     r = x.results
-    rows = [[_e(_metric_name(k)), _estimate(v)] for k, v in r.metrics.items()
-            if not any(k.startswith(f + "_") for f in _SEG_FAMILIES) or k in _METRIC_NAMES]
+    rows = [[_e(_metric_name(k)), _estimate(v)] for k, v in r.metrics.items() if _overall(k)]
     body = _kv([("Test cases", _num(r.n_cases)), ("Test patients", _num(r.n_patients))])
     body += "<h3>Overall metrics</h3>" + _table(("Metric", f"Estimate [{x.methods.ci_level:.0%} CI]"), rows)
+    body += _test_sets(x)
     figures = rp.classification_figures(r.curves, r.metrics, x.methods.threshold) if r.curves else []
     seg = _segmentation_rows(r.metrics)
     if seg:
@@ -339,6 +339,40 @@ def _results(x: ReportInputs) -> str:
     if figures:
         body += '<div class="figures">' + "".join(_figure(p, c) for p, c in figures) + "</div>"
     return _section("results", body)
+
+
+def _overall(key: str) -> bool:
+    """Whether a metric is an overall one (per-class segmentation metrics have their own table)."""
+    return not any(key.startswith(f + "_") for f in _SEG_FAMILIES) or key in _METRIC_NAMES
+
+
+def _test_sets(x: ReportInputs) -> str:
+    """The run's test set beside the old test set (continual) or the domains' test sets (adaptation)."""
+    sets = x.results.test_sets
+    columns: list[tuple[str, Mapping[str, Any]]] = []
+    notes = []
+    if "old_test" in sets:
+        columns += [("New test", {"metrics": x.results.metrics, "n_cases": x.results.n_cases}),
+                    ("Old test", sets["old_test"])]
+        notes.append("The old test set is the registered starting version's, scored by this model with a threshold "
+                     "from the old validation split: a drop from that version's own figures is forgetting.")
+    if "source_test" in sets or "target_test" in sets:
+        columns += [(label, sets[name]) for name, label in (("source_test", "Source test"),
+                                                            ("target_test", "Target-site test")) if name in sets]
+        notes.append("The target-site test holds the test studies of the adaptation target domain and the source "
+                     "test the other domains': the target column shows how far adaptation carried the model to "
+                     "the new site.")
+    if not columns:
+        return ""
+    metrics: list[str] = []
+    for _, block in columns:
+        metrics += [k for k in block.get("metrics", {}) if _overall(k) and k not in metrics]
+    headers = ["Metric"] + [label + (f" (n = {block['n_cases']:,})" if block.get("n_cases") else "")
+                            for label, block in columns]
+    rows = [[_e(_metric_name(k))] + [_estimate(block["metrics"][k]) if k in block.get("metrics", {}) else "n/a"
+                                     for _, block in columns] for k in metrics]
+    return (f'<h3 id="test-sets">Test sets side by side</h3><p>{_e(" ".join(notes))} Estimates with '
+            f'{x.methods.ci_level:.0%} CI; n is the number of test cases.</p>' + _table(headers, rows, cls="compact"))
 
 
 def _segmentation_rows(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -92,6 +92,12 @@ class Results:
     may carry `tpr_lo`/`tpr_hi` and `precision_lo`/`precision_hi` bands. For segmentation,
     `metrics` holds `dice`, `hd95`, ... and per class `dice_<class>`, ...; `dice_per_case`
     maps class -> per-case Dice, drawn only as a distribution.
+
+    `test_sets` holds the test sets a run scores beside `metrics`, under their metrics.json
+    keys: `old_test` (continual fine-tuning: the registered version's old test split),
+    `target_test` and `source_test` (domain adaptation: the test split cut by domain). Each is
+    {"metrics": metric -> {"value", "ci"}, "n_cases": int, "n_patients": int}; the counts may
+    be missing. Empty for a plain run.
     """
 
     metrics: Mapping[str, Mapping[str, Any]]
@@ -99,6 +105,7 @@ class Results:
     n_patients: int = 0
     curves: Mapping[str, Any] | None = None
     dice_per_case: Mapping[str, Sequence[float]] | None = None
+    test_sets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,30 @@ def segmentation_inputs() -> ReportInputs:
 
 
 @pytest.fixture(scope="session")
+def continual_inputs(classification_inputs) -> ReportInputs:
+    """The classifier after continual fine-tuning: its new test split beside the registered version's old one."""
+    old = {"metrics": {"auroc": _estimate(0.871, 0.04), "tpr": _estimate(0.772, 0.06), "tnr": _estimate(0.843, 0.05),
+                       "accuracy": _estimate(0.818, 0.04), "brier": _estimate(0.142, 0.02)},
+           "n_cases": 180, "n_patients": 90,
+           # A per-patient table a caller might leave in the block: the report must not read it.
+           "cases": [{"patient": PLANTED_PATIENT, "y_score": 0.93}]}
+    results = dataclasses.replace(classification_inputs.results, test_sets={"old_test": old})
+    return dataclasses.replace(classification_inputs, results=results)
+
+
+@pytest.fixture(scope="session")
+def adaptation_inputs(classification_inputs) -> ReportInputs:
+    """A domain-adapted classifier: the test split cut into the source sites and the target site."""
+    source = {"metrics": {"auroc": _estimate(0.947, 0.02), "accuracy": _estimate(0.905, 0.03),
+                          "brier": _estimate(0.081, 0.01)}, "n_cases": 42, "n_patients": 40}
+    # The target block has no Brier score and an accuracy without CI: both must show as such.
+    target = {"metrics": {"auroc": _estimate(0.630, 0.15), "accuracy": {"value": 0.583, "ci": None}}, "n_cases": 12}
+    results = dataclasses.replace(classification_inputs.results,
+                                  test_sets={"target_test": target, "source_test": source})
+    return dataclasses.replace(classification_inputs, results=results)
+
+
+@pytest.fixture(scope="session")
 def chromium() -> str:
     """A headless Chromium executable: found on PATH, else installed with apt-get (root only)."""
     found = find_chromium()

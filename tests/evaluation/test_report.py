@@ -242,6 +242,70 @@ def test_multiclass_curves_are_drawn_one_vs_rest(tmp_path, classification_inputs
     assert any(a.startswith("Confusion matrix") and "true covid predicted covid" in a for a in alts)
 
 
+def _test_set_table(text: str) -> list[list[str]]:
+    """The rows (header first) of the "Test sets side by side" table in the results section."""
+    results = re.search(r'<section id="results">(.*?)</section>', text, flags=re.DOTALL).group(1)
+    match = re.search(r'<h3 id="test-sets">Test sets side by side</h3>(.*?</table>)', results, flags=re.DOTALL)
+    assert match, "no side-by-side table in the results section"
+    return [cells for _, cells in _parse(match.group(1)).rows[""]]
+
+
+def test_continual_report_shows_new_and_old_test_metrics_side_by_side(tmp_path, continual_inputs):
+    _, text = _render(continual_inputs, tmp_path / "r.html")
+    rows = _test_set_table(text)
+    assert rows[0] == ["Metric", "New test (n = 400)", "Old test (n = 180)"]
+    by_metric = {r[0]: r[1:] for r in rows[1:]}
+    new = continual_inputs.results.metrics["auroc"]
+    assert by_metric["AUROC"] == [f"{new['value']:.3f} [{new['ci'][0]:.3f}, {new['ci'][1]:.3f}]",
+                                  "0.871 [0.831, 0.911]"]
+    assert by_metric["Sensitivity (TPR)"][1] == "0.772 [0.712, 0.832]"
+    assert by_metric["Specificity (TNR)"][1] == "0.843 [0.793, 0.893]"
+    assert by_metric["Accuracy"][1] == "0.818 [0.778, 0.858]" and by_metric["Brier score"][1] == "0.142 [0.122, 0.162]"
+    assert "forgetting" in _section_text(text, "results")
+    assert PLANTED_PATIENT not in text
+
+
+def test_adaptation_report_shows_source_and_target_site_test_side_by_side(tmp_path, adaptation_inputs):
+    _, text = _render(adaptation_inputs, tmp_path / "r.html")
+    rows = _test_set_table(text)
+    assert rows[0] == ["Metric", "Source test (n = 42)", "Target-site test (n = 12)"]
+    assert rows[1:] == [["AUROC", "0.947 [0.927, 0.967]", "0.630 [0.480, 0.780]"],
+                        ["Accuracy", "0.905 [0.875, 0.935]", "0.583"],
+                        ["Brier score", "0.081 [0.071, 0.091]", "n/a"]]
+    assert "adaptation" in _section_text(text, "results") and "forgetting" not in _section_text(text, "results")
+
+
+def test_segmentation_side_by_side_table_keeps_overall_metrics_only(tmp_path, segmentation_inputs):
+    old = {"metrics": {"dice": {"value": 0.744, "ci": [0.70, 0.78]}, "dice_liver": {"value": 0.9, "ci": None}}}
+    results = dataclasses.replace(segmentation_inputs.results, test_sets={"old_test": old})
+    _, text = _render(dataclasses.replace(segmentation_inputs, results=results), tmp_path / "r.html")
+    rows = _test_set_table(text)
+    assert rows[0] == ["Metric", "New test (n = 400)", "Old test"]  # no count recorded for the old test
+    assert rows[1] == ["Dice", "0.810 [0.780, 0.840]", "0.744 [0.700, 0.780]"]
+    assert rows[2] == ["HD95 (mm)", "7.900 [6.500, 9.300]", "n/a"] and len(rows) == 3
+
+
+def test_side_by_side_table_survives_the_report_inputs_json_round_trip(tmp_path, continual_inputs):
+    import json
+
+    from medtl.report_inputs import inputs_from_json, inputs_to_json
+
+    saved = inputs_to_json(continual_inputs)
+    again = inputs_from_json(saved)
+    assert again.results.test_sets["old_test"]["n_cases"] == 180
+    # The JSON sorts keys, so rows may come in another order; their content must not change.
+    before = _test_set_table(_render(continual_inputs, tmp_path / "b.html")[1])
+    after = _test_set_table(_render(again, tmp_path / "a.html")[1])
+    assert after[0] == before[0] and sorted(after[1:]) == sorted(before[1:])
+    raw = json.loads(saved)
+    del raw["results"]["test_sets"]  # report_inputs.json of runs made before the field existed
+    assert inputs_from_json(json.dumps(raw)).results.test_sets == {}
+
+
+def test_plain_run_report_has_no_side_by_side_table(any_report):
+    assert "Test sets side by side" not in any_report and 'id="test-sets"' not in any_report
+
+
 @pytest.mark.slow  # importing the audit brings in MONAI and torch (segmentation metrics)
 def test_report_renders_from_a_real_bias_audit(tmp_path, classification_inputs):
     from medtl.evaluation.audit import BiasAudit
