@@ -311,6 +311,9 @@ def _methods(x: ReportInputs) -> str:
     pairs += [("Confidence intervals", f"{me.ci_level:.0%} {me.ci_method}"),
               ("Bootstrap replicates", f"{me.n_boot:,}"),
               ("Group suppression", f"groups of at most {_suppression_limit(x)} patients are not reported"),
+              ("Gap CIs", "paired bootstrap; a difference gap's CI is that of its worst and best group, the same "
+                          "two groups in every replicate; groups with too few events for a metric stay out of its "
+                          "gaps (audit notes); tested gaps at the Bonferroni level over all tested gaps"),
               ("Gap tolerances", ", ".join(f"{_metric_name(k)} {v:g}" for k, v in _tolerances(x).items()) or "n/a"),
               ("External validation", "yes" if me.external_validation else "no")]
     return _section("methods", _kv(pairs))

@@ -124,7 +124,7 @@ def _subgroups(x: ReportInputs) -> str:
     if tested:
         plot = rp.gap_forest(tested, tolerances, {m: _metric_name(m) for m in shown})
         body += '<div class="figures wide">' + _figure(
-            plot, "Between-group differences (max − min) with CIs, one panel per metric; dashed lines mark the "
+            plot, "Between-group differences (max − min) with the CI of the worst-vs-best pair, one panel per metric; dashed lines mark the "
             "tolerance; flagged gaps (vermillion diamonds) have their whole CI above it; hollow = inconclusive."
         ) + "</div>"
     body += "<h3>Gaps tested against a tolerance</h3>" + _gap_table(tested, x.methods)
