@@ -98,6 +98,24 @@ def mlflow_store(work: Path) -> str:
     return uri
 
 
+def setup(work: str | os.PathLike | None, *, progress: bool = False) -> Path:
+    """What every training benchmark does first; returns the work folder.
+
+    Project keys go to `<work>/config` and MLflow to `<work>/mlflow.db` (never the repository's),
+    MLflow's artifact progress bars are off unless `progress` (the PHI scan downloads each run's
+    artifacts), and logging shows warnings only.
+    """
+    import logging
+
+    folder = work_folder(work)
+    os.environ.setdefault("MEDTL_CONFIG_DIR", str(folder / "config"))
+    print("MLflow store:", mlflow_store(folder))
+    if not progress:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.basicConfig(level=logging.WARNING)
+    return folder
+
+
 def machine() -> dict[str, str]:
     """What the numbers were measured on."""
     import platform

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import shutil
 import sys
 import time
@@ -83,12 +81,7 @@ def domain_scores(predictions: Path, target: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    work = _data.work_folder(args.work)
-    os.environ.setdefault("MEDTL_CONFIG_DIR", str(work / "config"))  # benchmark keys stay in the work folder
-    print("MLflow store:", _data.mlflow_store(work))
-    if not args.progress:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(level=logging.WARNING)
+    work = _data.setup(args.work, progress=args.progress)
 
     import pandas as pd
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,12 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    work = _data.work_folder(args.work)
-    os.environ.setdefault("MEDTL_CONFIG_DIR", str(work / "config"))  # benchmark keys stay in the work folder
-    print("MLflow store:", _data.mlflow_store(work))
-    if not args.progress:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(level=logging.WARNING)
+    work = _data.setup(args.work, progress=args.progress)
     # The export re-laid into small folders: medtl's loader costs O(N^2) on a flat folder
     # (see transfer_benefit.sharded_pneumonia).
     root, labels = sharded_pneumonia(work, limit=40 if args.quick else None)

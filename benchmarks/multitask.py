@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -151,12 +149,7 @@ def print_results(results: dict[str, dict[int, dict]], title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    work = _data.work_folder(args.work)
-    os.environ.setdefault("MEDTL_CONFIG_DIR", str(work / "config"))  # benchmark keys stay in the work folder
-    print("MLflow store:", _data.mlflow_store(work))
-    if not args.progress:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(level=logging.WARNING)
+    work = _data.setup(args.work, progress=args.progress)
 
     from medtl.config import load_config
     from medtl.run import run_workflow

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -164,12 +163,7 @@ def summary(results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    work = _data.work_folder(args.work)
-    os.environ.setdefault("MEDTL_CONFIG_DIR", str(work / "config"))  # benchmark keys stay in the work folder
-    print("MLflow store:", _data.mlflow_store(work))
-    if not args.progress:  # the PHI scan downloads the run's artifacts; MLflow shows a bar for each
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(level=logging.WARNING)
+    work = _data.setup(args.work, progress=args.progress)
     root, labels = _data.export_pneumonia(work, limit=40 if args.quick else None)
     print("machine:", _data.machine())
     arms = ["none"] if args.only_scratch else (["imagenet", "none"] if args.scratch else ["imagenet"])

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -170,12 +169,7 @@ def summary(study: dict, dataset: str) -> list[list[object]]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    work = _data.work_folder(args.work)
-    os.environ.setdefault("MEDTL_CONFIG_DIR", str(work / "config"))  # benchmark keys stay in the work folder
-    print("MLflow store:", _data.mlflow_store(work))
-    if not args.progress:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(level=logging.WARNING)
+    work = _data.setup(args.work, progress=args.progress)
     if args.combine:
         return combine(args.combine, work, args.dataset)
 
