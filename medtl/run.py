@@ -320,6 +320,7 @@ def run_workflow(
         run_records.log_config(config_dict(cfg))
         run_records.log_environment()
         run_records.log_manifest(data.manifest, data.manifest_sha256)
+        run_records.log_config({"rows_left_out": {r.replace(" ", "_"): n for r, n in data.dropped.items()}}, "data")
         trained, sets, method_info = train_for_config(
             cfg, data, output_dir=output_dir, resume=resume, progress=progress, initial_state=initial,
             on_epoch_end=lambda epoch, record: run_records.log_epoch_metrics(

@@ -125,6 +125,9 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
         )
     extra = [c for c in cfg.data.subgroups if c in manifest.columns]
     subgroups = [c for c in (*SUBGROUP_COLUMNS, *extra) if c in manifest.columns]
+    left_out = ", ".join(f"{n} ({reason})" for reason, n in dropped.items() if n)
+    if left_out:
+        logger.warning("manifest %s: rows left out of this %s run: %s", manifest_path.name, cfg.task, left_out)
     return PreparedData(
         manifest=manifest,
         manifest_path=manifest_path,

@@ -129,3 +129,15 @@ def test_report_rerenders_from_the_run(demo_run, tmp_path):
     assert main(["report", outputs.run_id, "--output", str(tmp_path / "again.html")]) == 0
     html = (tmp_path / "again.html").read_text()
     assert 'id="subgroups"' in html and outputs.run_id in html
+
+
+@pytest.mark.slow
+def test_rows_left_out_of_the_run_are_counted_in_mlflow(demo_run):
+    work, outputs, _ = demo_run
+    import os
+
+    os.chdir(work)
+    store.tracking_uri()
+    params = store.client().get_run(outputs.run_id).data.params
+    # The demo's CT series are not radiographs: the classify_2d run leaves them out and says so.
+    assert int(params["data.rows_left_out.other_modality"]) > 0
