@@ -435,7 +435,16 @@ def _record(key: ProjectKey, disk: _Disk, row: LabelRow, index: int, image, mask
         "sex": normalise_sex(row.sex or (h.sex if h else "")), "age_band": band,
         "site": site_code(key, row.site or (h.institution if h else "")), "scanner": scanner,
         "_row": row.number, "_extras": row.extras, "_split": row.split, "_patient_source": source,
+        "_year": _study_year(h.study_date if h is not None else ""),
     }
+
+
+def _study_year(study_date: str) -> int | None:
+    """The year of a DICOM DA StudyDate (Safe Harbor keeps years only), None when absent or malformed."""
+    text = (study_date or "").strip()
+    if len(text) >= 4 and text[:4].isdigit() and 1900 <= int(text[:4]) <= 2100:
+        return int(text[:4])
+    return None
 
 
 def _table(records: list[dict], extras: list[str], seed: int, fractions) -> pd.DataFrame:
@@ -522,13 +531,16 @@ def _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, na
         for column in ("label", *SUBGROUPS, *extras):
             per_split[split][column] = dict(sorted(Counter(str(v) for v in part[column]).items()))
     sources = Counter(r["_patient_source"] for r in rows if "_patient_source" in r)
+    years = [r["_year"] for r in rows if "id" in r and r.get("_year") is not None]
+    study_years = {"first": min(years, default=None), "last": max(years, default=None), "dated": len(years),
+                   "undated": sum(1 for r in rows if "id" in r) - len(years)}
     sidecar = {
         "schema_version": SCHEMA_VERSION, "key_id": key.key_id, "deidentification": DEID_PROFILE,
         "manifest_sha256": "", "labels_csv_sha256": file_sha256(labels_csv), "columns": list(table.columns),
         "subgroup_columns": [*SUBGROUPS, *extras], "seed": seed, "fractions": list(fractions),
         "classes": sorted({str(v) for v in table["label"] if str(v)}, key=_class_key),
         "counts": counted, "patient_source": dict(sorted(sources.items())), "splits": per_split,
-        "k_anonymity": k_info, "warnings": messages,
+        "k_anonymity": k_info, "study_years": study_years, "warnings": messages,
         "label_rows_not_used": unused_rows, "unlabeled_files": sorted(unlabeled),
         "files_not_used": sorted(not_used, key=lambda e: e["file"]), "unaccounted_files": sorted(unaccounted),
         "inventory": sorted(inventory, key=lambda e: e["token"]),

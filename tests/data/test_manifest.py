@@ -141,6 +141,9 @@ def test_counts_add_up_and_bad_unlabeled_and_unmatched_inputs_are_reported(tree,
     assert len(sidecar["inventory"]) == len(files)
     assert sidecar["k_anonymity"]["k"] == 1 and not sidecar["k_anonymity"]["ok"]
     assert sum(s["rows"] for s in sidecar["splits"].values()) == 7
+    # Years only (Safe Harbor), from the DICOM StudyDate: two CT series and the DX; NIfTI and PNG carry none.
+    assert sidecar["study_years"] == {"first": 2024, "last": 2024, "dated": 3, "undated": 4}
+    assert "20240115" not in result.sidecar_json.read_text()
 
 
 def test_identifying_paths_and_values_never_reach_the_outputs(tree, tmp_path):
