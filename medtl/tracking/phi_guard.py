@@ -123,6 +123,30 @@ def scan_run(run_id: str, forbidden: Iterable[str], forbidden_paths: Iterable[Pa
     return list(dict.fromkeys(findings))
 
 
+def scan_files(paths: Iterable[Path], forbidden: Iterable[str], forbidden_paths: Iterable[Path]) -> list[str]:
+    """Scan local files (e.g. a report about to be logged) with the same needles as `scan_run`.
+
+    Args:
+        paths: The files to scan.
+        forbidden: Strings that must appear nowhere (case-insensitive).
+        forbidden_paths: Absolute paths that must appear nowhere; the user's home is always added.
+
+    Returns:
+        Findings such as `"file 'report.html': forbidden string #2"`; empty when clean.
+
+    Raises:
+        InputError: as `scan_run`, for a single string instead of a list or a root path.
+    """
+    needles = _needles(forbidden, forbidden_paths)
+    findings: list[str] = []
+    for path in paths:
+        path = Path(path)
+        findings.extend(f"file {path.name!r}: {hit}" for hit in _file_hits(path, needles))
+        if zipfile.is_zipfile(path):
+            findings.extend(f"file {path.name!r}: {hit}" for hit in _zip_hits(path, needles))
+    return list(dict.fromkeys(findings))
+
+
 def scan_registered_version(
     name: str, version: str | int, forbidden: Iterable[str], forbidden_paths: Iterable[Path]
 ) -> list[str]:

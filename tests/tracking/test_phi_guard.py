@@ -137,3 +137,16 @@ def test_short_name_parts_match_as_whole_words_and_base64_plots_are_not_text(sto
     assert "run artifact 'weights.bin': forbidden string #2" in findings
     assert not any("report.html" in f or "model.weights" in f for f in findings)
     assert not any("weights.bin': forbidden string #1" in f for f in findings)
+
+
+def test_scan_files_finds_a_planted_string_and_a_data_path_in_a_local_report(tmp_path):
+    data_root = tmp_path / "hospital" / "export"
+    report = tmp_path / "report.html"
+    report.write_text(f"<p>all clear</p><p>source {data_root}/study_1</p><p>{PATIENT.lower()}</p>")
+    clean = tmp_path / "clean.html"
+    clean.write_text("<p>test AUROC 0.91 [0.88, 0.94]</p>")
+    findings = tracking.phi_guard.scan_files([report, clean], [PATIENT, MRN], [data_root])
+    assert any(f.startswith("file 'report.html': forbidden string #1") for f in findings)
+    assert any(f.startswith("file 'report.html'") and "path" in f for f in findings)
+    assert not any("clean.html" in f for f in findings)
+    _no_value_echoed(findings, PATIENT, str(data_root))
