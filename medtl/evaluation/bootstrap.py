@@ -37,6 +37,7 @@ from medtl.evaluation.metrics import (
     choose_threshold,
     confusion_rates,
     expected_calibration_error,
+    multiclass_metrics,
     operating_point_index,
 )
 
@@ -364,6 +365,83 @@ def bootstrap_binary(
         float(threshold), percentile_ci(np.concatenate(reps["threshold"]), level) if derived else None
     )
     return out
+
+
+#: The multi-class metrics bootstrap_multiclass gives CIs for (keys of multiclass_metrics).
+MULTICLASS_METRICS: tuple[str, ...] = ("auroc_macro", "auprc_macro", "accuracy", "balanced_accuracy", "brier", "ece")
+
+
+def bootstrap_multiclass(
+    y_true: Any,
+    y_score: Any,
+    classes: Sequence[Any],
+    patient_ids: Any,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    n_bins: int = 10,
+) -> dict[str, Estimate]:
+    """Multi-class metrics (macro one-vs-rest, argmax decisions) with patient-level bootstrap CIs.
+
+    The same resampling as bootstrap_binary (patients, stratified by label); no threshold is
+    involved (decisions are the argmax). Point estimates come from multiclass_metrics
+    (scikit-learn); replicates from the weighted kernels, class by class.
+
+    Args:
+        y_true: class labels, shape (n,).
+        y_score: class probabilities, shape (n, k), columns in the order of `classes`.
+        classes: the k >= 3 class labels.
+        patient_ids: patient pseudonym per row.
+        n_boot: number of replicates.
+        seed: random seed.
+        level: interval coverage.
+        n_bins: bins for the top-label ECE.
+
+    Returns:
+        Dict metric (MULTICLASS_METRICS) -> Estimate, plus "auroc_<class>" per class (one-vs-rest).
+
+    Raises:
+        InputError: mismatched shapes, labels not in `classes`, misaligned patient ids.
+        ConfigError: bad n_boot or level.
+
+    Example:
+        >>> est = bootstrap_multiclass(y, probs, ["a", "b", "c"], patients)  # doctest: +SKIP
+        >>> est["auroc_macro"].ci  # doctest: +SKIP
+    """
+    check_bootstrap_settings(n_boot, level)
+    classes = list(classes)
+    point = multiclass_metrics(y_true, y_score, classes, n_bins=n_bins)  # validates shapes and labels
+    y = np.asarray(y_true)
+    s = np.asarray(y_score, dtype=np.float64)
+    index = {c: k for k, c in enumerate(classes)}
+    code = np.array([index[v] for v in y.tolist()], dtype=np.int64)
+    onehot = np.eye(len(classes))[code]
+    correct = (s.argmax(axis=1) == code).astype(np.float64)
+    row_patient, n_patients = encode_patients(patient_ids, y.size)
+    strata = patient_strata(row_patient, n_patients, code)
+    names = [*MULTICLASS_METRICS, *(f"auroc_{c}" for c in classes)]
+    reps: dict[str, list[np.ndarray]] = {m: [] for m in names}
+    squared = ((s - onehot) ** 2).sum(axis=1)
+    for counts in iter_bootstrap_counts(strata, n_boot, make_rng(seed, "overall")):
+        w = counts[:, row_patient].astype(np.float64)
+        total = w.sum(axis=1)
+        aurocs = [weighted_auroc(onehot[:, k], s[:, k], w) for k in range(len(classes))]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recalls = [(w[:, code == k] @ correct[code == k]) / w[:, code == k].sum(axis=1)
+                       for k in range(len(classes))]
+            reps["accuracy"].append(w @ correct / total)
+            reps["brier"].append(w @ squared / total)
+        reps["auroc_macro"].append(np.mean(aurocs, axis=0))
+        reps["auprc_macro"].append(np.mean([weighted_average_precision(onehot[:, k], s[:, k], w)
+                                            for k in range(len(classes))], axis=0))
+        reps["balanced_accuracy"].append(np.mean(recalls, axis=0))
+        reps["ece"].append(expected_calibration_error(correct, s.max(axis=1), n_bins, w))
+        for c, a in zip(classes, aurocs, strict=True):
+            reps[f"auroc_{c}"].append(a)
+    values = {m: point[m] for m in MULTICLASS_METRICS}
+    values.update({f"auroc_{c}": point["per_class"][str(c)]["auroc"] for c in classes})
+    return {m: Estimate(float(values[m]), percentile_ci(np.concatenate(reps[m]), level)) for m in names}
 
 
 def check_bootstrap_settings(n_boot: Any, level: Any) -> None:
