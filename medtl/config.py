@@ -97,6 +97,11 @@ class AuditConfig:
     fail_on_flagged: bool = True
     min_group_size: int = 10
     min_gap_events: int = 10  # fewer positives/negatives: the group is left out of that metric's gaps
+    # Bias amplification: whose gaps the model's are compared with. champion = the registered
+    # model's current @champion (its audit.json, unpaired); scratch = the same model trained from
+    # scratch on the same manifest and budget (paired CIs; doubles the training time); none.
+    reference: str = "champion"
+    positive_class: str = ""  # multi-class: the class audited one-vs-rest (required for > 2 classes)
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,7 @@ _CHOICES = {
     "train.balance": ("none", "sampler", "loss"),
     "evaluation.threshold_rule": ("youden", "sensitivity", "fpr"),
     "audit.correction": ("bonferroni", "none"),
+    "audit.reference": ("champion", "scratch", "none"),
     "model.spatial_dims": (2, 3),
     "adaptation.method": ("none", "adabn", "dann"),
 }
@@ -312,6 +318,10 @@ def validate(cfg: WorkflowConfig) -> WorkflowConfig:
         raise ConfigError(f"config key 'train.num_threads' must be 0 (measure) or a thread count, not {cfg.train.num_threads}")
     if abs(sum(cfg.data.fractions) - 1.0) > 1e-6 or len(cfg.data.fractions) != 3:
         raise ConfigError(f"config key 'data.fractions' must be three numbers summing to 1, not {list(cfg.data.fractions)}")
+    if cfg.model.multi_label:
+        raise ConfigError("config key 'model.multi_label' must be false for workflows, not true: the manifest holds one "
+                          "label per study; score multi-label predictions with medtl.evaluation.metrics."
+                          "multilabel_metrics")
     _validate_adaptation(cfg)
     _validate_multitask(cfg)
     _validate_fewshot(cfg)

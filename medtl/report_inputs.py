@@ -46,7 +46,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _provenance(data, forbidden_scan_passed: bool = True) -> DataProvenance:
+def _provenance(data, phi_scan: Mapping[str, object] | None) -> DataProvenance:
     sidecar = data.sidecar
     counts = sidecar.get("counts", {})
     manifest = data.manifest
@@ -77,25 +77,39 @@ def _provenance(data, forbidden_scan_passed: bool = True) -> DataProvenance:
             "k": k.get("k"), "k_min": k.get("k_min"), "quasi_identifiers": k.get("quasi_identifiers", []),
             "passed": k.get("ok"),
         },
-        phi_scan={"passed": forbidden_scan_passed, "n_findings": 0},
+        phi_scan=dict(phi_scan or {}),
         splits=splits,
+        # prepare_data raises LeakageError before a run starts, so a report only exists for a clean check.
         leakage={"passed": True, "level": "patient", "n_shared": 0},
+        years=_years(sidecar.get("study_years") or {}),
     )
+
+
+def _years(info: Mapping[str, object]) -> str:
+    """"2014-2019 (412 studies dated, 3 without a date)" from the sidecar's study_years."""
+    first, last = info.get("first"), info.get("last")
+    if first is None:
+        return ""
+    span = str(first) if first == last else f"{first}-{last}"
+    undated = info.get("undated") or 0
+    return f"{span} ({info.get('dated', 0)} studies dated" + (f", {undated} without a date)" if undated else ")")
 
 
 def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, audit: dict, *, run_id: str,
                         model_version: str, code_version: str, source: str = "",
-                        synthetic: bool = False, test_sets: Mapping[str, Mapping] | None = None) -> ReportInputs:
+                        synthetic: bool = False, test_sets: Mapping[str, Mapping] | None = None,
+                        phi_scan: Mapping[str, object] | None = None) -> ReportInputs:
     """The report's inputs for a finished workflow run.
 
     Args:
+        phi_scan: the result of the run's PHI scan ({"passed", "n_findings", "scope"}); None when
+            no scan was made (the report then says "not recorded").
         test_sets: the evaluations beside `test` (`old_test`, `target_test`, `source_test`), as
             `medtl.run` computes them: name -> {"test": metrics, "n_cases", "n_patients", ...}.
             Only the metrics and the counts are carried into the report.
     """
     bundle = trained.bundle
     load_report = dataclasses.asdict(bundle.load_report) if bundle.load_report is not None else {}
-    frozen = [group for group in trained.plan_groups if cfg.train.strategy == "linear_probe" and group != "head"]
     results_metrics = evaluation["test"]
     dice_per_case = None
     n_cases = int((data.manifest["split"] == "test").sum())
@@ -115,13 +129,13 @@ def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, au
             model_version=str(model_version),
             out_of_scope="Clinical diagnosis; studies from modalities, sites or populations absent from the manifest.",
         ),
-        data=dataclasses.replace(_provenance(data), source=source, synthetic=synthetic),
+        data=dataclasses.replace(_provenance(data, phi_scan), source=source, synthetic=synthetic),
         model=ModelTransfer(
             encoder=cfg.model.encoder,
             strategy=cfg.train.strategy,
             weights=bundle.weights.as_dict(),
             load_report=load_report,
-            frozen_layers=frozen,
+            frozen_layers=list(trained.frozen_schedule),
             preprocessing=dataclasses.asdict(trained.prep),
             hyperparameters={k: v for k, v in dataclasses.asdict(trained.train_config).items() if k != "progress"},
             library_versions=library_versions(),

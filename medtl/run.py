@@ -35,13 +35,13 @@ from medtl.adaptation import (
     prepare_old_data,
     train_for_config,
 )
-from medtl.config import WorkflowConfig, validate
+from medtl.config import ContinualConfig, WorkflowConfig, validate
 from medtl.engine.runtime import barrier, cleanup_distributed, init_distributed
-from medtl.errors import MedtlError
+from medtl.errors import ConfigError, MedtlError
 from medtl.evaluation.audit import BiasAudit
 from medtl.evaluation.audit_types import AuditConfig
-from medtl.evaluation.bootstrap import bootstrap_binary
-from medtl.evaluation.metrics import choose_threshold, classification_report_data, multiclass_metrics
+from medtl.evaluation.bootstrap import bootstrap_binary, bootstrap_case_means, bootstrap_multiclass
+from medtl.evaluation.metrics import choose_threshold, classification_report_data
 from medtl.evaluation.report import render_report
 from medtl.evaluation.segmentation import segmentation_case_metrics
 from medtl.models.fewshot import flatten_results
@@ -49,6 +49,7 @@ from medtl.report_inputs import build_report_inputs, inputs_from_json, inputs_to
 from medtl.tracking import phi_guard, registry, run_records, store
 from medtl.tracking.torch_model import log_torch_model
 from medtl.workflow import (
+    SUBGROUP_COLUMNS,
     PreparedData,
     TrainedModel,
     config_dict,
@@ -104,12 +105,11 @@ def evaluate(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame)
         return {"test": test_metrics, "val": {"auroc": {"value": val_auroc, "ci": None}},
                 "threshold": float(threshold), "curves": curves}
     columns = [f"y_score_{c}" for c in data.classes]
-    point = multiclass_metrics(test["y_true"].map(lambda i: data.classes[int(i)]), test[columns].to_numpy(),
-                               data.classes)
-    metrics = {k: {"value": float(v), "ci": None} for k, v in point.items() if isinstance(v, int | float)}
-    curves = classification_report_data(test["y_true"].map(lambda i: data.classes[int(i)]), test[columns].to_numpy(),
-                                        classes=data.classes)
-    return {"test": metrics, "val": {}, "threshold": None, "curves": curves}
+    labels = test["y_true"].map(lambda i: data.classes[int(i)])
+    estimates = bootstrap_multiclass(labels, test[columns].to_numpy(), data.classes, patient_ids(data, test["id"]),
+                                     n_boot=ev.n_boot, seed=cfg.seed)
+    curves = classification_report_data(labels, test[columns].to_numpy(), classes=data.classes)
+    return {"test": {k: e.to_dict() for k, e in estimates.items()}, "val": {}, "threshold": None, "curves": curves}
 
 
 def _auroc(y: pd.Series, s: pd.Series) -> float | None:
@@ -127,16 +127,12 @@ def _evaluate_segmentation(cfg: WorkflowConfig, data: PreparedData, predictions:
         ids=list(predictions["id"]),
     )
     table = predictions.drop(columns=["_pred", "_true"]).merge(cases, on="id", how="left")
-    rng = np.random.default_rng(cfg.seed)
     out: dict = {}
     for split in ("val", "test"):
         part = table[table["split"] == split]
-        patients = patient_ids(data, part["id"])
-        metrics = {}
-        for column in [c for c in cases.columns if c != "id"]:
-            values = part[column].to_numpy(dtype=float)
-            metrics[column] = _patient_bootstrap_mean(values, patients, cfg.evaluation.n_boot, rng)
-        out[split] = metrics
+        estimates = bootstrap_case_means(part[[c for c in cases.columns if c != "id"]], patient_ids(data, part["id"]),
+                                         n_boot=cfg.evaluation.n_boot, seed=cfg.seed)
+        out[split] = {k: e.to_dict() for k, e in estimates.items()}
     out["cases"] = table
     out["threshold"] = None
     if "y_true" in table.columns:  # a multi-task model's class head
@@ -171,30 +167,63 @@ def _add_class_head_metrics(cfg: WorkflowConfig, data: PreparedData, table: pd.D
         out["val"]["auroc"] = {"value": _auroc(val["y_true"], val["y_score"]), "ci": None}
         return
     classes = [c.removeprefix("y_score_") for c in table.columns if c.startswith("y_score_")]
-    point = multiclass_metrics(test["y_true"].map(lambda i: classes[int(i)]),
-                               test[[f"y_score_{c}" for c in classes]].to_numpy(), classes)
-    out["test"].update({k: {"value": float(v), "ci": None} for k, v in point.items() if isinstance(v, int | float)})
+    estimates = bootstrap_multiclass(test["y_true"].map(lambda i: classes[int(i)]),
+                                     test[[f"y_score_{c}" for c in classes]].to_numpy(), classes,
+                                     patient_ids(data, test["id"]), n_boot=ev.n_boot, seed=cfg.seed)
+    out["test"].update({k: e.to_dict() for k, e in estimates.items()})
 
 
-def _patient_bootstrap_mean(values: np.ndarray, patients: np.ndarray, n_boot: int, rng) -> dict:
-    # Mean of per-case values with patients (not cases) resampled; NaN cases (empty reference) are ignored.
-    ok = np.isfinite(values)
-    if not ok.any():
-        return {"value": None, "ci": None}
-    values, patients = values[ok], patients[ok]
-    uniq, inverse = np.unique(patients, return_inverse=True)
-    sums = np.bincount(inverse, weights=values, minlength=len(uniq))
-    counts = np.bincount(inverse, minlength=len(uniq)).astype(float)
-    draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
-    boot = sums[draws].sum(1) / counts[draws].sum(1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"value": float(values.mean()), "ci": [float(lo), float(hi)]}
+def audit_attributes(cfg: WorkflowConfig, data: PreparedData) -> list[str]:
+    """The subgroup columns a run audits: `audit.attributes`, then the declared `data.subgroups`.
+
+    Raises:
+        ConfigError: when an attribute is not a subgroup column of the manifest.
+    """
+    unknown = [a for a in cfg.audit.attributes if a not in data.subgroups]
+    if unknown:
+        raise ConfigError(
+            f"config key 'audit.attributes' must name subgroup columns of manifest {data.manifest_path.name} "
+            f"({', '.join(data.subgroups)}), not {unknown}; declare extra columns in data.subgroups")
+    declared = [c for c in data.subgroups if c not in SUBGROUP_COLUMNS]
+    return list(dict.fromkeys([*cfg.audit.attributes, *declared]))
+
+
+def check_audit_setup(cfg: WorkflowConfig, data: PreparedData) -> None:
+    """Audit settings that would otherwise fail only after training: attributes and positive class.
+
+    Raises:
+        ConfigError: an unknown attribute, or a multi-class model without a valid `audit.positive_class`.
+    """
+    audit_attributes(cfg, data)
+    if cfg.task == "classification" and len(data.classes) > 2 and cfg.audit.positive_class not in data.classes:
+        raise ConfigError(
+            f"config key 'audit.positive_class' must name the class the audit checks one-vs-rest for this "
+            f"{len(data.classes)}-class model, one of {data.classes}, not {cfg.audit.positive_class!r}; "
+            f"e.g. --set audit.positive_class={data.classes[-1]}")
+
+
+def _class_labels(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame | None) -> pd.DataFrame | None:
+    # The audit reads a multi-class y_true as class labels (predictions.csv keeps class indices).
+    if table is None or cfg.task != "classification" or len(data.classes) <= 2:
+        return table
+    return table.assign(y_true=table["y_true"].map(lambda i: data.classes[int(i)]))
 
 
 def run_audit(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, *, progress: bool = True,
-              reference: pd.DataFrame | None = None) -> BiasAudit:
-    """Per-subgroup bias audit of the val/test predictions (threshold from validation)."""
-    attributes = [a for a in cfg.audit.attributes if a in table.columns]
+              reference: pd.DataFrame | None = None, reference_audit: dict | None = None,
+              reference_label: str | None = None) -> BiasAudit:
+    """Per-subgroup bias audit of the val/test predictions (threshold from validation).
+
+    Args:
+        cfg: the workflow config (its `audit` and `evaluation` sections).
+        data: the run's prepared manifest (patients, subgroups, classes).
+        table: the predictions (classification) or per-case metrics (segmentation) of val and test.
+        progress: progress bar over attributes.
+        reference: a reference model's table on the same ids (paired bias amplification).
+        reference_audit: instead, a reference's audit.json (e.g. the champion's; unpaired).
+        reference_label: the reference's name in audit.json.
+    """
+    attributes = audit_attributes(cfg, data)
     settings = {"alpha": cfg.audit.alpha, "correction": cfg.audit.correction,
                 "fail_on_flagged": cfg.audit.fail_on_flagged}
     if cfg.audit.tolerances:
@@ -211,9 +240,89 @@ def run_audit(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, *, p
         seed=cfg.seed,
         min_group_size=cfg.audit.min_group_size,
         min_gap_events=cfg.audit.min_gap_events,
+        positive_class=cfg.audit.positive_class if cfg.task == "classification" and len(data.classes) > 2 else None,
         progress=progress,
     )
-    return audit.run(table, patient_ids(data, table["id"]), reference_predictions=reference)
+    return audit.run(_class_labels(cfg, data, table), patient_ids(data, table["id"]),
+                     reference_predictions=_class_labels(cfg, data, reference), reference_audit=reference_audit,
+                     reference_label=reference_label)
+
+
+@dataclass(frozen=True)
+class AuditReference:
+    """The model whose subgroup gaps the audited model's are compared with (bias amplification).
+
+    Attributes:
+        kind: "champion", "scratch" or "none" (`audit.reference`).
+        label: its name in audit.json and the report; None when there is no reference.
+        table: scratch: its val/test predictions (or per-case metrics) for a paired comparison.
+        audit: champion: its audit.json, for an unpaired comparison.
+        test: scratch: its test metrics with CIs.
+        note: why no comparison was made, for the audit notes.
+    """
+
+    kind: str
+    label: str | None = None
+    table: pd.DataFrame | None = None
+    audit: dict | None = None
+    test: dict | None = None
+    note: str = ""
+
+
+def audit_reference(cfg: WorkflowConfig, data: PreparedData, *, name: str, output_dir: Path,
+                    progress: bool = True) -> AuditReference:
+    """Find or train the bias-amplification reference that `audit.reference` asks for.
+
+    champion: the registered model's current @champion (its run's audit.json; none on a first
+    run). scratch: the same workflow trained from random weights (model.weights none, strategy
+    finetune, same data, epochs and optimiser) and scored on the same val/test studies.
+    """
+    kind = cfg.audit.reference
+    if kind == "none":
+        return AuditReference(kind, note="bias amplification: not computed (audit.reference is none)")
+    if kind == "champion":
+        found = registry.champion_audit(name)
+        if found is None:
+            return AuditReference(kind, note=(
+                f"bias amplification: not computed, model '{name}' has no champion version with an audit.json yet "
+                "(promote one with `medtl registry promote`, or set audit.reference: scratch)"))
+        version, document = found
+        return AuditReference(kind, label=f"champion (version {version})", audit=document)
+    scratch = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="none"),
+                                  train=dataclasses.replace(cfg.train, strategy="finetune"),
+                                  continual=ContinualConfig())
+    logger.info("bias-amplification reference: training the same model from scratch")
+    trained, sets, _ = train_for_config(scratch, data, output_dir=output_dir / "reference_scratch", progress=progress)
+    predictions = predictions_table(scratch, data, trained, sets, progress=progress)
+    evaluation = evaluate(scratch, data, predictions)
+    table = evaluation.pop("cases") if cfg.task == "segmentation" else predictions
+    return AuditReference(kind, label="from scratch (same architecture, data and training budget)", table=table,
+                          test=evaluation["test"])
+
+
+def _audit_document(audit: BiasAudit, reference: AuditReference) -> dict:
+    """audit.json: the audit's document with the reference's kind (and test metrics) and the reason for none."""
+    document = audit.to_dict()
+    if document.get("reference") is not None:
+        document["reference"] = {**document["reference"], "kind": reference.kind,
+                                 **({"test": reference.test} if reference.test is not None else {})}
+    if reference.note:
+        document["notes"] = [*document.get("notes", []), reference.note]
+    return document
+
+
+def _gap_metrics(document: dict) -> dict[str, float]:
+    """MLflow metrics of the tested gaps: audit.gap.<attribute>.<metric>.<kind> with ci_lo / ci_hi."""
+    flat: dict[str, float] = {}
+    for gap in document.get("gaps", []):
+        if gap.get("tolerance") is None or gap.get("value") is None:
+            continue
+        key = f"audit.gap.{gap['attribute']}.{gap['metric']}.{gap.get('kind', 'difference')}"
+        flat[key] = float(gap["value"])
+        if gap.get("ci"):
+            flat[f"{key}.ci_lo"], flat[f"{key}.ci_hi"] = map(float, gap["ci"])
+    flat["audit.flagged_gaps"] = float(sum(1 for g in document.get("gaps", []) if g.get("flagged")))
+    return flat
 
 
 def _flat_metrics(evaluation: dict) -> dict[str, float]:
@@ -267,6 +376,8 @@ def run_workflow(
     resume: bool = False,
     progress: bool = True,
     extra_forbidden: dict[str, str] | None = None,
+    synthetic: bool = False,
+    source: str = "",
 ) -> RunOutputs:
     """Run a workflow end to end; see the module docstring for the order of steps.
 
@@ -276,6 +387,8 @@ def run_workflow(
         resume: continue training from output_dir/checkpoints/last.pt.
         progress: progress bars.
         extra_forbidden: more identifying strings the PHI scan of the run must not find.
+        synthetic: the studies are synthetic (said in the report's data section and limitations).
+        source: a short description of where the studies come from, for the report.
 
     Returns:
         The run id, metrics, audit verdict and registry version.
@@ -293,6 +406,7 @@ def run_workflow(
     main_rank = dist_info.rank == 0
     if main_rank:
         data = prepare_data(cfg, output_dir, progress=progress)
+        check_audit_setup(cfg, data)  # before training, not after it
     barrier(dist_info)
     if not main_rank:
         built = cfg.data.manifest or cfg.data.manifest_out or str(output_dir / "manifest.csv")
@@ -318,7 +432,7 @@ def run_workflow(
     with store.start_run(cfg.tracking.experiment, run_name=cfg.name, tags=run_tags) as run:
         run_id = run.info.run_id
         run_records.log_config(config_dict(cfg))
-        run_records.log_environment()
+        environment = run_records.log_environment()
         run_records.log_manifest(data.manifest, data.manifest_sha256)
         run_records.log_config({"rows_left_out": {r.replace(" ", "_"): n for r, n in data.dropped.items()}}, "data")
         trained, sets, method_info = train_for_config(
@@ -338,8 +452,12 @@ def run_workflow(
         table = evaluation.pop("cases") if cfg.task == "segmentation" else predictions
         extra, old_table = _extra_evaluations(cfg, data, predictions, trained, old, progress=progress)
         timings["evaluate_seconds"] = time.perf_counter() - t0
-        audit = run_audit(cfg, data, table, progress=progress)
-        audit_dict = audit.to_dict()
+        t0 = time.perf_counter()
+        reference = audit_reference(cfg, data, name=name, output_dir=output_dir, progress=progress)
+        audit = run_audit(cfg, data, table, progress=progress, reference=reference.table,
+                          reference_audit=reference.audit, reference_label=reference.label)
+        timings["audit_seconds"] = time.perf_counter() - t0
+        audit_dict = _audit_document(audit, reference)
         passed = bool(audit.result_.passed)
         (output_dir / "audit.json").write_text(json.dumps(audit_dict, indent=2, default=float))
         metrics = {
@@ -362,7 +480,10 @@ def run_workflow(
         for key, ev in extra.items():
             flat.update(_flat_estimates(key, ev["test"]))
         flat.update({f"adaptation.{k}": float(v) for k, v in method_info.items()})
+        if reference.test is not None:
+            flat.update(_flat_estimates("reference_test", reference.test))
         flat["audit.passed"] = float(passed)
+        flat.update(_gap_metrics(audit_dict))
         run_records.log_final_metrics(flat)
         artifacts = ["metrics.json", "predictions.csv", "audit.json"]
         if old_table is not None:
@@ -378,21 +499,27 @@ def run_workflow(
                                               _key_metrics(metrics))
             registry.set_audit_status(name, version, "passed" if passed else "failed",
                                       {"flagged_gaps": sum(1 for g in audit_dict.get("gaps", []) if g.get("flagged"))})
+        forbidden = {**data.forbidden, **(extra_forbidden or {})}
+        roots = [data.root.resolve()] + ([old.root.resolve()] if old is not None else [])
+        # Everything but the report is in the run now: scan it, so the report can state the result
+        # truthfully; the report itself is scanned before it is logged.
+        _scan_or_raise(run_id, forbidden, roots, name=name, version=version)
         inputs = build_report_inputs(cfg, data, trained, evaluation, audit_dict, run_id=run_id,
-                                     model_version=version, code_version=__version__, test_sets=extra)
+                                     model_version=version, code_version=_code_version(environment),
+                                     test_sets=extra, synthetic=synthetic, source=source,
+                                     phi_scan={"passed": True, "n_findings": 0,
+                                               "scope": "the MLflow run, its artifacts and model, and this report"})
         report_path = output_dir / "report.html"
         digest = render_report(inputs, report_path)
         (output_dir / "report_inputs.json").write_text(inputs_to_json(inputs))
+        _scan_files_or_raise([report_path, output_dir / "report_inputs.json"], forbidden, roots, run_id=run_id,
+                             name=name, version=version)
         run_records.log_artifact(report_path)
         run_records.log_artifact(output_dir / "report_inputs.json")
         store.client().set_tag(run_id, "medtl.report_sha256", digest)
         if version:
             store.client().set_model_version_tag(name, version, "report_sha256", digest)
             store.client().set_model_version_tag(name, version, "report_artifact", f"runs:/{run_id}/report.html")
-    forbidden = dict(data.forbidden)
-    forbidden.update(extra_forbidden or {})
-    roots = [data.root.resolve()] + ([old.root.resolve()] if old is not None else [])
-    _scan_or_raise(run_id, forbidden, roots, name=name, version=version)
     return RunOutputs(run_id=run_id, output_dir=output_dir, metrics=metrics, audit_passed=passed,
                       model_name=name, model_version=version, report_path=report_path)
 
@@ -445,13 +572,31 @@ def _key_metrics(metrics: dict) -> dict[str, float]:
             if k in ("auroc", "auprc", "accuracy", "dice") and v is not None}
 
 
+def _code_version(environment: dict[str, str]) -> str:
+    """"medtl 0.1.0, git 1a2b3c4" (with "+ local changes" when the checkout is dirty), or the version."""
+    commit = environment.get("medtl.git_commit")
+    if not commit:
+        return f"medtl {__version__}"
+    dirty = " + local changes" if environment.get("medtl.git_dirty") == "true" else ""
+    return f"medtl {__version__}, git {commit[:12]}{dirty}"
+
+
+def _scan_files_or_raise(paths: list[Path], forbidden: dict[str, str], roots: list[Path], *, run_id: str,
+                         name: str, version: str) -> None:
+    findings = phi_guard.scan_files(paths, forbidden.keys(), roots)
+    _raise_findings(findings, run_id, name=name, version=version)
+
+
 def _scan_or_raise(run_id: str, forbidden: dict[str, str], roots: list[Path], *, name: str, version: str) -> None:
-    findings = phi_guard.scan_run(run_id, forbidden.keys(), roots)
+    _raise_findings(phi_guard.scan_run(run_id, forbidden.keys(), roots), run_id, name=name, version=version)
+
+
+def _raise_findings(findings: list[str], run_id: str, *, name: str, version: str) -> None:
     if findings:
         if version:
             registry.set_audit_status(name, version, "failed", {"phi_findings": len(findings)})
         raise PHILeakError(
-            f"the MLflow run {run_id} holds {len(findings)} identifying value(s) or data path(s): "
+            f"the MLflow run {run_id} or its report holds {len(findings)} identifying value(s) or data path(s): "
             + "; ".join(findings[:5]) + ("; the version was marked failed" if version else "")
             + " — report this as a bug"
         )

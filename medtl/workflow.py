@@ -30,7 +30,7 @@ from medtl.engine.loop import fit
 from medtl.errors import ConfigError, InputError
 from medtl.models.factory import ModelBundle, create_model
 from medtl.models.multitask import MultiTaskModel, split_outputs
-from medtl.models.strategies import TransferPlan, make_transfer_plan
+from medtl.models.strategies import TransferPlan, make_transfer_plan, stage_group_name
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class TrainedModel:
     train_config: TrainConfig
     plan_groups: list[str]
     frozen_parameters: int
+    # Which optimizer groups were frozen in which epochs, e.g. ["epochs 1-2: encoder.stage0, ..."].
+    frozen_schedule: list[str] = field(default_factory=list)
 
 
 def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True) -> PreparedData:
@@ -231,9 +233,6 @@ def loss_and_metric(cfg: WorkflowConfig, class_weights: torch.Tensor | None) -> 
 
         return loss, dice, "dice"
 
-    if cfg.model.multi_label:
-        bce = torch.nn.BCEWithLogitsLoss()
-        return (lambda o, t: bce(o, t.float())), (lambda o, t: {"auroc": _safe_auroc(t.numpy(), torch.sigmoid(o).numpy())}), "auroc"
     ce = torch.nn.CrossEntropyLoss(weight=class_weights)
     return (lambda o, t: ce(o, t.long())), class_auroc, "auroc"
 
@@ -404,7 +403,30 @@ def fit_model(
         train_config=tcfg,
         plan_groups=[g["name"] for g in plan.param_groups],
         frozen_parameters=int(frozen),
+        frozen_schedule=frozen_schedule(plan, result.epochs_run),
     )
+
+
+def frozen_schedule(plan: TransferPlanLike, epochs: int) -> list[str]:
+    """The groups a plan kept frozen, as runs of epochs (1-based), e.g. "epochs 1-3: encoder.stage0".
+
+    Epochs in which every group trains are left out; an empty list means nothing was ever frozen.
+    """
+    base = getattr(plan, "base", plan)  # DANN wraps the strategy's plan
+    if not isinstance(base, TransferPlan):
+        return []
+    # Every encoder stage, not only the optimizer's groups: a linear probe's encoder has no group.
+    names = ["head", *(stage_group_name(i) for i in range(base.num_stages))]
+    spans: list[tuple[int, int, tuple[str, ...]]] = []
+    for epoch in range(epochs):
+        trainable = set(base.trainable_groups(epoch))
+        frozen = tuple(n for n in names if n not in trainable)
+        if spans and spans[-1][2] == frozen:
+            spans[-1] = (spans[-1][0], epoch, frozen)
+        else:
+            spans.append((epoch, epoch, frozen))
+    return [(f"epoch {a + 1}" if a == b else f"epochs {a + 1}-{b + 1}") + ": " + ", ".join(frozen)
+            for a, b, frozen in spans if frozen]
 
 
 def predictions_table(cfg: WorkflowConfig, data: PreparedData, trained: TrainedModel, sets: dict, *,
@@ -419,7 +441,7 @@ def predictions_table(cfg: WorkflowConfig, data: PreparedData, trained: TrainedM
     multitask = isinstance(model, MultiTaskModel)
     head_classes = multitask_classes(data) if multitask else data.classes
     roi = tuple(cfg.data.image_size) if trained.prep.patch else None
-    activation = "none" if multitask else ("sigmoid" if cfg.model.multi_label else "softmax")
+    activation = "none" if multitask else "softmax"  # config validation refuses model.multi_label
     by_id = data.manifest.set_index("id")
     index = {name: i for i, name in enumerate(head_classes)}
     for split in ("val", "test"):
@@ -507,6 +529,7 @@ __all__ = [
     "load_initial_state",
     "loss_class_weights",
     "transfer_plan_for",
+    "frozen_schedule",
     "target_domain_rows",
     "class_auroc",
     "loss_and_metric",

@@ -28,6 +28,8 @@ def test_demo_audit_flags_the_planted_site_gap_and_nothing_else(tmp_path, monkey
     assert any(g["attribute"] == "site" for g in flagged), "the planted site gap must be flagged"
     site_gap = next(g for g in flagged if g["attribute"] == "site")
     assert site_gap["ci"][0] > 0 and site_gap["ci"][0] <= site_gap["value"] <= site_gap["ci"][1]
+    assert all(g["worst_group"] == gap_site for g in flagged if g["attribute"] == "site"), \
+        "every flagged site gap must point at the planted site"
     # Site-free attributes carry no planted gap: nothing flagged there (scanners nest within sites).
     for gap in flagged:
         assert {"site", "scanner"} & set(gap["attribute"].split("&")), gap["attribute"]
@@ -36,3 +38,8 @@ def test_demo_audit_flags_the_planted_site_gap_and_nothing_else(tmp_path, monkey
     assert worst == gap_site
     assert outputs.audit_passed is False
     assert os.path.getsize(outputs.report_path) > 50_000
+    # The report shows the flag: the site row of the tested-gaps table carries the flagged badge.
+    html = outputs.report_path.read_text()
+    subgroups = html[html.index('id="subgroups"'):html.index('id="amplification"')]
+    assert gap_site in subgroups and "flagged" in subgroups
+    assert audit["reference"]["kind"] == "scratch" and audit["amplification"]

@@ -76,6 +76,59 @@ def test_demo_run_is_registered_with_the_documented_tags(demo_run):
 
 
 @pytest.mark.slow
+def test_the_audit_verdict_reaches_the_run_and_the_registry_version(demo_run):
+    work, outputs, _ = demo_run
+    import os
+
+    os.chdir(work)
+    store.tracking_uri()
+    audit = json.loads((outputs.output_dir / "audit.json").read_text())
+    version = registry.get_model_version(outputs.model_name, outputs.model_version)
+    assert version.tags["audit_status"] == ("passed" if audit["passed"] else "failed")
+    assert int(version.tags["audit.flagged_gaps"]) == sum(g["flagged"] for g in audit["gaps"])
+    assert version.tags["report_artifact"] == f"runs:/{outputs.run_id}/report.html"
+    run = store.client().get_run(outputs.run_id)
+    assert run.data.metrics["audit.passed"] == float(audit["passed"])
+    assert run.data.metrics["audit.flagged_gaps"] == sum(g["flagged"] for g in audit["gaps"])
+    tested = [g for g in audit["gaps"] if g["tolerance"] is not None and g["value"] is not None]
+    for gap in tested:
+        key = f"audit.gap.{gap['attribute']}.{gap['metric']}.{gap['kind']}".replace("&", "_")
+        assert run.data.metrics[key] == pytest.approx(gap["value"]), key
+    logged = {a.path for a in store.client().list_artifacts(outputs.run_id)}
+    assert {"audit.json", "report.html", "report_inputs.json", "metrics.json", "predictions.csv"} <= logged
+
+
+@pytest.mark.slow
+def test_the_demo_compares_its_gaps_with_the_same_model_trained_from_scratch(demo_run):
+    work, outputs, _ = demo_run
+    audit = json.loads((outputs.output_dir / "audit.json").read_text())
+    reference = audit["reference"]
+    assert reference["kind"] == "scratch" and reference["paired"] is True
+    assert reference["label"].startswith("from scratch")
+    assert 0.0 <= reference["test"]["auroc"]["value"] <= 1.0
+    assert (outputs.output_dir / "reference_scratch" / "checkpoints").is_dir()
+    for entry in audit["amplification"]:
+        assert entry["direction"] in ("widened", "narrowed", "unchanged")
+        assert entry["delta"] == pytest.approx(entry["model"] - entry["reference"])
+    html = outputs.report_path.read_text()
+    section = html[html.index('id="amplification"'):html.index('id="limitations"')]
+    assert "from scratch" in section and "paired" in section
+    assert "Reference and model on the same test set" in section
+
+
+@pytest.mark.slow
+def test_the_report_states_synthetic_data_the_phi_scan_and_the_code_version(demo_run):
+    _, outputs, _ = demo_run
+    html = outputs.report_path.read_text()
+    data = html[html.index('id="data"'):html.index('id="partitions"')]
+    assert re.search(r"Synthetic data</t[hd]>\s*<td>yes", data), "the demo's report must say its data are synthetic"
+    assert "The data are synthetic" in html  # and list it among the limitations
+    assert "PHI scan of outputs" in data and "the MLflow run, its artifacts and model, and this report" in data
+    assert re.search(r"Acquisition years</t[hd]>\s*<td>\d{4}", data), "study years from the manifest sidecar"
+    assert "medtl 0.1.0" in html
+
+
+@pytest.mark.slow
 def test_nothing_identifying_reaches_mlflow_or_the_outputs(demo_run):
     work, outputs, phi = demo_run
     import os
@@ -114,6 +167,9 @@ def test_promote_requires_a_passed_audit(demo_run, capsys):
     assert "audit" in capsys.readouterr().err
     with pytest.raises(InputError):
         registry.promote(outputs.model_name, outputs.model_version)
+    store.client().delete_model_version_tag(outputs.model_name, outputs.model_version, "audit_status")
+    assert main(["registry", "promote", outputs.model_name, outputs.model_version]) == 2
+    assert "not missing" in capsys.readouterr().err
     registry.set_audit_status(outputs.model_name, outputs.model_version, "passed", {"reason": "test"})
     assert main(["registry", "promote", outputs.model_name, outputs.model_version]) == 0
     aliases = store.client().get_registered_model(outputs.model_name).aliases

@@ -300,8 +300,8 @@ def paired_amplification(
     out = []
     for d in model:
         r = ref.get((d.attribute, d.metric, d.kind))
-        if r is None:
-            continue
+        if r is None or not (math.isfinite(d.value) and math.isfinite(r.value)):
+            continue  # as compare_gaps: only gaps defined for both models are compared
         delta = d.value - r.value
         ci = percentile_ci(d.replicates - r.replicates, level)
         direction = _direction(d.kind, delta, *(ci if ci else (math.nan, math.nan)))

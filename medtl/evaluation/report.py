@@ -54,6 +54,7 @@ from medtl.evaluation.report_html import (
     _e,
     _estimate,
     _figure,
+    _is_number,
     _kv,
     _metric_name,
     _num,
@@ -241,7 +242,8 @@ def _data(x: ReportInputs) -> str:
              + " " + _passfail(k.get("passed")) if k else _e("not recorded")),
             ("Quasi-identifiers", _e(_display(k.get("quasi_identifiers", [])) or "not recorded")),
             ("PHI scan of outputs", _passfail(d.phi_scan.get("passed")) + (
-                f" {_num(d.phi_scan.get('n_findings'))} finding(s)" if "n_findings" in d.phi_scan else "")
+                f" {_num(d.phi_scan.get('n_findings'))} finding(s)" if "n_findings" in d.phi_scan else "") + (
+                f" ({_e(d.phi_scan['scope'])})" if d.phi_scan.get("scope") else "")
              if d.phi_scan else _e("not recorded")),
             ("Manifest SHA-256", f"<code>{_e(d.manifest_sha256)}</code>")]
     body += "<h3>De-identification (CLAIM 12)</h3>" + _kv(deid, raw=True)
@@ -289,7 +291,7 @@ def _model(x: ReportInputs) -> str:
     lr = m.load_report
     body = _kv([("Encoder", m.encoder), ("Spatial dimensions", f"{m.spatial_dims}D"), ("Head", m.head or "n/a"),
                 ("Transfer strategy", m.strategy),
-                ("Frozen layers", _display(list(m.frozen_layers)) if m.frozen_layers else "none (all trainable)")])
+                ("Frozen layers", "; ".join(map(str, m.frozen_layers)) if m.frozen_layers else "none (all trainable)")])
     body += "<h3>Pretrained weights (CLAIM 24)</h3>" + _kv(m.weights.items())
     load = [(key, f"{len(v)}: {_display(list(v))}" if isinstance(v, list | tuple) and v else
              ("0" if isinstance(v, list | tuple) else v)) for key, v in lr.items()]
@@ -313,10 +315,18 @@ def _methods(x: ReportInputs) -> str:
               ("Group suppression", f"groups of at most {_suppression_limit(x)} patients are not reported"),
               ("Gap CIs", "paired bootstrap; a difference gap's CI is that of its worst and best group, the same "
                           "two groups in every replicate; groups with too few events for a metric stay out of its "
-                          "gaps (audit notes); tested gaps at the Bonferroni level over all tested gaps"),
+                          "gaps (audit notes); " + _correction_text(x.audit)),
               ("Gap tolerances", ", ".join(f"{_metric_name(k)} {v:g}" for k, v in _tolerances(x).items()) or "n/a"),
               ("External validation", "yes" if me.external_validation else "no")]
     return _section("methods", _kv(pairs))
+
+
+def _correction_text(audit: Mapping[str, Any]) -> str:
+    correction = audit.get("correction") or {}
+    level, tested = correction.get("ci_level"), correction.get("tested")
+    if correction.get("method") == "bonferroni" and _is_number(level) and tested:
+        return f"tested gaps at the Bonferroni level over all {tested} tested gaps ({level:.2%} CIs)"
+    return "tested gaps without a multiplicity correction"
 
 
 def _results(x: ReportInputs) -> str:

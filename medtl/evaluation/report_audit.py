@@ -161,6 +161,23 @@ def _amplification(x: ReportInputs) -> str:
     intro = ("<p>Does the transfer-learned model widen or narrow the between-group gaps of a reference model "
              "(e.g. the current champion or a from-scratch baseline)? Delta = model gap − reference gap; "
              "a gap is widened or narrowed only when the change is distinguishable from zero.</p>")
+    reference = x.audit.get("reference")
+    if isinstance(reference, Mapping):
+        how = ("paired: both models scored on the same test patients, the delta's CI from the same bootstrap "
+               "replicates" if reference.get("paired") else
+               "unpaired: the reference's own audit.json (other test data possible), so deltas carry no CI and "
+               f"count as unchanged within {_num(0.01)}")
+        intro += _kv([("Reference", _e(reference.get("label") or "not named")), ("Comparison", _e(how))], raw=True)
+        test = reference.get("test")
+        if isinstance(test, Mapping) and test:
+            shared = [k for k in test if k in x.results.metrics]
+            intro += "<h3>Reference and model on the same test set</h3>" + _table(
+                ("Metric", "Reference", "Model"),
+                [[_e(_metric_name(k)), _estimate(test[k]), _estimate(x.results.metrics[k])] for k in shared],
+                cls="compact")
+    elif x.amplification is None:
+        reasons = [n for n in x.audit.get("notes", []) if isinstance(n, str) and n.startswith("bias amplification")]
+        return intro + "<p>" + _e(reasons[0] if reasons else "No reference model was compared.") + "</p>"
     rows = [[_e(_cross(a.get("attribute"))), _e(_metric_name(str(a.get("metric")))),
              _e(str(a.get("kind", "difference")).replace("_", " ")), _num(a.get("reference")), _num(a.get("model")),
              _estimate({"value": a.get("delta"), "ci": a.get("ci")}), _badge(str(a.get("direction", "n/a")), _AMP.get(

@@ -138,6 +138,43 @@ def promote(name: str, version: str | int) -> None:
     client().set_registered_model_alias(name, CHAMPION, current.version)
 
 
+def champion_audit(name: str) -> tuple[str, dict[str, Any]] | None:
+    """The `champion` version of a registered model and its run's parsed `audit.json`.
+
+    Used as the reference of a bias-amplification comparison: the new model's gaps against those
+    of the model it would replace.
+
+    Args:
+        name: Registered model name.
+
+    Returns:
+        (version, audit document), or None when the model has no champion (or is not registered
+        yet), or the champion's run holds no audit.json (a warning says so).
+
+    Raises:
+        ConfigError: when the name is not a plain name.
+    """
+    import json
+    import tempfile
+
+    _check_name(name)
+    try:
+        version = client().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    run_id = version.tags.get("run_id") or version.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="audit.json", dst_path=tmp)
+            with open(local, encoding="utf-8") as handle:
+                document = json.load(handle)
+        except (MlflowException, OSError, ValueError) as err:
+            _log.warning("model %s version %s (champion) has no readable audit.json in its run (%s); "
+                         "bias amplification is not computed", name, version.version, type(err).__name__)
+            return None
+    return str(version.version), document
+
+
 def get_model_version(name: str, version: str | int) -> ModelVersion:
     """The registry entry of one version (with its tags and aliases).
 

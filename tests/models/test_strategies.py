@@ -109,3 +109,19 @@ def test_unknown_strategy_names_the_close_one(model):
 def test_invalid_plan_values_are_config_errors_naming_the_key(model, kwargs, key):
     with pytest.raises(ConfigError, match=f"transfer.{key} must"):
         make_transfer_plan(model, "gradual_unfreeze", **kwargs)
+
+
+def test_frozen_schedule_names_the_groups_each_strategy_keeps_frozen_by_epoch(model):
+    from medtl.workflow import frozen_schedule
+
+    assert frozen_schedule(make_transfer_plan(model, "finetune", lr=1e-3), 3) == []
+    plan = make_transfer_plan(model, "gradual_unfreeze", lr=1e-3)
+    stages = [g["name"] for g in plan.param_groups if g["name"] != "head"]
+    # A probe's frozen encoder has no optimizer group, yet every stage is reported frozen.
+    probe = frozen_schedule(make_transfer_plan(model, "linear_probe", lr=1e-3), 2)
+    assert probe == ["epochs 1-2: " + ", ".join(sorted(stages))]
+    schedule = frozen_schedule(plan, plan.unfreeze_every * len(stages) + 1)
+    assert schedule[0] == ("epoch 1" if plan.unfreeze_every == 1 else f"epochs 1-{plan.unfreeze_every}") + \
+        ": " + ", ".join(stages)
+    assert len(schedule) == len(stages)  # one span per unfreezing step, none once all train
+    assert stages[-1] not in schedule[1]  # the deepest stage unfreezes first
