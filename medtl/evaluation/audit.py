@@ -55,6 +55,7 @@ from medtl.evaluation.predictions import (
     column,
     read_scores,
 )
+from medtl.evaluation.suppression import COMPLEMENTARY_NOTE, audit_suppression
 
 TASKS: tuple[str, ...] = ("classification", "segmentation")
 # Bootstrap stream of the whole test set; starred so no subgroup column can share its name.
@@ -199,9 +200,10 @@ class BiasAudit:
         overall_groups, _, _, _ = self._audit_attribute(
             ctx, "overall", np.full(rows.size, "all", dtype=object), name=_OVERALL
         )
+        hidden = audit_suppression(specs, ctx.patient, self.min_group_size)
         groups, drafts, ref_drafts, notes = [], [], [], []
         for attribute, labels in tqdm(specs, disable=not self.progress, desc="bias audit"):
-            found = self._audit_attribute(ctx, attribute, labels)
+            found = self._audit_attribute(ctx, attribute, labels, hidden=hidden.get(attribute, {}))
             groups += found[0]
             drafts += found[1]
             ref_drafts += found[2]
@@ -334,7 +336,9 @@ class BiasAudit:
 
     # -- computation ------------------------------------------------------------------------
 
-    def _describe(self, ctx: _Context, rows: np.ndarray) -> dict[str, Any]:
+    def _describe(self, ctx: _Context, rows: np.ndarray, note: str | None = None) -> dict[str, Any]:
+        if note is not None:  # suppressed by audit_suppression (primary or complementary)
+            return {"suppressed": True, "note": note}
         n, n_patients = int(rows.size), int(np.unique(ctx.patient[rows]).size)
         k = self.min_group_size
         if n_patients <= k:  # patients <= images, so this also covers n <= k
@@ -362,9 +366,17 @@ class BiasAudit:
         }
 
     def _audit_attribute(
-        self, ctx: _Context, attribute: str, labels: np.ndarray, name: str | None = None
+        self,
+        ctx: _Context,
+        attribute: str,
+        labels: np.ndarray,
+        name: str | None = None,
+        hidden: Mapping[str, str] | None = None,
     ) -> tuple[list[GroupResult], list, list, list[str]]:
-        """Group results, gap drafts (model, reference) and notes for one attribute."""
+        """Group results, gap drafts (model, reference) and notes for one attribute.
+
+        `hidden` maps the groups to suppress to their note (from audit_suppression).
+        """
         names = sorted(set(labels.tolist()), key=lambda g: (g == MISSING, g))
         if len(names) > MAX_GROUPS:
             raise InputError(
@@ -372,7 +384,7 @@ class BiasAudit:
                 f"{len(names)} distinct values; bin it first (e.g. age -> age_band)"
             )
         rows_of = {g: np.flatnonzero(labels == g) for g in names}
-        facts = {g: self._describe(ctx, rows_of[g]) for g in names}
+        facts = {g: self._describe(ctx, rows_of[g], (hidden or {}).get(str(g))) for g in names}
         shown = [g for g in names if not facts[g]["suppressed"]]
         gap_metrics = self._gap_metrics() if name is None else ()
         needed = [m for m in gap_metrics if m != EQUALIZED_ODDS]
@@ -408,8 +420,10 @@ class BiasAudit:
             )
         notes = []
         if len(shown) < len(names):
+            extra = sum(1 for g in names if facts[g].get("note") == COMPLEMENTARY_NOTE)
             notes.append(
-                f"{attribute}: {len(names) - len(shown)} group(s) suppressed (patients <= {self.min_group_size})"
+                f"{attribute}: {len(names) - len(shown)} group(s) suppressed (patients <= {self.min_group_size}"
+                + (f"; {extra} of them complementary, so no hidden count follows by subtraction)" if extra else ")")
             )
         if not needed:
             return groups, [], [], notes

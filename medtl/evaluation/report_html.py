@@ -119,9 +119,3 @@ def _passfail(passed: Any) -> str:
         return _badge("not recorded", "muted")
     return _badge("passed", "ok") if passed else _badge("failed", "bad")
 
-
-def _count(n: Any, k_min: int) -> str:
-    """A small-cell-safe count: 1..k_min-1 is shown as "< k_min"."""
-    if _is_number(n) and 0 < n < k_min:
-        return f'<span class="suppressed">&lt; {k_min}</span>'
-    return _num(n)

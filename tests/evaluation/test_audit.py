@@ -407,3 +407,44 @@ def test_input_errors_name_the_column_and_never_a_patient():
     assert "pseudo-" not in str(err.value)
     with pytest.raises(InputError, match="categorical"):
         BiasAudit(["age"], **FAST).run(df.assign(age=np.arange(len(df))), pid)
+
+
+def test_complementary_suppression_leaves_no_hidden_count_to_recover_by_subtraction():
+    df, pid = _predictions(n_patients=400, seed=6)
+    test_patients = sorted(set(pid[df["split"].to_numpy() == "test"]))
+    ward = pd.Series("A", index=df.index)
+    for name, members in (("B", test_patients[:6]), ("C", test_patients[6:20])):
+        ward[np.isin(pid, members)] = name
+    df = df.assign(ward=ward.to_numpy())
+    result = BiasAudit(["ward", "sex"], intersections=True, gap_metrics=("auroc",), **FAST).run(df, pid).to_dict()
+    groups = {(g["attribute"], g["group"]): g for g in result["groups"]}
+    assert groups[("ward", "B")]["note"] in ("suppressed, n <= 10", "suppressed, patients <= 10")
+    # C (14 patients) would be safe alone, but overall - A - C = B: it is hidden as well.
+    assert groups[("ward", "C")]["suppressed"] and groups[("ward", "C")]["note"].startswith("suppressed (complementary")
+    assert groups[("ward", "A")]["suppressed"] is False
+    # No sum relation may have exactly one hidden member: overall = sum of an attribute's groups,
+    # and each ward or sex group = sum of its cells in the intersection.
+    for attribute in ("ward", "sex", "ward&sex"):
+        hidden = [g for (a, _), g in groups.items() if a == attribute and g["suppressed"]]
+        assert len(hidden) != 1, attribute
+    for side, position in (("ward", 0), ("sex", 1)):
+        for (a, value), marginal in groups.items():
+            if a != side:
+                continue
+            cells = [g for (b, cell), g in groups.items() if b == "ward&sex" and cell.split("&")[position] == value]
+            members = [marginal, *cells]
+            assert sum(g["suppressed"] for g in members) != 1, (side, value)
+    assert any("complementary" in n for n in result["notes"])
+
+
+def test_count_table_suppression_hides_a_second_cell_per_column_and_per_row_total():
+    from medtl.evaluation.suppression import count_table_suppression
+
+    columns = {"train": {"S1": 50, "S2": 4, "S3": 30}, "test": {"S1": 20, "S2": 12, "S3": 25}}
+    hidden = count_table_suppression(columns, 11)
+    assert hidden == {("train", "S2"), ("train", "S3")}  # the column total would give S2 back
+    with_totals = count_table_suppression(columns, 11, totals={"S1": 70, "S2": 16, "S3": 55})
+    # S2's total (16) minus its test count (12) is its train count: one of them must go too.
+    assert ("train", "S2") in with_totals and (("test", "S2") in with_totals or ("*", "S2") in with_totals)
+    for column, rows in columns.items():
+        assert sum((column, r) in with_totals for r in rows) != 1

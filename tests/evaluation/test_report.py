@@ -339,3 +339,21 @@ def test_write_pdf_without_chromium_raises_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(MedtlError, match="chromium must be installed"):
         write_pdf(tmp_path / "r.html", tmp_path / "r.pdf")
+
+
+def test_partition_and_site_counts_hide_a_second_cell_so_no_small_count_follows_by_subtraction(
+        tmp_path, classification_inputs):
+    splits = {s: {"n_patients": n, "n_studies": n, "site": sites}
+              for s, n, sites in (("train", 90, {"SITE-a": 50, "SITE-b": 30, "SITE-c": 10}),
+                                  ("test", 40, {"SITE-a": 15, "SITE-b": 13, "SITE-c": 12}))}
+    data = dataclasses.replace(classification_inputs.data, splits=splits,
+                               sites={"SITE-a": 65, "SITE-b": 43, "SITE-c": 22}, source="<b>export</b>")
+    _, text = _render(dataclasses.replace(classification_inputs, data=data), tmp_path / "r.html")
+    rows = {cells[0]: cells[1:] for _, cells in _parse(text).rows["partitions"] if cells and cells[0].startswith("SITE")}
+    assert rows["SITE-c"][0] == "< 11"  # primary
+    assert rows["SITE-b"][0] == "*"  # else train's 90 - 50 - 30 gives SITE-c
+    # SITE-c's total (22) minus its test count (12) would give its train count back: one of them goes.
+    data_section = text[text.index('id="data"'):text.index('id="partitions"')]
+    assert rows["SITE-c"][1] == "*" or "SITE-c=<span" in data_section
+    assert "SITE-a=65" in data_section
+    assert "&lt;b&gt;export&lt;/b&gt;" in data_section  # the source is still escaped
