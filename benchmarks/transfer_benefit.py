@@ -12,7 +12,7 @@ scored on the same test split) on:
 
 Usage:
     .venv/bin/python benchmarks/transfer_benefit.py [--work DIR] [--quick] [--dataset pneumonia|hippocampus]
-        [--fractions 0.05 0.2 1.0] [--seeds 1] [--epochs 5] [--image-size 64] [--arms pretrained scratch]
+        [--fractions 0.05 0.2 1.0] [--seeds 1] [--epochs 5] [--image-size 64] [--arms pretrained scratch linear_probe]
         [--name TAG] [--set key=value ...]
     .venv/bin/python benchmarks/transfer_benefit.py --work DIR --combine A.json B.json ...   # merge runs
 
@@ -46,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=["pneumonia", "hippocampus"], default="pneumonia")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0])
     parser.add_argument("--seeds", type=int, default=1, help="seeds per arm and fraction")
-    parser.add_argument("--arms", nargs="+", choices=["pretrained", "scratch"], default=["pretrained", "scratch"])
+    # The names of medtl.studies.ARMS, spelled out: medtl is imported only after _data.setup.
+    parser.add_argument("--arms", nargs="+", choices=["pretrained", "scratch", "linear_probe"],
+                        default=["pretrained", "scratch"],
+                        help="arms to train (linear_probe: the pretrained encoder frozen, head only)")
     parser.add_argument("--name", default="", help="suffix of the output folder and JSON (to keep several runs)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=None,
@@ -157,7 +160,7 @@ def summary(study: dict, dataset: str) -> list[list[object]]:
                              f"{r['epochs_run']}", r["best_epoch"], f"{r['train_seconds']:.0f}"])
     metric = "AUROC" if study["metric"] == "auroc" else study["metric"]
     _data.print_table(
-        f"{dataset}: pretrained vs scratch (test {metric})",
+        f"{dataset}: {' vs '.join(study['arms'])} (test {metric})",
         ["arm", "labels", "train images", "seed", f"test {metric}", "95% CI", f"best val {metric}", "epochs run",
          "best epoch", "train s"],
         rows,

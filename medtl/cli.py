@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--arms", default="pretrained,scratch", help="among pretrained, scratch, linear_probe")
     tb.add_argument("--linear-probe", action="store_true", help="add the linear-probe arm")
     tb.add_argument("--target", type=float,
-                    help="validation value for time-to-target (default: scratch's best at the largest fraction)")
+                    help="validation value for time-to-target (default: the lowest over seeds of scratch's best at the "
+                         "largest fraction, so every scratch seed reaches it)")
     tb.add_argument("--n-boot", type=int, help="bootstrap replicates (>= 100; default evaluation.n_boot)")
     tb.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints under OUTPUT/runs/")
     tb.add_argument("--output", help="output folder (default outputs/<name>-transfer-benefit)")

@@ -377,7 +377,8 @@ def _results(x: ReportInputs) -> str:
     if x.transfer_benefit:
         name = _metric_name(x.transfer_benefit_metric)
         figures.append((rp.data_efficiency_plot(x.transfer_benefit, metric=name),
-                        f"Data efficiency: test {name} by fraction of training data, mean ± sd over runs."))
+                        f"Data efficiency: test {name} by fraction of training data, mean over runs; the band "
+                        "is the 95 % CI over seeds where the study gives one, else ± sd (as the figure says)."))
     if figures:
         body += '<div class="figures">' + "".join(_figure(p, c) for p, c in figures) + "</div>"
     return _section("results", body)

@@ -343,16 +343,29 @@ def dice_plot(per_case: Mapping[str, Sequence[float]]) -> Plot:
     return _encode(fig, f"Violin and box plots of per-case Dice ({summary}).")
 
 
-def data_efficiency_plot(benefit: Mapping[str, Mapping[Any, Mapping[str, float]]], *, metric: str) -> Plot:
-    """Test metric against the fraction of training data used, one line per arm (mean ± sd).
+def data_efficiency_plot(benefit: Mapping[str, Mapping[Any, Mapping[str, Any]]], *, metric: str) -> Plot:
+    """Test metric against the fraction of training data used, one line per arm, with a shaded band.
+
+    The band is each point's `ci` when the mapping has that key (a study's 95 % CI over seeds; a
+    point whose `ci` is None, e.g. one seed, gets no band rather than a made-up one), else ± `sd`.
+    The title and the legend say which, so the figure reads correctly out of its caption.
 
     Args:
-        benefit: Arm (e.g. "imagenet", "scratch") -> training fraction -> `{"mean", "sd"}`.
+        benefit: Arm (e.g. "imagenet", "scratch") -> training fraction -> `{"mean", "sd"}`, optionally
+            with `"ci": [low, high] | None`.
         metric: The metric's display name, for the y axis.
 
     Returns:
         The figure as a `Plot`.
+
+    Example:
+        >>> plot = data_efficiency_plot({"scratch": {0.1: {"mean": 0.7, "sd": 0.02, "ci": [0.66, 0.74]},
+        ...                                          1.0: {"mean": 0.9, "sd": 0.01, "ci": None}}}, metric="AUROC")
+        >>> "95 % CI over seeds" in plot.alt
+        True
     """
+    with_ci = any("ci" in point for points in benefit.values() for point in points.values())
+    band = "95 % CI over seeds" if with_ci else "± sd"
     with matplotlib.rc_context(_RC):
         fig = _new_figure(5.6, 3.8)
         ax = fig.add_subplot()
@@ -361,19 +374,39 @@ def data_efficiency_plot(benefit: Mapping[str, Mapping[Any, Mapping[str, float]]
             fractions = sorted(points, key=float)
             x = np.array([float(f) for f in fractions])
             mean = np.array([float(points[f]["mean"]) for f in fractions])
-            sd = np.array([float(points[f].get("sd") or 0.0) for f in fractions])
-            ax.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.15, linewidth=0)
+            if with_ci:
+                # NaN leaves a gap in the band: no interval is drawn where there is none.
+                cis = [points[f].get("ci") or (math.nan, math.nan) for f in fractions]
+                low, high = (np.array([float(c[i]) for c in cis]) for i in (0, 1))
+                has = np.isfinite(low) & np.isfinite(high)
+                # Error bars too, so that an interval between two points without one still shows
+                # (clipped: matplotlib refuses a negative error, as an interval not around its mean gives).
+                yerr = np.clip([mean[has] - low[has], high[has] - mean[has]], 0.0, None)
+                ax.errorbar(x[has], mean[has], yerr=yerr, fmt="none", ecolor=colour, elinewidth=1.0, capsize=3,
+                            alpha=0.8)
+            else:
+                sd = np.array([float(points[f].get("sd") or 0.0) for f in fractions])
+                low, high = mean - sd, mean + sd
+                has = np.zeros(len(x), dtype=bool)  # nothing to spell out in the alt text
+            ax.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
             ax.plot(x, mean, color=colour, marker="o", markersize=4, linewidth=1.6, label=str(arm))
-            described.append(f"{arm}: " + ", ".join(f"{_fmt(xi, 2)} -> {_fmt(mi)}" for xi, mi in zip(x, mean, strict=True)))
+            described.append(f"{arm}: " + ", ".join(
+                f"{_fmt(xi, 2)} -> {_fmt(mi)}" + (f" [{_fmt(lo)}, {_fmt(hi)}]" if ok else "")
+                for xi, mi, lo, hi, ok in zip(x, mean, low, high, has, strict=True)))
+        ax.fill_between([], [], [], color=GREY, alpha=0.25, linewidth=0, label=f"band: {band}")
         ax.set_xscale("log")
         ticks = sorted({float(f) for points in benefit.values() for f in points})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
-        ax.set(xlabel="Fraction of the training set used", ylabel=metric,
-               title="Data efficiency: transfer vs. other initialisations (mean ± sd)")
+        ax.set(xlabel="Fraction of the training set used",
+               ylabel=f"{metric} (mean over seeds)" if with_ci else metric,
+               title="Data efficiency: mean and 95 % CI over seeds" if with_ci
+               else "Data efficiency: transfer vs. other initialisations (mean ± sd)")
         ax.legend(loc="lower right")
         fig.tight_layout()
-    return _encode(fig, f"Data-efficiency curve of {metric} by training fraction ({'; '.join(described)}).")
+    note = ("band: 95 % CI over seeds (t-interval of the mean; none for one seed)" if with_ci
+            else "band: mean ± sd")
+    return _encode(fig, f"Data-efficiency curve of {metric} by training fraction, {note} ({'; '.join(described)}).")
 
 
 

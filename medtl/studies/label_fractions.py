@@ -80,7 +80,7 @@ def nested_label_subsets(
 
     Raises:
         ConfigError: when a fraction is not in (0, 1].
-        InputError: when the manifest lacks a column or has no training rows.
+        InputError: when the manifest lacks a column, or has no training rows or no labelled ones.
 
     Example:
         >>> subsets = nested_label_subsets(manifest, (0.1, 1.0), seed=0)  # doctest: +SKIP
@@ -94,13 +94,19 @@ def nested_label_subsets(
     if missing:
         raise InputError(f"the manifest must have columns {needed}, not lack {missing}; rebuild it with medtl")
     train = manifest[manifest["split"].astype(str) == "train"]
+    if train.empty:
+        raise InputError("the manifest must have 'train' rows, not none; give the labels CSV's split column "
+                         "'train' rows, or leave it out and let data.fractions draw the split")
     free = frozenset()
     if target_column:
         unlabelled = train[target_column].astype(str).str.strip() == ""
         free = frozenset(train.loc[unlabelled, "id"].astype(str))
         train = train[~unlabelled]
-    if train.empty:
-        raise InputError("the manifest must have labelled 'train' rows, not none; adjust data.fractions")
+        if train.empty:
+            # Label fractions subsample labelled training studies; only labelling some fixes this.
+            raise InputError(f"the manifest must have 'train' rows with a {target_column}, not only unlabelled "
+                             f"ones; fill the {target_column} column of training studies in the labels CSV that "
+                             "data.labels names, and check that data.modalities keeps them")
     patients = train["patient"].astype(str).tolist()
     labels = train["label"].astype(str).tolist() if stratify else [""] * len(patients)
     by_stratum: dict[str, list[str]] = {}

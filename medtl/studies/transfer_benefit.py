@@ -7,9 +7,13 @@ run is evaluated on the same validation/test patients (test metric with a patien
 per-subgroup bias audit). The runs are MLflow child runs of one parent run, which gets
 `transfer_benefit.json` (see `medtl.studies.transfer_summary`) and the figures.
 
-Order: manifest (once) -> nested label subsets per seed -> for each seed, fraction and arm: train,
-predict, evaluate, audit (a child run) -> paired pretrained-vs-scratch gap comparison at the largest
-fraction -> JSON, figures, HTML -> PHI scan of the parent and every child run.
+The study compares plain fine-tuning only: a workflow with multi-task training, domain adaptation
+or continual fine-tuning configured is refused up front (`check_plain_finetuning`), since every arm
+trains through `medtl.workflow.train_model`, which applies none of them.
+
+Order: config checks -> manifest (once) -> nested label subsets per seed -> for each seed, fraction
+and arm: train, predict, evaluate, audit (a child run) -> paired pretrained-vs-scratch gap comparison
+at every fraction (first seed) -> JSON, figures, HTML -> PHI scan of the parent and every child run.
 """
 
 from __future__ import annotations
@@ -80,6 +84,32 @@ def study_arms(cfg: WorkflowConfig, arms: Sequence[str], *, linear_probe: bool =
     return [table[a] for a in names]
 
 
+def check_plain_finetuning(cfg: WorkflowConfig) -> None:
+    """Refuse a workflow whose transfer method the study would silently drop.
+
+    Every arm trains through `medtl.workflow.train_model` (plain supervised fine-tuning or training
+    from scratch): a multi-task head, AdaBN/DANN or a registered starting model would be ignored,
+    and DANN's unlabelled target rows would even land in every label subset.
+
+    Raises:
+        ConfigError: naming each such key and how to unset it.
+    """
+    problems = []
+    if cfg.multitask.enabled:
+        problems.append("config key 'multitask.enabled' must be false for the transfer-benefit study, not true; "
+                        "unset it (--set multitask.enabled=false)")
+    if cfg.adaptation.method != "none":
+        problems.append(f"config key 'adaptation.method' must be none for the transfer-benefit study, not "
+                        f"{cfg.adaptation.method!r}; unset it (--set adaptation.method=none)")
+    if cfg.continual.from_model:
+        problems.append(f"config key 'continual.from_model' must be empty for the transfer-benefit study, not "
+                        f"{cfg.continual.from_model!r}; unset it with its old manifest "
+                        "(--set continual.from_model= --set continual.old_manifest=)")
+    if problems:
+        raise ConfigError("; ".join(problems) + " (the study compares plain fine-tuning of pretrained weights "
+                          "with training from scratch)")
+
+
 def _check_seeds(seeds: int) -> int:
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"seeds must be a whole number >= 1, not {seeds!r}; e.g. --seeds 3")
@@ -119,7 +149,9 @@ def run_transfer_benefit(
             draws its own nested subsets.
         arms: Among "pretrained", "scratch", "linear_probe".
         linear_probe: Add the "linear_probe" arm.
-        target: Validation value for time-to-target; None = scratch's mean best at the largest fraction.
+        target: Validation value for time-to-target; None = the lowest over seeds of scratch's best
+            validation value at the largest fraction, which every scratch seed reached (an arm's
+            time to target is its mean over seeds only when all of its seeds reached the target).
         n_boot: Bootstrap replicates for CIs and audits (None keeps cfg.evaluation.n_boot).
         keep_checkpoints: Keep each run's checkpoints under output_dir/runs/ (several MB per run);
             by default they live in a temporary folder removed after the run.
@@ -130,7 +162,9 @@ def run_transfer_benefit(
         The transfer_benefit.json document.
 
     Raises:
-        ConfigError: invalid fractions, seeds or arms.
+        ConfigError: invalid fractions, seeds or arms, or a workflow with multitask.enabled,
+            adaptation.method or continual.from_model set (`check_plain_finetuning`); raised before
+            the manifest is built.
         InputError / LeakageError: from the manifest step.
         PHILeakError: when the scan finds an identifying value or a data path in a run.
 
@@ -139,6 +173,7 @@ def run_transfer_benefit(
         >>> result["headline"]["text"]  # doctest: +SKIP
         'pretrained at 10 % of labels matches scratch at 100 % (test AUROC 0.912 vs 0.905, ...)'
     """
+    check_plain_finetuning(cfg)  # before the manifest and hours of training, not after
     values = check_label_fractions(fractions)
     seed_list = [cfg.seed + i for i in range(_check_seeds(seeds))]
     chosen = study_arms(cfg, arms, linear_probe=linear_probe)
@@ -155,7 +190,9 @@ def run_transfer_benefit(
     reference = values[-1]
     store.tracking_uri()
     records: dict[str, dict[str, list[dict]]] = {a.name: {fraction_key(f): [] for f in values} for a in chosen}
-    kept_tables: dict[str, pd.DataFrame] = {}  # pretrained/scratch at the reference fraction, first seed
+    # (arm, fraction key) -> the first seed's test predictions (segmentation: per-case table), for the
+    # paired gap comparison; one test split per fraction, so small beside the training data.
+    kept_tables: dict[tuple[str, str], pd.DataFrame] = {}
     child_ids: list[str] = []
     metric = "auroc" if cfg.task == "classification" else "dice"
     tags = {"medtl.workflow": cfg.name, "medtl.study": STUDY}
@@ -176,20 +213,35 @@ def run_transfer_benefit(
             metric = record.pop("metric")
             child_ids.append(record["run_id"])
             records[arm.name][fraction_key(fraction)].append(record)
-            if fraction == reference and seed == seed_list[0] and arm.name in ("pretrained", "scratch"):
-                kept_tables[arm.name] = table
+            if seed == seed_list[0] and arm.name in ("pretrained", "scratch"):
+                kept_tables[(arm.name, fraction_key(fraction))] = table
             bar.update(1)
         bar.close()
-        bias = None
-        if len(kept_tables) == 2:
-            paired = run_audit(cfg, data, kept_tables["pretrained"], progress=False,
-                               reference=kept_tables["scratch"])
-            bias = bias_summary(paired.to_dict().get("amplification", []), fraction=reference, seed=seed_list[0])
-        result = summarise(metric, records, target=target, bias=bias)
+        by_fraction = _paired_bias(cfg, data, kept_tables, values, seed_list[0])
+        result = summarise(metric, records, target=target, bias=by_fraction.get(fraction_key(reference)),
+                           bias_by_fraction=by_fraction)
         _write_outputs(result, output_dir)
         _log_parent(result, output_dir)
     _scan([parent.info.run_id, *child_ids], data, extra_forbidden)
     return result
+
+
+def _paired_bias(cfg: WorkflowConfig, data: PreparedData, tables: Mapping[tuple[str, str], pd.DataFrame],
+                 fractions: Sequence[float], seed: int) -> dict[str, dict[str, Any]]:
+    """Fraction key -> `bias_summary` of the paired pretrained-vs-scratch audit of the first seed.
+
+    Paired (both arms' predictions on the same resampled patients), so a widened gap has a CI. One
+    seed only, because each paired audit is another bootstrap over the test patients, and the first
+    seed is the one every study has.
+    """
+    out = {}
+    for fraction in fractions:
+        key = fraction_key(fraction)
+        if ("pretrained", key) in tables and ("scratch", key) in tables:
+            paired = run_audit(cfg, data, tables[("pretrained", key)], progress=False,
+                               reference=tables[("scratch", key)])
+            out[key] = bias_summary(paired.to_dict().get("amplification", []), fraction=fraction, seed=seed)
+    return out
 
 
 def _run_folder(stack: contextlib.ExitStack, output_dir: Path, arm: Arm, fraction: float, seed: int, *,
