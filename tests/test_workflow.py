@@ -114,6 +114,9 @@ def test_the_demo_compares_its_gaps_with_the_same_model_trained_from_scratch(dem
     section = html[html.index('id="amplification"'):html.index('id="limitations"')]
     assert "from scratch" in section and "paired" in section
     assert "Reference and model on the same test set" in section
+    # A reference no better than chance has no gaps to widen: the report must say so (and only then).
+    near_chance = reference["test"]["auroc"]["ci"][0] <= 0.5
+    assert ("does not discriminate better than chance" in section) is near_chance
 
 
 @pytest.mark.slow

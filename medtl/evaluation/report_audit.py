@@ -175,6 +175,13 @@ def _amplification(x: ReportInputs) -> str:
                 ("Metric", "Reference", "Model"),
                 [[_e(_metric_name(k)), _estimate(test[k]), _estimate(x.results.metrics[k])] for k in shared],
                 cls="compact")
+            if _near_chance(test):
+                intro += ('<p class="warn"><strong>Read with care:</strong> the reference does not discriminate '
+                          "better than chance on this test set (its AUROC CI includes 0.5). Its between-group gaps "
+                          "are small because it is poor everywhere, so a widened gap here shows what the "
+                          "transfer-learned model gained, not bias that transfer introduced. A reference that "
+                          "works (longer training from scratch, or the champion) is needed to judge "
+                          "amplification.</p>")
     elif x.amplification is None:
         reasons = [n for n in x.audit.get("notes", []) if isinstance(n, str) and n.startswith("bias amplification")]
         return intro + "<p>" + _e(reasons[0] if reasons else "No reference model was compared.") + "</p>"
@@ -186,6 +193,13 @@ def _amplification(x: ReportInputs) -> str:
                           rows, cls="compact", row_classes=["flagged" if a.get("direction") in ("widened", "amplified")
                                                             else "" for a in items])
     return body
+
+
+def _near_chance(test: Mapping[str, Any]) -> bool:
+    """Whether a model's test AUROC (binary or macro) has a CI reaching down to 0.5."""
+    estimate = test.get("auroc") or test.get("auroc_macro")
+    ci = estimate.get("ci") if isinstance(estimate, Mapping) else None
+    return bool(ci) and _is_number(ci[0]) and ci[0] <= 0.5
 
 
 def _derived_limitations(x: ReportInputs) -> list[str]:

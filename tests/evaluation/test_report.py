@@ -357,3 +357,14 @@ def test_partition_and_site_counts_hide_a_second_cell_so_no_small_count_follows_
     assert rows["SITE-c"][1] == "*" or "SITE-c=<span" in data_section
     assert "SITE-a=65" in data_section
     assert "&lt;b&gt;export&lt;/b&gt;" in data_section  # the source is still escaped
+
+
+@pytest.mark.parametrize(("ci", "warned"), [([0.42, 0.58], True), ([0.81, 0.9], False)])
+def test_amplification_warns_when_the_reference_is_no_better_than_chance(tmp_path, classification_inputs, ci, warned):
+    reference = {"kind": "scratch", "label": "from scratch", "paired": True,
+                 "test": {"auroc": {"value": sum(ci) / 2, "ci": ci}}}
+    audit = {**classification_inputs.audit, "reference": reference}
+    _, text = _render(dataclasses.replace(classification_inputs, audit=audit), tmp_path / "r.html")
+    section = text[text.index('id="amplification"'):text.index('id="limitations"')]
+    assert "from scratch" in section and "paired" in section
+    assert ("does not discriminate better than chance" in section) is warned
