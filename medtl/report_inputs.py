@@ -22,6 +22,7 @@ from medtl.evaluation.report_types import (
     ReportInputs,
     Results,
 )
+from medtl.evaluation.suppression import nesting_relations, protect
 
 INTENDED_USE = {
     "classification": (
@@ -46,7 +47,44 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _provenance(data, phi_scan: Mapping[str, object] | None) -> DataProvenance:
+def _protected_splits(data, audit: Mapping, *, k_min: int) -> dict[str, dict]:
+    """Studies per split and per subgroup value, with small counts (and what would reveal them) as None.
+
+    Counts below k_min are hidden; so are the test split's counts of groups the audit suppressed or
+    whose counts it withheld (the same studies); then `protect` withholds more until no hidden
+    count follows from a split's total or from nested subgroups (scanners within sites). Label
+    counts stay exact: they are no quasi-identifier.
+    """
+    manifest = data.manifest
+    splits: dict[str, dict] = {}
+    sizes: dict[tuple[str, str, str], int] = {}
+    hidden: set[tuple[str, str, str]] = set()
+    relations = []
+    audit_hidden = {(str(g.get("attribute")), str(g.get("group"))) for g in audit.get("groups", [])
+                    if g.get("suppressed") or g.get("n") is None}
+    columns = [c for c in data.subgroups if c in manifest.columns]
+    for split in ("train", "val", "test"):
+        part = manifest[manifest["split"] == split]
+        info: dict = {"n_studies": int(len(part)), "n_patients": int(part["patient"].nunique())}
+        if "label" in part.columns:
+            info["label"] = {str(v): int(n) for v, n in part["label"].value_counts().sort_index().items()}
+        for column in columns:
+            counts = {str(v): int(n) for v, n in part[column].value_counts().sort_index().items()}
+            info[column] = counts
+            for value, n in counts.items():
+                sizes[(split, column, value)] = n
+                if 0 < n < k_min or (split == "test" and (column, value) in audit_hidden):
+                    hidden.add((split, column, value))
+            relations.append((None, [(split, column, v) for v in counts]))
+        relations += nesting_relations({c: part[c].astype(str).to_numpy() for c in columns},
+                                       lambda column, value, split=split: (split, column, value))
+        splits[split] = info
+    for split, column, value in protect(sizes, hidden, relations):
+        splits[split][column][value] = None
+    return splits
+
+
+def _provenance(data, audit: Mapping, phi_scan: Mapping[str, object] | None) -> DataProvenance:
     sidecar = data.sidecar
     counts = sidecar.get("counts", {})
     manifest = data.manifest
@@ -54,14 +92,7 @@ def _provenance(data, phi_scan: Mapping[str, object] | None) -> DataProvenance:
     quarantined = Counter(r.get("reason", "") for r in rejected if r.get("status") == "quarantined")
     skipped = Counter(r.get("reason", "") for r in rejected if r.get("status") == "skipped")
     k = sidecar.get("k_anonymity", {})
-    splits = {}
-    for split in ("train", "val", "test"):
-        part = manifest[manifest["split"] == split]
-        info = {"n_studies": int(len(part)), "n_patients": int(part["patient"].nunique())}
-        for column in ("label", *data.subgroups):
-            if column in part.columns:
-                info[column] = {str(v): int(n) for v, n in part[column].value_counts().sort_index().items()}
-        splits[split] = info
+    splits = _protected_splits(data, audit, k_min=int(k.get("k_min") or 11))
     return DataProvenance(
         n_files=int(counts.get("files_seen", 0)),
         n_studies=int(len(manifest)),
@@ -129,7 +160,7 @@ def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, au
             model_version=str(model_version),
             out_of_scope="Clinical diagnosis; studies from modalities, sites or populations absent from the manifest.",
         ),
-        data=dataclasses.replace(_provenance(data, phi_scan), source=source, synthetic=synthetic),
+        data=dataclasses.replace(_provenance(data, audit, phi_scan), source=source, synthetic=synthetic),
         model=ModelTransfer(
             encoder=cfg.model.encoder,
             strategy=cfg.train.strategy,

@@ -269,13 +269,35 @@ class AuditReference:
     note: str = ""
 
 
-def audit_reference(cfg: WorkflowConfig, data: PreparedData, *, name: str, output_dir: Path,
-                    progress: bool = True) -> AuditReference:
-    """Find or train the bias-amplification reference that `audit.reference` asks for.
+def scratch_reference_config(cfg: WorkflowConfig) -> WorkflowConfig:
+    """The workflow as its from-scratch twin: random weights, every layer trained, same data and budget."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="none"),
+                               train=dataclasses.replace(cfg.train, strategy="finetune"),
+                               continual=ContinualConfig())
+
+
+def train_scratch_reference(cfg: WorkflowConfig, data: PreparedData, *, output_dir: Path, resume: bool = False,
+                            progress: bool = True) -> tuple[TrainedModel, dict] | None:
+    """Train the from-scratch twin when `audit.reference` is scratch (else None).
+
+    Every rank calls this right after the workflow's own training, so under torchrun the twin
+    trains with DistributedDataParallel too. None as well when the model itself starts from random
+    weights (`model.weights: none`): its twin would be the same model again.
+    """
+    if cfg.audit.reference != "scratch" or cfg.model.weights == "none":
+        return None
+    logger.info("bias-amplification reference: training the same model from scratch")
+    trained, sets, _ = train_for_config(scratch_reference_config(cfg), data, output_dir=output_dir / "reference_scratch",
+                                        resume=resume, progress=progress)
+    return trained, sets
+
+
+def audit_reference(cfg: WorkflowConfig, data: PreparedData, *, name: str,
+                    scratch: tuple[TrainedModel, dict] | None = None, progress: bool = True) -> AuditReference:
+    """The bias-amplification reference that `audit.reference` asks for.
 
     champion: the registered model's current @champion (its run's audit.json; none on a first
-    run). scratch: the same workflow trained from random weights (model.weights none, strategy
-    finetune, same data, epochs and optimiser) and scored on the same val/test studies.
+    run). scratch: the twin from `train_scratch_reference`, scored on the same val/test studies.
     """
     kind = cfg.audit.reference
     if kind == "none":
@@ -288,13 +310,12 @@ def audit_reference(cfg: WorkflowConfig, data: PreparedData, *, name: str, outpu
                 "(promote one with `medtl registry promote`, or set audit.reference: scratch)"))
         version, document = found
         return AuditReference(kind, label=f"champion (version {version})", audit=document)
-    scratch = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="none"),
-                                  train=dataclasses.replace(cfg.train, strategy="finetune"),
-                                  continual=ContinualConfig())
-    logger.info("bias-amplification reference: training the same model from scratch")
-    trained, sets, _ = train_for_config(scratch, data, output_dir=output_dir / "reference_scratch", progress=progress)
-    predictions = predictions_table(scratch, data, trained, sets, progress=progress)
-    evaluation = evaluate(scratch, data, predictions)
+    if scratch is None:
+        return AuditReference(kind, note="bias amplification: not computed, the model itself is trained from "
+                                         "scratch (model.weights: none), so it is its own from-scratch reference")
+    twin = scratch_reference_config(cfg)
+    predictions = predictions_table(twin, data, *scratch, progress=progress)
+    evaluation = evaluate(twin, data, predictions)
     table = evaluation.pop("cases") if cfg.task == "segmentation" else predictions
     return AuditReference(kind, label="from scratch (same architecture, data and training budget)", table=table,
                           test=evaluation["test"])
@@ -406,12 +427,12 @@ def run_workflow(
     main_rank = dist_info.rank == 0
     if main_rank:
         data = prepare_data(cfg, output_dir, progress=progress)
-        check_audit_setup(cfg, data)  # before training, not after it
     barrier(dist_info)
     if not main_rank:
         built = cfg.data.manifest or cfg.data.manifest_out or str(output_dir / "manifest.csv")
         data = prepare_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=built)),
                             output_dir, progress=False)
+    check_audit_setup(cfg, data)  # before training, not after it; on every rank, so all of them stop
     timings["manifest_seconds"] = time.perf_counter() - start
     store.tracking_uri()
     name = cfg.tracking.registered_model or cfg.name
@@ -419,6 +440,7 @@ def run_workflow(
     initial = registered.state if registered is not None else None
     if not main_rank:
         train_for_config(cfg, data, output_dir=output_dir, resume=resume, progress=False, initial_state=initial)
+        train_scratch_reference(cfg, data, output_dir=output_dir, resume=resume, progress=False)
         cleanup_distributed()
         return RunOutputs(run_id="", output_dir=output_dir, metrics={}, audit_passed=None,
                           model_name=name, model_version="", report_path=None)
@@ -440,8 +462,11 @@ def run_workflow(
             on_epoch_end=lambda epoch, record: run_records.log_epoch_metrics(
                 {k: v for k, v in record.items() if k != "epoch"}, epoch),
         )
+        scratch = train_scratch_reference(cfg, data, output_dir=output_dir, resume=resume, progress=progress)
         cleanup_distributed()
         timings["train_seconds"] = float(trained.fit.total_train_seconds)
+        if scratch is not None:
+            timings["reference_train_seconds"] = float(scratch[0].fit.total_train_seconds)
         timings["time_to_best_seconds"] = float(trained.fit.time_to_best_seconds)
         bundle = trained.bundle
         report = bundle.load_report
@@ -453,7 +478,7 @@ def run_workflow(
         extra, old_table = _extra_evaluations(cfg, data, predictions, trained, old, progress=progress)
         timings["evaluate_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        reference = audit_reference(cfg, data, name=name, output_dir=output_dir, progress=progress)
+        reference = audit_reference(cfg, data, name=name, scratch=scratch, progress=progress)
         audit = run_audit(cfg, data, table, progress=progress, reference=reference.table,
                           reference_audit=reference.audit, reference_label=reference.label)
         timings["audit_seconds"] = time.perf_counter() - t0
@@ -512,8 +537,14 @@ def run_workflow(
         report_path = output_dir / "report.html"
         digest = render_report(inputs, report_path)
         (output_dir / "report_inputs.json").write_text(inputs_to_json(inputs))
-        _scan_files_or_raise([report_path, output_dir / "report_inputs.json"], forbidden, roots, run_id=run_id,
-                             name=name, version=version)
+        try:
+            _scan_files_or_raise([report_path, output_dir / "report_inputs.json"], forbidden, roots, run_id=run_id,
+                                 name=name, version=version)
+        except PHILeakError:
+            # The report claims a clean scan; it must not stay on disk when it is itself the leak.
+            report_path.unlink(missing_ok=True)
+            (output_dir / "report_inputs.json").unlink(missing_ok=True)
+            raise
         run_records.log_artifact(report_path)
         run_records.log_artifact(output_dir / "report_inputs.json")
         store.client().set_tag(run_id, "medtl.report_sha256", digest)

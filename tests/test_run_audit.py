@@ -114,3 +114,34 @@ def test_second_run_compares_its_gaps_with_the_promoted_champion(studies, workdi
     html = second.report_path.read_text()
     amplification = html[html.index('id="amplification"'):html.index('id="limitations"')]
     assert f"champion (version {first.model_version})" in amplification and "unpaired" in amplification
+
+
+def test_report_partition_counts_hide_what_the_audit_hides_and_nothing_follows_by_subtraction():
+    from medtl.evaluation.suppression import determined, nesting_relations
+    from medtl.report_inputs import _protected_splits
+    from medtl.workflow import PreparedData
+
+    rows = []
+    for split, per_scanner in (("train", {"X": 60, "Y": 8, "Z": 30, "W": 25}), ("test", {"X": 20, "Y": 12, "Z": 15, "W": 9})):
+        for scanner, n in per_scanner.items():
+            site = "S1" if scanner in "XY" else "S2"  # scanners nest in sites
+            rows += [{"id": f"{split}{scanner}{i}", "patient": f"p-{split}{scanner}{i}", "split": split, "label": str(i % 2),
+                      "site": site, "scanner": scanner} for i in range(n)]
+    manifest = pd.DataFrame(rows)
+    data = PreparedData(manifest=manifest, manifest_path=Path("m.csv"), manifest_sha256="0" * 64, sidecar={},
+                        root=Path("."), key_file=None, classes=["0", "1"], subgroups=["site", "scanner"])
+    # The audit (test split) suppressed scanner W and withheld scanner Y's counts to protect it.
+    audit = {"groups": [{"attribute": "scanner", "group": "W", "suppressed": True, "n": None},
+                        {"attribute": "scanner", "group": "Y", "suppressed": False, "n": None},
+                        {"attribute": "scanner", "group": "X", "suppressed": False, "n": 20}]}
+    splits = _protected_splits(data, audit, k_min=11)
+    assert splits["train"]["scanner"]["Y"] is None  # 8 < 11
+    assert splits["test"]["scanner"]["W"] is None and splits["test"]["scanner"]["Y"] is None  # as in the audit
+    assert splits["test"]["label"] == {"0": 29, "1": 27}  # labels stay exact
+    for split, info in splits.items():
+        part = manifest[manifest["split"] == split]
+        hidden = {(c, v) for c in ("site", "scanner") for v, n in info[c].items() if n is None}
+        relations = [(None, [(c, v) for v in info[c]]) for c in ("site", "scanner")]
+        relations += nesting_relations({c: part[c].to_numpy() for c in ("site", "scanner")}, lambda a, g: (a, g))
+        assert determined(hidden, relations) == set(), split
+    assert splits["train"]["scanner"]["Z"] == 30 and splits["train"]["scanner"]["W"] == 25  # no more than needed

@@ -112,7 +112,7 @@ def test_the_demo_compares_its_gaps_with_the_same_model_trained_from_scratch(dem
         assert entry["delta"] == pytest.approx(entry["model"] - entry["reference"])
     html = outputs.report_path.read_text()
     section = html[html.index('id="amplification"'):html.index('id="limitations"')]
-    assert "from scratch" in section and "paired" in section
+    assert "from scratch" in section and "paired: both models" in section
     assert "Reference and model on the same test set" in section
     # A reference no better than chance has no gaps to widen: the report must say so (and only then).
     near_chance = reference["test"]["auroc"]["ci"][0] <= 0.5
@@ -121,14 +121,19 @@ def test_the_demo_compares_its_gaps_with_the_same_model_trained_from_scratch(dem
 
 @pytest.mark.slow
 def test_the_report_states_synthetic_data_the_phi_scan_and_the_code_version(demo_run):
-    _, outputs, _ = demo_run
+    work, outputs, _ = demo_run
+    import os
+
+    os.chdir(work)
+    store.tracking_uri()
     html = outputs.report_path.read_text()
     data = html[html.index('id="data"'):html.index('id="partitions"')]
     assert re.search(r"Synthetic data</t[hd]>\s*<td>yes", data), "the demo's report must say its data are synthetic"
     assert "The data are synthetic" in html  # and list it among the limitations
     assert "PHI scan of outputs" in data and "the MLflow run, its artifacts and model, and this report" in data
     assert re.search(r"Acquisition years</t[hd]>\s*<td>\d{4}", data), "study years from the manifest sidecar"
-    assert "medtl 0.1.0" in html
+    commit = store.client().get_run(outputs.run_id).data.tags.get("medtl.git_commit")
+    assert (f"medtl 0.1.0, git {commit[:12]}" if commit else "medtl 0.1.0") in html
 
 
 @pytest.mark.slow

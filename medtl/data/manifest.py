@@ -57,7 +57,7 @@ SUBGROUPS = ("sex", "age_band", "site", "scanner")
 QUASI_IDENTIFIERS = ("sex", "age_band", "site")
 LABEL_COLUMNS = ("path", "label", "mask", "patient_id", "split", "sex", "age", "site", "scanner")
 DEID_PROFILE = (
-    "DICOM PS3.15 Annex E Basic Profile; keyed HMAC-SHA-256 pseudonyms; ages top-coded at 90; dates removed; "
+    "DICOM PS3.15 Annex E Basic Profile; keyed HMAC-SHA-256 pseudonyms; ages top-coded at 90; dates removed (study years kept); "
     "site/scanner coded; identifying paths aliased"
 )
 NO_LABEL_ROW = "no row in the labels CSV"

@@ -55,7 +55,7 @@ from medtl.evaluation.predictions import (
     column,
     read_scores,
 )
-from medtl.evaluation.suppression import COMPLEMENTARY_NOTE, audit_suppression
+from medtl.evaluation.suppression import WITHHELD_NOTE, audit_suppression
 
 TASKS: tuple[str, ...] = ("classification", "segmentation")
 # Bootstrap stream of the whole test set; starred so no subgroup column can share its name.
@@ -337,7 +337,8 @@ class BiasAudit:
     # -- computation ------------------------------------------------------------------------
 
     def _describe(self, ctx: _Context, rows: np.ndarray, note: str | None = None) -> dict[str, Any]:
-        if note is not None:  # suppressed by audit_suppression (primary or complementary)
+        """Counts of a group (kept internally even when withheld from audit.json), or its suppression."""
+        if note is not None and note != WITHHELD_NOTE:  # at most min_group_size patients (audit_suppression)
             return {"suppressed": True, "note": note}
         n, n_patients = int(rows.size), int(np.unique(ctx.patient[rows]).size)
         k = self.min_group_size
@@ -375,7 +376,9 @@ class BiasAudit:
     ) -> tuple[list[GroupResult], list, list, list[str]]:
         """Group results, gap drafts (model, reference) and notes for one attribute.
 
-        `hidden` maps the groups to suppress to their note (from audit_suppression).
+        `hidden` maps the groups to suppress, or whose counts to withhold, to their note (from
+        audit_suppression). A withheld group keeps its metrics and gaps; its counts stay in
+        `facts` (the gap-event rule needs them) but not in the result.
         """
         names = sorted(set(labels.tolist()), key=lambda g: (g == MISSING, g))
         if len(names) > MAX_GROUPS:
@@ -405,26 +408,19 @@ class BiasAudit:
             metrics = {
                 m: Estimate(point[g][m], percentile_ci(reps.get(g, m), ctx.level)) for m in ctx.scores.columns
             }
-            groups.append(
-                GroupResult(
-                    attribute,
-                    g,
-                    f["n"],
-                    f["n_patients"],
-                    f["n_positive"],
-                    f["n_negative"],
-                    False,
-                    f["imprecise"],
-                    metrics,
-                )
-            )
+            withheld = (hidden or {}).get(str(g)) == WITHHELD_NOTE
+            counts = (None,) * 4 if withheld else (f["n"], f["n_patients"], f["n_positive"], f["n_negative"])
+            groups.append(GroupResult(attribute, g, *counts, False, f["imprecise"], metrics,
+                                      WITHHELD_NOTE if withheld else None))
         notes = []
         if len(shown) < len(names):
-            extra = sum(1 for g in names if facts[g].get("note") == COMPLEMENTARY_NOTE)
             notes.append(
-                f"{attribute}: {len(names) - len(shown)} group(s) suppressed (patients <= {self.min_group_size}"
-                + (f"; {extra} of them complementary, so no hidden count follows by subtraction)" if extra else ")")
+                f"{attribute}: {len(names) - len(shown)} group(s) suppressed (patients <= {self.min_group_size})"
             )
+        withheld_groups = [g for g in shown if (hidden or {}).get(str(g)) == WITHHELD_NOTE]
+        if withheld_groups:
+            notes.append(f"{attribute}: counts of {len(withheld_groups)} group(s) withheld, so that no suppressed "
+                         "group's size follows by subtraction (their metrics are shown)")
         if not needed:
             return groups, [], [], notes
         if len(shown) < 2:

@@ -423,18 +423,20 @@ def bootstrap_multiclass(
     names = [*MULTICLASS_METRICS, *(f"auroc_{c}" for c in classes)]
     reps: dict[str, list[np.ndarray]] = {m: [] for m in names}
     squared = ((s - onehot) ** 2).sum(axis=1)
+    # Macro averages run over the classes the test data hold (as multiclass_metrics does);
+    # stratification by label keeps every such class in every replicate.
+    present = [k for k in range(len(classes)) if (code == k).any()]
     for counts in iter_bootstrap_counts(strata, n_boot, make_rng(seed, "overall")):
         w = counts[:, row_patient].astype(np.float64)
         total = w.sum(axis=1)
         aurocs = [weighted_auroc(onehot[:, k], s[:, k], w) for k in range(len(classes))]
         with np.errstate(invalid="ignore", divide="ignore"):
-            recalls = [(w[:, code == k] @ correct[code == k]) / w[:, code == k].sum(axis=1)
-                       for k in range(len(classes))]
+            recalls = [(w[:, code == k] @ correct[code == k]) / w[:, code == k].sum(axis=1) for k in present]
             reps["accuracy"].append(w @ correct / total)
             reps["brier"].append(w @ squared / total)
-        reps["auroc_macro"].append(np.mean(aurocs, axis=0))
+        reps["auroc_macro"].append(np.mean([aurocs[k] for k in present], axis=0))
         reps["auprc_macro"].append(np.mean([weighted_average_precision(onehot[:, k], s[:, k], w)
-                                            for k in range(len(classes))], axis=0))
+                                            for k in present], axis=0))
         reps["balanced_accuracy"].append(np.mean(recalls, axis=0))
         reps["ece"].append(expected_calibration_error(correct, s.max(axis=1), n_bins, w))
         for c, a in zip(classes, aurocs, strict=True):

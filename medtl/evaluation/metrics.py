@@ -454,7 +454,8 @@ def multiclass_metrics(
         n_bins: bins for the top-label expected calibration error.
 
     Returns:
-        Dict with auroc_macro (OvR), auprc_macro, accuracy, balanced_accuracy, brier
+        Dict with auroc_macro (OvR), auprc_macro (both over the classes present in y_true when
+        one is absent), accuracy, balanced_accuracy, brier
         (multi-class, mean squared distance to the one-hot label), ece (top-label) and
         per_class: {class: {auroc, auprc, tpr, tnr, ppv, npv}} from one-vs-rest with argmax
         predictions.
@@ -492,6 +493,13 @@ def multiclass_metrics(
             "auprc": _quiet(average_precision_score, yk, s[:, k]) if yk.any() else math.nan,
             **{m: rates[m] for m in ("tpr", "tnr", "ppv", "npv")},
         }
+    present = [str(c) for k, c in enumerate(classes) if onehot[:, k].any()]
+    if len(present) < len(classes):
+        # scikit-learn's macro AUROC is undefined and its macro AP counts an absent class as 0:
+        # average over the classes the data hold instead (equal to scikit-learn's when all are).
+        for name in ("auroc", "auprc"):
+            values = [out["per_class"][c][name] for c in present]
+            out[f"{name}_macro"] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
     return out
 
 

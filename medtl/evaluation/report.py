@@ -61,7 +61,6 @@ from medtl.evaluation.report_html import (
     _table,
 )
 from medtl.evaluation.report_types import ReportInputs
-from medtl.evaluation.suppression import count_table_suppression
 
 HASH_MARKER = "data-medtl-report-sha256"
 _HASH_ATTRIBUTE = HASH_MARKER + '="'  # only the hash line holds it: escaped text can never contain a raw quote
@@ -234,8 +233,7 @@ def _data(x: ReportInputs) -> str:
                                     ("Files found", _num(d.n_files)), ("Studies", _num(d.n_studies)),
                                     ("Patients", _num(d.n_patients)), ("Acquisition years", d.years or "not recorded"),
                                     ("Modalities", _display(dict(d.modalities)) or "not recorded")]
-    body = _kv([(k, _e(_display(v))) for k, v in pairs]
-               + [("Sites", _site_totals(x) if d.sites else _e("not recorded"))], raw=True)
+    body = _kv([*pairs, ("Sites", _site_codes(x) if d.sites else "not recorded")])
     deid = [("De-identification profile", _e(d.deid_profile or "not recorded")),
             ("Pseudonym key id", _e(d.key_id or "not recorded")),
             ("k-anonymity", _e(f"k = {k.get('k', 'n/a')} (required ≥ {_k_min(x)})")
@@ -253,31 +251,22 @@ def _data(x: ReportInputs) -> str:
     return _section("data", body)
 
 
-_SUPPRESSED = '<span class="suppressed">&lt; {k}</span>'
-# A count hidden only so that a small one cannot be recovered by subtraction (it may be large).
-_COMPLEMENTARY = '<span class="suppressed" title="hidden so that a small count cannot be recovered">*</span>'
+# One marker for every hidden count, small or withheld to protect a small one: telling the two
+# apart would narrow the small count (a split of 12 with one "< 11" and one other hidden cell).
+_HIDDEN = ('<span class="suppressed" title="fewer than {k}, or withheld so that such a count cannot be '
+           'recovered by subtraction">*</span>')
 
 
-def _hidden_cell(n: Any, k_min: int) -> str:
-    return _SUPPRESSED.format(k=k_min) if _is_number(n) and 0 < n < k_min else _COMPLEMENTARY
+def _hidden(counts: Mapping[str, Any], value: str, k_min: int) -> bool:
+    """None: hidden by medtl.report_inputs (protect); a small count is hidden here too, whoever made the inputs."""
+    n = counts.get(value, 0)
+    return n is None or (_is_number(n) and 0 < n < k_min)
 
 
-def _hidden_counts(x: ReportInputs, column: str) -> set[tuple[str, str]]:
-    """(split, value) cells of a partition table shown as "< k", with complementary suppression.
-
-    Split sizes are shown, and so are the studies per site in the data section, so one hidden
-    cell per split (or per site) would follow by subtraction.
-    """
-    counts = {s: {str(k): int(n) for k, n in x.data.splits[s].get(column, {}).items()} for s in x.data.splits}
-    totals = {str(k): int(n) for k, n in x.data.sites.items()} if column == "site" else None
-    return count_table_suppression(counts, _k_min(x), totals)
-
-
-def _site_totals(x: ReportInputs) -> str:
-    hidden = _hidden_counts(x, "site")
-    cells = [f"{_e(site)}={_hidden_cell(n, _k_min(x)) if ('*', str(site)) in hidden else _num(n)}"
-             for site, n in x.data.sites.items()]
-    return _e(f"{len(cells)}: ") + ", ".join(cells)
+def _site_codes(x: ReportInputs) -> str:
+    # Studies per site are in the partition tables, split by split and protected there; totals
+    # here would let a hidden cell follow by subtraction.
+    return f"{len(x.data.sites)}: " + ", ".join(str(site) for site in x.data.sites)
 
 
 def _partitions(x: ReportInputs) -> str:
@@ -300,11 +289,10 @@ def _partitions(x: ReportInputs) -> str:
             values += [str(v) for v in d.splits[s].get(column, {}) if str(v) not in values]
         exact = column == "label"  # label totals per split are not quasi-identifiers
         counts = {s: {str(k): n for k, n in d.splits[s].get(column, {}).items()} for s in splits}
-        hidden = set() if exact else _hidden_counts(x, column)
-        table_rows = [[_e(v)] + [_hidden_cell(counts[s].get(v, 0), k_min) if (s, v) in hidden
-                                 else _num(counts[s].get(v, 0)) for s in splits] for v in values]
-        note = "" if exact else (f' <span class="muted">(counts below {k_min} suppressed; * hidden so that '
-                                 'none of them follows by subtraction)</span>')
+        table_rows = [[_e(v)] + [_num(counts[s].get(v, 0)) if exact or not _hidden(counts[s], v, k_min)
+                                 else _HIDDEN.format(k=k_min) for s in splits] for v in values]
+        note = "" if exact else (f' <span class="muted">(* = fewer than {k_min} studies, or withheld so that such '
+                                 'a count cannot be recovered by subtraction)</span>')
         body += f"<h3>{_e(column)} by split{note}</h3>" + _table([column, *splits], table_rows, cls="compact")
     return _section("partitions", body)
 

@@ -74,14 +74,17 @@ def _group_table(x: ReportInputs, attribute: str, groups: list[Mapping[str, Any]
             rows.append([label, f"&le; {limit}", "—", *([f"suppressed, n &le; {limit}"] + [""] * (len(metrics) - 1))])
             classes.append("suppressed")
             continue
-        if g.get("note"):
+        withheld = g.get("n") is None  # reported, but its counts would give a suppressed group's away
+        if g.get("note") and not withheld:
             label += f' <span class="ci">{_e(g["note"])}</span>'
         cells = []
         for m in metrics:
             entry = (g.get("metrics") or {}).get(m)
             flag = " " + _badge("imprecise", "warn") if (attribute, name, m) in imprecise else ""
             cells.append(_estimate(entry) + flag if entry is not None else "n/a")
-        rows.append([label, _num(g.get("n")), _num(g.get("n_patients")), *cells])
+        counts = ['<span class="suppressed" title="withheld so that no suppressed group\'s size follows by '
+                  'subtraction">withheld</span>'] * 2 if withheld else [_num(g.get("n")), _num(g.get("n_patients"))]
+        rows.append([label, *counts, *cells])
         classes.append("")
     return _table(["Group", "Cases", "Patients", *(_metric_name(m) for m in metrics)], rows, cls="groups",
                   row_classes=classes)

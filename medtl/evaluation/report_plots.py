@@ -364,7 +364,7 @@ def data_efficiency_plot(benefit: Mapping[str, Mapping[Any, Mapping[str, Any]]],
         >>> "95 % CI over seeds" in plot.alt
         True
     """
-    with_ci = any("ci" in point for points in benefit.values() for point in points.values())
+    with_ci = any(point.get("ci") is not None for points in benefit.values() for point in points.values())
     band = "95 % CI over seeds" if with_ci else "± sd"
     with matplotlib.rc_context(_RC):
         fig = _new_figure(5.6, 3.8)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from medtl.config import WorkflowConfig
 from medtl.errors import ConfigError
 from medtl.evaluation.bootstrap import check_bootstrap_settings
-from medtl.run import PHILeakError, evaluate, run_audit
+from medtl.run import PHILeakError, check_audit_setup, evaluate, run_audit
 from medtl.studies.label_fractions import check_label_fractions, fraction_key, nested_label_subsets
 from medtl.studies.transfer_summary import bias_summary, summarise, write_figures, write_html
 from medtl.tracking import phi_guard, run_records, store
@@ -183,6 +183,7 @@ def run_transfer_benefit(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, output_dir, progress=progress)
+    check_audit_setup(cfg, data)  # every child run audits: fail now, not after the first training
     stratify = cfg.task == "classification"
     target_column = "label" if stratify else "mask"
     subsets = {s: nested_label_subsets(data.manifest, values, seed=s, stratify=stratify, target_column=target_column)

@@ -172,6 +172,11 @@ def champion_audit(name: str) -> tuple[str, dict[str, Any]] | None:
             _log.warning("model %s version %s (champion) has no readable audit.json in its run (%s); "
                          "bias amplification is not computed", name, version.version, type(err).__name__)
             return None
+    gaps = document.get("gaps") if isinstance(document, dict) else None
+    if not isinstance(gaps, list) or not all(isinstance(g, dict) and {"attribute", "metric"} <= set(g) for g in gaps):
+        _log.warning("model %s version %s (champion) has an audit.json without a medtl 'gaps' list; "
+                     "bias amplification is not computed", name, version.version)
+        return None
     return str(version.version), document
 
 

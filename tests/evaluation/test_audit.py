@@ -409,7 +409,23 @@ def test_input_errors_name_the_column_and_never_a_patient():
         BiasAudit(["age"], **FAST).run(df.assign(age=np.arange(len(df))), pid)
 
 
-def test_complementary_suppression_leaves_no_hidden_count_to_recover_by_subtraction():
+def _published_relations(result: dict) -> tuple[set, list]:
+    """Hidden group counts of an audit.json and the sum relations it publishes (overall, marginals)."""
+    groups = {(g["attribute"], g["group"]): g for g in result["groups"]}
+    hidden = {key for key, g in groups.items() if g["n"] is None}
+    attributes = sorted({a for a, _ in groups})
+    relations = [(None, [key for key in groups if key[0] == a]) for a in attributes]
+    for a in (a for a in attributes if "&" in a):
+        for position, side in enumerate(a.split("&")):
+            for _, value in [key for key in groups if key[0] == side]:
+                relations.append(((side, value), [key for key in groups if key[0] == a
+                                                  and key[1].split("&")[position] == value]))
+    return hidden, relations
+
+
+def test_suppressed_groups_cannot_be_recovered_and_protecting_groups_keep_their_metrics():
+    from medtl.evaluation.suppression import WITHHELD_NOTE, determined
+
     df, pid = _predictions(n_patients=400, seed=6)
     test_patients = sorted(set(pid[df["split"].to_numpy() == "test"]))
     ward = pd.Series("A", index=df.index)
@@ -418,33 +434,56 @@ def test_complementary_suppression_leaves_no_hidden_count_to_recover_by_subtract
     df = df.assign(ward=ward.to_numpy())
     result = BiasAudit(["ward", "sex"], intersections=True, gap_metrics=("auroc",), **FAST).run(df, pid).to_dict()
     groups = {(g["attribute"], g["group"]): g for g in result["groups"]}
-    assert groups[("ward", "B")]["note"] in ("suppressed, n <= 10", "suppressed, patients <= 10")
-    # C (14 patients) would be safe alone, but overall - A - C = B: it is hidden as well.
-    assert groups[("ward", "C")]["suppressed"] and groups[("ward", "C")]["note"].startswith("suppressed (complementary")
-    assert groups[("ward", "A")]["suppressed"] is False
-    # No sum relation may have exactly one hidden member: overall = sum of an attribute's groups,
-    # and each ward or sex group = sum of its cells in the intersection.
-    for attribute in ("ward", "sex", "ward&sex"):
-        hidden = [g for (a, _), g in groups.items() if a == attribute and g["suppressed"]]
-        assert len(hidden) != 1, attribute
-    for side, position in (("ward", 0), ("sex", 1)):
-        for (a, value), marginal in groups.items():
-            if a != side:
-                continue
-            cells = [g for (b, cell), g in groups.items() if b == "ward&sex" and cell.split("&")[position] == value]
-            members = [marginal, *cells]
-            assert sum(g["suppressed"] for g in members) != 1, (side, value)
-    assert any("complementary" in n for n in result["notes"])
+    b, c = groups[("ward", "B")], groups[("ward", "C")]
+    assert b["suppressed"] and b["metrics"] == {} and b["n"] is None
+    # Overall - A - C would give B: C's counts are withheld, but C (14 patients) keeps its metrics and gaps.
+    assert c["suppressed"] is False and c["note"] == WITHHELD_NOTE and c["metrics"]["auroc"]["value"] is not None
+    assert all(c[k] is None for k in ("n", "n_patients", "n_positive", "n_negative"))
+    assert groups[("ward", "A")]["n"] is not None
+    hidden, relations = _published_relations(result)
+    assert ("ward", "B") in hidden and determined(hidden, relations) == set()
+    assert any("withheld" in n for n in result["notes"])
 
 
-def test_count_table_suppression_hides_a_second_cell_per_column_and_per_row_total():
-    from medtl.evaluation.suppression import count_table_suppression
+def test_nested_scanners_and_sites_leave_no_suppressed_scanner_recoverable():
+    from medtl.evaluation.suppression import audit_suppression, determined, nesting_relations
 
-    columns = {"train": {"S1": 50, "S2": 4, "S3": 30}, "test": {"S1": 20, "S2": 12, "S3": 25}}
-    hidden = count_table_suppression(columns, 11)
-    assert hidden == {("train", "S2"), ("train", "S3")}  # the column total would give S2 back
-    with_totals = count_table_suppression(columns, 11, totals={"S1": 70, "S2": 16, "S3": 55})
-    # S2's total (16) minus its test count (12) is its train count: one of them must go too.
-    assert ("train", "S2") in with_totals and (("test", "S2") in with_totals or ("*", "S2") in with_totals)
-    for column, rows in columns.items():
-        assert sum((column, r) in with_totals for r in rows) != 1
+    site = np.array(["S1"] * 45 + ["S2"] * 55)
+    scanner = np.array(["X"] * 40 + ["Y"] * 5 + ["Z"] * 30 + ["W"] * 25)  # Y: 5 patients, inside S1
+    patient = np.arange(100)
+    for intersections in (False, True):
+        specs = [("site", site), ("scanner", scanner)]
+        if intersections:
+            specs.append(("site&scanner", np.char.add(np.char.add(site, "&"), scanner)))
+        out = audit_suppression(specs, patient, 10)
+        assert out["scanner"]["Y"].startswith("suppressed")
+        assert "X" in out["scanner"], "S1 - X would give Y"
+        assert "S2" not in out.get("site", {}) and "Z" not in out["scanner"], "nothing more than needed"
+        hidden = {("scanner", g) for g in out["scanner"]}
+        relations = [(None, [("site", "S1"), ("site", "S2")]), (None, [("scanner", g) for g in "XYZW"]),
+                     *nesting_relations({"site": site, "scanner": scanner}, lambda a, g: (a, g))]
+        assert determined(hidden, relations) == set()
+
+
+def test_protect_leaves_no_hidden_cell_of_a_two_way_table_determined():
+    from medtl.evaluation.suppression import determined, protect
+
+    # Greedy "no sum with one hidden member" is not enough here: (0, 2) follows from the row and
+    # column sums of the hidden cells. protect checks recoverability with linear algebra.
+    values = np.array([[7, 30, 7, 40], [25, 8, 35, 30], [30, 40, 6, 25], [20, 30, 45, 9]])
+    cells = {(i, j): int(values[i, j]) for i in range(4) for j in range(4)}
+    sizes = {**cells, **{("row", i): int(values[i].sum()) for i in range(4)},
+             **{("col", j): int(values[:, j].sum()) for j in range(4)}}
+    relations = [*((("row", i), [(i, j) for j in range(4)]) for i in range(4)),
+                 *((("col", j), [(i, j) for i in range(4)]) for j in range(4)),
+                 (None, [("row", i) for i in range(4)])]
+    small = {c for c, n in cells.items() if n < 11}
+    # determined() itself: rows 0 and 1 with two hidden cells each, but columns 0 and 1 with
+    # (0, 0), (1, 0) and (0, 1), (1, 1): the four form a 2x2 block whose sums do not fix any cell...
+    block = {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert determined(block, relations) == set()
+    # ...while a lone hidden cell in a row is fixed by that row's sum, and so is its partner below.
+    assert determined({(0, 0), (1, 0)}, relations) == {(0, 0), (1, 0)}
+    hidden = protect(sizes, small, relations)
+    assert small <= hidden and determined(hidden, relations) == set()
+    assert not any(isinstance(c, tuple) and c[0] in ("row", "col") for c in hidden), "totals stay shown"

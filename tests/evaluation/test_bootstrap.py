@@ -142,6 +142,7 @@ def test_weighted_nanmean_ignores_undefined_cases():
     assert weighted_nanmean(values, w).tolist() == [0.75, 0.5]
 
 
+@pytest.mark.slow
 def test_bootstrap_auroc_interval_covers_the_true_auroc_about_95_percent_of_the_time():
     """300 simulated test sets with a known AUROC and correlated images, through bootstrap_binary.
 
@@ -216,3 +217,25 @@ def test_bootstrap_multiclass_replicates_equal_scikit_learn_on_the_materialised_
         replicates.append(multiclass_metrics(labels[idx], probs[idx], classes)["auroc_macro"])
     lo, hi = np.quantile(replicates, [0.025, 0.975])
     assert est["auroc_macro"].ci == pytest.approx((lo, hi), rel=1e-9)
+
+
+def test_bootstrap_multiclass_averages_over_the_classes_the_test_set_holds():
+    import warnings
+
+    from medtl.evaluation.bootstrap import bootstrap_multiclass
+
+    rng = np.random.default_rng(4)
+    y_code = rng.integers(0, 2, 120)  # class "c" never occurs in this test set
+    probs = np.full((120, 3), 0.1)
+    probs[np.arange(120), y_code] = 0.5 + 0.3 * rng.random(120)
+    probs[:, 2] = 1 - probs[:, :2].sum(axis=1)
+    labels = np.array(["a", "b", "c"], dtype=object)[y_code]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = bootstrap_multiclass(labels, probs, ["a", "b", "c"], np.arange(120), n_boot=100)
+    ab = [roc_auc_score(y_code == k, probs[:, k]) for k in (0, 1)]
+    assert est["auroc_macro"].value == pytest.approx(np.mean(ab))
+    assert est["auprc_macro"].value == pytest.approx(
+        np.mean([average_precision_score(y_code == k, probs[:, k]) for k in (0, 1)]))
+    for name in ("auroc_macro", "auprc_macro", "balanced_accuracy"):
+        assert est[name].ci is not None and est[name].ci[0] <= est[name].value <= est[name].ci[1], name

@@ -69,3 +69,29 @@ def test_unknown_version_or_status_is_refused(model_uri):
         tracking.promote("reg-unknown", "99")
     with pytest.raises(InputError, match="audit status must be one of"):
         tracking.set_audit_status("reg-unknown", version, "ok")
+
+
+def test_champion_audit_reads_the_champions_audit_json_and_refuses_what_is_not_one(store, tmp_path, caplog):
+    from medtl.tracking.registry import champion_audit
+    from medtl.tracking.run_records import log_json
+
+    assert champion_audit("reg-never-registered") is None
+    versions = {}
+    for name, document in (("good", {"passed": True, "gaps": [{"attribute": "sex", "metric": "auroc", "value": 0.02}]}),
+                           ("malformed", {"passed": True, "groups": []}), ("missing", None)):
+        with tracking.start_run("medtl-test") as run:
+            if document is not None:
+                log_json(document, "audit.json")
+            uri = tracking.log_torch_model(TinyNet(), (1, 8, 8))
+        versions[name] = tracking.register_model(uri, "reg-reference", {**registry_tags(), "run_id": run.info.run_id})
+    assert champion_audit("reg-reference") is None  # registered, but no champion yet
+    for name in ("malformed", "missing"):
+        tracking.set_audit_status("reg-reference", versions[name], "passed")
+        tracking.promote("reg-reference", versions[name])
+        with caplog.at_level("WARNING"):
+            assert champion_audit("reg-reference") is None, name
+        assert "bias amplification is not computed" in caplog.text
+    tracking.set_audit_status("reg-reference", versions["good"], "passed")
+    tracking.promote("reg-reference", versions["good"])
+    version, document = champion_audit("reg-reference")
+    assert version == versions["good"] and document["gaps"][0]["metric"] == "auroc"
