@@ -202,15 +202,17 @@ def draft_gaps(
     for metric in metrics:
         if metric == EQUALIZED_ODDS:
             # np.maximum, not max(): a NaN in either rate must give NaN, whichever comes first.
-            pt = np.maximum(
-                gap_values("tpr", point["tpr"], np.nan)["difference"],
-                gap_values("fpr", point["fpr"], np.nan)["difference"],
-            )
+            tpr_gap = gap_values("tpr", point["tpr"], np.nan)["difference"]
+            fpr_gap = gap_values("fpr", point["fpr"], np.nan)["difference"]
+            pt = np.maximum(tpr_gap, fpr_gap)
             reps = np.maximum(
                 pair_difference("tpr", point["tpr"], replicates["tpr"]),
                 pair_difference("fpr", point["fpr"], replicates["fpr"]),
             )
-            drafts.append(GapDraft(attribute, metric, "difference", float(pt), reps, None, None))
+            # The groups at the ends are those of the larger of the two rate gaps.
+            component = "fpr" if np.isfinite(fpr_gap) and not fpr_gap <= tpr_gap else "tpr"
+            worst, best = extreme_groups(component, names, point[component])
+            drafts.append(GapDraft(attribute, metric, "difference", float(pt), reps, worst, best))
             continue
         worst, best = extreme_groups(metric, names, point[metric])
         pts = gap_values(metric, point[metric], np.asarray(overall_point[metric]))

@@ -58,6 +58,8 @@ def protect(sizes: Mapping[Hashable, float], hidden: Iterable[Hashable], relatio
             shown = {m for total, parts in relations for m in [total, *parts]
                      if m is not None and m not in out and ({total, *parts} & out)}
         ordered = sorted(shown, key=lambda m: (sizes.get(m, float("inf")), str(m)))
+        if not ordered:  # every cell it relates to is hidden already: only a public total fixes it
+            return out
         # The smallest cell that un-fixes this one; failing that, the smallest (the loop goes on).
         out.add(next((m for m in ordered if cell not in determined(out | {m}, relations)), ordered[0]))
 
@@ -156,7 +158,13 @@ def audit_suppression(
     def cell(attribute: str, group: str) -> bytes:
         return canonical[(attribute, group)]
 
-    relations: list[Relation] = [(None, [cell(a, g) for g in sorted(set(groups))]) for a, groups in labels.items()]
+    # The whole audited set is public, unless it is itself small (then the audit suppresses it too).
+    whole = b"*whole*"
+    sizes[whole] = int(np.unique(patient).size)
+    if sizes[whole] <= k:
+        primary[whole] = f"suppressed, patients <= {k}"
+    total = whole if whole in primary else None
+    relations: list[Relation] = [(total, [cell(a, g) for g in sorted(set(groups))]) for a, groups in labels.items()]
     for attribute, joined in labels.items():
         sides = attribute.split("&")
         if len(sides) != 2 or not all(s in labels for s in sides):

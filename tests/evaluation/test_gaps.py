@@ -51,3 +51,20 @@ def test_a_planted_site_gap_is_flagged_and_age_bands_are_not():
     flagged = [_flagged(_simulated(rng, n=400, gap_group="s2"), seed) for seed in range(3)]
     assert all("site" in f for f in flagged), flagged
     assert not any("age_band" in f for f in flagged), flagged
+
+
+def test_equalized_odds_names_the_groups_of_its_larger_rate_gap():
+    from medtl.evaluation.gaps import draft_gaps
+
+    names = ["A", "B", "C"]
+    point = {"tpr": np.array([0.90, 0.85, 0.88]), "fpr": np.array([0.10, 0.12, 0.30])}  # FPR gap 0.20 > TPR 0.05
+    replicates = {m: np.tile(v, (50, 1)) for m, v in point.items()}
+    overall = {"tpr": 0.88, "fpr": 0.17}
+    eo = next(d for d in draft_gaps("site", names, point, replicates, overall,
+                                    {m: np.full(50, v) for m, v in overall.items()}, ["equalized_odds"]))
+    assert eo.value == pytest.approx(0.20) and (eo.worst_group, eo.best_group) == ("C", "A")
+    point["tpr"] = np.array([0.95, 0.60, 0.88])  # now the TPR gap (0.35) is the larger
+    replicates = {m: np.tile(v, (50, 1)) for m, v in point.items()}
+    eo = next(d for d in draft_gaps("site", names, point, replicates, overall,
+                                    {m: np.full(50, v) for m, v in overall.items()}, ["equalized_odds"]))
+    assert eo.value == pytest.approx(0.35) and (eo.worst_group, eo.best_group) == ("B", "A")
