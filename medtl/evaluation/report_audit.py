@@ -67,12 +67,17 @@ def _reference(ref: Any) -> str:
 def _group_table(x: ReportInputs, attribute: str, groups: list[Mapping[str, Any]], metrics: list[str]) -> str:
     imprecise, limit = _imprecise_keys(x.audit), _suppression_limit(x)
     rows, classes = [], []
+    suppressed = [g for g in groups if g.get("suppressed")]
+    # Many suppressed cells (intersections of small groups) fold into one row: they carry no numbers.
+    fold = len(suppressed) > 3
     for g in groups:
         name = str(g.get("group"))
         label = _e(_cross(name)) + (" " + _badge("imprecise", "warn") if (attribute, name, "*") in imprecise else "")
         if g.get("suppressed"):  # the audit's numbers, if any were left, are never read
-            rows.append([label, f"&le; {limit}", "—", *([f"suppressed, n &le; {limit}"] + [""] * (len(metrics) - 1))])
-            classes.append("suppressed")
+            if not fold:
+                rows.append([label, f"&le; {limit}", "—",
+                             *([f"suppressed, n &le; {limit}"] + [""] * (len(metrics) - 1))])
+                classes.append("suppressed")
             continue
         withheld = g.get("n") is None  # reported, but its counts would give a suppressed group's away
         if g.get("note") and not withheld:
@@ -86,8 +91,13 @@ def _group_table(x: ReportInputs, attribute: str, groups: list[Mapping[str, Any]
                   'subtraction">withheld</span>'] * 2 if withheld else [_num(g.get("n")), _num(g.get("n_patients"))]
         rows.append([label, *counts, *cells])
         classes.append("")
-    return _table(["Group", "Cases", "Patients", *(_metric_name(m) for m in metrics)], rows, cls="groups",
-                  row_classes=classes)
+    table = _table(["Group", "Cases", "Patients", *(_metric_name(m) for m in metrics)], rows, cls="groups",
+                   row_classes=classes) if rows else ""
+    if fold:
+        names = ", ".join(_e(_cross(str(g.get("group")))) for g in suppressed)
+        table += (f'<p class="muted suppressed">{len(suppressed)} groups suppressed (at most {limit} patients each; '
+                  f"no numbers shown): {names}.</p>")
+    return table
 
 
 def _subgroups(x: ReportInputs) -> str:

@@ -493,7 +493,10 @@ def group_forest(groups: Sequence[Mapping[str, Any]], metric: str, label: str,
         muted = bool(g.get("imprecise") is True or entry.get("imprecise")
                      or (isinstance(g.get("imprecise"), list | tuple) and metric in g["imprecise"]))
         panels.setdefault(str(g.get("attribute")), []).append(
-            ForestRow(f"{str(g.get('group')).replace('&', ' × ')} (n={g.get('n')})", float(entry["value"]), ci[0], ci[1], muted=muted))
+            # n is None when the audit withholds the group's counts (they would reveal a suppressed one).
+            ForestRow(f"{str(g.get('group')).replace('&', ' × ')} "
+                      + (f"(n={g['n']})" if g.get("n") is not None else "(n withheld)"),
+                      float(entry["value"]), ci[0], ci[1], muted=muted))
     if not panels:
         return None
     return forest_plot([(a.replace("&", " × "), rows, None) for a, rows in panels.items()],

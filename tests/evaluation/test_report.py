@@ -367,3 +367,17 @@ def test_amplification_warns_when_the_reference_is_no_better_than_chance(tmp_pat
     section = text[text.index('id="amplification"'):text.index('id="limitations"')]
     assert "from scratch" in section and "paired: both models" in section
     assert ("does not discriminate better than chance" in section) is warned
+
+
+def test_many_suppressed_groups_fold_into_one_line_without_numbers(tmp_path, classification_inputs):
+    from tests.evaluation.conftest import _suppressed
+
+    cells = [_suppressed("age_band&site", f"{band}&SITE-3fa21c") for band in ("0-17", "18-29", "30-39", "40-49", "50-59")]
+    audit = {**classification_inputs.audit, "groups": [*classification_inputs.audit["groups"], *cells]}
+    _, text = _render(dataclasses.replace(classification_inputs, audit=audit), tmp_path / "r.html")
+    section = text[text.index("By age_band × site"):]
+    section = section[:section.index("</p>")]
+    assert "5 groups suppressed (at most 10 patients each; no numbers shown)" in section
+    assert "<table" not in section  # no table of empty rows
+    assert not re.search(r"\d", section.split("no numbers shown):")[1].replace("0-17", "").replace(
+        "18-29", "").replace("30-39", "").replace("40-49", "").replace("50-59", "").replace("3fa21c", ""))
