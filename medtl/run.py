@@ -35,21 +35,24 @@ from medtl.adaptation import (
     prepare_old_data,
     train_for_config,
 )
-from medtl.config import ContinualConfig, WorkflowConfig, validate
+from medtl.config import WorkflowConfig, validate
 from medtl.engine.runtime import barrier, cleanup_distributed, init_distributed
-from medtl.errors import ConfigError, MedtlError
-from medtl.evaluation.audit import BiasAudit
-from medtl.evaluation.audit_types import AuditConfig
-from medtl.evaluation.bootstrap import bootstrap_binary, bootstrap_case_means, bootstrap_multiclass
-from medtl.evaluation.metrics import choose_threshold, classification_report_data
+from medtl.errors import MedtlError
 from medtl.evaluation.report import render_report
-from medtl.evaluation.segmentation import segmentation_case_metrics
 from medtl.models.fewshot import flatten_results
 from medtl.report_inputs import build_report_inputs, inputs_from_json, inputs_to_json
+from medtl.run_evaluation import (
+    audit_document,
+    audit_reference,
+    check_audit_setup,
+    evaluate,
+    gap_metrics,
+    run_audit,
+    train_scratch_reference,
+)
 from medtl.tracking import phi_guard, registry, run_records, store
 from medtl.tracking.torch_model import log_torch_model
 from medtl.workflow import (
-    SUBGROUP_COLUMNS,
     PreparedData,
     TrainedModel,
     config_dict,
@@ -77,273 +80,6 @@ class RunOutputs:
     model_name: str
     model_version: str
     report_path: Path | None
-
-
-def evaluate(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame) -> dict:
-    """Test metrics with CIs (and report data) from the val/test predictions table.
-
-    Binary classification: threshold chosen on validation patients by the configured rule and
-    re-derived inside each bootstrap replicate. Segmentation: per-case Dice / HD95 / surface Dice
-    (MONAI metrics) with patient-level bootstrap CIs of the means.
-    """
-    val = predictions[predictions["split"] == "val"]
-    test = predictions[predictions["split"] == "test"]
-    ev = cfg.evaluation
-    target = ev.threshold_target if ev.threshold_rule != "youden" else None
-    if cfg.task == "segmentation":
-        return _evaluate_segmentation(cfg, data, predictions)
-    if len(data.classes) == 2:
-        estimates = bootstrap_binary(
-            test["y_true"].to_numpy(), test["y_score"].to_numpy(), patient_ids(data, test["id"]),
-            validation=(val["y_true"].to_numpy(), val["y_score"].to_numpy(), patient_ids(data, val["id"])),
-            rule=ev.threshold_rule, target=target, n_boot=ev.n_boot, seed=cfg.seed,
-        )
-        threshold = choose_threshold(val["y_true"], val["y_score"], ev.threshold_rule, target)
-        curves = classification_report_data(test["y_true"], test["y_score"], threshold)
-        test_metrics = {k: e.to_dict() for k, e in estimates.items()}
-        val_auroc = _auroc(val["y_true"], val["y_score"])
-        return {"test": test_metrics, "val": {"auroc": {"value": val_auroc, "ci": None}},
-                "threshold": float(threshold), "curves": curves}
-    columns = [f"y_score_{c}" for c in data.classes]
-    labels = test["y_true"].map(lambda i: data.classes[int(i)])
-    estimates = bootstrap_multiclass(labels, test[columns].to_numpy(), data.classes, patient_ids(data, test["id"]),
-                                     n_boot=ev.n_boot, seed=cfg.seed)
-    curves = classification_report_data(labels, test[columns].to_numpy(), classes=data.classes)
-    return {"test": {k: e.to_dict() for k, e in estimates.items()}, "val": {}, "threshold": None, "curves": curves}
-
-
-def _auroc(y: pd.Series, s: pd.Series) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    try:
-        return float(roc_auc_score(y, s))
-    except ValueError:
-        return None
-
-
-def _evaluate_segmentation(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame) -> dict:
-    cases = segmentation_case_metrics(
-        list(predictions["_pred"]), list(predictions["_true"]), num_classes=cfg.model.num_classes,
-        ids=list(predictions["id"]),
-    )
-    table = predictions.drop(columns=["_pred", "_true"]).merge(cases, on="id", how="left")
-    out: dict = {}
-    for split in ("val", "test"):
-        part = table[table["split"] == split]
-        estimates = bootstrap_case_means(part[[c for c in cases.columns if c != "id"]], patient_ids(data, part["id"]),
-                                         n_boot=cfg.evaluation.n_boot, seed=cfg.seed)
-        out[split] = {k: e.to_dict() for k, e in estimates.items()}
-    out["cases"] = table
-    out["threshold"] = None
-    if "y_true" in table.columns:  # a multi-task model's class head
-        _add_class_head_metrics(cfg, data, table, out)
-    return out
-
-
-def _add_class_head_metrics(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, out: dict) -> None:
-    # Studies without a class label (y_true -1) count for the masks only.
-    labelled = table[table["y_true"] >= 0]
-    val, test = labelled[labelled["split"] == "val"], labelled[labelled["split"] == "test"]
-    if test.empty or val.empty:
-        logger.warning("no class-head metrics: the val or test split has no study with a class label")
-        return
-    ev = cfg.evaluation
-    if "y_score" in table.columns:
-        # The class head is secondary here: a validation split with one labelled class (few masks
-        # carry labels) gets a fixed 0.5 threshold instead of failing the segmentation run.
-        one_class = val["y_true"].nunique() < 2
-        if one_class:
-            logger.warning("class-head threshold fixed at 0.5: the validation studies hold one class label")
-        estimates = bootstrap_binary(
-            test["y_true"].to_numpy(), test["y_score"].to_numpy(), patient_ids(data, test["id"]),
-            threshold=0.5 if one_class else None,
-            validation=None if one_class else (val["y_true"].to_numpy(), val["y_score"].to_numpy(),
-                                               patient_ids(data, val["id"])),
-            rule=ev.threshold_rule, target=ev.threshold_target if ev.threshold_rule != "youden" else None,
-            n_boot=ev.n_boot, seed=cfg.seed,
-        )
-        out["threshold"] = estimates.pop("threshold").value
-        out["test"].update({k: e.to_dict() for k, e in estimates.items()})
-        out["val"]["auroc"] = {"value": _auroc(val["y_true"], val["y_score"]), "ci": None}
-        return
-    classes = [c.removeprefix("y_score_") for c in table.columns if c.startswith("y_score_")]
-    estimates = bootstrap_multiclass(test["y_true"].map(lambda i: classes[int(i)]),
-                                     test[[f"y_score_{c}" for c in classes]].to_numpy(), classes,
-                                     patient_ids(data, test["id"]), n_boot=ev.n_boot, seed=cfg.seed)
-    out["test"].update({k: e.to_dict() for k, e in estimates.items()})
-
-
-def audit_attributes(cfg: WorkflowConfig, data: PreparedData) -> list[str]:
-    """The subgroup columns a run audits: `audit.attributes`, then the declared `data.subgroups`.
-
-    Raises:
-        ConfigError: when an attribute is not a subgroup column of the manifest.
-    """
-    unknown = [a for a in cfg.audit.attributes if a not in data.subgroups]
-    if unknown:
-        raise ConfigError(
-            f"config key 'audit.attributes' must name subgroup columns of manifest {data.manifest_path.name} "
-            f"({', '.join(data.subgroups)}), not {unknown}; declare extra columns in data.subgroups")
-    declared = [c for c in data.subgroups if c not in SUBGROUP_COLUMNS]
-    return list(dict.fromkeys([*cfg.audit.attributes, *declared]))
-
-
-def check_audit_setup(cfg: WorkflowConfig, data: PreparedData) -> None:
-    """Audit settings that would otherwise fail only after training: attributes and positive class.
-
-    Raises:
-        ConfigError: an unknown attribute, or a multi-class model without a valid `audit.positive_class`.
-    """
-    audit_attributes(cfg, data)
-    if cfg.task == "classification" and len(data.classes) > 2 and cfg.audit.positive_class not in data.classes:
-        raise ConfigError(
-            f"config key 'audit.positive_class' must name the class the audit checks one-vs-rest for this "
-            f"{len(data.classes)}-class model, one of {data.classes}, not {cfg.audit.positive_class!r}; "
-            f"e.g. --set audit.positive_class={data.classes[-1]}")
-
-
-def _class_labels(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame | None) -> pd.DataFrame | None:
-    # The audit reads a multi-class y_true as class labels (predictions.csv keeps class indices).
-    if table is None or cfg.task != "classification" or len(data.classes) <= 2:
-        return table
-    return table.assign(y_true=table["y_true"].map(lambda i: data.classes[int(i)]))
-
-
-def run_audit(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, *, progress: bool = True,
-              reference: pd.DataFrame | None = None, reference_audit: dict | None = None,
-              reference_label: str | None = None) -> BiasAudit:
-    """Per-subgroup bias audit of the val/test predictions (threshold from validation).
-
-    Args:
-        cfg: the workflow config (its `audit` and `evaluation` sections).
-        data: the run's prepared manifest (patients, subgroups, classes).
-        table: the predictions (classification) or per-case metrics (segmentation) of val and test.
-        progress: progress bar over attributes.
-        reference: a reference model's table on the same ids (paired bias amplification).
-        reference_audit: instead, a reference's audit.json (e.g. the champion's; unpaired).
-        reference_label: the reference's name in audit.json.
-    """
-    attributes = audit_attributes(cfg, data)
-    settings = {"alpha": cfg.audit.alpha, "correction": cfg.audit.correction,
-                "fail_on_flagged": cfg.audit.fail_on_flagged}
-    if cfg.audit.tolerances:
-        settings["tolerances"] = dict(cfg.audit.tolerances)
-    ev = cfg.evaluation
-    audit = BiasAudit(
-        attributes,
-        intersections=cfg.audit.intersections,
-        config=AuditConfig.from_mapping(settings),
-        task=cfg.task,
-        threshold_rule=ev.threshold_rule,
-        threshold_target=ev.threshold_target if ev.threshold_rule != "youden" else None,
-        n_boot=ev.n_boot,
-        seed=cfg.seed,
-        min_group_size=cfg.audit.min_group_size,
-        min_gap_events=cfg.audit.min_gap_events,
-        positive_class=cfg.audit.positive_class if cfg.task == "classification" and len(data.classes) > 2 else None,
-        progress=progress,
-    )
-    return audit.run(_class_labels(cfg, data, table), patient_ids(data, table["id"]),
-                     reference_predictions=_class_labels(cfg, data, reference), reference_audit=reference_audit,
-                     reference_label=reference_label)
-
-
-@dataclass(frozen=True)
-class AuditReference:
-    """The model whose subgroup gaps the audited model's are compared with (bias amplification).
-
-    Attributes:
-        kind: "champion", "scratch" or "none" (`audit.reference`).
-        label: its name in audit.json and the report; None when there is no reference.
-        table: scratch: its val/test predictions (or per-case metrics) for a paired comparison.
-        audit: champion: its audit.json, for an unpaired comparison.
-        test: scratch: its test metrics with CIs.
-        note: why no comparison was made, for the audit notes.
-    """
-
-    kind: str
-    label: str | None = None
-    table: pd.DataFrame | None = None
-    audit: dict | None = None
-    test: dict | None = None
-    note: str = ""
-
-
-def scratch_reference_config(cfg: WorkflowConfig) -> WorkflowConfig:
-    """The workflow as its from-scratch twin: random weights, every layer trained, same data and budget."""
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="none"),
-                               train=dataclasses.replace(cfg.train, strategy="finetune"),
-                               continual=ContinualConfig())
-
-
-def train_scratch_reference(cfg: WorkflowConfig, data: PreparedData, *, output_dir: Path, resume: bool = False,
-                            progress: bool = True) -> tuple[TrainedModel, dict] | None:
-    """Train the from-scratch twin when `audit.reference` is scratch (else None).
-
-    Every rank calls this right after the workflow's own training, so under torchrun the twin
-    trains with DistributedDataParallel too. None as well when the model itself starts from random
-    weights (`model.weights: none`): its twin would be the same model again.
-    """
-    if cfg.audit.reference != "scratch" or cfg.model.weights == "none":
-        return None
-    logger.info("bias-amplification reference: training the same model from scratch")
-    trained, sets, _ = train_for_config(scratch_reference_config(cfg), data, output_dir=output_dir / "reference_scratch",
-                                        resume=resume, progress=progress)
-    return trained, sets
-
-
-def audit_reference(cfg: WorkflowConfig, data: PreparedData, *, name: str,
-                    scratch: tuple[TrainedModel, dict] | None = None, progress: bool = True) -> AuditReference:
-    """The bias-amplification reference that `audit.reference` asks for.
-
-    champion: the registered model's current @champion (its run's audit.json; none on a first
-    run). scratch: the twin from `train_scratch_reference`, scored on the same val/test studies.
-    """
-    kind = cfg.audit.reference
-    if kind == "none":
-        return AuditReference(kind, note="bias amplification: not computed (audit.reference is none)")
-    if kind == "champion":
-        found = registry.champion_audit(name)
-        if found is None:
-            return AuditReference(kind, note=(
-                f"bias amplification: not computed, model '{name}' has no champion version with an audit.json yet "
-                "(promote one with `medtl registry promote`, or set audit.reference: scratch)"))
-        version, document = found
-        return AuditReference(kind, label=f"champion (version {version})", audit=document)
-    if scratch is None:
-        return AuditReference(kind, note="bias amplification: not computed, the model itself is trained from "
-                                         "scratch (model.weights: none), so it is its own from-scratch reference")
-    twin = scratch_reference_config(cfg)
-    predictions = predictions_table(twin, data, *scratch, progress=progress)
-    evaluation = evaluate(twin, data, predictions)
-    table = evaluation.pop("cases") if cfg.task == "segmentation" else predictions
-    return AuditReference(kind, label="from scratch (same architecture, data and training budget)", table=table,
-                          test=evaluation["test"])
-
-
-def _audit_document(audit: BiasAudit, reference: AuditReference) -> dict:
-    """audit.json: the audit's document with the reference's kind (and test metrics) and the reason for none."""
-    document = audit.to_dict()
-    if document.get("reference") is not None:
-        document["reference"] = {**document["reference"], "kind": reference.kind,
-                                 **({"test": reference.test} if reference.test is not None else {})}
-    if reference.note:
-        document["notes"] = [*document.get("notes", []), reference.note]
-    return document
-
-
-def _gap_metrics(document: dict) -> dict[str, float]:
-    """MLflow metrics of the tested gaps: audit.gap.<attribute>.<metric>.<kind> with ci_lo / ci_hi."""
-    flat: dict[str, float] = {}
-    for gap in document.get("gaps", []):
-        if gap.get("tolerance") is None or gap.get("value") is None:
-            continue
-        key = f"audit.gap.{gap['attribute']}.{gap['metric']}.{gap.get('kind', 'difference')}"
-        flat[key] = float(gap["value"])
-        if gap.get("ci"):
-            flat[f"{key}.ci_lo"], flat[f"{key}.ci_hi"] = map(float, gap["ci"])
-    flat["audit.flagged_gaps"] = float(sum(1 for g in document.get("gaps", []) if g.get("flagged")))
-    return flat
 
 
 def _flat_metrics(evaluation: dict) -> dict[str, float]:
@@ -482,7 +218,7 @@ def run_workflow(
         audit = run_audit(cfg, data, table, progress=progress, reference=reference.table,
                           reference_audit=reference.audit, reference_label=reference.label)
         timings["audit_seconds"] = time.perf_counter() - t0
-        audit_dict = _audit_document(audit, reference)
+        audit_dict = audit_document(audit, reference)
         passed = bool(audit.result_.passed)
         (output_dir / "audit.json").write_text(json.dumps(audit_dict, indent=2, default=float))
         metrics = {
@@ -508,7 +244,7 @@ def run_workflow(
         if reference.test is not None:
             flat.update(_flat_estimates("reference_test", reference.test))
         flat["audit.passed"] = float(passed)
-        flat.update(_gap_metrics(audit_dict))
+        flat.update(gap_metrics(audit_dict))
         run_records.log_final_metrics(flat)
         artifacts = ["metrics.json", "predictions.csv", "audit.json"]
         if old_table is not None:
@@ -737,6 +473,4 @@ def rerender_report(run_id: str, out_path: Path, *, pdf: bool = False) -> Path:
     return out_path
 
 
-__all__ = [
-    "rerender_report", "RunOutputs", "PHILeakError", "evaluate", "run_audit", "run_few_shot", "run_workflow",
-    "TrainedModel"]
+__all__ = ["rerender_report", "RunOutputs", "PHILeakError", "run_few_shot", "run_workflow"]

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from medtl.config import WorkflowConfig
 from medtl.errors import ConfigError
 from medtl.evaluation.bootstrap import check_bootstrap_settings
-from medtl.run import PHILeakError, check_audit_setup, evaluate, run_audit
+from medtl.run import PHILeakError
+from medtl.run_evaluation import check_audit_setup, evaluate, run_audit
 from medtl.studies.label_fractions import check_label_fractions, fraction_key, nested_label_subsets
 from medtl.studies.transfer_summary import bias_summary, summarise, write_figures, write_html
 from medtl.tracking import phi_guard, run_records, store
