@@ -8,26 +8,13 @@ on both ranks too (a rank that skipped it would leave the other waiting in DDP's
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from medtl.data.demo import write_demo_data
 from medtl.tracking import store
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.processes import REPO, torchrun
 
 
 @pytest.mark.slow
@@ -35,25 +22,13 @@ def test_torchrun_two_ranks_train_model_and_scratch_twin_and_rank_zero_alone_rec
     data = tmp_path / "data"
     write_demo_data(data, patients=48, seed=0, progress=False)
     output = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "medtl.cli", "-q", "run", str(REPO / "workflows" / "classify_2d.yaml"), "--output", str(output)]
+    cmd = ["-m", "medtl.cli", "-q", "run", str(REPO / "workflows" / "classify_2d.yaml"), "--output", str(output)]
     for s in (f"data.root={data}", f"data.labels={data / 'labels.csv'}", f"data.manifest_out={tmp_path / 'manifest.csv'}",
               "data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100",
               "audit.reference=scratch"):
         cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # own session: a hung run is killed with its workers
-    try:
-        printed, _ = proc.communicate(timeout=420)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, printed[-4000:]
+    returncode, printed = torchrun(cmd, cwd=tmp_path, timeout=420)
+    assert returncode == 0, printed[-4000:]
 
     for folder in (output, output / "reference_scratch"):
         ckpt = torch.load(folder / "checkpoints" / "last.pt", weights_only=True)

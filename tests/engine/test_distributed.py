@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.engine import run_toy
+from tests.processes import REPO, torchrun
 
 SCRIPT = Path(__file__).with_name("run_toy.py")
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -30,47 +19,9 @@ def test_two_process_ddp_matches_single_process_on_the_same_global_batch(tmp_pat
     # The plan freezes the conv layer in epoch 0 and unfreezes it in epoch 1, so this also checks
     # that gradients of layers unfrozen mid-run are synchronised across ranks.
     common = ["--n-train", "32", "--epochs", "3", "--plan", "--dropout", "0"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--nnodes",
-        "1",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(SCRIPT),
-        "--out",
-        str(tmp_path / "ddp"),
-        "--ckpt",
-        str(tmp_path / "ckpt"),
-        "--batch-size",
-        "4",
-        *common,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    # Own session, so a hung run can be killed with all its workers.
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, output[-4000:]
+    cmd = [str(SCRIPT), "--out", str(tmp_path / "ddp"), "--ckpt", str(tmp_path / "ckpt"), "--batch-size", "4", *common]
+    returncode, output = torchrun(cmd, cwd=REPO, timeout=180)
+    assert returncode == 0, output[-4000:]
 
     run_toy.main(["--out", str(tmp_path / "single"), "--batch-size", "8", *common])
 
