@@ -23,10 +23,10 @@ def test_torchrun_two_ranks_train_model_and_scratch_twin_and_rank_zero_alone_rec
     write_demo_data(data, patients=48, seed=0, progress=False)
     output = tmp_path / "out"
     cmd = ["-m", "medtl.cli", "-q", "run", str(REPO / "workflows" / "classify_2d.yaml"), "--output", str(output)]
-    for s in (f"data.root={data}", f"data.labels={data / 'labels.csv'}", f"data.manifest_out={tmp_path / 'manifest.csv'}",
+    for setting in (f"data.root={data}", f"data.labels={data / 'labels.csv'}", f"data.manifest_out={tmp_path / 'manifest.csv'}",
               "data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100",
               "audit.reference=scratch"):
-        cmd += ["--set", s]
+        cmd += ["--set", setting]
     returncode, printed = torchrun(cmd, cwd=tmp_path, timeout=420)
     assert returncode == 0, printed[-4000:]
 
@@ -37,6 +37,7 @@ def test_torchrun_two_ranks_train_model_and_scratch_twin_and_rank_zero_alone_rec
     assert audit["reference"]["kind"] == "scratch" and "auroc" in audit["reference"]["test"]
     metrics = json.loads((output / "metrics.json").read_text())
     assert "reference_train_seconds" in metrics["timings"]
+    assert (output / "report.html").stat().st_size > 10_000  # rank 0 evaluates and writes the report
     assert printed.count("audit passed;") + printed.count("audit FAILED") == 1, printed[-2000:]
 
     monkeypatch.chdir(tmp_path)  # the embedded store is ./mlruns of the run's working directory
