@@ -24,6 +24,8 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary
 from pydicom.valuerep import PersonName
 
+from medtl.vocabulary import generic_value
+
 # Table E.1-1 of DICOM PS3.15 (2025 edition), every row the Basic Profile acts on (D, Z, X, U, C
 # and their combinations), by pydicom keyword. Rows pydicom 3.0 cannot name are in _NEWER_TAGS.
 IDENTIFYING_KEYWORDS: frozenset[str] = frozenset(
@@ -203,10 +205,6 @@ _NEWER_TAGS: frozenset[int] = frozenset(
 MIN_VALUE_LENGTH = 3
 """Values shorter than this ("M", "F", "1") would match almost anything, so they are not collected."""
 
-# Placeholders de-identification tools and scanners write instead of a real value.
-_PLACEHOLDERS = frozenset(
-    "anonymous anonymized anonymised anon unknown none null n/a removed redacted deidentified yes no".split()
-)
 # Code-sequence plumbing inside identifying sequences: vocabulary of the standard, not of a person.
 _CODE_KEYWORDS = frozenset(
     """CodeValue CodingSchemeDesignator CodingSchemeVersion CodeMeaning ContextIdentifier MappingResource
@@ -235,50 +233,54 @@ def quiet_pydicom() -> Iterator[None]:
     Usable as a decorator (`@quiet_pydicom()`).
     """
     logger = logging.getLogger("pydicom")
-    was_disabled = logger.disabled
-    logger.disabled = True
+    # Disabling "pydicom" alone is not enough: its child loggers (pydicom.pixels.decoders.base
+    # logs decoder failures with a traceback) still propagate through it to the root handlers.
+    saved = logger.disabled, logger.propagate
+    logger.disabled, logger.propagate = True, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.disabled = was_disabled
+        logger.disabled, logger.propagate = saved
 
 
 @quiet_pydicom()
-def identifying_values(ds: Dataset) -> frozenset[str]:
-    """Collect every identifying value of a dataset (PS3.15 Annex E Basic Profile and beyond).
+def identifying_values(ds: Dataset) -> frozenset[tuple[str, str]]:
+    """Collect every identifying value of a dataset with the attribute it came from.
 
     Collected, recursively through sequences and the file meta header: values of
     `IDENTIFYING_KEYWORDS`; names, IDs and free text inside an identifying sequence (for example
-    `RequestAttributesSequence`, `ContentSequence`); every person name (with its components,
-    e.g. "DOE", "JANE" and "JANE DOE" from "DOE^JANE"); every UID that is not a standard one;
-    every date and date-time (also written as YYYY-MM-DD); every AE title; and the string values
-    of private (odd-group) elements. Left out: numbers (weight, size, vendor numbers), times of
-    day, enumerated codes, values shorter than `MIN_VALUE_LENGTH` and placeholders such as
-    "ANONYMOUS": they identify no one and would make every scan of the outputs fire.
+    `RequestAttributesSequence`, `ContentSequence`); every person name; every UID that is not a
+    standard one; every date and date-time; every AE title; and the string values of private
+    (odd-group) elements. Left out: numbers (weight, size, vendor numbers), times of day,
+    enumerated codes, values shorter than `MIN_VALUE_LENGTH`, and values that are only generic
+    words (`medtl.vocabulary.generic_value`: "ANONYMOUS", "TEST^PATIENT", "CHEST"): they identify
+    no one and would make every scan of the outputs fire.
 
     Args:
         ds: A pydicom dataset (read with or without pixel data).
 
     Returns:
-        The set of identifying strings, stripped of padding.
+        (value, attribute) pairs: the value stripped of padding (multi-valued elements give one
+        pair per value), the attribute as its keyword or "private tag (gggg,eeee)". The attribute
+        lets a refusal name the field at fault without quoting the value.
 
     Example:
         >>> sorted(identifying_values(ds))  # doctest: +SKIP
-        ['1.2.826.0.1.3680043.8.498.1', '2004-01-19', '20040119', 'DOE', 'DOE JANE', ...]
+        [('1.2.826.0.1.3680043.8.498.1', 'StudyInstanceUID'), ('DOE^JANE', 'PatientName'), ...]
     """
-    found: set[str] = set()
+    found: set[tuple[str, str]] = set()
     meta = getattr(ds, "file_meta", None)
     for source in (meta, ds):
         if source is not None:
-            for vr, value in _walk(source, inside_identifying=False, inside_private=False):
-                found.update(_variants(vr, value))
-    return frozenset(v for v in found if _worth_keeping(v))
+            for field, vr, value in _walk(source, inside_identifying=False, inside_private=False):
+                found.update((text, field) for text in _texts(vr, value) if _worth_keeping(text))
+    return frozenset(found)
 
 
-def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Iterator[tuple[str, object]]:
-    """Yield (VR, value) of every element that counts as identifying, recursing into sequences."""
+def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Iterator[tuple[str, str, object]]:
+    """Yield (attribute, VR, value) of every identifying element, recursing into sequences."""
     for elem in ds:
         listed = _is_listed(elem)
         private = inside_private or elem.tag.is_private
@@ -292,12 +294,11 @@ def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Ite
             continue  # private creator: names the vendor's dictionary, not a person
         if elem.keyword in _SOFTWARE_KEYWORDS:
             continue
-        if listed or elem.VR in _ALWAYS_VRS:
-            yield from _element_values(elem, numbers_ok=not private)
-        elif (
+        field = elem.keyword or f"private tag ({elem.tag.group:04X},{elem.tag.element:04X})"
+        if listed or elem.VR in _ALWAYS_VRS or (
             (inside_identifying or private) and elem.VR in _CONTEXT_VRS and elem.keyword not in _CODE_KEYWORDS
         ):
-            yield from _element_values(elem, numbers_ok=not private)
+            yield from ((field, vr, value) for vr, value in _element_values(elem, numbers_ok=not private))
 
 
 def _is_listed(elem: DataElement) -> bool:
@@ -334,38 +335,19 @@ def _decode_unknown(value: object) -> str | None:
     return text if _PRINTABLE.match(text or "\x00") else None
 
 
-def _variants(vr: str, value: object) -> Iterator[str]:
-    """A value as stored plus the forms it is likely to be written in elsewhere."""
+def _texts(vr: str, value: object) -> Iterator[str]:
+    """The stored text of one value; multi-valued text ("A\\B") gives each value."""
     if vr == "PN" or isinstance(value, PersonName):
-        yield from _name_variants(value if isinstance(value, PersonName) else PersonName(str(value)))
+        yield str(value).strip()
         return
     for text in str(value).split("\\"):
         text = text.strip().strip("\x00").strip()
-        if not text:
-            continue
-        yield text
-        if vr in ("DA", "DT") and len(text) >= 8 and text[:8].isdigit():
-            yield f"{text[:4]}-{text[4:6]}-{text[6:8]}"
-            yield text[:8]
-
-
-def _name_variants(name: PersonName) -> Iterator[str]:
-    raw = str(name).strip()
-    if not raw:
-        return
-    yield raw
-    parts = [p.strip() for p in re.split(r"[\^=]", raw) if p.strip()]
-    yield from parts
-    family, given = name.family_name.strip(), name.given_name.strip()
-    if family and given:
-        yield f"{given} {family}"
-        yield f"{family} {given}"
-    if parts:
-        yield " ".join(parts)
+        if text:
+            yield text
 
 
 def _worth_keeping(value: str) -> bool:
-    if len(value) < MIN_VALUE_LENGTH or value.lower() in _PLACEHOLDERS:
+    if len(value) < MIN_VALUE_LENGTH or generic_value(value):
         return False
     # Zero dates and dummy values ("00000000", "0.0.0") and fragments such as "e+1" carry nothing.
     return bool(value.strip("0.-^ :+")) and sum(c.isalnum() for c in value) >= MIN_VALUE_LENGTH

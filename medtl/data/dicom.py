@@ -23,18 +23,28 @@ from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.datadict import dictionary_has_tag
+from pydicom.datadict import dictionary_has_tag, keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
     UID_dictionary,
 )
+from scipy import ndimage
 
 from medtl.data.deid import identifying_values, quiet_pydicom
 from medtl.data.types import HeaderFacts, Rejection
@@ -53,6 +63,26 @@ _DUPLICATE_MM = 0.01
 _GAP_ATOL_MM = 0.05
 _GAP_RTOL = 0.05
 _ORIENTATION_ATOL = 1e-3
+# Below this angle between the slice normal and the line through the slice origins, positions
+# rounded by the scanner explain the offset; above it the stack is gantry-tilted and resampled.
+TILT_MIN_DEG = 0.1
+# Transfer syntaxes that compress without loss (deflate compresses the whole dataset, not the pixels).
+_LOSSLESS_SYNTAXES = frozenset(
+    {
+        DeflatedExplicitVRLittleEndian, RLELossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
+        JPEG2000Lossless, JPEG2000MCLossless, HTJ2KLossless, HTJ2KLosslessRPCL,
+    }
+)  # fmt: skip
+# Attributes a FrameIncrementPointer names when the frames are time points (cine, dynamic, gated),
+# PS3.3 C.7.6.6 and C.8.4.8; SliceVector alone means NM slices.
+_TIME_POINTERS = frozenset(
+    {"FrameTime", "FrameTimeVector", "TimeSlotVector", "TimeSliceVector", "PhaseVector", "RRIntervalVector"}
+)
+_NO_FRAME_GEOMETRY = (
+    "multi-frame image without frame positions or slice spacing: the distance between frames is unknown; "
+    "export it with per-frame positions or as single images"
+)
+_THUMBNAIL = 8  # blocks per side of the pixel fingerprint that tells copies from different images
 # ITU-R BT.601 luma weights, the ones PIL uses for mode "L": DICOM colour images and PNG/JPEG
 # exports become the same grey values.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -97,6 +127,10 @@ class DicomImage:
     positions: tuple[Point, ...] | None
     pixel_spacing: tuple[float, float] | None
     header: HeaderFacts
+    sop_uid: str = ""  # SOPInstanceUID: copies of one instance in other encodings share it
+    transfer_syntax: str = ""
+    pixel_digest: str = ""  # SHA-256 of the PixelData bytes as stored (encoded)
+    thumbnail: tuple[float, ...] = ()  # block means of the first decoded frame
 
 
 @dataclass(frozen=True)
@@ -105,6 +139,7 @@ class Stack:
 
     order: tuple[int, ...]
     step: Point  # LPS mm from one slice origin to the next (tilt included)
+    tilt: float = 0.0  # degrees between the normal and the line through the slice origins
 
 
 def looks_like_dicom(path: Path) -> bool:
@@ -192,17 +227,15 @@ def inspect_dicom(path: Path) -> DicomImage | Rejection:
         return Rejection(path, "quarantined", "DICOM object without pixel data")
     if "PixelData" not in ds:
         return Rejection(path, "skipped", "floating-point pixel data (parametric map), not an image")
-    problem = pixel_problem(ds)
-    if problem:
-        return Rejection(path, "quarantined", problem)
+    values = decoded_frames(ds)
+    if isinstance(values, str):
+        return Rejection(path, "quarantined", values)
     n_frames = number_of_frames(ds)
     orientation, positions, spacing = frame_geometry(ds, n_frames)
-    if n_frames > 1 and positions is not None and len(positions) == n_frames:
-        if orientation is None:
-            return Rejection(path, "quarantined", "multi-frame orientation differs between frames")
-        stack = order_stack(orientation, positions)
-        if isinstance(stack, str):
-            return Rejection(path, "quarantined", f"multi-frame {stack}")
+    if n_frames > 1:
+        rejection = _multiframe_rejection(path, ds, orientation, positions)
+        if rejection is not None:
+            return rejection
     return DicomImage(
         path=path,
         series_uid=_text(ds, "SeriesInstanceUID"),
@@ -215,7 +248,55 @@ def inspect_dicom(path: Path) -> DicomImage | Rejection:
         positions=positions,
         pixel_spacing=spacing,
         header=header_facts(ds),
+        sop_uid=_text(ds, "SOPInstanceUID"),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        pixel_digest=hashlib.sha256(ds.PixelData).hexdigest(),
+        thumbnail=_thumbnail(values[0]),
     )
+
+
+def _multiframe_rejection(
+    path: Path, ds: Dataset, orientation: Orientation | None, positions: tuple[Point, ...] | None
+) -> Rejection | None:
+    """Why a multi-frame file is not a 3D volume, or None when its frames are slices in space.
+
+    Frames with per-frame positions must form an even stack. Without them, frames that are time
+    points (cine, dynamic) are skipped, and frames without any slice spacing attribute are
+    quarantined: their distance is unknown, and assuming 1 mm would give the manifest a false
+    voxel size.
+    """
+    n_frames = number_of_frames(ds)
+    if positions is not None and len(positions) == n_frames:
+        if orientation is None:
+            return Rejection(path, "quarantined", "multi-frame orientation differs between frames")
+        stack = order_stack(orientation, positions)
+        return Rejection(path, "quarantined", f"multi-frame {stack}") if isinstance(stack, str) else None
+    if frames_are_time_points(ds):
+        cine = f"multi-frame cine (time series of {n_frames} frames), not a 3D volume"
+        return Rejection(path, "skipped", f"{cine}; export a frame as PNG or DICOM to use it")
+    if slice_spacing(ds) is None:
+        return Rejection(path, "quarantined", _NO_FRAME_GEOMETRY)
+    return None
+
+
+def frames_are_time_points(ds: Dataset) -> bool:
+    """Whether the frames of a multi-frame file are time points (cine, dynamic) rather than slices.
+
+    Read from FrameIncrementPointer (PS3.3 C.7.6.6) when present; otherwise from frame timing
+    attributes (FrameTime, FrameTimeVector, CineRate) or from several TemporalPositionIndex
+    values in the per-frame functional groups (enhanced files).
+    """
+    pointer = ds.get("FrameIncrementPointer")
+    if pointer not in (None, ""):
+        tags = pointer if isinstance(pointer, list | tuple | MultiValue) else [pointer]
+        return any(_keyword(tag) in _TIME_POINTERS for tag in tags)
+    if any(ds.get(keyword) not in (None, "") for keyword in ("FrameTime", "FrameTimeVector", "CineRate")):
+        return True
+    temporal = {
+        _group_value(item, "FrameContentSequence", "TemporalPositionIndex")
+        for item in ds.get("PerFrameFunctionalGroupsSequence") or []
+    }
+    return len(temporal - {None}) > 1
 
 
 def non_image_category(sop_class: str, modality: str) -> str:
@@ -237,8 +318,8 @@ def non_image_category(sop_class: str, modality: str) -> str:
     return ""
 
 
-def pixel_problem(ds: Dataset) -> str | None:
-    """Why the pixel data cannot become an image, or None once it decoded through `frames`."""
+def decoded_frames(ds: Dataset) -> np.ndarray | str:
+    """The frames as `frames` decodes them, or why the pixel data cannot become a usable image."""
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     ts_name = ts.name if ts in UID_dictionary else "this transfer syntax"
     try:
@@ -250,10 +331,40 @@ def pixel_problem(ds: Dataset) -> str | None:
     try:
         if not ts.is_compressed and len(ds.PixelData) < get_expected_length(ds):
             return "pixel data shorter than the image size requires (truncated file?)"
-        frames(ds)
+        values = frames(ds)
     except Exception:
         return "pixel data could not be decoded (corrupt data or inconsistent image attributes)"
-    return None
+    return non_finite_problem(values, "pixel") or values
+
+
+def non_finite_problem(values: np.ndarray, unit: str) -> str:
+    """Why `values` cannot be learned from (NaN or Inf in them), or "" when all are finite.
+
+    Args:
+        values: Decoded pixel or voxel values.
+        unit: "pixel" or "voxel", for the reason.
+
+    Returns:
+        E.g. "non-finite voxel values (NaN or Inf) in 3 of 120 voxels", "every voxel is NaN", or "".
+    """
+    if not np.issubdtype(values.dtype, np.floating):
+        return ""
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if not bad:
+        return ""
+    if np.isnan(values).all():
+        return f"every {unit} is NaN"
+    return f"non-finite {unit} values (NaN or Inf) in {bad} of {values.size} {unit}s"
+
+
+def encoding_rank(transfer_syntax: str) -> int:
+    """0 for native (uncompressed) pixel data, 1 for lossless compression, 2 for lossy or unknown."""
+    ts = UID(transfer_syntax)
+    if ts in _LOSSLESS_SYNTAXES:
+        return 1
+    if ts in UID_dictionary and ts.is_transfer_syntax and not ts.is_compressed:
+        return 0
+    return 2
 
 
 def modality_of(ds: Dataset) -> str:
@@ -336,8 +447,11 @@ def frame_geometry(
     return orientation, positions, spacing
 
 
-def slice_spacing(ds: Dataset) -> float:
-    """Distance between frames when no per-frame positions exist: SpacingBetweenSlices, thickness or 1 mm."""
+def slice_spacing(ds: Dataset) -> float | None:
+    """Distance between frames without per-frame positions: SpacingBetweenSlices, else SliceThickness.
+
+    Returns None when the file gives neither (top level or shared functional groups).
+    """
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     for value in (
         ds.get("SpacingBetweenSlices"),
@@ -346,43 +460,140 @@ def slice_spacing(ds: Dataset) -> float:
         _group_value(shared, "PixelMeasuresSequence", "SliceThickness"),
     ):
         with contextlib.suppress(TypeError, ValueError):
-            if value not in (None, "") and abs(float(value)) > 0:
+            if value not in (None, "") and np.isfinite(float(value)) and abs(float(value)) > 0:
                 return abs(float(value))
-    return 1.0
+    return None
 
 
 def order_stack(orientation: Sequence[float], positions: Sequence[Sequence[float]]) -> Stack | str:
     """Order slices by their position along the normal and check that they form an even stack.
 
-    Never uses file names or InstanceNumber. Gantry tilt (positions offset within the plane)
-    is fine as long as the spacing along the normal is uniform and the positions lie on a line.
+    Never uses file names or InstanceNumber. Gantry tilt (positions offset within the plane) is
+    fine as long as the spacing along the normal is even and the positions lie on a line; the
+    loaders then resample the stack (`correct_gantry_tilt`).
 
     Args:
         orientation: ImageOrientationPatient (row then column direction cosines).
         positions: ImagePositionPatient of each slice (at least two).
 
     Returns:
-        The `Stack`, or a one-line reason why these slices are not one (no header values).
+        The `Stack`, or a one-line reason why these slices are not one (no header values): duplicate
+        positions, missing slices (gaps that are whole multiples of the usual step), uneven spacing
+        (several distinct steps), positions off one line; prefixed by the gantry tilt when tilted.
     """
     points = np.asarray(positions, dtype=np.float64)
-    normal = np.cross(
-        np.asarray(orientation[:3], dtype=np.float64), np.asarray(orientation[3:6], dtype=np.float64)
-    )
-    depth = points @ normal
+    depth = points @ _normal(orientation)
     order = np.argsort(depth, kind="stable")
     gaps = np.diff(depth[order])
     repeated = int(np.sum(gaps < _DUPLICATE_MM))
     if repeated:
         return f"duplicate slice positions ({repeated} repeated) along the normal: several echoes, phases or copies?"
-    median = float(np.median(gaps))
-    if np.any(np.abs(gaps - median) > max(_GAP_ATOL_MM, _GAP_RTOL * median)):
-        return f"slice gaps {gaps.min():.2f}-{gaps.max():.2f} mm along the normal: missing slices?"
     ordered = points[order]
+    tilt = gantry_tilt(orientation, ordered[-1] - ordered[0])
+    problem = _spacing_problem(gaps)
+    if problem:
+        return f"gantry tilt {tilt:.1f}° and {problem}" if tilt >= TILT_MIN_DEG else problem
     step = (ordered[-1] - ordered[0]) / (len(ordered) - 1)
     predicted = ordered[0] + np.outer(np.arange(len(ordered)), step)
     if np.max(np.linalg.norm(ordered - predicted, axis=1)) > max(0.5, 0.5 * float(np.linalg.norm(step))):
         return "slice positions do not lie on one line (several stacks in one series?)"
-    return Stack(tuple(int(i) for i in order), (float(step[0]), float(step[1]), float(step[2])))
+    return Stack(tuple(int(i) for i in order), (float(step[0]), float(step[1]), float(step[2])), tilt)
+
+
+def _spacing_problem(gaps: np.ndarray) -> str:
+    """Why gaps along the normal are not one even step ("" when they are), naming the cause.
+
+    Gaps that are all whole multiples of the usual (most frequent) step are missing slices;
+    anything else is uneven spacing, as in CT with variable slice thickness.
+    """
+    median = float(np.median(gaps))
+    if np.all(np.abs(gaps - median) <= max(_GAP_ATOL_MM, _GAP_RTOL * median)):
+        return ""
+    steps = _step_clusters(gaps)
+    usual = float(np.median(max(steps, key=len)))  # max keeps the smallest step on a tie
+    multiples = np.rint(gaps / usual)
+    whole = np.all(multiples >= 1) and np.all(
+        np.abs(gaps - multiples * usual) <= max(_GAP_ATOL_MM, _GAP_RTOL * usual)
+    )
+    long = multiples[multiples > 1].astype(int)
+    if whole and not long.size:
+        return ""  # every gap is within jitter of the usual step
+    if whole:
+        times = f"{long.min()}" if long.min() == long.max() else f"{long.min()}-{long.max()}"
+        count = f"{len(long)} gap{'s' if len(long) > 1 else ''}"
+        return f"missing slices: {count} of {times} times the usual {usual:.2f} mm step along the normal"
+    return (
+        f"uneven slice spacing: {len(steps)} distinct steps of {gaps.min():.2f}-{gaps.max():.2f} mm along the "
+        "normal (variable slice thickness); resample it to even spacing first (e.g. dcm2niix)"
+    )
+
+
+def _step_clusters(gaps: np.ndarray) -> list[list[float]]:
+    """Gaps grouped into distinct steps: sorted, a new step starts beyond the jitter tolerance."""
+    clusters: list[list[float]] = []
+    for gap in np.sort(gaps):
+        if not clusters or gap - clusters[-1][0] > max(_GAP_ATOL_MM, _GAP_RTOL * clusters[-1][0]):
+            clusters.append([])
+        clusters[-1].append(float(gap))
+    return clusters
+
+
+def gantry_tilt(orientation: Sequence[float], step: Sequence[float]) -> float:
+    """Degrees between the slice normal and a step from one slice origin to a later one.
+
+    0 for an orthogonal stack; a CT acquired with a tilted gantry moves the table along its axis
+    while the slice plane is tilted, so each slice origin is offset within the plane.
+    """
+    step_vec = np.asarray(step, dtype=np.float64)
+    along = float(step_vec @ _normal(orientation))
+    drift = float(np.linalg.norm(step_vec - along * _normal(orientation)))
+    return float(np.degrees(np.arctan2(drift, abs(along))))
+
+
+def correct_gantry_tilt(
+    volume: np.ndarray,
+    orientation: Sequence[float] | None,
+    pixel_spacing: tuple[float, float] | None,
+    step: Sequence[float] | float,
+) -> tuple[np.ndarray, Sequence[float] | float]:
+    """Resample a gantry-tilted stack onto the orthogonal grid of its slice normal, like dcm2niix.
+
+    Slice k is shifted within its plane by k times the in-plane offset of one step (linear
+    interpolation, `scipy.ndimage.shift`; outside the field of view gets the volume's minimum),
+    so voxel (i, j, k) lies at origin + i, j along the rows/columns + k * (step along the normal).
+
+    Args:
+        volume: (columns, rows, slices) in slice order.
+        orientation: ImageOrientationPatient, or None (nothing to correct).
+        pixel_spacing: (between rows, between columns) mm, or None for 1 mm.
+        step: LPS vector from one slice origin to the next, or a distance along the normal.
+
+    Returns:
+        (volume, step): unchanged when not tilted by at least `TILT_MIN_DEG`; else the resampled
+        volume and the slice distance along the normal, for `volume_affine`.
+    """
+    if orientation is None or np.isscalar(step) or gantry_tilt(orientation, step) < TILT_MIN_DEG:
+        return volume, step
+    step_vec = np.asarray(step, dtype=np.float64)
+    along = float(step_vec @ _normal(orientation))
+    drift = step_vec - along * _normal(orientation)
+    row_mm, col_mm = pixel_spacing or (1.0, 1.0)
+    per_slice = (
+        float(drift @ np.asarray(orientation[:3])) / col_mm,
+        float(drift @ np.asarray(orientation[3:6])) / row_mm,
+    )
+    fill = float(volume.min())
+    corrected = np.empty_like(volume)
+    for k in range(volume.shape[2]):
+        shift = (k * per_slice[0], k * per_slice[1])  # output[x] = input[x - shift]
+        corrected[..., k] = ndimage.shift(volume[..., k], shift, order=1, mode="constant", cval=fill)
+    return corrected, along
+
+
+def _normal(orientation: Sequence[float]) -> np.ndarray:
+    return np.cross(
+        np.asarray(orientation[:3], dtype=np.float64), np.asarray(orientation[3:6], dtype=np.float64)
+    )
 
 
 def volume_affine(
@@ -468,14 +679,15 @@ def _grey_frame(frame: np.ndarray, ds: Dataset, rescale: Dataset, *, display: bo
             # A malformed window (width < 1, unknown function) is a display hint, not the image:
             # keep the modality values rather than lose the radiograph.
             windowed = None
-        if windowed is not None and windowed is not source:
+        if windowed is not None and windowed is not source and np.isfinite(windowed).all():
             values = windowed
             if uses_lut:
                 low, high = _lut_range(ds, voi_lut[0])
     values = np.asarray(values, dtype=np.float64)
     if photometric == "MONOCHROME1":
         values = low + high - values  # PS3.3 C.7.6.3.1.2: minimum value is white
-    return values.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32 becomes Inf, which discovery quarantines
+        return values.astype(np.float32)
 
 
 def _modality_range(ds: Dataset, rescale: Dataset) -> tuple[float, float]:
@@ -573,6 +785,24 @@ def _points(values: Sequence[object]) -> tuple[Point, ...] | None:
     if any(p is None for p in points):
         return None
     return tuple((float(p[0]), float(p[1]), float(p[2])) for p in points)  # type: ignore[index]
+
+
+def _keyword(tag: object) -> str:
+    """The keyword of a tag, "" for unknown or malformed values (a header is never trusted)."""
+    try:
+        return keyword_for_tag(tag)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return ""
+
+
+def _thumbnail(frame: np.ndarray) -> tuple[float, ...]:
+    """Block means of a frame: equal for lossless copies, close for lossy ones, apart for other images."""
+    bands = np.array_split(frame, min(_THUMBNAIL, frame.shape[0]), axis=0)
+    return tuple(
+        float(block.mean(dtype=np.float64))
+        for band in bands
+        for block in np.array_split(band, min(_THUMBNAIL, frame.shape[1]), axis=1)
+    )
 
 
 def _pair(value: object) -> tuple[float, float] | None:

@@ -1,11 +1,13 @@
 """Find every study under a data root, and load one study's pixels.
 
-`discover` walks every file (sorted, deterministic) and puts each in exactly one `Study` or one
-`Rejection`: DICOM files are grouped by SeriesInstanceUID in whatever folder structure, ordered by
-position along the slice normal and checked for gaps, duplicates and mixed sizes; NIfTI and 2D
-exports (PNG, JPEG, TIFF, BMP) are one study each; everything else is skipped or quarantined with
-a one-line reason. `load_study` returns MONAI-convention arrays (columns, rows[, slices]) with a
-voxel-to-RAS affine.
+`walk` lists every entry under a data root (sorted, deterministic); `discover` puts each in exactly
+one `Study` or one `Rejection`, opening nothing but regular files: DICOM files are grouped by
+SeriesInstanceUID in whatever folder structure, copies of one instance in other encodings are
+dropped, slices are ordered by position along the slice normal and checked for gaps, duplicates
+and mixed sizes; NIfTI and 2D exports (PNG, JPEG, TIFF, BMP) are one study each; everything else
+(links that are broken, loop or leave the root, FIFOs, sockets, devices, paths beyond PATH_MAX,
+folders that cannot be listed, non-images) is skipped or quarantined with a one-line reason.
+`load_study` returns MONAI-convention arrays (columns, rows[, slices]) with a voxel-to-RAS affine.
 
 NIfTI and 2D exports load through MONAI's `LoadImage` (NibabelReader, PILReader). DICOM loads
 through pydicom directly (see medtl/data/dicom.py for what MONAI's PydicomReader lacks).
@@ -13,8 +15,10 @@ through pydicom directly (see medtl/data/dicom.py for what MONAI's PydicomReader
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -42,15 +46,34 @@ _ARCHIVE_SUFFIXES = frozenset(".gz .zip .tar .tgz .bz2 .xz .7z".split())
 # PIL modes MONAI's PILReader returns as numbers we can use directly; others (palette, CMYK, YCbCr,
 # LAB, HSV) are converted to RGB first so that the luminance below sees colours, not indices.
 _PIL_DIRECT_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "RGB", "RGBA"})
+# Entries that are not regular files: opening a FIFO blocks until a writer appears, a device can
+# stream forever, a socket cannot be opened at all. Their type is read with lstat/stat only.
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "named pipe (FIFO)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device file"),
+    (stat.S_ISBLK, "block device file"),
+)
+_UNLISTABLE_FOLDER = "folder could not be listed (permission denied?): the files in it were not seen; make it readable and run again"
+# Lossy copies of one image differ by a little: fingerprints within this fraction of the image's
+# range are one image; other images sharing a SOPInstanceUID (bad anonymisers) differ by far more.
+_COPY_RTOL = 0.02
 
 
 def discover(root: Path, *, progress: bool = True) -> tuple[list[Study], list[Rejection]]:
-    """Find the studies under `root`; every file ends in exactly one Study or one Rejection.
+    """Find the studies under `root`; every entry `walk` lists ends in one Study or one Rejection.
 
-    DICOM images are decoded once here, so every returned study loads with `load_study`.
+    DICOM images are decoded once here, so every returned study loads with `load_study`. Only
+    regular files are opened. Symbolic links to files inside the root are followed; links to
+    files outside it and links to folders are skipped (not followed); broken and looping links,
+    paths longer than PATH_MAX and folders that cannot be listed are quarantined (a folder that
+    cannot be listed is one rejection: the files in it cannot be counted). Values that are not
+    finite (NaN/Inf in NIfTI, float TIFF or rescaled DICOM) quarantine the file. Multi-frame
+    DICOM whose frames are time points (cine) is skipped, and multi-frame DICOM with neither
+    per-frame positions nor a slice spacing is quarantined rather than given 1 mm slices.
 
     Args:
-        root: The data folder, searched recursively (symbolic links to folders are not followed).
+        root: The data folder, searched recursively.
         progress: Show a tqdm progress bar over the files.
 
     Returns:
@@ -60,7 +83,7 @@ def discover(root: Path, *, progress: bool = True) -> tuple[list[Study], list[Re
         undecodable, inconsistent series), "skipped" valid files that are not images.
 
     Raises:
-        InputError: If `root` is not an existing folder.
+        InputError: If `root` is not an existing folder or cannot be listed.
 
     Example:
         >>> studies, rejections = discover(Path("data"), progress=False)  # doctest: +SKIP
@@ -71,12 +94,13 @@ def discover(root: Path, *, progress: bool = True) -> tuple[list[Study], list[Re
         raise InputError(
             "the data root must be an existing folder, not a missing path or a file; check the root setting"
         )
-    files = _walk(root)
+    files = walk(root)
+    real_root = os.path.realpath(root)
     studies: list[Study] = []
     rejections: list[Rejection] = []
     images: list[DicomImage] = []
     for path in tqdm(files, desc="Scanning files", unit="file", disable=not progress):
-        outcome = _inspect(path)
+        outcome = _inspect(path, real_root)
         if isinstance(outcome, Study):
             studies.append(outcome)
         elif isinstance(outcome, Rejection):
@@ -132,14 +156,61 @@ def load_study(study: Study) -> LoadedImage:
     )
 
 
+def walk(root: Path) -> list[Path]:
+    """Every entry under `root` that must end in a Study or a Rejection, sorted (deterministic).
+
+    That is every entry that is not a folder (regular files, symbolic links of any kind, FIFOs,
+    sockets, devices), every symbolic link to a folder (listed, not followed) and every folder
+    that could not be listed (permission denied), whose files cannot be counted. The walk moves
+    by folder file descriptors (`os.fwalk`), so entries whose path exceeds PATH_MAX are listed
+    too, where `os.walk` would silently drop them. Paths are `root` joined with the entry's
+    relative path (not resolved). `discover` and the manifest inventory both count this list.
+
+    Args:
+        root: The data folder; it may itself be a symbolic link to a folder.
+
+    Returns:
+        The entries, sorted.
+
+    Raises:
+        InputError: If `root` cannot be opened and listed as a folder.
+    """
+    root = Path(root)
+    found: list[Path] = []
+    listed: set[str] = set()
+    announced: set[str] = set()
+    try:
+        # fwalk(".", dir_fd=...) walks the root even when it is a link, without following links below.
+        top = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for folder, dirs, names, _fd in os.fwalk(".", dir_fd=top):
+                listed.add(folder)
+                announced.update(os.path.join(folder, name) for name in dirs)
+                found.extend(root / folder / name for name in names)
+        finally:
+            os.close(top)
+    except OSError:
+        raise InputError(
+            "the data root must be a folder medtl can list, not one it cannot open or read; "
+            "check its permissions"
+        ) from None
+    # fwalk names links to folders among the folders but never enters them, and skips folders
+    # it cannot open: both are entries of their own.
+    found.extend(root / name for name in announced - listed)
+    return sorted(found)
+
+
 def assemble_series(images: Iterable[DicomImage]) -> tuple[list[Study], list[Rejection]]:
     """Group DICOM images by SeriesInstanceUID into studies, quarantining inconsistent series.
 
-    Per series: byte-identical copies of a file are skipped; multi-frame files are 3D studies of their own; projection images and images
-    without position/orientation are 2D studies of their own; the remaining slices are split by
-    orientation (e.g. localizer + axial stack) and each part with two or more slices must be an
-    even stack of one size. A series whose slices fail that is quarantined as a whole. All studies
-    of a series share its header, with identifying values collected over all its files.
+    First, copies of one instance (same SOPInstanceUID, size, positions and pixels) in other
+    encodings are skipped, keeping one: uncompressed, else lossless, else lossy, ties by path.
+    Per series: byte-identical copies of a file are skipped; multi-frame files are 3D studies of
+    their own; projection images and images without position/orientation are 2D studies of their
+    own; the remaining slices are split by orientation (e.g. localizer + axial stack) and each
+    part with two or more slices must be an even stack of one size. A series whose slices fail
+    that is quarantined as a whole. All studies of a series share its header, with identifying
+    values collected over all its files. Gantry-tilted stacks get a note (`Study.notes`).
 
     Args:
         images: Decodable DICOM images, in path order.
@@ -147,17 +218,21 @@ def assemble_series(images: Iterable[DicomImage]) -> tuple[list[Study], list[Rej
     Returns:
         (studies, rejections) for these images.
     """
+    images = list(images)
+    copies = _other_encodings(images)
     by_series: dict[str, list[DicomImage]] = {}
     for image in images:
         key = image.series_uid or f"no-series:{image.path}"
         by_series.setdefault(key, []).append(image)
     studies: list[Study] = []
-    rejections: list[Rejection] = []
+    rejections: list[Rejection] = list(copies.values())
     for members in by_series.values():
-        header = _series_header(members)
+        header = _series_header(members)  # copies too: their values must be scanned for as well
         slices: list[DicomImage] = []
         seen: set[str] = set()
         for image in members:
+            if image.path in copies:
+                continue
             if image.file_digest in seen:
                 # A byte-identical copy would count the same image twice (and could leak across splits).
                 rejections.append(
@@ -166,7 +241,9 @@ def assemble_series(images: Iterable[DicomImage]) -> tuple[list[Study], list[Rej
                 continue
             seen.add(image.file_digest)
             if image.n_frames > 1:
-                studies.append(Study((image.path,), "dicom_series", image.modality, header))
+                studies.append(
+                    Study((image.path,), "dicom_series", image.modality, header, _tilt_notes(image))
+                )
             elif image.orientation and image.positions and image.modality not in dicom.PROJECTION_MODALITIES:
                 slices.append(image)
             else:
@@ -177,6 +254,64 @@ def assemble_series(images: Iterable[DicomImage]) -> tuple[list[Study], list[Rej
         else:
             studies.extend(made)
     return studies, rejections
+
+
+def _other_encodings(images: list[DicomImage]) -> dict[Path, Rejection]:
+    """Rejections of the copies of an instance that another file holds in a better encoding.
+
+    A re-encoded copy (RLE, JPEG-LS, JPEG 2000, deflate, other VR or byte order, padded pixel
+    data) keeps the SOPInstanceUID but not the bytes, so the digest check of `assemble_series`
+    misses it. Files that share the UID but not the size, positions or pixel fingerprint are
+    different images (some anonymisers write one constant UID) and are left alone, and so are
+    files whose transfer syntax and stored pixel bytes are the same: those differ in header
+    values only (an edited copy), not in encoding, and keep their usual handling.
+    """
+    groups: dict[tuple[object, ...], list[DicomImage]] = {}
+    for image in images:
+        if image.sop_uid:
+            key = (image.sop_uid, image.rows, image.columns, image.n_frames, image.positions)
+            groups.setdefault(key, []).append(image)
+    dropped: dict[Path, Rejection] = {}
+    for group in groups.values():
+        pending = sorted(group, key=lambda im: (dicom.encoding_rank(im.transfer_syntax), im.path))
+        while pending:  # the best remaining file keeps its copies; other images form the next round
+            best, rest = pending[0], pending[1:]
+            same = [_same_pixels(image, best) for image in rest]
+            pending = [image for image, copy in zip(rest, same, strict=True) if not copy]
+            for image, copy in zip(rest, same, strict=True):
+                if copy and _encoding(image) != _encoding(best):
+                    dropped[image.path] = Rejection(
+                        image.path, "skipped", "another copy of the same DICOM instance in another encoding"
+                    )
+    return dropped
+
+
+def _encoding(image: DicomImage) -> tuple[str, str]:
+    return image.transfer_syntax, image.pixel_digest
+
+
+def _same_pixels(a: DicomImage, b: DicomImage) -> bool:
+    """Whether two pixel fingerprints agree within `_COPY_RTOL` of their range."""
+    if not a.thumbnail or len(a.thumbnail) != len(b.thumbnail):
+        return False
+    first, second = np.asarray(a.thumbnail), np.asarray(b.thumbnail)
+    scale = float(np.ptp(np.concatenate([first, second])))
+    return bool(np.allclose(first, second, rtol=0.0, atol=_COPY_RTOL * scale + 1e-6))
+
+
+def _tilt_notes(image: DicomImage) -> tuple[str, ...]:
+    """The gantry-tilt note of a multi-frame file whose per-frame positions form a tilted stack."""
+    if image.orientation is None or image.positions is None or len(image.positions) != image.n_frames:
+        return ()
+    stack = dicom.order_stack(image.orientation, image.positions)
+    return _notes(stack) if isinstance(stack, dicom.Stack) else ()
+
+
+def _notes(stack: dicom.Stack) -> tuple[str, ...]:
+    """What loading changes about a stack: gantry tilt is resampled away (`load_study`)."""
+    if stack.tilt < dicom.TILT_MIN_DEG:
+        return ()
+    return (f"gantry tilt {stack.tilt:.1f}° corrected by resampling",)
 
 
 def _split_stacks(slices: list[DicomImage], header: HeaderFacts) -> tuple[list[Study], str]:
@@ -217,7 +352,8 @@ def _stack_study(group: list[DicomImage], header: HeaderFacts) -> Study | str:
     stack = dicom.order_stack(group[0].orientation, [image.positions[0] for image in group])
     if isinstance(stack, str):
         return stack
-    return Study(tuple(group[i].path for i in stack.order), "dicom_series", group[0].modality, header)
+    files = tuple(group[i].path for i in stack.order)
+    return Study(files, "dicom_series", group[0].modality, header, _notes(stack))
 
 
 def _series_header(members: list[DicomImage]) -> HeaderFacts:
@@ -227,16 +363,10 @@ def _series_header(members: list[DicomImage]) -> HeaderFacts:
     return replace(members[0].header, identifying_values=frozenset(values))
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every file under root (also broken links, which are then quarantined), sorted."""
-    found = []
-    for folder, dirs, names in os.walk(root):
-        dirs.sort()
-        found.extend(Path(folder) / name for name in names)
-    return sorted(found)
-
-
-def _inspect(path: Path) -> Study | Rejection | DicomImage:
+def _inspect(path: Path, real_root: str) -> Study | Rejection | DicomImage:
+    rejection = _entry_rejection(path, real_root)
+    if rejection is not None:
+        return rejection
     name = path.name.lower()
     suffix = path.suffix.lower()
     try:
@@ -248,8 +378,8 @@ def _inspect(path: Path) -> Study | Rejection | DicomImage:
             return _inspect_nifti(path)
         if suffix in _IMAGE2D_SUFFIXES:
             return _inspect_image2d(path)
-    except OSError:
-        return Rejection(path, "quarantined", "file could not be read (permission denied or broken link)")
+    except OSError as err:
+        return Rejection(path, "quarantined", _os_error_reason(err))
     if suffix in _DICOM_SUFFIXES:
         return Rejection(
             path, "quarantined", "DICOM file extension but no DICOM content (corrupt or not DICOM)"
@@ -263,6 +393,73 @@ def _inspect(path: Path) -> Study | Rejection | DicomImage:
     if suffix in _ARCHIVE_SUFFIXES:
         return Rejection(path, "skipped", "compressed archive; unpack it into the data folder")
     return Rejection(path, "skipped", "not a DICOM, NIfTI or PNG/JPEG/TIFF/BMP image")
+
+
+def regular_file(path: Path, root: Path) -> bool:
+    """Whether an entry `walk` listed may be opened and read, decided with stat alone.
+
+    True for a regular file or a symbolic link to one inside `root`; False for FIFOs, sockets,
+    devices, folders, broken or looping links, links out of the root and paths beyond PATH_MAX,
+    which `discover` rejects without opening them. Whoever reads the entries `walk` lists (for
+    example to hash them) must read only these.
+
+    Args:
+        path: An entry `walk(root)` returned.
+        root: The data root.
+
+    Returns:
+        Whether reading `path` is safe and meant.
+    """
+    return _entry_rejection(Path(path), os.path.realpath(root)) is None
+
+
+def _entry_rejection(path: Path, real_root: str) -> Rejection | None:
+    """Why an entry is not a regular file to read, or None; opens nothing (stat only)."""
+    try:
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            link = _link_rejection(path, real_root)
+            if link is not None:
+                return link
+            info = os.stat(path)
+    except OSError as err:
+        return Rejection(path, "quarantined", _os_error_reason(err))
+    if stat.S_ISDIR(info.st_mode):  # `walk` lists a folder only when it could not list its files
+        return Rejection(path, "quarantined", _UNLISTABLE_FOLDER)
+    for is_kind, kind in _NOT_REGULAR:
+        if is_kind(info.st_mode):
+            return Rejection(path, "skipped", f"{kind}, not a regular file")
+    if not stat.S_ISREG(info.st_mode):
+        return Rejection(path, "skipped", "not a regular file")
+    return None
+
+
+def _link_rejection(path: Path, real_root: str) -> Rejection | None:
+    """Why a symbolic link is not followed, or None for a link to a file inside the data root."""
+    try:
+        target = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return Rejection(
+                path, "quarantined", "symbolic link loop (links that point at each other), not followed"
+            )
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return Rejection(path, "quarantined", "broken symbolic link: its target does not exist")
+        raise
+    if stat.S_ISDIR(target.st_mode):
+        return Rejection(path, "skipped", "symbolic link to a folder, not followed")
+    if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+        # A link out of the root would train on files nobody put in the data set.
+        return Rejection(path, "skipped", "symbolic link to a file outside the data root, not followed")
+    return None
+
+
+def _os_error_reason(err: OSError) -> str:
+    if err.errno == errno.ENAMETOOLONG:
+        return "path longer than the OS limit (PATH_MAX); shorten the folder names"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "file could not be read (permission denied)"
+    return "file could not be read (operating-system error)"
 
 
 def _inspect_nifti(path: Path) -> Study | Rejection:
@@ -280,6 +477,9 @@ def _inspect_nifti(path: Path) -> Study | Rejection:
         return Rejection(
             path, "quarantined", "NIfTI must hold a 2D or 3D image, not a time series or multi-channel image"
         )
+    problem = dicom.non_finite_problem(data, "voxel")
+    if problem:  # training would stop much later on a NaN loss or score, naming no file
+        return Rejection(path, "quarantined", problem)
     return Study((path,), "nifti", "", None)
 
 
@@ -289,9 +489,11 @@ def _inspect_image2d(path: Path) -> Study | Rejection:
     try:
         with Image.open(path) as image:
             image.load()
+            # Only float modes hold NaN/Inf (32-bit float TIFF); PIL's loader reads the first page too.
+            problem = dicom.non_finite_problem(np.asarray(image), "pixel") if image.mode == "F" else ""
     except Exception:
         return Rejection(path, "quarantined", "image file could not be read (truncated or corrupt)")
-    return Study((path,), "image2d", "", None)
+    return Rejection(path, "quarantined", problem) if problem else Study((path,), "image2d", "", None)
 
 
 @functools.cache
@@ -319,37 +521,49 @@ def _load_dicom_image(path: Path) -> LoadedImage:
     pixels = dicom.frames(ds, display=modality not in dicom.QUANTITATIVE_MODALITIES)[0]
     orientation, positions, spacing = dicom.frame_geometry(ds, 1)
     affine = dicom.volume_affine(
-        orientation, positions[0] if positions else None, spacing, dicom.slice_spacing(ds)
+        orientation, positions[0] if positions else None, spacing, dicom.slice_spacing(ds) or 1.0
     )
     return LoadedImage(np.ascontiguousarray(pixels.T), affine, modality)
 
 
 @quiet_pydicom()
 def _load_multiframe(path: Path) -> LoadedImage:
-    """Load a multi-frame DICOM file as a (columns, rows, frames) volume in modality units."""
+    """Load a multi-frame DICOM file as a (columns, rows, frames) volume in modality units.
+
+    Frames are placed by their per-frame positions (a gantry-tilted stack is resampled, see
+    `dicom.correct_gantry_tilt`), else along the normal at the file's slice spacing; discovery
+    quarantines files with neither.
+    """
     ds = dicom.read_dataset(path)
     n = dicom.number_of_frames(ds)
     volume = dicom.frames(ds)
     orientation, positions, spacing = dicom.frame_geometry(ds, n)
     origin = positions[0] if positions else None
-    step: Sequence[float] | float = dicom.slice_spacing(ds)
+    step: Sequence[float] | float | None = dicom.slice_spacing(ds)
     if orientation is not None and positions is not None and len(positions) == n:
         stack = dicom.order_stack(orientation, positions)
         if isinstance(stack, str):
             raise ValueError("multi-frame positions no longer form a stack")
         volume = volume[list(stack.order)]
         origin, step = positions[stack.order[0]], stack.step
-    modality = dicom.modality_of(ds)
+    if step is None:
+        raise ValueError("multi-frame file has neither frame positions nor a slice spacing")
+    volume, step = dicom.correct_gantry_tilt(volume.transpose(2, 1, 0), orientation, spacing, step)
     return LoadedImage(
-        np.ascontiguousarray(volume.transpose(2, 1, 0)),
+        np.ascontiguousarray(volume),
         dicom.volume_affine(orientation, origin, spacing, step),
-        modality,
+        dicom.modality_of(ds),
     )
 
 
 @quiet_pydicom()
 def _load_series(paths: Sequence[Path]) -> LoadedImage:
-    """Load single-frame slices, already in slice order, as a (columns, rows, slices) volume."""
+    """Load single-frame slices, already in slice order, as a (columns, rows, slices) volume.
+
+    A gantry-tilted stack is resampled onto the orthogonal grid of its normal
+    (`dicom.correct_gantry_tilt`), so the affine has no shear and the third spacing is the
+    slice distance along the normal.
+    """
     slices, geometry, modality = [], [], ""
     for path in paths:
         ds = dicom.read_dataset(path)
@@ -363,7 +577,9 @@ def _load_series(paths: Sequence[Path]) -> LoadedImage:
     if orientation is None or first is None or last is None:
         raise ValueError("series slices lack position or orientation")
     step = (np.asarray(last[0]) - np.asarray(first[0])) / (len(paths) - 1)
-    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)
+    volume, step = dicom.correct_gantry_tilt(
+        np.stack(slices, axis=-1).transpose(1, 0, 2), orientation, spacing, step
+    )
     return LoadedImage(
         np.ascontiguousarray(volume), dicom.volume_affine(orientation, first[0], spacing, step), modality
     )

@@ -6,7 +6,6 @@ resolve), so both walk a root, derive row ids and name files in their outputs th
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -47,13 +46,9 @@ class _Disk:
 
 def _scan_disk(root: Path, exclude: set[str], progress: bool) -> _Disk:
     studies, rejections = discovery.discover(root, progress=progress)
-    files = []
-    for folder, _dirs, names in os.walk(root):
-        for file_name in names:
-            rel = (Path(folder) / file_name).relative_to(root).as_posix()
-            if rel not in exclude:
-                files.append(rel)
-    disk = _Disk(root, [], [], sorted(files))
+    # The same walk as discover's, so every entry it counts has a study or a rejection.
+    files = [path.relative_to(root).as_posix() for path in discovery.walk(root)]
+    disk = _Disk(root, [], [], [rel for rel in files if rel not in exclude])
     for study in studies:
         rels = [disk.rel(f) for f in study.files]
         if any(r in exclude for r in rels):
@@ -86,23 +81,25 @@ def _row_id(key: ProjectKey, study: Study, disk: _Disk) -> str:
 
 @dataclass
 class _Namer:
-    """Names files in outputs: the relative path, or its alias when a part identifies someone.
+    """Names files in outputs: the relative path, or its alias when a part may identify someone.
 
-    Every part is checked against every identifying value of the data set, the same values the
-    PHI scan looks for, so a path written in clear can never trip the scan.
+    A part is written in clear only when every token of it is generic (`looks_identifying`) and
+    it holds none of the data set's identifying values, the same needles the PHI scan looks for,
+    so a path written in clear can never trip the scan.
     """
 
     key: ProjectKey
     needles: Needles
+    allowed_words: tuple[str, ...] = ()  # more generic words: the words of the class names
     aliases: dict[str, str] = field(default_factory=dict)
-    flagged: set[str] = field(default_factory=set)  # parts flagged by their shape alone
+    flagged: set[str] = field(default_factory=set)  # parts that are not generic
     _parts: dict[str, bool] = field(default_factory=dict)
 
     def __call__(self, rel: str) -> str:
         hit = False
         for part in PurePosixPath(rel).parts:
             if part not in self._parts:
-                shaped = looks_identifying(part)
+                shaped = looks_identifying(part, self.allowed_words)
                 self._parts[part] = shaped or self.needles.found_in(part)
                 if shaped:
                     self.flagged.add(part)

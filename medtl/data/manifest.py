@@ -30,9 +30,11 @@ from tqdm import tqdm
 
 from medtl.data import discover as discovery
 from medtl.data.inventory import _Disk, _inside, _Namer, _row_id, _scan_disk, _series_identity
+from medtl.data.leakage import SplitGroups, check_given_splits, split_groups
 from medtl.data.output_guard import _held_messages, _write_checked
 from medtl.data.privacy import (
     UNKNOWN,
+    Needles,
     ProjectKey,
     age_band,
     identifying_needles,
@@ -45,6 +47,7 @@ from medtl.data.privacy import (
 )
 from medtl.data.splits import SPLITS, assign_splits, check_fractions, check_leakage, normalise_split
 from medtl.errors import ConfigError, InputError
+from medtl.vocabulary import generic_value, words_of
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ DEID_PROFILE = (
     "site/scanner coded; identifying paths aliased"
 )
 NO_LABEL_ROW = "no row in the labels CSV"
+TILT_NOTE = "gantry tilt"  # how discovery's notes on resampled gantry-tilted stacks begin
 
 
 @dataclass(frozen=True)
@@ -286,17 +290,27 @@ def build_manifest(
     with _held_messages() as (held_logs, held_warnings):
         disk = _scan_disk(root, outputs, progress)
         rows, fate, notes = _rows(key, disk, labels, labels_csv, progress)
-    namer = _Namer(key, identifying_needles(_all_values(disk, labels)))
+    allowed = _class_names(labels)
+    namer = _Namer(key, identifying_needles(_identifying_sources(disk, labels), allowed), _class_words(labels))
     records = [r for r in rows if "id" in r]
+    if not records:
+        raise InputError(
+            f"the data root must hold a study for at least one row of {labels_csv.name}, not none (of "
+            f"{len(labels)} rows, {len(disk.files)} files seen); check that the labels CSV paths are relative to "
+            f"the data root; nothing was written"
+        )
     for record in records:
         record["path"] = namer(record["path"])
         record["mask"] = namer(record["mask"]) if record["mask"] else ""
-    table = _table(records, extras, seed, fractions)
+    groups = split_groups(records)
+    table = _table(records, extras, seed, fractions, groups)
     check_leakage(table)
-    sidecar, messages = _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, namer,
-                                 seed, fractions, k_min, progress)
-    forbidden = _forbidden(disk, labels, namer, root)
-    _write_checked(out_csv, sidecar_json, table, sidecar, messages, held_logs, held_warnings, forbidden)
+    sidecar, messages = _sidecar(key, disk, labels, labels_csv, rows, fate, [*notes, *groups.warnings], table, extras,
+                                 namer, seed, fractions, k_min, progress)
+    sidecar["leakage"] = groups.counts
+    needles = _needles(disk, labels, namer, allowed)
+    _write_checked(out_csv, sidecar_json, table, sidecar, messages, held_logs, held_warnings, needles,
+                   [r["_row"] for r in records], ("label", *extras))
     save_aliases(key, namer.aliases)
     for message in messages:
         logger.warning(message)
@@ -305,7 +319,8 @@ def build_manifest(
         key_created=key.created, key_message=key_created_message(key), rows=len(table),
         patients=int(table["patient"].nunique()), counts=sidecar["counts"],
         split_rows={s: int((table["split"] == s).sum()) for s in SPLITS},
-        k_anonymity=sidecar["k_anonymity"]["k"], warnings=tuple(messages), forbidden=forbidden,
+        k_anonymity=sidecar["k_anonymity"]["k"], warnings=tuple(messages),
+        forbidden={**needles.labels, str(root): "the data folder path"},
     )
 
 
@@ -357,6 +372,10 @@ def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path
             fate[index] = ("quarantined", f"pixels could not be decoded ({type(err).__name__})")
             problems.setdefault(row.number, "its images could not be decoded")
             continue
+        if not np.isfinite(image.array).all():
+            fate[index] = ("quarantined", "non-finite pixel values (NaN or Inf)")
+            problems.setdefault(row.number, "its pixels hold NaN or Inf values")
+            continue
         mask = _load_mask(disk, masks.get(row.number), mask_cache, image.array.shape)
         if isinstance(mask, str):
             problems.setdefault(row.number, mask)
@@ -386,7 +405,17 @@ def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path
     if per_file:
         notes.append(f"{per_file} rows had no patient_id and no DICOM PatientID: each file was treated as its own "
                      f"patient; add a patient_id column to the labels CSV if some share a patient")
+    tilted = _tilt_corrected(disk, fate)
+    if tilted:
+        notes.append(f"{tilted} series had gantry tilt and were resampled onto an orthogonal grid (spacing = slice "
+                     f"distance along the normal); see 'gantry_tilt_corrected' in the sidecar counts")
     return rows, fate, notes
+
+
+def _tilt_corrected(disk: _Disk, fate: dict[int, tuple[str, str]]) -> int:
+    """How many used studies discovery resampled to remove gantry tilt (from their notes)."""
+    return sum(1 for i, (state, _) in fate.items()
+               if state == "used" and any(n.startswith(TILT_NOTE) for n in disk.studies[i].notes))
 
 
 def _load_mask(disk: _Disk, index: int | None, cache: dict, shape: tuple[int, ...]):
@@ -410,9 +439,10 @@ def _record(key: ProjectKey, disk: _Disk, row: LabelRow, index: int, image, mask
     """One manifest row (plus `_`-prefixed working fields) for a study of a label row."""
     study, h = disk.studies[index], disk.studies[index].header
     identity = _series_identity(study, disk)
+    dicom_patient = h.patient_id if h is not None and not placeholder_id(h.patient_id) else ""
     patient, source = row.patient_id, "labels_csv"
-    if not patient and h is not None and h.patient_id:
-        patient, source = h.patient_id, "dicom_header"
+    if not patient and dicom_patient:
+        patient, source = dicom_patient, "dicom_header"
     if not patient:
         patient, source = "file:" + disk.rel(study.files[0]), "one_per_file"
     if row.age:
@@ -435,6 +465,7 @@ def _record(key: ProjectKey, disk: _Disk, row: LabelRow, index: int, image, mask
         "sex": normalise_sex(row.sex or (h.sex if h else "")), "age_band": band,
         "site": site_code(key, row.site or (h.institution if h else "")), "scanner": scanner,
         "_row": row.number, "_extras": row.extras, "_split": row.split, "_patient_source": source,
+        "_dicom_patient": dicom_patient, "_labels_patient": row.patient_id,
         "_year": _study_year(h.study_date if h is not None else ""),
     }
 
@@ -447,24 +478,70 @@ def _study_year(study_date: str) -> int | None:
     return None
 
 
-def _table(records: list[dict], extras: list[str], seed: int, fractions) -> pd.DataFrame:
+def placeholder_id(patient_id: str) -> bool:
+    """True for a DICOM PatientID that names nobody ("ANONYMOUS", "0", "00000"): treated as absent.
+
+    De-identified public collections often give every file the same placeholder; used as an
+    identity it would make one patient (and one split) of the whole data set.
+    """
+    text = (patient_id or "").strip()
+    return not text.strip("0-_. ") or len(text) < 2 or generic_value(text)
+
+
+def _table(records: list[dict], extras: list[str], seed: int, fractions, groups: SplitGroups) -> pd.DataFrame:
     table = pd.DataFrame(
         [{**{c: r[c] for c in MANIFEST_COLUMNS}, **dict(zip(extras, r["_extras"], strict=True))} for r in records],
         columns=[*MANIFEST_COLUMNS, *extras], dtype=object,
     )
     for column in extras:
         table[column] = [v or UNKNOWN for v in table[column]]
-    given = [r["_split"] for r in records]
+    check_given_splits(records, groups)
+    # A given split holds for the whole split group: a row without one joins its group's split.
+    given_by_group = {g: r["_split"] for g, r in zip(groups.group, records, strict=True) if r["_split"]}
+    given = [given_by_group.get(g, "") for g in groups.group]
     table["split"] = assign_splits(
-        list(table["patient"]), [str(v) for v in table["label"]], seed=seed, fractions=fractions,
+        groups.group, [str(v) for v in table["label"]], seed=seed, fractions=fractions,
         given=given if any(given) else None,
     )
     return table
 
 
-def _all_values(disk: _Disk, labels: list[LabelRow]) -> list[str]:
-    values = [v for s in disk.studies if s.header is not None for v in s.header.identifying_values]
-    return values + [row.patient_id for row in labels if row.patient_id]
+def _class_names(labels: list[LabelRow]) -> tuple[str, ...]:
+    """The class names: the outputs hold them by design, so a header value equal to one is no needle.
+
+    Extra subgroup values get no such pass: a ward or group name that equals an identifying
+    header value is refused, naming the row and column.
+    """
+    return tuple(sorted({row.label for row in labels if row.label}))
+
+
+def _class_words(labels: list[LabelRow]) -> tuple[str, ...]:
+    """Words of the class names: generic in path components (a "pneumonia/" folder stays readable)."""
+    return tuple(sorted({w for row in labels for w in words_of(row.label) if not w.isdigit()}))
+
+
+def _identifying_sources(disk: _Disk, labels: list[LabelRow], name=None) -> list[tuple[str, str]]:
+    """(value, source) of every identifying value: DICOM headers and labels-CSV patient_id values.
+
+    `name` turns a relative path into the name outputs use for it; without it the sources are
+    blank (aliasing needs no labels, and the names need the aliasing).
+    """
+    sources = []
+    for study in disk.studies:
+        if study.header is not None:
+            where = f" of file {name(disk.rel(study.files[0]))}" if name else ""
+            sources.extend((value, f"the DICOM {keyword}{where}" if name else "")
+                           for value, keyword in study.header.identifying_values)
+    sources.extend((row.patient_id, f"the patient_id of labels CSV row {row.number}" if name else "")
+                   for row in labels if row.patient_id)
+    return sources
+
+
+def _needles(disk: _Disk, labels: list[LabelRow], namer: _Namer, allowed: tuple[str, ...]) -> Needles:
+    """Every identifying value the outputs must not hold, each labelled with its file or row."""
+    sources = _identifying_sources(disk, labels, namer)
+    sources.extend((component, "an identifying file or folder name") for component in sorted(namer.flagged))
+    return identifying_needles(sources, allowed)
 
 
 def _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, namer, seed, fractions, k_min,
@@ -480,7 +557,10 @@ def _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, na
     not_used, unlabeled, unaccounted, inventory = [], [], [], []
     for rel in tqdm(disk.files, desc="hashing files", unit="file", disable=not progress):
         name = namer(rel)
-        inventory.append({"token": key.pseudonym("path", rel), "file": name, "sha256": file_sha256(disk.root / rel)})
+        # FIFOs, sockets, broken links and links out of the root are listed, never opened.
+        readable = discovery.regular_file(disk.root / rel, disk.root)
+        inventory.append({"token": key.pseudonym("path", rel), "file": name,
+                          "sha256": file_sha256(disk.root / rel) if readable else ""})
         if rel not in status:
             unaccounted.append(name)
             continue
@@ -518,7 +598,8 @@ def _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, na
         "files_seen": len(disk.files), "used": counts["used"], "quarantined": counts["quarantined"],
         "skipped": counts["skipped"], "unaccounted": len(unaccounted), "unlabeled_files": len(unlabeled),
         "label_rows": len(labels), "label_rows_not_used": len(unused_rows), "unlabelled_rows": unlabelled_rows,
-        "manifest_rows": len(table),
+        "manifest_rows": len(table), "aliased_paths": len(namer.aliases),
+        "gantry_tilt_corrected": _tilt_corrected(disk, fate),
         "patients": int(table["patient"].nunique()),
     }
     # The books must balance: every file is used, quarantined, skipped or reported unaccounted.
@@ -561,21 +642,3 @@ def _k_anonymity(table: pd.DataFrame, k_min: int) -> dict:
         "equivalence_classes": len(classes), "classes_below_k_min": int((classes < k_min).sum()),
         "ok": k is not None and k >= k_min,
     }
-
-
-def _forbidden(disk: _Disk, labels: list[LabelRow], namer: _Namer, root: Path) -> dict[str, str]:
-    forbidden: dict[str, str] = {}
-    for component in namer.flagged:
-        forbidden[component] = "identifying path component"
-    for row in labels:
-        if row.patient_id:
-            forbidden[row.patient_id] = "labels-CSV patient_id value"
-    for study in disk.studies:
-        h = study.header
-        if h is not None:
-            for value in (*h.identifying_values, h.patient_id, h.study_uid, h.series_uid, h.birth_date,
-                          h.study_date, h.institution):
-                if value:
-                    forbidden[value] = "DICOM header value"
-    forbidden[str(root)] = "data folder path"
-    return forbidden

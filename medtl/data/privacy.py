@@ -15,21 +15,33 @@ Example:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
+import contextlib
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
+import logging
+import math
 import os
 import re
 import secrets
+import stat
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from medtl.errors import ConfigError, InputError
+from medtl.vocabulary import generic_component, generic_value
+
+logger = logging.getLogger(__name__)
 
 KEY_BYTES = 32
+_MIN_KEY_BITS = 128
 KEY_ENV = "MEDTL_KEY_FILE"
 CONFIG_ENV = "MEDTL_CONFIG_DIR"
 ALIAS_PREFIX = "alias:"
@@ -159,19 +171,61 @@ def _create_key_file(path: Path) -> bool:
 
 
 def _key_from_file(path: Path, *, created: bool) -> ProjectKey:
-    raw = path.read_bytes()
-    text = raw.strip()
-    if re.fullmatch(rb"[0-9a-fA-F]{64,}", text):
-        secret = bytes.fromhex(text.decode())
-    else:
-        secret = raw
-    if len(secret) < KEY_BYTES:
+    _check_key_mode(path)
+    secret = _key_secret(path.read_bytes())
+    problem = _weak_key(secret)
+    if problem:
         raise ConfigError(
-            f"key file {path} must hold at least {KEY_BYTES} bytes, not {len(secret)}; "
-            f"point to the right key or remove the setting to create a new one"
+            f"key file {path} must hold at least {KEY_BYTES} random bytes, not {problem}; create a key with "
+            f"`head -c 32 /dev/urandom | base64 > FILE` (or remove the setting to create one) and chmod 600 it"
         )
     key_id = hmac.new(secret, b"medtl/key-id", hashlib.sha256).hexdigest()[:16]
     return ProjectKey(path=path, key_id=key_id, created=created, secret=secret)
+
+
+def _key_secret(raw: bytes) -> bytes:
+    """The key material of a key file's bytes.
+
+    A text key (hex, base64, a passphrase) is stripped of surrounding whitespace, so an editor's
+    trailing newline never changes the key id (and with it every pseudonym). A hex key of 64+
+    digits is decoded, as medtl has always created them; other keys are used as they are.
+    """
+    text = raw.strip()
+    if re.fullmatch(rb"[0-9a-fA-F]{64,}", text) and len(text) % 2 == 0:
+        return bytes.fromhex(text.decode())
+    return text
+
+
+def _weak_key(secret: bytes) -> str:
+    """Why a key is too weak to keep pseudonyms secret ("" when it is fine)."""
+    if len(secret) < KEY_BYTES:
+        return f"{len(secret)} bytes (after stripping whitespace)"
+    material = secret
+    if re.fullmatch(rb"[A-Za-z0-9+/=_-]+", secret):
+        with contextlib.suppress(ValueError, binascii.Error):
+            material = base64.b64decode(secret + b"=" * (-len(secret) % 4), altchars=b"-_" if b"-" in secret else None)
+    # Empirical entropy of the bytes times their number: 32 random bytes give ~155 bits, 32 x "a" or
+    # "abab..." give 0 or 32. 128 bits is the strength HMAC-SHA-256 keys are meant to carry.
+    counts = Counter(material)
+    entropy = -sum(n / len(material) * math.log2(n / len(material)) for n in counts.values()) * len(material)
+    if entropy < _MIN_KEY_BITS:
+        return f"a low-entropy value (about {max(entropy, 0.0):.0f} bits, fewer than {_MIN_KEY_BITS}: a repeated or placeholder text)"
+    return ""
+
+
+def _check_key_mode(path: Path) -> None:
+    """Refuse a key other users may write; warn when they may read it (POSIX only)."""
+    if os.name != "posix":
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o022:
+        raise ConfigError(
+            f"key file {path} must be writable by its owner only, not mode {mode:04o} (another user could "
+            f"replace it and with it every pseudonym); run `chmod 600 {path}`"
+        )
+    if mode & 0o044:
+        logger.warning("key file %s is readable by other users (mode %04o): anyone who can read it can test "
+                       "guessed identifiers against the pseudonyms; run `chmod 600` on it", path, mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,28 +346,47 @@ def _parse_da(value: str | None) -> dt.date | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Path aliasing
+# Path aliasing and identifying needles
 
 _MIN_NEEDLE = 3  # shorter values ("M", "1", "CT") would alias or flag nearly everything
+_MIN_DIGITS = 4  # digits-only values shorter than this ("12") are counters, not identifiers
 # Decimal numbers ("1.25" in a private tag) identify nobody but collide with spacings.
 _DECIMAL = re.compile(r"[+-]?\d*\.\d+")
-_NAME_SPLIT = re.compile(r"[\^\s,]+")
 _LONG_DIGITS = re.compile(r"\d{6,}")
-_DATE_LIKE = re.compile(
-    r"(?<!\d)(?:(?:19|20)\d\d[-_.](?:0[1-9]|1[0-2])[-_.](?:0[1-9]|[12]\d|3[01])"
-    r"|(?:0[1-9]|[12]\d|3[01])[-_.](?:0[1-9]|1[0-2])[-_.](?:19|20)\d\d)(?!\d)"
-)
-# LAST_FIRST, Last^First, "Last, First": two or three capitalised words and nothing else.
-_NAME_LIKE = re.compile(r"[A-Z][A-Za-z'\-]+(?:[_ ,^]+[A-Z][A-Za-z'\-]+){1,2}")
+# A person-name-shaped token inside any text: words joined by "^" (DICOM PN), e.g. "DOE^JANE".
+_CARETED = re.compile(r"[^\s^=]+(?:[\^=][^\s^=]*)+")
 
 
 @dataclass(frozen=True)
 class Needles:
-    """Case-folded identifying strings, indexed so that checking a path part costs one lookup per
-    character however many values a data set holds (a scan per value would not scale)."""
+    """Case-folded identifying strings, each with a label naming its source (never the value).
 
-    values: frozenset[str]
+    Indexed so that checking a path part costs one lookup per character however many values a
+    data set holds (a scan per value would not scale).
+    """
+
+    labels: Mapping[str, str]
     by_prefix: Mapping[str, tuple[str, ...]] = field(repr=False)
+
+    @property
+    def values(self) -> frozenset[str]:
+        """The needles themselves (for scans of later outputs; never written)."""
+        return frozenset(self.labels)
+
+    @functools.cached_property
+    def scan_index(self) -> tuple[dict[str, str], dict[str, list[str]], list[str]]:
+        """The needles `scan_for_phi` searches, indexed by their first three characters.
+
+        A scan then tries needles only where a word starts: one dict lookup per word, not one pass
+        over the text per identifying value. Digits-only needles under 5 digits are left out: they
+        collide with shapes and counts ("1024x1024").
+        """
+        patterns = {n: label for n, label in self.labels.items() if not (n.isdigit() and len(n) < 5)}
+        by_prefix: dict[str, list[str]] = {}
+        odd: list[str] = []
+        for needle in patterns:
+            (by_prefix.setdefault(needle[:3], []) if needle[0].isalnum() else odd).append(needle)
+        return patterns, by_prefix, odd
 
     def found_in(self, text: str) -> bool:
         """True if any needle occurs in `text` (case-insensitive substring)."""
@@ -325,42 +398,71 @@ class Needles:
         return False
 
 
-def identifying_needles(values: Iterable[str]) -> Needles:
-    """The strings whose presence in a path component makes it identifying.
+def identifying_needles(
+    values: Iterable[str] | Iterable[tuple[str, str]] | Mapping[str, str], allowed: Iterable[str] = ()
+) -> Needles:
+    """The strings whose presence in an output or a path component identifies someone.
 
-    Each value counts whole, person names ("DOE^JANE") also by component, IDs that mix letters
-    and digits also by their run of 6+ digits ("MRN0012345" -> "0012345"), and DICOM dates also
-    as YYYY-MM-DD. Values under 3 characters (digits-only under 4) and decimals are ignored.
+    Each value counts whole; person names (any "^"-joined token, e.g. "DOE^JANE" inside a
+    description) also by component and as "given family"/"family given"; IDs that mix letters
+    and digits also by their run of 6+ digits ("MRN0012345" -> "0012345"); DICOM dates also as
+    YYYY-MM-DD, YYYY/MM/DD and YYYY.MM.DD. Left out: values and parts that are generic
+    (`medtl.vocabulary.generic_value`: placeholders, medtl's own words, single common words, and
+    the `allowed` values), parts under 3 characters, digits-only values under 4 digits, decimals.
+
+    Args:
+        values: Identifying values, or (value, source) pairs / a value -> source mapping, where
+            source says where the value came from ("PatientName of file alias:3fa2..."), never
+            the value itself.
+        allowed: Whole values the outputs hold by design (class names, extra subgroup values).
+
+    Returns:
+        The needles with their labels ("<source> (<form>)").
     """
-    found: set[str] = set()
-    for value in values:
-        found.update(needle for needle, _kind in _needles_of(value, min_digits=4))
+    pairs = values.items() if isinstance(values, Mapping) else values
+    allowed = tuple(allowed)
+    labels: dict[str, str] = {}
+    for item in pairs:
+        value, source = (item, "") if isinstance(item, str) else item
+        for needle, form in needles_of(value, allowed=allowed):
+            labels.setdefault(needle, f"{source} ({form})" if source else form)
     by_prefix: dict[str, list[str]] = {}
-    for needle in found:
+    for needle in labels:
         by_prefix.setdefault(needle[:_MIN_NEEDLE], []).append(needle)
-    return Needles(frozenset(found), {k: tuple(v) for k, v in by_prefix.items()})
+    return Needles(labels, {k: tuple(v) for k, v in by_prefix.items()})
 
 
-def _needles_of(value: str, *, min_digits: int) -> list[tuple[str, str]]:
+def needles_of(value: str, *, allowed: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """The (needle, form) pairs of one identifying value; see `identifying_needles`."""
     text = " ".join(str(value).split()).casefold()
-    if not text or _DECIMAL.fullmatch(text):
+    allowed = tuple(allowed)
+    if not text or _DECIMAL.fullmatch(text) or generic_value(text, allowed):
         return []
     out: list[tuple[str, str]] = []
-    is_digits = text.isdigit()
-    if len(text) >= (min_digits if is_digits else _MIN_NEEDLE):
+    if len(text) >= (_MIN_DIGITS if text.isdigit() else _MIN_NEEDLE):
         out.append((text, _kind_of(text)))
-    if "^" in text:
-        parts = [p for p in _NAME_SPLIT.split(text) if len(p) >= _MIN_NEEDLE]
-        out.extend((p, "person-name component") for p in parts)
-        if len(parts) >= 2:
-            out.append((" ".join(parts), "person name"))
-    elif re.search(r"[a-z]", text) and "." not in text:
+    for name in _CARETED.findall(text):
+        out.extend(_name_needles(name, allowed))
+    if re.search(r"[^\W\d_]", text) and "." not in text:
         # Not for UIDs: their digit runs (org roots) are shared by unrelated files.
         out.extend((run, "digits of an identifier") for run in _LONG_DIGITS.findall(text))
     date = _parse_da(text) if re.fullmatch(r"\d{8}(\d{6}(\.\d+)?)?([+-]\d{4})?", text) else None
     if date is not None:
-        for form in (f"{date:%Y-%m-%d}", f"{date:%Y/%m/%d}", f"{date:%Y.%m.%d}", f"{date:%Y%m%d}"):
-            out.append((form, "date"))
+        out.extend((form, "date") for form in (f"{date:%Y-%m-%d}", f"{date:%Y/%m/%d}", f"{date:%Y.%m.%d}",
+                                               f"{date:%Y%m%d}"))
+    return list(dict.fromkeys(out))
+
+
+def _name_needles(name: str, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+    """A "^"-joined name's needles: itself, its components, and given-family orders."""
+    parts = [p for p in re.split(r"[\^=]", name) if p]
+    if generic_value(" ".join(parts), allowed):
+        return []  # "ANONYMOUS^PATIENT", "NAME^PATIENT^NAME": placeholders, not a person
+    out = [(name, "person name")] if len(name) >= _MIN_NEEDLE else []
+    out.extend((p, "person-name component") for p in parts if len(p) >= _MIN_NEEDLE and not generic_value(p, allowed))
+    if len(parts) >= 2:
+        family, given = parts[0], parts[1]
+        out.extend((form, "person name") for form in (f"{given} {family}", f"{family} {given}", " ".join(parts)))
     return out
 
 
@@ -376,42 +478,43 @@ def _kind_of(text: str) -> str:
     return "identifying text value"
 
 
-def looks_identifying(component: str) -> bool:
-    """True for a path component shaped like a name, an ID or a date, whatever the study holds.
+def looks_identifying(component: str, allowed_words: Iterable[str] = ()) -> bool:
+    """True for a path component medtl cannot vouch for: not every token of it is generic.
 
-    Flags LAST_FIRST / Last^First names, any "^", runs of 6+ digits, and YYYY-MM-DD-like dates.
+    See `medtl.vocabulary.generic_component`: split/class names, imaging and file words, short
+    numbers and hex/UUID tokens are generic; names, long numbers, dates and e-mail addresses
+    are not.
 
     Example:
         >>> looks_identifying("SMITH_JOHN"), looks_identifying("image_01.png")
         (True, False)
     """
-    stem = component.split(".", 1)[0]
-    return bool(
-        "^" in component
-        or _LONG_DIGITS.search(component)
-        or _DATE_LIKE.search(component)
-        or _NAME_LIKE.fullmatch(stem)
-    )
+    return not generic_component(component, allowed_words)
 
 
-def identifying_components(relative: str | PurePosixPath, needles: Needles) -> list[str]:
-    """Components of a relative path that contain a needle or look like a name, ID or date."""
-    return [c for c in PurePosixPath(relative).parts if looks_identifying(c) or needles.found_in(c)]
+def identifying_components(relative: str | PurePosixPath, needles: Needles,
+                           allowed_words: Iterable[str] = ()) -> list[str]:
+    """Components of a relative path that hold a needle or are not generic."""
+    allowed_words = tuple(allowed_words)
+    return [c for c in PurePosixPath(relative).parts
+            if looks_identifying(c, allowed_words) or needles.found_in(c)]
 
 
-def safe_path(key: ProjectKey, relative: str | PurePosixPath, needles: Needles) -> str:
-    """The relative path as written to outputs: unchanged, or "alias:<hex>" if any part identifies.
+def safe_path(key: ProjectKey, relative: str | PurePosixPath, needles: Needles,
+              allowed_words: Iterable[str] = ()) -> str:
+    """The relative path as written to outputs: unchanged, or "alias:<hex>" if any part may identify.
 
     Args:
         key: The project key (aliases are keyed pseudonyms of the relative path).
         relative: A path relative to the data root, with "/" separators.
         needles: From `identifying_needles` over the identifying values of the data set.
+        allowed_words: More generic words (the words of the class names).
 
     Returns:
         The POSIX relative path, or its alias.
     """
     rel = PurePosixPath(relative).as_posix()
-    if identifying_components(rel, needles):
+    if identifying_components(rel, needles, allowed_words):
         return path_alias(key, rel)
     return rel
 
@@ -489,38 +592,32 @@ _WORD_START = re.compile(r"(?<![^\W\d_])[^\W\d_]|(?<!\d)\d")
 
 def scan_for_phi(
     texts_or_files: Mapping[str, str] | Iterable[str | os.PathLike[str]],
-    forbidden: Mapping[str, str] | Iterable[str],
+    forbidden: Needles | Mapping[str, str] | Iterable[str],
+    allowed: Iterable[str] = (),
 ) -> list[str]:
-    """Find identifying values in outputs; findings name the output and the kind, never the value.
+    """Find identifying values in outputs; findings name the output and the source, never the value.
 
     Matching is case-insensitive on whole words: a value must not continue into letters (for a
     value ending in a letter) or digits (ending in a digit), so "Ned" does not hit "quarantined".
-    Person names also match by component, DICOM dates (YYYYMMDD) also as YYYY-MM-DD, YYYY/MM/DD
-    and YYYY.MM.DD. Short values (under 3 characters, digits-only under 5) and decimal numbers are not
-    searched alone.
-    Matches of short values inside long hex tokens (hashes, pseudonyms) are chance and ignored.
+    Needles are built by `identifying_needles` (person names also by component, DICOM dates also
+    as YYYY-MM-DD, ...; generic values such as placeholders, medtl's own words and the `allowed`
+    class names are never needles). Digits-only needles under 5 digits are not searched: they
+    collide with shapes and counts ("1024x1024"). Matches of short values inside long hex
+    tokens (hashes, pseudonyms) are chance and ignored.
 
     Args:
         texts_or_files: A mapping output name -> text, or an iterable of files (`Path`) and
             texts (`str`, named "text 1", "text 2", ...).
-        forbidden: Identifying values, or a mapping value -> kind of value ("DICOM header value").
+        forbidden: `Needles`, or identifying values (a mapping value -> source, e.g. "DICOM
+            PatientName of file alias:..."), from which needles are built.
+        allowed: Whole values the outputs hold by design (class names), when `forbidden` are values.
 
     Returns:
-        One line per (output, kind, form) found, e.g. "manifest.csv: a DICOM header value (date)".
+        One line per (output, needle label) found, e.g. "manifest.csv: contains the PatientName
+        of file a/b.dcm (person name)".
     """
-    kinds = dict(forbidden) if isinstance(forbidden, Mapping) else dict.fromkeys(forbidden, "")
-    patterns: dict[str, set[str]] = {}
-    for value, source in kinds.items():
-        # Digits-only values under 5 digits collide with shapes and counts ("1024x1024").
-        for needle, form in _needles_of(value, min_digits=5):
-            label = f"{source} ({form})" if source else form
-            patterns.setdefault(needle, set()).add(label)
-    # Index needles by their first three characters and try them only where a word starts, so
-    # a scan costs one dict lookup per word, not one pass over the text per identifying value.
-    by_prefix: dict[str, list[str]] = {}
-    odd: list[str] = []
-    for needle in patterns:
-        (by_prefix.setdefault(needle[:3], []) if needle[0].isalnum() else odd).append(needle)
+    needles = forbidden if isinstance(forbidden, Needles) else identifying_needles(forbidden, allowed)
+    patterns, by_prefix, odd = needles.scan_index
     findings: list[str] = []
     for name, text in _iter_outputs(texts_or_files):
         folded = text.casefold()
@@ -531,16 +628,20 @@ def scan_for_phi(
             at = match.start()
             for needle in by_prefix.get(folded[at : at + 3], ()):
                 if folded.startswith(needle, at) and _counts(folded, at, needle, hex_spans, hex_starts):
-                    hits.update(patterns[needle])
+                    hits.add(patterns[needle])
         for needle in odd:
             at = folded.find(needle)
             while at >= 0:
                 if _counts(folded, at, needle, hex_spans, hex_starts):
-                    hits.update(patterns[needle])
+                    hits.add(patterns[needle])
                     break
                 at = folded.find(needle, at + 1)
-        findings.extend(f"{name}: contains a {label}" for label in sorted(hits))
+        findings.extend(f"{name}: contains {_article(label)}" for label in sorted(hits))
     return findings
+
+
+def _article(label: str) -> str:
+    return label if label.startswith(("the ", "a ", "an ")) else f"a {label}"
 
 
 def _iter_outputs(texts_or_files) -> Iterable[tuple[str, str]]:

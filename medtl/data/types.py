@@ -61,14 +61,18 @@ class HeaderFacts:
 class Study:
     """One unit of learning found on disk: a DICOM series, a radiograph, a NIfTI or a 2D export.
 
-    `files` are absolute paths; for a DICOM series they are already in slice order (by
-    position along the slice normal). `header` is None for non-DICOM inputs.
+    `files` are absolute paths (symbolic links kept, not resolved); for a DICOM series they are
+    already in slice order (by position along the slice normal). `header` is None for non-DICOM
+    inputs. `notes` are fixed one-line sentences, free of paths and header values, about what
+    loading changes (e.g. "gantry tilt 18.5° corrected by resampling"), for the manifest layer to
+    warn about and count.
     """
 
     files: tuple[Path, ...]
     kind: StudyKind
     modality: str
     header: HeaderFacts | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass

@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 from medtl.data import discover as discovery
 from medtl.data.inventory import _Disk, _inside, _Namer, _row_id, _scan_disk, _series_identity
-from medtl.data.manifest import _all_values, file_sha256, pixel_sha256
+from medtl.data.manifest import _identifying_sources, file_sha256, pixel_sha256
 from medtl.data.privacy import ALIAS_PREFIX, identifying_needles, load_key, resolve_alias
 from medtl.data.types import Study
 from medtl.errors import ConfigError, InputError
+from medtl.vocabulary import words_of
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,11 @@ def verify_manifest(manifest_csv: Path, root: Path, *, key_file: Path | None = N
     modified = file_sha256(manifest_csv) != sidecar.get("manifest_sha256")
     outputs = {_inside(root, p) for p in (manifest_csv, sidecar_json)} - {None}
     disk = _scan_disk(root, outputs, progress=False)
-    namer = _Namer(key, identifying_needles(_all_values(disk, [])))
+    namer = _Namer(key, identifying_needles(_identifying_sources(disk, [])), _class_words_of(sidecar))
     before = {e["token"]: e for e in sidecar.get("inventory", [])}
     now = {key.pseudonym("path", rel): rel for rel in disk.files}
     changed = [before[t]["file"] for t, rel in now.items()
-               if t in before and file_sha256(root / rel) != before[t]["sha256"]]
+               if t in before and _entry_sha256(root, rel) != before[t]["sha256"]]
     missing = [e["file"] for t, e in before.items() if t not in now]
     new = [namer(rel) for t, rel in now.items() if t not in before]
     by_id = {_row_id(key, s, disk): i for i, s in enumerate(disk.studies)}
@@ -109,6 +110,16 @@ def verify_manifest(manifest_csv: Path, root: Path, *, key_file: Path | None = N
     ok = not (modified or changed or missing or new or rows_changed or rows_missing)
     return VerifyResult(ok, len(disk.files), len(table), modified, tuple(sorted(changed)), tuple(sorted(missing)),
                         tuple(sorted(new)), tuple(rows_changed), tuple(rows_missing))
+
+
+def _entry_sha256(root: Path, rel: str) -> str:
+    """A file's SHA-256, "" for entries that are listed but never read (FIFOs, broken links)."""
+    return file_sha256(root / rel) if discovery.regular_file(root / rel, root) else ""
+
+
+def _class_words_of(sidecar: Mapping) -> tuple[str, ...]:
+    """The words of the manifest's class names, generic in file names as in the build."""
+    return tuple(sorted({w for c in sidecar.get("classes", []) for w in words_of(str(c)) if not w.isdigit()}))
 
 
 def _study_at(disk: _Disk, rel: str) -> Study | None:

@@ -10,14 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    UltrasoundMultiFrameImageStorage,
     generate_uid,
 )
 
@@ -110,11 +115,13 @@ def write_series(
     names: Sequence[str] | None = None,
     instance_numbers: Sequence[int] | None = None,
     modality: str = "CT",
+    positions: Sequence[Sequence[float]] | None = None,
 ) -> list[Path]:
     """Write `volume` (slices, rows, columns) as one file per slice, slice k at origin + k * step.
 
-    `step` defaults to the slice normal times `slice_gap`. `names[k]` and `instance_numbers[k]`
-    (defaults: "k.dcm", k + 1) let tests scramble both.
+    `step` defaults to the slice normal times `slice_gap`; `positions[k]`, when given, places
+    slice k instead (uneven spacing). `names[k]` and `instance_numbers[k]` (defaults: "k.dcm",
+    k + 1) let tests scramble both.
     """
     orientation = np.asarray(orientation, dtype=float)
     if step is None:
@@ -124,6 +131,8 @@ def write_series(
     paths = []
     for k, pixels in enumerate(volume):
         position = np.asarray(origin, dtype=float) + k * np.asarray(step, dtype=float)
+        if positions is not None:
+            position = np.asarray(positions[k], dtype=float)
         name = names[k] if names is not None else f"{k}.dcm"
         number = instance_numbers[k] if instance_numbers is not None else k + 1
         paths.append(
@@ -243,6 +252,66 @@ def write_structured_report(path: Path) -> Path:
     )
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     ds.ContentDate = STUDY_DATE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_cine(path: Path, n_frames: int = 120, *, time_vector: bool = False) -> Path:
+    """An ultrasound cine loop: `n_frames` 8-bit frames that are time points, not positions.
+
+    Frame timing as scanners write it: FrameIncrementPointer -> FrameTime (33.3 ms, CineRate 30),
+    or -> FrameTimeVector with `time_vector`. No ImagePositionPatient, no slice spacing.
+    """
+    ds = base_dataset(
+        sop_class=UltrasoundMultiFrameImageStorage,
+        series_uid=uid(f"us-series/{path}"),
+        study_uid=uid("study/us"),
+        modality="US",
+        instance=uid(f"us/{path}"),
+    )
+    frames = (np.arange(n_frames)[:, None, None] + np.zeros((1, 12, 16))).astype(np.uint8)
+    ds.set_pixel_data(frames, "MONOCHROME2", 8)
+    ds.CineRate = 30
+    if time_vector:
+        ds.FrameIncrementPointer = Tag("FrameTimeVector")
+        ds.FrameTimeVector = [0.0] + [33.3] * (n_frames - 1)
+    else:
+        ds.FrameIncrementPointer = Tag("FrameTime")
+        ds.FrameTime = 33.3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_multiframe_without_geometry(path: Path, n_frames: int = 5) -> Path:
+    """A multi-frame secondary capture: no positions, no orientation, no slice spacing, no timing."""
+    ds = base_dataset(
+        sop_class=MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        series_uid=uid(f"sc-series/{path}"),
+        study_uid=uid("study/sc"),
+        modality="OT",
+        instance=uid(f"sc/{path}"),
+    )
+    frames = (np.arange(n_frames)[:, None, None] * 10 + np.zeros((1, 6, 7))).astype(np.uint8)
+    ds.set_pixel_data(frames, "MONOCHROME2", 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_reencoded(source: Path, path: Path, transfer_syntax: str, **encoding: object) -> Path:
+    """Save `source` again under `path` in another transfer syntax (same SOPInstanceUID).
+
+    Encapsulated syntaxes go through pydicom's encoders (`Dataset.compress`: RLE always, JPEG 2000
+    with pylibjpeg-openjpeg, JPEG-LS with pyjpegls); deflated explicit VR little endian is written
+    by `save_as` itself.
+    """
+    ds = pydicom.dcmread(source)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    else:
+        ds.compress(transfer_syntax, generate_instance_uid=False, **encoding)  # a copy, not a new instance
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -1,19 +1,13 @@
-"""Tests of medtl.data.dicom (sniffing, geometry, intensities) and medtl.data.deid (PHI values)."""
+"""Tests of medtl.data.dicom: sniffing, geometry, intensities (deid values: tests/data/test_deid.py)."""
 
 from __future__ import annotations
-
-import logging
-import warnings
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import RLELossless
 
 from medtl.data import dicom
-from medtl.data.deid import IDENTIFYING_KEYWORDS, MIN_VALUE_LENGTH, identifying_values
 from medtl.data.discover import load_study
 from medtl.data.types import Study
 from tests.data import dicom_factory as factory
@@ -67,7 +61,28 @@ def test_order_stack_accepts_gantry_tilt_with_uniform_spacing():
 def test_order_stack_reports_gap_range_for_missing_slice():
     positions = [(0, 0, z) for z in (0.0, 1.0, 2.0, 5.0, 6.0)]
     reason = dicom.order_stack(factory.AXIAL, positions)
-    assert reason == "slice gaps 1.00-3.00 mm along the normal: missing slices?"
+    assert reason == "missing slices: 1 gap of 3 times the usual 1.00 mm step along the normal"
+
+
+def test_order_stack_tells_uneven_spacing_from_missing_slices():
+    uneven = dicom.order_stack(factory.AXIAL, [(0, 0, z) for z in (0.0, 1.0, 2.0, 4.5, 7.0, 12.0)])
+    assert uneven.startswith("uneven slice spacing: 3 distinct steps of 1.00-5.00 mm along the normal")
+    missing = dicom.order_stack(factory.AXIAL, [(0, 0, z) for z in (0.0, 2.0, 4.0, 8.0, 10.0, 16.0, 18.0)])
+    assert missing == "missing slices: 2 gaps of 2-3 times the usual 2.00 mm step along the normal"
+
+
+def test_order_stack_reports_the_tilt_angle_of_a_tilted_stack():
+    tilt = np.deg2rad(12.0)
+    orientation = (1.0, 0.0, 0.0, 0.0, np.cos(tilt), np.sin(tilt))
+    stack = dicom.order_stack(orientation, [(0.0, 0.0, 2.0 * k) for k in range(4)])
+    assert stack.tilt == pytest.approx(12.0)
+    assert dicom.order_stack(factory.AXIAL, [(0.0, 0.0, 2.0 * k) for k in range(4)]).tilt == 0.0
+
+
+def test_correct_gantry_tilt_leaves_orthogonal_stacks_untouched():
+    volume = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    same, step = dicom.correct_gantry_tilt(volume, factory.AXIAL, (1.0, 1.0), (0.0, 0.0, 2.0))
+    assert same is volume and step == (0.0, 0.0, 2.0)
 
 
 def test_order_stack_reports_duplicate_positions():
@@ -252,126 +267,3 @@ def test_non_image_category_names_valid_non_image_objects(sop_class, modality, e
 )
 def test_non_image_category_keeps_image_storage_classes(sop_class):
     assert dicom.non_image_category(sop_class, "") == ""
-
-
-# --- identifying values (deid) ------------------------------------------------------------------
-
-
-def _dataset_with_phi() -> Dataset:
-    ds = factory.base_dataset(
-        sop_class=pydicom.uid.CTImageStorage,
-        series_uid="1.2.826.0.1.555.2",
-        study_uid="1.2.826.0.1.555.1",
-        modality="CT",
-        instance="1.2.826.0.1.555.3",
-    )
-    ds.ReferringPhysicianName = "House^Gregory^^Dr."
-    ds.StudyDescription = "CT THORAX Mr Smithers follow-up"
-    ds.StationName = "CTSCAN04"
-    ds.DeviceSerialNumber = "SN-448812"
-    ds.StudyTime = "093512"
-    ds.PatientWeight = 72.5
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    request = Dataset()
-    request.AccessionNumber = "REQ-55512"
-    request.RequestedProcedureID = "RP-4411"
-    code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-D3000", "SRT", "Chest"
-    request.ScheduledProtocolCodeSequence = DicomSequence([code])
-    ds.RequestAttributesSequence = DicomSequence([request])
-    other = Dataset()
-    other.PatientID = "MRN-000917"
-    ds.OtherPatientIDsSequence = DicomSequence([other])
-    ds.add_new(0x00091001, "LO", "site code GREENFIELD")
-    ds.add_new(0x00091002, "DS", "12.5")
-    ds.add_new(0x00090010, "LO", "ACME PRIVATE DICT")
-    return ds
-
-
-def test_identifying_values_collects_names_ids_dates_uids_institution_and_private_strings():
-    values = identifying_values(_dataset_with_phi())
-    expected = {
-        "DOE^JANE", "DOE", "JANE", "JANE DOE", "DOE JANE",  # patient name and components
-        "House", "Gregory", "Gregory House",  # physician name components
-        factory.PATIENT_ID, "MRN-000917",  # IDs, also inside OtherPatientIDsSequence
-        factory.BIRTH_DATE, "1961-03-14", factory.STUDY_DATE,  # dates as stored and ISO
-        factory.ACCESSION, "REQ-55512", "RP-4411",  # accession, also inside RequestAttributesSequence
-        "1.2.826.0.1.555.1", "1.2.826.0.1.555.2", "1.2.826.0.1.555.3",  # instance UIDs
-        factory.INSTITUTION, "CTSCAN04", "SN-448812",  # institution, station, device serial number
-        "CT THORAX Mr Smithers follow-up",  # free-text description
-        "site code GREENFIELD",  # private string
-        "058Y",  # age
-    }  # fmt: skip
-    assert expected <= values
-
-
-def test_identifying_values_leaves_out_standard_uids_codes_numbers_times_and_short_values():
-    values = identifying_values(_dataset_with_phi())
-    assert pydicom.uid.CTImageStorage not in values  # SOP class: the same for everyone
-    assert pydicom.uid.ExplicitVRLittleEndian not in values
-    assert not {"T-D3000", "SRT", "Chest"} & values  # code plumbing inside identifying sequences
-    assert not {"72.5", "12.5", "093512", "ORIGINAL", "ACME PRIVATE DICT"} & values
-    assert all(len(v) >= MIN_VALUE_LENGTH for v in values)
-    assert "F" not in values and "CT" not in values
-
-
-def test_identifying_values_ignores_placeholders_written_by_anonymisers():
-    ds = Dataset()
-    ds.PatientName = "ANONYMOUS"
-    ds.PatientID = "UNKNOWN"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom rightly calls a zero date invalid
-        ds.PatientBirthDate = "00000000"
-    assert identifying_values(ds) == frozenset()
-
-
-def test_identifying_values_reads_private_strings_of_files_without_a_dictionary(tmp_path):
-    ds = factory.base_dataset(
-        sop_class=pydicom.uid.CTImageStorage,
-        series_uid="1.2.9.1",
-        study_uid="1.2.9.2",
-        modality="CT",
-        instance="1.2.9.3",
-    )
-    ds.add_new(0x00291010, "LO", "Operator KOWALSKI")
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
-    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
-    reread = pydicom.dcmread(tmp_path / "x.dcm")
-    assert reread[0x00291010].VR == "UN"  # implicit VR: the private tag's VR is unknown
-    assert "Operator KOWALSKI" in identifying_values(reread)
-
-
-def test_identifying_values_emit_no_warning_or_log_quoting_an_invalid_value(tmp_path, caplog):
-    ds = factory.base_dataset(
-        sop_class=pydicom.uid.CTImageStorage,
-        series_uid="1.2.9.1",
-        study_uid="1.2.9.2",
-        modality="CT",
-        instance="1.2.9.3",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.add_new(0x00081155, "UI", "SECRET.01.77")  # invalid UID: pydicom warns quoting the value
-        ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
-    reread = pydicom.dcmread(tmp_path / "x.dcm")  # values are converted (and checked) on first access
-    caplog.clear()
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
-        warnings.simplefilter("always")
-        values = identifying_values(reread)
-    assert "SECRET.01.77" in values
-    assert not any("SECRET" in str(w.message) for w in caught)
-    assert "SECRET" not in caplog.text
-
-
-def test_identifying_keywords_cover_the_basic_profile_core_and_are_pydicom_keywords():
-    core = {
-        "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientIDsSequence",
-        "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
-        "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
-        "PerformingPhysicianName", "OperatorsName", "StationName", "StudyDate", "SeriesDate",
-        "AcquisitionDateTime", "StudyTime", "StudyDescription", "SeriesDescription", "ImageComments",
-        "PatientComments", "DeviceSerialNumber", "PatientAddress", "RequestAttributesSequence",
-    }  # fmt: skip
-    assert core <= IDENTIFYING_KEYWORDS
-    assert all(pydicom.datadict.tag_for_keyword(k) is not None for k in IDENTIFYING_KEYWORDS)
-    assert not {"Modality", "Manufacturer", "Rows", "PixelSpacing", "SOPClassUID"} & IDENTIFYING_KEYWORDS

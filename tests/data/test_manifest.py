@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -203,7 +204,8 @@ def test_verify_names_a_tampered_identifying_file_by_its_alias(tree, tmp_path):
 def test_verify_refuses_a_key_other_than_the_one_that_built_the_manifest(tree, tmp_path):
     result = _build(tree, tmp_path / "out")
     other = tmp_path / "other.key"
-    other.write_text("ab" * 32)
+    other.write_text(hashlib.sha256(b"another project").hexdigest())
+    other.chmod(0o600)
     with pytest.raises(ConfigError, match=f"key id {result.key_id}"):
         verify_manifest(result.manifest_csv, tree, key_file=other, progress=False)
 
@@ -224,7 +226,8 @@ def test_identifying_text_in_an_extra_subgroup_column_aborts_and_deletes_outputs
     with pytest.raises(InputError) as caught:
         _build(tree, tmp_path / "out", subgroup_columns=["ward"])
     message = str(caught.value)
-    assert "manifest.csv: contains a DICOM header value" in message and "jane" not in message.lower()
+    assert "manifest.csv row 4 (labels CSV row 3), column 'ward': contains the DICOM PatientName of file" in message
+    assert "jane" not in message.lower()
     assert not (tmp_path / "out" / "manifest.csv").exists() and not (tmp_path / "out" / "manifest.json").exists()
 
 

@@ -31,9 +31,14 @@ from medtl.data.privacy import (
 from medtl.errors import ConfigError, InputError
 
 
+def _secret(byte: int) -> bytes:
+    return hashlib.sha256(bytes([byte])).digest()
+
+
 def _key_file(tmp_path: Path, name: str, byte: int) -> Path:
     path = tmp_path / name
-    path.write_text(bytes([byte]).hex() * 32 + "\n")
+    path.write_text(_secret(byte).hex() + "\n")
+    path.chmod(0o600)
     return path
 
 
@@ -49,7 +54,7 @@ def test_pseudonyms_change_with_the_key_and_are_stable_with_the_same_key(tmp_pat
 def test_pseudonyms_are_keyed_hmac_with_a_domain_per_kind_not_a_plain_hash(tmp_path):
     key = load_key(_key_file(tmp_path, "a.key", 7))
     value = "NGH1234567"
-    expected = hmac.new(bytes([7]) * 32, f"medtl/patient\x00{value}".encode(), hashlib.sha256).hexdigest()[:16]
+    expected = hmac.new(_secret(7), f"medtl/patient\x00{value}".encode(), hashlib.sha256).hexdigest()[:16]
     assert key.pseudonym("patient", value) == "P-" + expected
     assert hashlib.sha256(value.encode()).hexdigest()[:16] not in key.pseudonym("patient", value)
     assert key.pseudonym("patient", value)[2:] != key.pseudonym("study", value)[3:]
@@ -86,7 +91,8 @@ def test_a_named_key_file_that_is_missing_or_short_is_refused(tmp_path):
         load_key(tmp_path / "typo.key")
     short = tmp_path / "short.key"
     short.write_bytes(b"0123456789")
-    with pytest.raises(ConfigError, match="at least 32 bytes"):
+    short.chmod(0o600)
+    with pytest.raises(ConfigError, match="at least 32 random bytes, not 10 bytes"):
         load_key(short)
 
 
@@ -178,11 +184,11 @@ def test_an_alias_missing_from_the_map_is_found_among_candidate_paths_or_refused
 
 def test_phi_scan_names_output_and_kind_never_the_value(tmp_path):
     out = tmp_path / "manifest.csv"
-    out.write_text("id,path\nR-1,scans/jane/x.png\n")
-    forbidden = {"DOE^JANE": "DICOM header value", "NGH1234567": "labels-CSV patient_id value"}
+    out.write_text("id,path\nR-1,scans/zofia/x.png\n")
+    forbidden = {"KOWALSKI^ZOFIA": "DICOM header value", "NGH1234567": "labels-CSV patient_id value"}
     findings = scan_for_phi([out], forbidden)
     assert findings == ["manifest.csv: contains a DICOM header value (person-name component)"]
-    assert not any("jane" in f.lower() or "1234567" in f for f in findings)
+    assert not any("zofia" in f.lower() or "1234567" in f for f in findings)
     texts = {"log message 1": "row 7 of patient ngh1234567 failed"}
     assert scan_for_phi(texts, forbidden) == [
         "log message 1: contains a labels-CSV patient_id value (digits of an identifier)",

@@ -1,0 +1,222 @@
+"""The one list of words medtl treats as generic: never identifying alone, never aliased in paths.
+
+A leaf module every layer may import (like `medtl.errors`). Two questions are answered here, with
+the same words, so that path aliasing (data layer), the manifest's PHI gate and the MLflow guard
+(tracking layer) never disagree:
+
+- `generic_component`: may a path component be written in clear? Only when every token of it is
+  generic: a split or class name, an imaging or file-format word, a short number (up to 5 digits),
+  a hex/UUID token, or a single letter. Names, long numbers (IDs), dates in any order and
+  e-mail addresses are not, so the path is aliased. This is an allow-list: a path component we
+  cannot vouch for is aliased, never guessed to be harmless.
+- `generic_value`: is a header value (or a part of one) too generic to identify anyone, so that
+  finding it in an output is no leak? Placeholders ("ANONYMOUS", "TEST^PATIENT"), medtl's own
+  vocabulary ("series", "train", "quarantined"), imaging words ("CHEST"), the run's own class
+  names, and single common English words are generic. A value with a digit, or with two or more
+  words one of which is neither medtl vocabulary nor a placeholder (a person's full name,
+  "General Hospital"), still identifies.
+
+Common English words come from the `english-words` package (Webster's Second, public domain),
+lower-case entries only: proper names are capitalised there, so "john" or "garcia" stay needles.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable
+
+# What de-identification tools, test files, phantoms and scanners write instead of a person.
+PLACEHOLDER_WORDS = frozenset(
+    """anonymous anonymized anonymised anonymize anon anonym deidentified deid redacted removed
+    unknown none null nil empty blank na n/a not applicable test tests testing patient patients
+    name names first last given family middle surname forename subject subjects participant case
+    cases person volunteer phantom demo sample samples example examples dummy fake synthetic
+    research study default generic mr mrs ms dr prof""".split()
+)
+
+# Words of split names, imaging, anatomy, views, MR sequences and file handling: what public
+# exports and research folders are named with.
+GENERIC_PATH_WORDS = frozenset(
+    """train training val valid validation dev tune test testing holdout eval evaluation split
+    splits fold folds subset all set sets part parts batch batches
+    image images img imgs im ims scan scans slice slices series study studies volume volumes vol
+    frame frames data dataset datasets raw processed preprocessed resampled cropped crop crops
+    resized original orig export exports exported output outputs input inputs out in src
+    mask masks label labels labelled labeled unlabelled unlabeled seg segs segmentation segmentations gt ground truth
+    annotation annotations roi rois pred preds prediction predictions prob probs map maps
+    dicom dcm dicm dic ima nifti nii gz png jpg jpeg tif tiff bmp nrrd mha mhd npy npz h5
+    file files folder folders dir directory root home tmp temp copy final new old clean cleaned
+    version rev idx index num no nr number id ids uid key
+    patient patients subject subjects sub ses session sessions run runs case cases person
+    sample samples example examples demo synthetic phantom anon anonymized anonymised deid
+    deidentified site sites centre center centers centres scanner scanners hospital clinic
+    ct mr mri cr dx xr xray xrays radiograph radiographs radiography cxr us ultrasound pet pt nm
+    mg mammo mammogram mammography spect fluoro angio oct fundus ot sc seg rtstruct sr pr
+    chest thorax lung lungs heart cardiac brain head neck abdomen abdominal pelvis spine knee hip
+    hand wrist foot ankle shoulder elbow breast liver kidney kidneys prostate hippocampus skull
+    sinus colon pancreas spleen bone bones body whole wholebody tumor tumour lesion lesions nodule
+    nodules organ organs vessel vessels
+    pa ap lat lateral frontal axial ax sagittal sag coronal cor oblique left right bilateral lt rt
+    t1 t2 t1w t2w flair dwi adc pd swi bold dti gre tse mprage stir post pre contrast ce gd
+    normal abnormal positive negative pos neg benign malignant healthy disease control controls
+    pneumonia bacteria bacterial virus viral covid effusion nofinding finding findings
+    fold cv kfold rgb gray grey mono color colour low high res resolution small large
+    zero one two three four five six seven eight nine ten first second third fourth fifth
+    readme notes note info meta metadata log logs misc other others extra extras bad good corrupt corrupted truncated empty broken
+    excluded exclude included include qc failed pass ok done backup archive archives cache list table
+    report reports summary anat func fmap dwi derivatives sourcedata
+    txt csv tsv json jsonl xml yaml yml md rst html htm ini cfg toml dump pdf doc docx xls xlsx odt ods
+    sha md5 zip tar tgz bz2 xz 7z mgz mnc hdr nhdr zarr hdf5 mat pkl pt pth ckpt gif webp""".split()
+)
+
+# medtl's own words that no English dictionary lists (inflections are handled by `common_word`).
+MEDTL_WORDS = frozenset(
+    """medtl manifest manifests sidecar sidecars pseudonym pseudonyms pseudonymous alias aliases
+    aliased quarantined quarantine unlabelled unlabeled unaccounted dicom nifti nii png jpeg jpg
+    tiff bmp dcm csv json yaml yml html css svg pdf txt mlflow mlruns monai pydicom nibabel timm
+    torch torchvision torchrun pytorch sklearn fairlearn numpy pandas auroc auprc ece brier dice
+    hausdorff youden bonferroni imagenet medicalnet efficientnet resnet densenet unet lite
+    finetune finetuning adabn dann lp ft probe prototype fewshot ddp gloo nccl cuda cpu gpu amp
+    bf16 fp16 epoch epochs checkpoint checkpoints config configs workflow workflows param params
+    tag tags registry champion candidate dataset datasets metadata subgroup subgroups
+    k-anonymity anonymity hmac sha256 sha uid uids rgb ybr monochrome lut voi hu ct mr cr dx
+    modality modalities voxel voxels spacing spacings affine ras lps bootstrap bootstrapped
+    auditable audited audit audits inconclusive suppressed suppression amplification
+    calibration recalibration tpr fpr fnr tnr ppv npv sensitivity specificity
+    adamw addr argmax baseline box bsd bytes cda charset chen chmod chs cis classify cls com conv cublas
+    dannmodel dataclass deidentification denseblock denselayer dhw dicomdir dict dicts doctype downsample
+    dseg ecg eeg embeddings emg emsp encoders env eps ethnicity figcaption filesystem fontsize frameon gaussian
+    getaffinity github google grl has hdf held hexadecimal href huggingface hyperparameters incl inf init
+    initialisation initialisations initialised inplace iqr labelsize lang licence linewidth logits lutdata
+    lutdescriptor max maxpool med mit mlmodel mod multi multilabel multitask nav niix nonbinary nproc nvimgcodec
+    offline omp online ovr pilreader pixel pixels plugin posix preprocessing quic relu rerender rgba rng rtimage
+    safetensors sched scikit scn sgd shortcut signoff softmax sqlite str summarise tbody tencent thead titlesize
+    toplevel tuple urandom uri utc utf var vermillion viewport voilutsequence warmup waveform whitespace
+    workspace ymwdymwd zscore okabe ito backend debug stderr stdout traceback tracebacks venv""".split()
+)
+
+# Short function words that, inside a longer value, say nothing about anyone.
+_STOP_WORDS = frozenset("a an and at by de del der di du for in la le of on or the to van von w wo with".split())
+
+_HEX = re.compile(r"(?<![0-9a-z])(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}(?![0-9a-z])")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_TOKEN = re.compile(r"[^\W\d_]+|\d+")
+# Three numbers in a row (12-25-1957, 1957.3.9, 25_12_57): a date in some order.
+_THREE_NUMBERS = re.compile(r"(?<!\d)(\d{1,4})[-_. /](\d{1,2})[-_. /](\d{1,4})(?!\d)")
+_MAX_GENERIC_DIGITS = 5  # file counters (train_00001); six or more digits are read as IDs
+
+
+@functools.cache
+def _english() -> frozenset[str]:
+    from english_words import get_english_words_set
+
+    return frozenset(w for w in get_english_words_set(["web2"]) if w.islower() and len(w) >= 3)
+
+
+def words_of(text: str) -> list[str]:
+    """Case-folded runs of letters and runs of digits, e.g. "T1w_0001" -> ["t", "1", "w", "0001"]."""
+    return _TOKEN.findall(str(text).casefold())
+
+
+def common_word(word: str) -> bool:
+    """True for a word medtl may meet anywhere without it naming anyone.
+
+    Placeholders, medtl's vocabulary, imaging words and lower-case English dictionary words,
+    also inflected (plural, past, -ing), are common; "john", "garcia" or "mueller" are not.
+
+    Example:
+        >>> common_word("Patients"), common_word("quarantined"), common_word("garcia")
+        (True, True, False)
+    """
+    word = str(word).strip().casefold()
+    if word in PLACEHOLDER_WORDS or word in MEDTL_WORDS or word in GENERIC_PATH_WORDS:
+        return True
+    english = _english()
+    return any(stem in english for stem in _stems(word))
+
+
+def _stems(word: str) -> Iterable[str]:
+    """The word and the bases it may be inflected from (files -> file, dropped -> drop, largest -> large)."""
+    yield word
+    for suffix, replacement in (("ies", "y"), ("ied", "y"), ("es", ""), ("s", ""), ("ed", ""), ("ed", "e"),
+                                ("ing", ""), ("ing", "e"), ("ly", ""), ("er", ""), ("er", "e"), ("ers", ""),
+                                ("est", ""), ("est", "e")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            base = word[: -len(suffix)]
+            yield base + replacement
+            if suffix in ("ed", "ing", "er", "est") and len(base) >= 4 and base[-1] == base[-2]:
+                yield base[:-1]  # dropped -> drop, mapping -> map, bigger -> big
+
+
+def generic_value(value: str, allowed: Iterable[str] = ()) -> bool:
+    """True when a header value (or a part of one) cannot identify anyone on its own.
+
+    Args:
+        value: The value, e.g. a PatientName, a name component or a description.
+        allowed: Whole values the outputs hold by design (class names, extra subgroup values).
+
+    Returns:
+        True for a value that is one of `allowed`, a single common word, or several words all of
+        which are placeholders, medtl or imaging vocabulary (digits make a value an identifier).
+
+    Example:
+        >>> generic_value("ANONYMOUS^PATIENT"), generic_value("TEST"), generic_value("DOE^JANE")
+        (True, True, False)
+    """
+    text = " ".join(str(value).split()).casefold()
+    if not text or text in {" ".join(str(a).split()).casefold() for a in allowed}:
+        return True
+    if text in MEDTL_WORDS or text in GENERIC_PATH_WORDS:
+        return True  # also the ones with digits: "sha256", "bf16", "t1w"
+    tokens = words_of(text)
+    if not tokens or any(t.isdigit() for t in tokens):
+        return not tokens
+    if len(tokens) == 1:
+        return len(tokens[0]) < 3 or common_word(tokens[0])
+    return all(len(t) == 1 or t in _STOP_WORDS or t in PLACEHOLDER_WORDS or t in MEDTL_WORDS
+               or t in GENERIC_PATH_WORDS for t in tokens)
+
+
+def generic_component(component: str, allowed_words: Iterable[str] = ()) -> bool:
+    """True when a path component may be written in clear: every token of it is generic.
+
+    Args:
+        component: One part of a relative path, e.g. "train_00001.png" or "DOE_JANE".
+        allowed_words: More generic words (the words of the labels CSV's class names).
+
+    Example:
+        >>> generic_component("train_00001.png"), generic_component("chest_john_smith.png")
+        (True, False)
+        >>> generic_component("cxr 12-25-1957.png"), generic_component("sub-01_T1w.nii.gz")
+        (False, True)
+    """
+    text = str(component).casefold()
+    if _date_like(text):
+        return False
+    text = _HEX.sub(" ", _UUID.sub(" ", text))
+    allowed = {w.casefold() for w in allowed_words}
+    for token in words_of(text):
+        if token.isdigit():
+            if len(token) > _MAX_GENERIC_DIGITS:
+                return False
+        elif len(token) > 1 and token not in GENERIC_PATH_WORDS and token not in allowed:
+            return False
+    return "@" not in text
+
+
+def _date_like(text: str) -> bool:
+    for match in _THREE_NUMBERS.finditer(text):
+        numbers = [int(g) for g in match.groups()]
+        if any(_is_date(*order) for order in _orders(numbers)):
+            return True
+    return False
+
+
+def _orders(numbers: list[int]) -> list[tuple[int, int, int]]:
+    a, b, c = numbers
+    return [(a, b, c), (c, a, b), (c, b, a)]  # Y-M-D, M-D-Y, D-M-Y
+
+
+def _is_date(year: int, month: int, day: int) -> bool:
+    return (year < 100 or 1900 <= year <= 2099) and 1 <= month <= 12 and 1 <= day <= 31

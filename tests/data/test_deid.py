@@ -1,0 +1,173 @@
+"""What counts as identifying in a DICOM header (medtl.data.deid), with the attribute it came from."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from medtl.data.deid import IDENTIFYING_KEYWORDS, MIN_VALUE_LENGTH, identifying_values
+from tests.data import dicom_factory as factory
+
+
+def _dataset_with_phi() -> Dataset:
+    ds = factory.base_dataset(
+        sop_class=pydicom.uid.CTImageStorage,
+        series_uid="1.2.826.0.1.555.2",
+        study_uid="1.2.826.0.1.555.1",
+        modality="CT",
+        instance="1.2.826.0.1.555.3",
+    )
+    ds.ReferringPhysicianName = "House^Gregory^^Dr."
+    ds.StudyDescription = "CT THORAX Mr Smithers follow-up"
+    ds.StationName = "CTSCAN04"
+    ds.DeviceSerialNumber = "SN-448812"
+    ds.StudyTime = "093512"
+    ds.PatientWeight = 72.5
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    request = Dataset()
+    request.AccessionNumber = "REQ-55512"
+    request.RequestedProcedureID = "RP-4411"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-D3000", "SRT", "Chest"
+    request.ScheduledProtocolCodeSequence = DicomSequence([code])
+    ds.RequestAttributesSequence = DicomSequence([request])
+    other = Dataset()
+    other.PatientID = "MRN-000917"
+    ds.OtherPatientIDsSequence = DicomSequence([other])
+    ds.add_new(0x00091001, "LO", "site code GREENFIELD")
+    ds.add_new(0x00091002, "DS", "12.5")
+    ds.add_new(0x00090010, "LO", "ACME PRIVATE DICT")
+    return ds
+
+
+def _values(ds: Dataset) -> set[str]:
+    return {value for value, _field in identifying_values(ds)}
+
+
+def test_identifying_values_collects_names_ids_dates_uids_institution_and_private_strings():
+    values = _values(_dataset_with_phi())
+    expected = {
+        factory.PATIENT_NAME, "House^Gregory^^Dr.",  # person names as stored (needles add the components)
+        factory.PATIENT_ID, "MRN-000917",  # IDs, also inside OtherPatientIDsSequence
+        factory.BIRTH_DATE, factory.STUDY_DATE,  # dates as stored (needles add YYYY-MM-DD)
+        factory.ACCESSION, "REQ-55512", "RP-4411",  # accession, also inside RequestAttributesSequence
+        "1.2.826.0.1.555.1", "1.2.826.0.1.555.2", "1.2.826.0.1.555.3",  # instance UIDs
+        factory.INSTITUTION, "CTSCAN04", "SN-448812",  # institution, station, device serial number
+        "CT THORAX Mr Smithers follow-up",  # free-text description
+        "site code GREENFIELD",  # private string
+        "058Y",  # age
+    }  # fmt: skip
+    assert expected <= values
+
+
+def test_identifying_values_name_the_attribute_each_value_came_from():
+    pairs = identifying_values(_dataset_with_phi())
+    assert (factory.PATIENT_NAME, "PatientName") in pairs
+    assert ("MRN-000917", "PatientID") in pairs  # inside OtherPatientIDsSequence: the element's keyword
+    assert ("site code GREENFIELD", "private tag (0009,1001)") in pairs
+    assert ("CT THORAX Mr Smithers follow-up", "StudyDescription") in pairs
+
+
+def test_identifying_values_leaves_out_standard_uids_codes_numbers_times_and_short_values():
+    values = _values(_dataset_with_phi())
+    assert pydicom.uid.CTImageStorage not in values  # SOP class: the same for everyone
+    assert pydicom.uid.ExplicitVRLittleEndian not in values
+    assert not {"T-D3000", "SRT", "Chest"} & values  # code plumbing inside identifying sequences
+    assert not {"72.5", "12.5", "093512", "ORIGINAL", "ACME PRIVATE DICT"} & values
+    assert all(len(v) >= MIN_VALUE_LENGTH for v in values)
+    assert "F" not in values and "CT" not in values
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("PatientName", "ANONYMOUS"), ("PatientName", "TEST"), ("PatientName", "PATIENT"),
+     ("PatientName", "ANONYMOUS^PATIENT"), ("PatientName", "NAME^PATIENT^NAME"), ("PatientName", "TEST^PATIENT"),
+     ("PatientID", "UNKNOWN"), ("PatientID", "TRAIN"), ("StudyDescription", "Test"), ("StudyDescription", "CHEST"),
+     ("SeriesDescription", "Axial"), ("InstitutionName", "Hospital")],
+)
+def test_placeholders_and_single_common_words_are_not_identifying_values(keyword, value):
+    # Real de-identified collections (pydicom's own test files among them) hold exactly these.
+    ds = Dataset()
+    setattr(ds, keyword, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom rightly calls a zero date invalid
+        ds.PatientBirthDate = "00000000"
+    assert identifying_values(ds) == frozenset()
+
+
+@pytest.mark.parametrize("value", ["DOE^JANE", "KOWALSKI", "MRN0012345", "Saint Example Hospital", "LI^XI"])
+def test_real_names_ids_and_institutions_stay_identifying(value):
+    ds = Dataset()
+    ds.PatientName = value
+    assert _values(ds) == {value}
+
+
+def test_identifying_values_reads_private_strings_of_files_without_a_dictionary(tmp_path):
+    ds = factory.base_dataset(
+        sop_class=pydicom.uid.CTImageStorage,
+        series_uid="1.2.9.1",
+        study_uid="1.2.9.2",
+        modality="CT",
+        instance="1.2.9.3",
+    )
+    ds.add_new(0x00291010, "LO", "Operator KOWALSKI")
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    reread = pydicom.dcmread(tmp_path / "x.dcm")
+    assert reread[0x00291010].VR == "UN"  # implicit VR: the private tag's VR is unknown
+    assert "Operator KOWALSKI" in _values(reread)
+
+
+def test_identifying_values_emit_no_warning_or_log_quoting_an_invalid_value(tmp_path, caplog):
+    ds = factory.base_dataset(
+        sop_class=pydicom.uid.CTImageStorage,
+        series_uid="1.2.9.1",
+        study_uid="1.2.9.2",
+        modality="CT",
+        instance="1.2.9.3",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.add_new(0x00081155, "UI", "SECRET.01.77")  # invalid UID: pydicom warns quoting the value
+        ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    reread = pydicom.dcmread(tmp_path / "x.dcm")  # values are converted (and checked) on first access
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        values = _values(reread)
+    assert "SECRET.01.77" in values
+    assert not any("SECRET" in str(w.message) for w in caught)
+    assert "SECRET" not in caplog.text
+
+
+def test_identifying_keywords_cover_the_basic_profile_core_and_are_pydicom_keywords():
+    core = {
+        "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientIDsSequence",
+        "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
+        "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
+        "PerformingPhysicianName", "OperatorsName", "StationName", "StudyDate", "SeriesDate",
+        "AcquisitionDateTime", "StudyTime", "StudyDescription", "SeriesDescription", "ImageComments",
+        "PatientComments", "DeviceSerialNumber", "PatientAddress", "RequestAttributesSequence",
+    }  # fmt: skip
+    assert core <= IDENTIFYING_KEYWORDS
+    assert all(pydicom.datadict.tag_for_keyword(k) is not None for k in IDENTIFYING_KEYWORDS)
+    assert not {"Modality", "Manufacturer", "Rows", "PixelSpacing", "SOPClassUID"} & IDENTIFYING_KEYWORDS
+
+
+def test_pydicom_decoder_tracebacks_never_reach_the_root_logger(tmp_path, caplog):
+    # pydicom.pixels.decoders.base logs decoder failures with a traceback on a child logger of
+    # "pydicom"; quiet_pydicom must stop them, not only the parent's own records.
+    from medtl.data.deid import quiet_pydicom
+
+    child = logging.getLogger("pydicom.pixels.decoders.base")
+    with caplog.at_level(logging.DEBUG), quiet_pydicom():
+        try:
+            raise RuntimeError("decoder failed on /data/DOE_JANE/x.dcm")
+        except RuntimeError:
+            child.exception("could not decode")
+    assert "DOE_JANE" not in caplog.text and "could not decode" not in caplog.text

@@ -1,0 +1,88 @@
+"""The one list of generic words (medtl.vocabulary), and that it covers every word medtl writes."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import re
+from pathlib import Path
+
+import pytest
+
+from medtl.data.manifest import MANIFEST_COLUMNS
+from medtl.data.splits import SPLITS
+from medtl.vocabulary import common_word, generic_component, generic_value
+
+PACKAGE = Path(__file__).resolve().parents[1] / "medtl"
+# Not output templates: the synthetic demo's fake identities, the DICOM keyword list of the
+# de-identification profile, and this list itself.
+_NOT_TEMPLATES = {"data/demo.py", "data/deid.py", "vocabulary.py"}
+_HEX = re.compile(r"(?<![0-9a-z])[0-9a-f]{8,}(?![0-9a-z])")
+
+
+@functools.cache
+def output_vocabulary() -> frozenset[str]:
+    """Every word medtl can write by construction: columns, splits, codes, modality names, and the
+    words of every string literal of the package (messages, templates, report text), docstrings
+    and code identifiers (CamelCase DICOM keywords) left out."""
+    words = {w for column in MANIFEST_COLUMNS for w in column.split("_")} | set(SPLITS)
+    words |= {"M", "F", "O", "U", "unknown", "CT", "MR", "CR", "DX", "US", "PT", "NM", "MG", "OT", "dicom", "series",
+              "image", "nifti", "quarantined", "skipped", "used"}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).as_posix() in _NOT_TEMPLATES:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                for word in re.findall(r"[^\W\d_]+", _HEX.sub(" ", node.value)):
+                    if len(word) >= 3 and not re.search(r"[a-z][A-Z]", word):
+                        words.add(word.casefold())
+    return frozenset(w for w in words if len(w) >= 3 and not w.isdigit())
+
+
+def test_every_word_medtl_writes_is_a_common_word():
+    # The PHI guard never treats medtl's own words as identifying. A new message with a word no
+    # dictionary knows fails here: add the word to MEDTL_WORDS in medtl/vocabulary.py.
+    missing = sorted(w for w in output_vocabulary() if not common_word(w))
+    assert missing == []
+
+
+@pytest.mark.parametrize("value", ["TEST", "PATIENT", "ANONYMOUS^PATIENT", "NAME^PATIENT^NAME", "TRAIN", "Test",
+                                   "CHEST", "Axial", "root", "quarantined", "series of", "  ", "n/a"])
+def test_placeholders_and_common_words_are_generic_values(value):
+    assert generic_value(value)
+
+
+@pytest.mark.parametrize("value", ["DOE^JANE", "KOWALSKI", "garcia", "MRN0012345", "LI^XI", "General Hospital",
+                                   "TEST^KOWALSKI", "series of DOE^JANE", "20240115", "PAT-7731"])
+def test_names_ids_and_dates_are_not_generic(value):
+    assert not generic_value(value)
+
+
+def test_class_names_are_generic_values_only_as_given():
+    assert generic_value("covid-19 pneumonia", allowed=["COVID-19 pneumonia"])
+    assert not generic_value("covid-19 pneumonia")
+
+
+@pytest.mark.parametrize("component", ["train_00001.png", "IM-0001-0001.dcm", "sub-01_ses-02_T1w.nii.gz",
+                                       "3fa85f64-5717-4562-b3fc-2c963f66afa6.png", "000a312787f2.png",
+                                       "person1_bacteria_1.jpeg", "case_0012.nii.gz", "CT", "notes.txt"])
+def test_technical_file_names_are_generic_components(component):
+    assert generic_component(component)
+
+
+@pytest.mark.parametrize("component", ["chest_john_smith.png", "JOSÉ_NÚÑEZ.png", "mueller, hans.png",
+                                       "cxr 12-25-1957.png", "dob_1957-3-9_garcia.png", "25.12.1957.png",
+                                       "maria.garcia@example.org.png", "smith^john.png", "scan_1234567.dcm",
+                                       "1.2.840.113619.2.55.dcm", "js_cxr.png"])
+def test_names_dates_ids_and_emails_are_not_generic_components(component):
+    assert not generic_component(component)
+
+
+def test_class_name_words_make_a_folder_generic():
+    assert not generic_component("cardiomegaly")
+    assert generic_component("cardiomegaly", allowed_words=["cardiomegaly"])
