@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from medtl.data import dicom
+from medtl.data import dicom, geometry
 from medtl.data.deid import quiet_pydicom
 from medtl.data.dicom import DicomImage
 from medtl.data.types import HeaderFacts, LoadedImage, Rejection, Study
@@ -303,13 +303,13 @@ def _tilt_notes(image: DicomImage) -> tuple[str, ...]:
     """The gantry-tilt note of a multi-frame file whose per-frame positions form a tilted stack."""
     if image.orientation is None or image.positions is None or len(image.positions) != image.n_frames:
         return ()
-    stack = dicom.order_stack(image.orientation, image.positions)
-    return _notes(stack) if isinstance(stack, dicom.Stack) else ()
+    stack = geometry.order_stack(image.orientation, image.positions)
+    return _notes(stack) if isinstance(stack, geometry.Stack) else ()
 
 
-def _notes(stack: dicom.Stack) -> tuple[str, ...]:
+def _notes(stack: geometry.Stack) -> tuple[str, ...]:
     """What loading changes about a stack: gantry tilt is resampled away (`load_study`)."""
-    if stack.tilt < dicom.TILT_MIN_DEG:
+    if stack.tilt < geometry.TILT_MIN_DEG:
         return ()
     return (f"gantry tilt {stack.tilt:.1f}° corrected by resampling",)
 
@@ -349,7 +349,7 @@ def _stack_study(group: list[DicomImage], header: HeaderFacts) -> Study | str:
     spacings = [image.pixel_spacing or (1.0, 1.0) for image in group]
     if not np.allclose(spacings, spacings[0], rtol=1e-3, atol=1e-4):
         return "mixed pixel spacing within one series"
-    stack = dicom.order_stack(group[0].orientation, [image.positions[0] for image in group])
+    stack = geometry.order_stack(group[0].orientation, [image.positions[0] for image in group])
     if isinstance(stack, str):
         return stack
     files = tuple(group[i].path for i in stack.order)
@@ -520,7 +520,7 @@ def _load_dicom_image(path: Path) -> LoadedImage:
     modality = dicom.modality_of(ds)
     pixels = dicom.frames(ds, display=modality not in dicom.QUANTITATIVE_MODALITIES)[0]
     orientation, positions, spacing = dicom.frame_geometry(ds, 1)
-    affine = dicom.volume_affine(
+    affine = geometry.volume_affine(
         orientation, positions[0] if positions else None, spacing, dicom.slice_spacing(ds) or 1.0
     )
     return LoadedImage(np.ascontiguousarray(pixels.T), affine, modality)
@@ -531,7 +531,7 @@ def _load_multiframe(path: Path) -> LoadedImage:
     """Load a multi-frame DICOM file as a (columns, rows, frames) volume in modality units.
 
     Frames are placed by their per-frame positions (a gantry-tilted stack is resampled, see
-    `dicom.correct_gantry_tilt`), else along the normal at the file's slice spacing; discovery
+    `geometry.correct_gantry_tilt`), else along the normal at the file's slice spacing; discovery
     quarantines files with neither.
     """
     ds = dicom.read_dataset(path)
@@ -541,17 +541,17 @@ def _load_multiframe(path: Path) -> LoadedImage:
     origin = positions[0] if positions else None
     step: Sequence[float] | float | None = dicom.slice_spacing(ds)
     if orientation is not None and positions is not None and len(positions) == n:
-        stack = dicom.order_stack(orientation, positions)
+        stack = geometry.order_stack(orientation, positions)
         if isinstance(stack, str):
             raise ValueError("multi-frame positions no longer form a stack")
         volume = volume[list(stack.order)]
         origin, step = positions[stack.order[0]], stack.step
     if step is None:
         raise ValueError("multi-frame file has neither frame positions nor a slice spacing")
-    volume, step = dicom.correct_gantry_tilt(volume.transpose(2, 1, 0), orientation, spacing, step)
+    volume, step = geometry.correct_gantry_tilt(volume.transpose(2, 1, 0), orientation, spacing, step)
     return LoadedImage(
         np.ascontiguousarray(volume),
-        dicom.volume_affine(orientation, origin, spacing, step),
+        geometry.volume_affine(orientation, origin, spacing, step),
         dicom.modality_of(ds),
     )
 
@@ -561,27 +561,27 @@ def _load_series(paths: Sequence[Path]) -> LoadedImage:
     """Load single-frame slices, already in slice order, as a (columns, rows, slices) volume.
 
     A gantry-tilted stack is resampled onto the orthogonal grid of its normal
-    (`dicom.correct_gantry_tilt`), so the affine has no shear and the third spacing is the
+    (`geometry.correct_gantry_tilt`), so the affine has no shear and the third spacing is the
     slice distance along the normal.
     """
-    slices, geometry, modality = [], [], ""
+    slices, places, modality = [], [], ""
     for path in paths:
         ds = dicom.read_dataset(path)
         slices.append(dicom.frames(ds)[0])
-        geometry.append(dicom.frame_geometry(ds, 1))
+        places.append(dicom.frame_geometry(ds, 1))
         modality = modality or dicom.modality_of(ds)
     if len({s.shape for s in slices}) != 1:
         raise ValueError("slices of one series differ in size")
-    orientation, first, spacing = geometry[0]
-    last = geometry[-1][1]
+    orientation, first, spacing = places[0]
+    last = places[-1][1]
     if orientation is None or first is None or last is None:
         raise ValueError("series slices lack position or orientation")
     step = (np.asarray(last[0]) - np.asarray(first[0])) / (len(paths) - 1)
-    volume, step = dicom.correct_gantry_tilt(
+    volume, step = geometry.correct_gantry_tilt(
         np.stack(slices, axis=-1).transpose(1, 0, 2), orientation, spacing, step
     )
     return LoadedImage(
-        np.ascontiguousarray(volume), dicom.volume_affine(orientation, first[0], spacing, step), modality
+        np.ascontiguousarray(volume), geometry.volume_affine(orientation, first[0], spacing, step), modality
     )
 
 

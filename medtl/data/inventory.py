@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from medtl.data import discover as discovery
-from medtl.data.privacy import Needles, ProjectKey, looks_identifying, path_alias
+from medtl.data.needles import Needles, looks_identifying
+from medtl.data.privacy import ProjectKey, path_alias
 from medtl.data.types import Rejection, Study
 
 

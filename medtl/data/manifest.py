@@ -31,13 +31,12 @@ from tqdm import tqdm
 from medtl.data import discover as discovery
 from medtl.data.inventory import _Disk, _inside, _Namer, _row_id, _scan_disk, _series_identity
 from medtl.data.leakage import SplitGroups, check_given_splits, split_groups
+from medtl.data.needles import Needles, identifying_needles
 from medtl.data.output_guard import _held_messages, _write_checked
 from medtl.data.privacy import (
     UNKNOWN,
-    Needles,
     ProjectKey,
     age_band,
-    identifying_needles,
     key_created_message,
     load_key,
     normalise_sex,

@@ -3,7 +3,7 @@
 Internal helpers of `medtl.data.manifest`: medtl's log records and Python warnings are held
 while the build runs; the manifest CSV and its sidecar are written to temporary files beside
 their targets, then every cell, every sidecar field and every held message is scanned for the
-data set's identifying values (`medtl.data.privacy.Needles`). A hit deletes the temporary files
+data set's identifying values (`medtl.data.needles.Needles`). A hit deletes the temporary files
 and stops the build with findings that name the row, column or field and the source of the
 value (a file by its safe name, a labels-CSV row), never the value; an existing manifest is left
 untouched. Otherwise both files replace their targets and the held messages are released.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medtl.data.privacy import Needles, scan_for_phi
+from medtl.data.needles import Needles, scan_for_phi
 from medtl.errors import InputError
 
 _SHOWN_FINDINGS = 5

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from medtl.data import discover as discovery
 from medtl.data.inventory import _Disk, _inside, _Namer, _row_id, _scan_disk, _series_identity
 from medtl.data.manifest import _identifying_sources, file_sha256, pixel_sha256
-from medtl.data.privacy import ALIAS_PREFIX, identifying_needles, load_key, resolve_alias
+from medtl.data.needles import identifying_needles
+from medtl.data.privacy import ALIAS_PREFIX, load_key, resolve_alias
 from medtl.data.types import Study
 from medtl.errors import ConfigError, InputError
 from medtl.vocabulary import words_of

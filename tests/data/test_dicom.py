@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
-from medtl.data import dicom
+from medtl.data import dicom, geometry
 from medtl.data.discover import load_study
 from medtl.data.types import Study
 from tests.data import dicom_factory as factory
@@ -44,7 +44,7 @@ def test_read_dataset_sets_implicit_little_endian_for_headerless_files(tmp_path)
 
 def test_order_stack_sorts_by_position_along_the_normal_not_input_order():
     positions = [(0, 0, 5.0), (0, 0, -5.0), (0, 0, 0.0), (0, 0, 2.5), (0, 0, -2.5)]
-    stack = dicom.order_stack(factory.AXIAL, positions)
+    stack = geometry.order_stack(factory.AXIAL, positions)
     assert stack.order == (1, 4, 2, 3, 0)
     np.testing.assert_allclose(stack.step, (0, 0, 2.5))
 
@@ -53,58 +53,58 @@ def test_order_stack_accepts_gantry_tilt_with_uniform_spacing():
     tilt = np.deg2rad(18.5)
     orientation = (1.0, 0.0, 0.0, 0.0, np.cos(tilt), np.sin(tilt))  # column direction tilted
     positions = [(0.0, 0.0, 3.0 * k) for k in range(6)]  # table moves along z only
-    stack = dicom.order_stack(orientation, positions)
+    stack = geometry.order_stack(orientation, positions)
     assert not isinstance(stack, str)
     np.testing.assert_allclose(stack.step, (0, 0, 3.0))
 
 
 def test_order_stack_reports_gap_range_for_missing_slice():
     positions = [(0, 0, z) for z in (0.0, 1.0, 2.0, 5.0, 6.0)]
-    reason = dicom.order_stack(factory.AXIAL, positions)
+    reason = geometry.order_stack(factory.AXIAL, positions)
     assert reason == "missing slices: 1 gap of 3 times the usual 1.00 mm step along the normal"
 
 
 def test_order_stack_tells_uneven_spacing_from_missing_slices():
-    uneven = dicom.order_stack(factory.AXIAL, [(0, 0, z) for z in (0.0, 1.0, 2.0, 4.5, 7.0, 12.0)])
+    uneven = geometry.order_stack(factory.AXIAL, [(0, 0, z) for z in (0.0, 1.0, 2.0, 4.5, 7.0, 12.0)])
     assert uneven.startswith("uneven slice spacing: 3 distinct steps of 1.00-5.00 mm along the normal")
-    missing = dicom.order_stack(factory.AXIAL, [(0, 0, z) for z in (0.0, 2.0, 4.0, 8.0, 10.0, 16.0, 18.0)])
+    missing = geometry.order_stack(factory.AXIAL, [(0, 0, z) for z in (0.0, 2.0, 4.0, 8.0, 10.0, 16.0, 18.0)])
     assert missing == "missing slices: 2 gaps of 2-3 times the usual 2.00 mm step along the normal"
 
 
 def test_order_stack_reports_the_tilt_angle_of_a_tilted_stack():
     tilt = np.deg2rad(12.0)
     orientation = (1.0, 0.0, 0.0, 0.0, np.cos(tilt), np.sin(tilt))
-    stack = dicom.order_stack(orientation, [(0.0, 0.0, 2.0 * k) for k in range(4)])
+    stack = geometry.order_stack(orientation, [(0.0, 0.0, 2.0 * k) for k in range(4)])
     assert stack.tilt == pytest.approx(12.0)
-    assert dicom.order_stack(factory.AXIAL, [(0.0, 0.0, 2.0 * k) for k in range(4)]).tilt == 0.0
+    assert geometry.order_stack(factory.AXIAL, [(0.0, 0.0, 2.0 * k) for k in range(4)]).tilt == 0.0
 
 
 def test_correct_gantry_tilt_leaves_orthogonal_stacks_untouched():
     volume = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    same, step = dicom.correct_gantry_tilt(volume, factory.AXIAL, (1.0, 1.0), (0.0, 0.0, 2.0))
+    same, step = geometry.correct_gantry_tilt(volume, factory.AXIAL, (1.0, 1.0), (0.0, 0.0, 2.0))
     assert same is volume and step == (0.0, 0.0, 2.0)
 
 
 def test_order_stack_reports_duplicate_positions():
-    reason = dicom.order_stack(factory.AXIAL, [(0, 0, 0.0), (0, 0, 1.0), (0, 0, 1.0), (0, 0, 2.0)])
+    reason = geometry.order_stack(factory.AXIAL, [(0, 0, 0.0), (0, 0, 1.0), (0, 0, 1.0), (0, 0, 2.0)])
     assert isinstance(reason, str) and reason.startswith("duplicate slice positions (1 repeated)")
 
 
 def test_order_stack_refuses_positions_off_one_line():
     positions = [(0, 0, 0.0), (0, 0, 1.0), (40, 0, 2.0), (0, 0, 3.0)]
-    reason = dicom.order_stack(factory.AXIAL, positions)
+    reason = geometry.order_stack(factory.AXIAL, positions)
     assert isinstance(reason, str) and "one line" in reason
 
 
 def test_order_stack_tolerates_rounding_jitter_in_positions():
     positions = [(0, 0, z) for z in (0.0, 0.625, 1.25, 1.876, 2.5, 3.124)]
-    assert not isinstance(dicom.order_stack(factory.AXIAL, positions), str)
+    assert not isinstance(geometry.order_stack(factory.AXIAL, positions), str)
 
 
 def test_volume_affine_matches_the_dicom_formula_in_ras():
     orientation = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # sagittal
     origin, spacing, step = (12.0, -30.0, 40.0), (0.8, 0.6), (3.0, 0.0, 0.0)
-    affine = dicom.volume_affine(orientation, origin, spacing, step)
+    affine = geometry.volume_affine(orientation, origin, spacing, step)
     # PS3.3 C.7.6.2.1.1: P = S + i * col_spacing * row_cosine + j * row_spacing * col_cosine (LPS)
     i, j, k = 4, 7, 2
     lps = (
@@ -119,7 +119,7 @@ def test_volume_affine_matches_the_dicom_formula_in_ras():
 
 def test_volume_affine_without_orientation_is_identity_scaled_by_spacing():
     np.testing.assert_allclose(
-        dicom.volume_affine(None, None, (0.2, 0.15), 1.0), np.diag([0.15, 0.2, 1.0, 1.0])
+        geometry.volume_affine(None, None, (0.2, 0.15), 1.0), np.diag([0.15, 0.2, 1.0, 1.0])
     )
 
 

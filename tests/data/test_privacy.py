@@ -12,19 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from medtl.data.needles import identifying_needles, looks_identifying, safe_path, scan_for_phi
 from medtl.data.privacy import (
     age_band,
-    identifying_needles,
     key_created_message,
     load_aliases,
     load_key,
-    looks_identifying,
     normalise_sex,
     path_alias,
     resolve_alias,
-    safe_path,
     save_aliases,
-    scan_for_phi,
     scanner_code,
     site_code,
 )

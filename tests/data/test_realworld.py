@@ -135,7 +135,7 @@ def test_a_refusal_names_the_row_column_and_source_file_never_the_value(tmp_path
 def test_every_vocabulary_word_alone_or_beside_a_name_is_never_a_needle():
     # Unit-level and exhaustive: the needles built from a header value never include a word that
     # medtl writes by construction, and a real name beside it stays a needle.
-    from medtl.data.privacy import identifying_needles
+    from medtl.data.needles import identifying_needles
 
     words = sorted(output_vocabulary() | set(CLASSES))
     for word in words:

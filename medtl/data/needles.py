@@ -1,0 +1,288 @@
+"""Identifying needles, which paths are aliased, and the PHI scan of outputs.
+
+Needles are the identifying values of a data set (DICOM header values, labels-CSV patient IDs,
+non-generic path components) in every form they are likely to be written in: person names by
+component and in given-family order, DICOM dates as YYYY-MM-DD, the digit runs of IDs. What is
+generic (placeholders, medtl's own words, single common words, the class names) is never a
+needle: `medtl.vocabulary` decides, the same list for path aliasing and for both PHI guards.
+`scan_for_phi` is the last line of defence: the manifest builder runs it over every output
+before it lets a build succeed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from medtl.data.privacy import ProjectKey, parse_dicom_date, path_alias
+from medtl.vocabulary import generic_component, generic_value
+
+_MIN_NEEDLE = 3  # shorter values ("M", "1", "CT") would alias or flag nearly everything
+_MIN_DIGITS = 4  # digits-only values shorter than this ("12") are counters, not identifiers
+# Decimal numbers ("1.25" in a private tag) identify nobody but collide with spacings.
+_DECIMAL = re.compile(r"[+-]?\d*\.\d+")
+_LONG_DIGITS = re.compile(r"\d{6,}")
+# A person-name-shaped token inside any text: words joined by "^" (DICOM PN), e.g. "DOE^JANE".
+_CARETED = re.compile(r"[^\s^=]+(?:[\^=][^\s^=]*)+")
+
+
+@dataclass(frozen=True)
+class Needles:
+    """Case-folded identifying strings, each with a label naming its source (never the value).
+
+    Indexed so that checking a path part costs one lookup per character however many values a
+    data set holds (a scan per value would not scale).
+    """
+
+    labels: Mapping[str, str]
+    by_prefix: Mapping[str, tuple[str, ...]] = field(repr=False)
+
+    @property
+    def values(self) -> frozenset[str]:
+        """The needles themselves (for scans of later outputs; never written)."""
+        return frozenset(self.labels)
+
+    @functools.cached_property
+    def scan_index(self) -> tuple[dict[str, str], dict[str, list[str]], list[str]]:
+        """The needles `scan_for_phi` searches, indexed by their first three characters.
+
+        A scan then tries needles only where a word starts: one dict lookup per word, not one pass
+        over the text per identifying value. Digits-only needles under 5 digits are left out: they
+        collide with shapes and counts ("1024x1024").
+        """
+        patterns = {n: label for n, label in self.labels.items() if not (n.isdigit() and len(n) < 5)}
+        by_prefix: dict[str, list[str]] = {}
+        odd: list[str] = []
+        for needle in patterns:
+            (by_prefix.setdefault(needle[:3], []) if needle[0].isalnum() else odd).append(needle)
+        return patterns, by_prefix, odd
+
+    def found_in(self, text: str) -> bool:
+        """True if any needle occurs in `text` (case-insensitive substring)."""
+        folded = text.casefold()
+        for at in range(len(folded) - _MIN_NEEDLE + 1):
+            for needle in self.by_prefix.get(folded[at : at + _MIN_NEEDLE], ()):
+                if folded.startswith(needle, at):
+                    return True
+        return False
+
+
+def identifying_needles(
+    values: Iterable[str] | Iterable[tuple[str, str]] | Mapping[str, str], allowed: Iterable[str] = ()
+) -> Needles:
+    """The strings whose presence in an output or a path component identifies someone.
+
+    Each value counts whole; person names (any "^"-joined token, e.g. "DOE^JANE" inside a
+    description) also by component and as "given family"/"family given"; IDs that mix letters
+    and digits also by their run of 6+ digits ("MRN0012345" -> "0012345"); DICOM dates also as
+    YYYY-MM-DD, YYYY/MM/DD and YYYY.MM.DD. Left out: values and parts that are generic
+    (`medtl.vocabulary.generic_value`: placeholders, medtl's own words, single common words, and
+    the `allowed` values), parts under 3 characters, digits-only values under 4 digits, decimals.
+
+    Args:
+        values: Identifying values, or (value, source) pairs / a value -> source mapping, where
+            source says where the value came from ("PatientName of file alias:3fa2..."), never
+            the value itself.
+        allowed: Whole values the outputs hold by design (class names, extra subgroup values).
+
+    Returns:
+        The needles with their labels ("<source> (<form>)").
+    """
+    pairs = values.items() if isinstance(values, Mapping) else values
+    allowed = tuple(allowed)
+    labels: dict[str, str] = {}
+    for item in pairs:
+        value, source = (item, "") if isinstance(item, str) else item
+        for needle, form in needles_of(value, allowed=allowed):
+            labels.setdefault(needle, f"{source} ({form})" if source else form)
+    by_prefix: dict[str, list[str]] = {}
+    for needle in labels:
+        by_prefix.setdefault(needle[:_MIN_NEEDLE], []).append(needle)
+    return Needles(labels, {k: tuple(v) for k, v in by_prefix.items()})
+
+
+def needles_of(value: str, *, allowed: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """The (needle, form) pairs of one identifying value; see `identifying_needles`."""
+    text = " ".join(str(value).split()).casefold()
+    allowed = tuple(allowed)
+    if not text or _DECIMAL.fullmatch(text) or generic_value(text, allowed):
+        return []
+    out: list[tuple[str, str]] = []
+    if len(text) >= (_MIN_DIGITS if text.isdigit() else _MIN_NEEDLE):
+        out.append((text, _kind_of(text)))
+    for name in _CARETED.findall(text):
+        out.extend(_name_needles(name, allowed))
+    if re.search(r"[^\W\d_]", text) and "." not in text:
+        # Not for UIDs: their digit runs (org roots) are shared by unrelated files.
+        out.extend((run, "digits of an identifier") for run in _LONG_DIGITS.findall(text))
+    date = parse_dicom_date(text) if re.fullmatch(r"\d{8}(\d{6}(\.\d+)?)?([+-]\d{4})?", text) else None
+    if date is not None:
+        out.extend((form, "date") for form in (f"{date:%Y-%m-%d}", f"{date:%Y/%m/%d}", f"{date:%Y.%m.%d}",
+                                               f"{date:%Y%m%d}"))
+    return list(dict.fromkeys(out))
+
+
+def _name_needles(name: str, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+    """A "^"-joined name's needles: itself, its components, and given-family orders."""
+    parts = [p for p in re.split(r"[\^=]", name) if p]
+    if generic_value(" ".join(parts), allowed):
+        return []  # "ANONYMOUS^PATIENT", "NAME^PATIENT^NAME": placeholders, not a person
+    out = [(name, "person name")] if len(name) >= _MIN_NEEDLE else []
+    out.extend((p, "person-name component") for p in parts if len(p) >= _MIN_NEEDLE and not generic_value(p, allowed))
+    if len(parts) >= 2:
+        family, given = parts[0], parts[1]
+        out.extend((form, "person name") for form in (f"{given} {family}", f"{family} {given}", " ".join(parts)))
+    return out
+
+
+def _kind_of(text: str) -> str:
+    if parse_dicom_date(text) is not None and re.fullmatch(r"\d{8}.*", text):
+        return "date"
+    if re.fullmatch(r"[\d.]+", text) and text.count(".") >= 2:
+        return "UID"
+    if text.isdigit():
+        return "digits-only identifier"
+    if "^" in text:
+        return "person name"
+    return "identifying text value"
+
+
+def looks_identifying(component: str, allowed_words: Iterable[str] = ()) -> bool:
+    """True for a path component medtl cannot vouch for: not every token of it is generic.
+
+    See `medtl.vocabulary.generic_component`: split/class names, imaging and file words, short
+    numbers and hex/UUID tokens are generic; names, long numbers, dates and e-mail addresses
+    are not.
+
+    Example:
+        >>> looks_identifying("SMITH_JOHN"), looks_identifying("image_01.png")
+        (True, False)
+    """
+    return not generic_component(component, allowed_words)
+
+
+def identifying_components(relative: str | PurePosixPath, needles: Needles,
+                           allowed_words: Iterable[str] = ()) -> list[str]:
+    """Components of a relative path that hold a needle or are not generic."""
+    allowed_words = tuple(allowed_words)
+    return [c for c in PurePosixPath(relative).parts
+            if looks_identifying(c, allowed_words) or needles.found_in(c)]
+
+
+def safe_path(key: ProjectKey, relative: str | PurePosixPath, needles: Needles,
+              allowed_words: Iterable[str] = ()) -> str:
+    """The relative path as written to outputs: unchanged, or "alias:<hex>" if any part may identify.
+
+    Args:
+        key: The project key (aliases are keyed pseudonyms of the relative path).
+        relative: A path relative to the data root, with "/" separators.
+        needles: From `identifying_needles` over the identifying values of the data set.
+        allowed_words: More generic words (the words of the class names).
+
+    Returns:
+        The POSIX relative path, or its alias.
+    """
+    rel = PurePosixPath(relative).as_posix()
+    if identifying_components(rel, needles, allowed_words):
+        return path_alias(key, rel)
+    return rel
+
+
+# --- the PHI scan of outputs ------------------------------------------------------------------
+
+_HEX_TOKEN = re.compile(r"(?<![0-9a-z])[0-9a-f]{16,}(?![0-9a-z])")
+_SURE_LENGTH = 12  # a 12+ character value inside a hash by chance: ~1e-15 per position
+# Where a bounded match can start: a letter after a non-letter, a digit after a non-digit.
+_WORD_START = re.compile(r"(?<![^\W\d_])[^\W\d_]|(?<!\d)\d")
+
+
+def scan_for_phi(
+    texts_or_files: Mapping[str, str] | Iterable[str | os.PathLike[str]],
+    forbidden: Needles | Mapping[str, str] | Iterable[str],
+    allowed: Iterable[str] = (),
+) -> list[str]:
+    """Find identifying values in outputs; findings name the output and the source, never the value.
+
+    Matching is case-insensitive on whole words: a value must not continue into letters (for a
+    value ending in a letter) or digits (ending in a digit), so "Ned" does not hit "quarantined".
+    Needles are built by `identifying_needles` (person names also by component, DICOM dates also
+    as YYYY-MM-DD, ...; generic values such as placeholders, medtl's own words and the `allowed`
+    class names are never needles). Digits-only needles under 5 digits are not searched: they
+    collide with shapes and counts ("1024x1024"). Matches of short values inside long hex
+    tokens (hashes, pseudonyms) are chance and ignored.
+
+    Args:
+        texts_or_files: A mapping output name -> text, or an iterable of files (`Path`) and
+            texts (`str`, named "text 1", "text 2", ...).
+        forbidden: `Needles`, or identifying values (a mapping value -> source, e.g. "DICOM
+            PatientName of file alias:..."), from which needles are built.
+        allowed: Whole values the outputs hold by design (class names), when `forbidden` are values.
+
+    Returns:
+        One line per (output, needle label) found, e.g. "manifest.csv: contains the PatientName
+        of file a/b.dcm (person name)".
+    """
+    needles = forbidden if isinstance(forbidden, Needles) else identifying_needles(forbidden, allowed)
+    patterns, by_prefix, odd = needles.scan_index
+    findings: list[str] = []
+    for name, text in _iter_outputs(texts_or_files):
+        folded = text.casefold()
+        hex_spans = [m.span() for m in _HEX_TOKEN.finditer(folded)]
+        hex_starts = [a for a, _ in hex_spans]
+        hits: set[str] = set()
+        for match in _WORD_START.finditer(folded):
+            at = match.start()
+            for needle in by_prefix.get(folded[at : at + 3], ()):
+                if folded.startswith(needle, at) and _counts(folded, at, needle, hex_spans, hex_starts):
+                    hits.add(patterns[needle])
+        for needle in odd:
+            at = folded.find(needle)
+            while at >= 0:
+                if _counts(folded, at, needle, hex_spans, hex_starts):
+                    hits.add(patterns[needle])
+                    break
+                at = folded.find(needle, at + 1)
+        findings.extend(f"{name}: contains {_article(label)}" for label in sorted(hits))
+    return findings
+
+
+def _article(label: str) -> str:
+    return label if label.startswith(("the ", "a ", "an ")) else f"a {label}"
+
+
+def _iter_outputs(texts_or_files) -> Iterable[tuple[str, str]]:
+    if isinstance(texts_or_files, Mapping):
+        yield from ((str(k), str(v)) for k, v in texts_or_files.items())
+        return
+    count = 0
+    for item in texts_or_files:
+        if isinstance(item, os.PathLike):
+            path = Path(item)
+            yield path.name, path.read_text(encoding="utf-8", errors="replace")
+        else:
+            count += 1
+            yield f"text {count}", str(item)
+
+
+def _counts(text: str, start: int, needle: str, hex_spans: list[tuple[int, int]], hex_starts: list[int]) -> bool:
+    end = start + len(needle)
+    if not _bounded(text, start, end):
+        return False
+    if len(needle) >= _SURE_LENGTH:
+        return True
+    i = bisect.bisect_right(hex_starts, start) - 1
+    return not (i >= 0 and end <= hex_spans[i][1])
+
+
+def _bounded(text: str, start: int, end: int) -> bool:
+    def same_class(a: str, b: str) -> bool:
+        return (a.isalpha() and b.isalpha()) or (a.isdigit() and b.isdigit())
+
+    before = start == 0 or not same_class(text[start - 1], text[start])
+    after = end == len(text) or not same_class(text[end - 1], text[end])
+    return before and after
