@@ -66,6 +66,10 @@ GENERIC_PATH_WORDS = frozenset(
     readme notes note info meta metadata log logs misc other others extra extras bad good corrupt corrupted truncated empty broken
     excluded exclude included include qc failed pass ok done backup archive archives cache list table
     report reports summary anat func fmap dwi derivatives sourcedata
+    imaging imagestr labelstr imagests labelsts task tasks view views acq desc rec echo stage phase
+    fmriprep freesurfer nnunet decathlon msd kaggle challenge public private
+    brats kits lits lidc idri isic oasis oas chexpert mimic nih rsna luna amos tcia tcga adni ixi abide hcp
+    fastmri medmnist totalsegmentator t1ce t1gd t2f t1n flair
     txt csv tsv json jsonl xml yaml yml md rst html htm ini cfg toml dump pdf doc docx xls xlsx odt ods
     sha md5 zip tar tgz bz2 xz 7z mgz mnc hdr nhdr zarr hdf5 mat pkl pt pth ckpt gif webp""".split()
 )
@@ -84,7 +88,7 @@ MEDTL_WORDS = frozenset(
     modality modalities voxel voxels spacing spacings affine ras lps bootstrap bootstrapped
     auditable audited audit audits inconclusive suppressed suppression amplification
     calibration recalibration tpr fpr fnr tnr ppv npv sensitivity specificity
-    adamw addr argmax baseline box bsd bytes cda charset chen chmod chs cis classify cls com conv cublas
+    adamw addr argmax baseline box bsd bytes cda charset chmod chs cis classify cls com conv cublas
     dannmodel dataclass deidentification denseblock denselayer dhw dicomdir dict dicts doctype downsample
     dseg ecg eeg embeddings emg emsp encoders env eps ethnicity figcaption filesystem fontsize frameon gaussian
     getaffinity github google grl has hdf held hexadecimal href huggingface hyperparameters incl inf init
@@ -93,17 +97,29 @@ MEDTL_WORDS = frozenset(
     offline omp online ovr pilreader pixel pixels plugin posix preprocessing quic relu rerender rgba rng rtimage
     safetensors sched scikit scn sgd shortcut signoff softmax sqlite str summarise tbody tencent thead titlesize
     toplevel tuple urandom uri utc utf var vermillion viewport voilutsequence warmup waveform whitespace
-    workspace ymwdymwd zscore okabe ito backend debug stderr stdout traceback tracebacks venv""".split()
+    workspace ymwdymwd zscore backend debug stderr stdout traceback tracebacks venv byte spreadsheet surrogateescape""".split()
 )
 
 # Short function words that, inside a longer value, say nothing about anyone.
 _STOP_WORDS = frozenset("a an and at by de del der di du for in la le of on or the to van von w wo with".split())
 
-_HEX = re.compile(r"(?<![0-9a-z])(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}(?![0-9a-z])")
+# A hash-like token (content hashes, Kaggle/ISIC-style ids): 12+ hex characters mixing letters and
+# digits, without a run of 6+ digits (a run that long is a date or an ID inside letters:
+# "E1234567", "abe19570722").
+_HEX = re.compile(r"(?<![0-9a-z])(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])(?![0-9a-f]*\d{6})[0-9a-f]{12,}(?![0-9a-z])")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _TOKEN = re.compile(r"[^\W\d_]+|\d+")
+# A person-name-shaped token inside any text: words joined by "^" (DICOM PN), e.g. "DOE^JANE".
+CARETED = re.compile(r"[^\s^=]+(?:[\^=][^\s^=]*)+")
 # Three numbers in a row (12-25-1957, 1957.3.9, 25_12_57): a date in some order.
-_THREE_NUMBERS = re.compile(r"(?<!\d)(\d{1,4})[-_. /](\d{1,2})[-_. /](\d{1,4})(?!\d)")
+_THREE_NUMBERS = re.compile(r"(?<!\d)(\d{1,4})[-_. /,]+(\d{1,2})[-_. /,]+(\d{1,4})(?!\d)")
+_YEAR_MONTH = re.compile(r"(?<!\d)(?:(?:19|20)\d\d[-_. /]+(?:0?[1-9]|1[0-2])|(?:0?[1-9]|1[0-2])[-_. /]+(?:19|20)\d\d)(?!\d)")
+# Case-sensitive, so the modality in "MR BRAIN" is no title.
+_TITLED_NAME = re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Sir|Herr|Frau|Sr|Sra|Mme|Mlle)\b\.?\s+[A-ZÀ-Þ][^\W\d_]+")
+# Two single letters in a row ("J.D", "j_d_0042", "J. D"): a person's initials.
+_INITIALS = re.compile(r"(?<![^\W\d_])[^\W\d_][\W_]+[^\W\d_](?![^\W\d_])")
+_DIGIT_GROUPS = re.compile(r"\d+(?:[-_. /()+,]+\d+){2,}")
+_MAX_TEXT_DIGITS = 4  # numbers in a description ("Lung 1.25mm", "T1 3D"); longer ones are IDs or dates
 _MAX_GENERIC_DIGITS = 5  # file counters (train_00001); six or more digits are read as IDs
 
 
@@ -149,33 +165,65 @@ def _stems(word: str) -> Iterable[str]:
                 yield base[:-1]  # dropped -> drop, mapping -> map, bigger -> big
 
 
-def generic_value(value: str, allowed: Iterable[str] = ()) -> bool:
+def generic_value(value: str, allowed: Iterable[str] = (), *, kind: str = "text") -> bool:
     """True when a header value (or a part of one) cannot identify anyone on its own.
 
     Args:
         value: The value, e.g. a PatientName, a name component or a description.
-        allowed: Whole values the outputs hold by design (class names, extra subgroup values).
+        allowed: Whole values the outputs hold by design (the class names).
+        kind: What the value is. "person": a person's name (DICOM PN, a "^"-joined token, a
+            name-like patient_id): several words are generic only when every one is a
+            placeholder ("TEST^PATIENT"); "GRAY^VAL" or "BROWN^ROSE" are names even though each
+            word is common. "name": the name or number of a place, device or record
+            (InstitutionName, StationName, IDs): several words are generic only when every one
+            is a placeholder, medtl or imaging word, and a digit makes it an identifier. "text":
+            a description or comment: a phrase of common words and short numbers is generic
+            ("Routine Chest", "Lung 1.25mm").
 
     Returns:
-        True for a value that is one of `allowed`, a single common word, or several words all of
-        which are placeholders, medtl or imaging vocabulary (digits make a value an identifier).
+        True for one of `allowed`, a single common word, or several words that are generic for
+        the kind; a date, a long number or a rare word ("Kowalski") is never generic.
 
     Example:
-        >>> generic_value("ANONYMOUS^PATIENT"), generic_value("TEST"), generic_value("DOE^JANE")
-        (True, True, False)
+        >>> generic_value("ANONYMOUS^PATIENT", kind="person"), generic_value("TEST"), generic_value("Routine Chest")
+        (True, True, True)
+        >>> generic_value("DOE^JANE", kind="person"), generic_value("TEST-001"), generic_value("St Mary", kind="name")
+        (False, False, False)
     """
     text = " ".join(str(value).split()).casefold()
     if not text or text in {" ".join(str(a).split()).casefold() for a in allowed}:
         return True
     if text in MEDTL_WORDS or text in GENERIC_PATH_WORDS:
         return True  # also the ones with digits: "sha256", "bf16", "t1w"
+    if kind != "person" and any(not generic_value(name, allowed, kind="person") for name in CARETED.findall(text)):
+        return False  # a person's name inside other text: "series of DOE^JANE"
+    if kind == "text" and _TITLED_NAME.search(str(value)):
+        return False  # "Mr Smithers", "Dr. Brown": a title before a capitalised word names a person
     tokens = words_of(text)
-    if not tokens or any(t.isdigit() for t in tokens):
-        return not tokens
-    if len(tokens) == 1:
-        return len(tokens[0]) < 3 or common_word(tokens[0])
-    return all(len(t) == 1 or t in _STOP_WORDS or t in PLACEHOLDER_WORDS or t in MEDTL_WORDS
-               or t in GENERIC_PATH_WORDS for t in tokens)
+    letters = [t for t in tokens if not t.isdigit()]
+    digits = [t for t in tokens if t.isdigit()]
+    if not tokens:
+        return True
+    if _date_like(text) or any(len(d) > _MAX_TEXT_DIGITS for d in digits):
+        return False
+    if kind != "text" and digits and any(len(d) > 2 for d in digits):
+        return False  # an identifier such as "TEST-001" or "MRN123"
+    if kind == "text" and digits and not _phrase(text, letters) and any(len(d) > 2 for d in digits):
+        return False  # digits in a value without spaces: an identifier, whatever its attribute
+    if len(letters) == 1:
+        return len(letters[0]) < 3 or common_word(letters[0])
+    if kind == "person":
+        return all(len(t) == 1 or t in _STOP_WORDS or t in PLACEHOLDER_WORDS for t in letters)
+    if kind == "name":
+        return all(len(t) == 1 or t in _STOP_WORDS or t in PLACEHOLDER_WORDS or t in MEDTL_WORDS
+                   or t in GENERIC_PATH_WORDS for t in letters)
+    # A description ("Routine Chest", "Lung 1.25mm", "CT CHEST W/O CONTRAST"): common words, units.
+    return all(len(t) <= 2 or t in _STOP_WORDS or common_word(t) for t in letters)
+
+
+def _phrase(text: str, letters: list[str]) -> bool:
+    """Free text rather than an identifier: words separated by spaces, two of them real words."""
+    return " " in text and sum(1 for t in letters if len(t) >= 3) >= 2
 
 
 def generic_component(component: str, allowed_words: Iterable[str] = ()) -> bool:
@@ -185,6 +233,12 @@ def generic_component(component: str, allowed_words: Iterable[str] = ()) -> bool
         component: One part of a relative path, e.g. "train_00001.png" or "DOE_JANE".
         allowed_words: More generic words (the words of the labels CSV's class names).
 
+    Returns:
+        False for names (any word not on the lists), initials ("J.D"), dates in any order, a
+        year and month, numbers of 6+ digits, three or more groups of digits with 7+ digits in
+        all (phone numbers, social security numbers), e-mail addresses, and names that are not
+        valid text (undecodable bytes, control characters); True when every token is generic.
+
     Example:
         >>> generic_component("train_00001.png"), generic_component("chest_john_smith.png")
         (True, False)
@@ -192,9 +246,11 @@ def generic_component(component: str, allowed_words: Iterable[str] = ()) -> bool
         (False, True)
     """
     text = str(component).casefold()
-    if _date_like(text):
+    if not text.isprintable() or any(0xD800 <= ord(c) <= 0xDFFF for c in text) or "@" in text:
         return False
     text = _HEX.sub(" ", _UUID.sub(" ", text))
+    if _date_like(text) or _YEAR_MONTH.search(text) or _INITIALS.search(text) or _number_groups(text):
+        return False
     allowed = {w.casefold() for w in allowed_words}
     for token in words_of(text):
         if token.isdigit():
@@ -202,7 +258,12 @@ def generic_component(component: str, allowed_words: Iterable[str] = ()) -> bool
                 return False
         elif len(token) > 1 and token not in GENERIC_PATH_WORDS and token not in allowed:
             return False
-    return "@" not in text
+    return True
+
+
+def _number_groups(text: str) -> bool:
+    """Three or more groups of digits with 7+ digits in all: a phone or social security number."""
+    return any(sum(c.isdigit() for c in m.group()) >= 7 for m in _DIGIT_GROUPS.finditer(text))
 
 
 def _date_like(text: str) -> bool:

@@ -18,6 +18,7 @@ import re
 import warnings
 from collections.abc import Iterator
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -275,8 +276,28 @@ def identifying_values(ds: Dataset) -> frozenset[tuple[str, str]]:
     for source in (meta, ds):
         if source is not None:
             for field, vr, value in _walk(source, inside_identifying=False, inside_private=False):
-                found.update((text, field) for text in _texts(vr, value) if _worth_keeping(text))
+                kind = "person" if vr == "PN" else attribute_kind(field)
+                found.update((text, field) for text in _texts(vr, value) if _worth_keeping(text, kind, vr))
     return frozenset(found)
+
+
+# Attributes naming or numbering a person, place, device or record: several common words there
+# ("St Mary", "General Hospital") still name something; descriptions and comments are free text.
+_NAME_ATTRIBUTE = re.compile(r"Name|Address|Institution|Station|Location|Residence|Telephone|Telecom|ID$|IDs|"
+                             r"Identifier|Number|UID|Date|Time|Age$|Sex$|Birth|Issuer|Serial")
+
+
+def attribute_kind(attribute: str) -> str:
+    """How `medtl.vocabulary.generic_value` reads a value of this attribute: person, name or text.
+
+    "person" for person names (VR PN), "name" for attributes that name or number something
+    (InstitutionName, StationName, IDs, dates), "text" for descriptions, comments and private
+    strings.
+    """
+    with contextlib.suppress(KeyError, ValueError):
+        if dictionary_VR(attribute) == "PN":
+            return "person"
+    return "name" if _NAME_ATTRIBUTE.search(attribute) and not attribute.startswith("private") else "text"
 
 
 def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Iterator[tuple[str, str, object]]:
@@ -346,8 +367,9 @@ def _texts(vr: str, value: object) -> Iterator[str]:
             yield text
 
 
-def _worth_keeping(value: str) -> bool:
-    if len(value) < MIN_VALUE_LENGTH or generic_value(value):
+def _worth_keeping(value: str, kind: str, vr: str) -> bool:
+    # UIDs, dates and AE titles identify whatever words they hold; other values unless generic.
+    if len(value) < MIN_VALUE_LENGTH or (vr not in _ALWAYS_VRS - {"PN"} and generic_value(value, kind=kind)):
         return False
     # Zero dates and dummy values ("00000000", "0.0.0") and fragments such as "e+1" carry nothing.
     return bool(value.strip("0.-^ :+")) and sum(c.isalnum() for c in value) >= MIN_VALUE_LENGTH

@@ -229,17 +229,16 @@ def assemble_series(images: Iterable[DicomImage]) -> tuple[list[Study], list[Rej
     for members in by_series.values():
         header = _series_header(members)  # copies too: their values must be scanned for as well
         slices: list[DicomImage] = []
-        seen: set[str] = set()
+        seen: dict[str, Path] = {}
         for image in members:
             if image.path in copies:
                 continue
             if image.file_digest in seen:
                 # A byte-identical copy would count the same image twice (and could leak across splits).
-                rejections.append(
-                    Rejection(image.path, "skipped", "identical copy of another file of this series")
-                )
+                rejections.append(Rejection(image.path, "skipped", "identical copy of another file of this series",
+                                            copy_of=seen[image.file_digest]))
                 continue
-            seen.add(image.file_digest)
+            seen[image.file_digest] = image.path
             if image.n_frames > 1:
                 studies.append(
                     Study((image.path,), "dicom_series", image.modality, header, _tilt_notes(image))
@@ -281,7 +280,8 @@ def _other_encodings(images: list[DicomImage]) -> dict[Path, Rejection]:
             for image, copy in zip(rest, same, strict=True):
                 if copy and _encoding(image) != _encoding(best):
                     dropped[image.path] = Rejection(
-                        image.path, "skipped", "another copy of the same DICOM instance in another encoding"
+                        image.path, "skipped", "another copy of the same DICOM instance in another encoding",
+                        copy_of=best.path,
                     )
     return dropped
 

@@ -38,6 +38,9 @@ class _Disk:
         """Studies a labels path points at: [] if it exists without studies, None if missing."""
         if rel in self.study_of:
             return [self.study_of[rel]]
+        copy_of = self.rejected[rel].copy_of if rel in self.rejected else None
+        if copy_of is not None and self.rel(copy_of) in self.study_of:
+            return [self.study_of[self.rel(copy_of)]]  # a labelled copy is served by the file it copies
         if rel == ".":
             return list(range(len(self.studies)))
         if rel in self.below:

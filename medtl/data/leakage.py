@@ -134,14 +134,14 @@ def _id_conflicts(records: Sequence[dict]) -> tuple[list[str], dict[str, int]]:
     warnings = []
     if split_ids:
         warnings.append(
-            f"labels CSV patient_id disagrees with the DICOM PatientID: {len(split_ids)} DICOM patients carry several "
-            f"patient_id values (labels CSV rows {_rows_text(records, split_ids)}); their rows were kept in one "
+            f"labels CSV patient_id disagrees with the DICOM PatientID: {_count(len(split_ids), 'DICOM patient')} "
+            f"{'carries' if len(split_ids) == 1 else 'carry'} several patient_id values (labels CSV rows {_rows_text(records, split_ids)}); their rows were kept in one "
             f"split; check the patient_id column"
         )
     if merged_ids:
         warnings.append(
-            f"labels CSV patient_id disagrees with the DICOM PatientID: {len(merged_ids)} patient_id values cover "
-            f"several DICOM patients (labels CSV rows {_rows_text(records, merged_ids)}); check the patient_id column"
+            f"labels CSV patient_id disagrees with the DICOM PatientID: {_count(len(merged_ids), 'patient_id value')} "
+            f"{'covers' if len(merged_ids) == 1 else 'cover'} several DICOM patients (labels CSV rows {_rows_text(records, merged_ids)}); check the patient_id column"
         )
     return warnings, {"patient_id_conflicts": len(split_ids) + len(merged_ids)}
 
@@ -174,6 +174,10 @@ def check_given_splits(records: Sequence[dict], groups: SplitGroups) -> None:
             f"under several patient_id values, must be in one split, not several; give them the same split or "
             f"remove the duplicate rows"
         )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _rows_text(records: Sequence[dict], groups: list[list[int]], *, splits: bool = False) -> str:

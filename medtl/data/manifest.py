@@ -29,9 +29,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from medtl.data import discover as discovery
+from medtl.data.deid import attribute_kind
 from medtl.data.inventory import _Disk, _inside, _Namer, _row_id, _scan_disk, _series_identity
 from medtl.data.leakage import SplitGroups, check_given_splits, split_groups
-from medtl.data.needles import Needles, identifying_needles
+from medtl.data.needles import Needles, identifying_needles, looks_identifying, needles_of
 from medtl.data.output_guard import _held_messages, _write_checked
 from medtl.data.privacy import (
     UNKNOWN,
@@ -144,10 +145,16 @@ def read_labels(labels_csv: Path, subgroup_columns: Sequence[str] = ()) -> list[
         raise InputError(f"labels CSV must be an existing file, not missing ({name}); check the path")
     try:
         table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        line = Path(labels_csv).read_bytes()[: err.start].count(b"\n") + 1
         raise InputError(
-            f"{name} must be a UTF-8 comma-separated table with a header row, not unreadable "
-            f"({type(err).__name__}); save it as CSV"
+            f"{name} must be UTF-8 text, not another encoding (the first byte that is not UTF-8 is on line {line}); "
+            f"save it as 'CSV UTF-8' in your spreadsheet program"
+        ) from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(
+            f"{name} must be a comma-separated table with a header row, not unreadable ({type(err).__name__}); "
+            f"save it as CSV"
         ) from err
     table.columns = [str(c).strip().lower() for c in table.columns]
     extras = _check_columns(name, list(table.columns), subgroup_columns)
@@ -199,6 +206,10 @@ def extra_subgroups(subgroup_columns: Sequence[str]) -> list[str]:
 
 def _check_columns(name: str, columns: list[str], subgroup_columns: Sequence[str]) -> list[str]:
     if "path" not in columns:
+        separator = next((s for s in (";", "\t", "|") if len(columns) == 1 and s in columns[0]), None)
+        if separator:
+            raise InputError(f"{name} must be comma-separated, not separated by {separator!r}; save it as CSV with "
+                             f"commas (a 'path' column, relative to the data root)")
         raise InputError(f"{name} must have a 'path' column, not only {columns}; add it (relative to the data root)")
     if "label" not in columns and "mask" not in columns:
         raise InputError(f"{name} must have a 'label' and/or 'mask' column, not neither; add the targets")
@@ -252,6 +263,7 @@ def build_manifest(
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
     k_min: int = 11,
     progress: bool = True,
+    exclude: Sequence[Path] = (),
 ) -> ManifestResult:
     """Build the manifest CSV and its sidecar `out_csv.with_suffix(".json")`.
 
@@ -265,6 +277,8 @@ def build_manifest(
         fractions: Train/val/test fractions for patients without a given split.
         k_min: Smallest acceptable k-anonymity over (sex, age_band, site); below it, a warning.
         progress: Show progress bars.
+        exclude: More files under `root` that are not data (a published copy of this manifest
+            and its sidecar); the outputs themselves are always left out.
 
     Returns:
         A `ManifestResult`.
@@ -285,12 +299,13 @@ def build_manifest(
     key = load_key(key_file)
     labels = read_labels(labels_csv, subgroup_columns)
     extras = extra_subgroups(subgroup_columns)
-    outputs = {_inside(root, p) for p in (out_csv, sidecar_json)} - {None}
+    extra = [Path(p).resolve() for p in exclude]
+    outputs = {_inside(root, p) for p in (out_csv, sidecar_json, *extra)} - {None}
     with _held_messages() as (held_logs, held_warnings):
         disk = _scan_disk(root, outputs, progress)
         rows, fate, notes = _rows(key, disk, labels, labels_csv, progress)
     allowed = _class_names(labels)
-    namer = _Namer(key, identifying_needles(_identifying_sources(disk, labels), allowed), _class_words(labels))
+    namer = _namer(key, disk, labels, allowed)
     records = [r for r in rows if "id" in r]
     if not records:
         raise InputError(
@@ -319,7 +334,7 @@ def build_manifest(
         patients=int(table["patient"].nunique()), counts=sidecar["counts"],
         split_rows={s: int((table["split"] == s).sum()) for s in SPLITS},
         k_anonymity=sidecar["k_anonymity"]["k"], warnings=tuple(messages),
-        forbidden={**needles.labels, str(root): "the data folder path"},
+        forbidden={**needles.labels, **_raw_values(disk, labels, namer, allowed), str(root): "the data folder path"},
     )
 
 
@@ -339,9 +354,17 @@ def _match(disk: _Disk, labels: list[LabelRow], labels_csv: Path):
     mask_studies = set(masks.values())
     targeted: dict[int, list[int]] = {}
     claimed: dict[int, int] = {}
-    for row in labels:
+    # Rows naming a copy of another file (served by that file's study) come last: a row naming
+    # the original keeps it, the copy's row is then reported as not used.
+    is_copy = {row.number: row.path in disk.rejected and disk.rejected[row.path].copy_of is not None for row in labels}
+    for row in sorted(labels, key=lambda r: is_copy[r.number]):
         found = disk.targets(row.path)
         targeted[row.number] = [i for i in found or [] if i not in mask_studies]
+        if is_copy[row.number] and any(i in claimed for i in targeted[row.number]):
+            problems[row.number] = (f"its file is a copy of the image of labels CSV row "
+                                    f"{claimed[targeted[row.number][0]]}, which is used")
+            targeted[row.number] = []
+            continue
         if found is None:
             problems.setdefault(row.number, "no file or folder at this path")
         elif not targeted[row.number]:
@@ -478,13 +501,16 @@ def _study_year(study_date: str) -> int | None:
 
 
 def placeholder_id(patient_id: str) -> bool:
-    """True for a DICOM PatientID that names nobody ("ANONYMOUS", "0", "00000"): treated as absent.
+    """True for a DICOM PatientID that names nobody ("ANONYMOUS", "TEST", "0", "00000"): treated as absent.
+
+    Read like a person's name: only placeholders and single common words, without digits, are
+    placeholders; "CASE-1" or "PAT-7731" identify a patient.
 
     De-identified public collections often give every file the same placeholder; used as an
     identity it would make one patient (and one split) of the whole data set.
     """
     text = (patient_id or "").strip()
-    return not text.strip("0-_. ") or len(text) < 2 or generic_value(text)
+    return not text.strip("0-_. ") or len(text) < 2 or generic_value(text, kind="person")
 
 
 def _table(records: list[dict], extras: list[str], seed: int, fractions, groups: SplitGroups) -> pd.DataFrame:
@@ -529,17 +555,43 @@ def _identifying_sources(disk: _Disk, labels: list[LabelRow], name=None) -> list
     for study in disk.studies:
         if study.header is not None:
             where = f" of file {name(disk.rel(study.files[0]))}" if name else ""
-            sources.extend((value, f"the DICOM {keyword}{where}" if name else "")
+            sources.extend((value, f"the DICOM {keyword}{where}" if name else "", attribute_kind(keyword))
                            for value, keyword in study.header.identifying_values)
-    sources.extend((row.patient_id, f"the patient_id of labels CSV row {row.number}" if name else "")
+    # A patient_id without digits ("Garcia, Maria") is a name: its parts count alone too.
+    sources.extend((row.patient_id, f"the patient_id of labels CSV row {row.number}" if name else "",
+                    "name" if any(c.isdigit() for c in row.patient_id) else "person")
                    for row in labels if row.patient_id)
     return sources
+
+
+def _raw_values(disk: _Disk, labels: list[LabelRow], namer: _Namer, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The identifying values as stored ("DOE^JANE"), beside their normalised needles ("doe jane"):
+    later scans of MLflow runs match bytes, and a value may reach them in either form."""
+    return {value: label for value, label, kind in _identifying_sources(disk, labels, namer)
+            if needles_of(value, allowed=allowed, kind=kind)}
+
+
+def _namer(key: ProjectKey, disk: _Disk, labels: list[LabelRow], allowed: tuple[str, ...]) -> _Namer:
+    """The namer of this build's paths, checking every part against every needle the scan will use.
+
+    The non-generic components of all paths are needles too (a folder "E1234567" makes a file
+    "1234567.png" elsewhere identifying), and they are found before anything is named, so that no
+    path written in clear can hold a needle the final scan looks for.
+    """
+    words = _class_words(labels)
+    parts = {p for rel in (*disk.files, *(r.path for r in labels), *(r.mask for r in labels if r.mask))
+             for p in PurePosixPath(rel).parts}
+    flagged = sorted(p for p in parts if looks_identifying(p, words))
+    sources = [*_identifying_sources(disk, labels), *((p, "", "name") for p in flagged)]
+    namer = _Namer(key, identifying_needles(sources, allowed), words)
+    namer.flagged.update(flagged)
+    return namer
 
 
 def _needles(disk: _Disk, labels: list[LabelRow], namer: _Namer, allowed: tuple[str, ...]) -> Needles:
     """Every identifying value the outputs must not hold, each labelled with its file or row."""
     sources = _identifying_sources(disk, labels, namer)
-    sources.extend((component, "an identifying file or folder name") for component in sorted(namer.flagged))
+    sources.extend((part, "an identifying file or folder name", "name") for part in sorted(namer.flagged))
     return identifying_needles(sources, allowed)
 
 
@@ -587,6 +639,12 @@ def _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, na
     quarantined = counts["quarantined"]
     if quarantined:
         messages.append(f"{quarantined} files were quarantined as bad input (see 'files_not_used')")
+    empty = [s for s in SPLITS if not (table["split"] == s).any()]
+    if empty:
+        messages.append(
+            f"no rows in split {' and '.join(empty)}: {table['patient'].nunique()} patients (split groups) are too few "
+            f"for the fractions {'/'.join(f'{f:g}' for f in fractions)}, or the split column names none; a workflow "
+            f"run needs train, val and test rows")
     k_info = _k_anonymity(table, k_min)
     if k_info["k"] is not None and k_info["k"] < k_min:
         messages.append(

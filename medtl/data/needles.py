@@ -20,20 +20,29 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from medtl.data.privacy import ProjectKey, parse_dicom_date, path_alias
-from medtl.vocabulary import generic_component, generic_value
+from medtl.vocabulary import CARETED, generic_component, generic_value
 
 _MIN_NEEDLE = 3  # shorter values ("M", "1", "CT") would alias or flag nearly everything
 _MIN_DIGITS = 4  # digits-only values shorter than this ("12") are counters, not identifiers
 # Decimal numbers ("1.25" in a private tag) identify nobody but collide with spacings.
 _DECIMAL = re.compile(r"[+-]?\d*\.\d+")
 _LONG_DIGITS = re.compile(r"\d{6,}")
-# A person-name-shaped token inside any text: words joined by "^" (DICOM PN), e.g. "DOE^JANE".
-_CARETED = re.compile(r"[^\s^=]+(?:[\^=][^\s^=]*)+")
+_NAME_SPLIT = re.compile(r"[\s,^=]+")
+_SEPARATORS = re.compile(r"[\W_]+")
+
+
+def normalise(text: str) -> str:
+    """Case-folded, every run of separators (space, punctuation, "_", "^") as one space.
+
+    Needles and the text searched are both normalised, so "DOE^JANE", "Doe, Jane" and
+    "doe_jane" meet, and so do "2019-07-22" and "2019.07.22".
+    """
+    return _SEPARATORS.sub(" ", str(text).casefold()).strip()
 
 
 @dataclass(frozen=True)
 class Needles:
-    """Case-folded identifying strings, each with a label naming its source (never the value).
+    """Normalised identifying strings (`normalise`), each with a label naming its source (never the value).
 
     Indexed so that checking a path part costs one lookup per character however many values a
     data set holds (a scan per value would not scale).
@@ -48,7 +57,7 @@ class Needles:
         return frozenset(self.labels)
 
     @functools.cached_property
-    def scan_index(self) -> tuple[dict[str, str], dict[str, list[str]], list[str]]:
+    def scan_index(self) -> tuple[dict[str, str], dict[str, list[str]]]:
         """The needles `scan_for_phi` searches, indexed by their first three characters.
 
         A scan then tries needles only where a word starts: one dict lookup per word, not one pass
@@ -57,14 +66,13 @@ class Needles:
         """
         patterns = {n: label for n, label in self.labels.items() if not (n.isdigit() and len(n) < 5)}
         by_prefix: dict[str, list[str]] = {}
-        odd: list[str] = []
         for needle in patterns:
-            (by_prefix.setdefault(needle[:3], []) if needle[0].isalnum() else odd).append(needle)
-        return patterns, by_prefix, odd
+            by_prefix.setdefault(needle[:3], []).append(needle)
+        return patterns, by_prefix
 
     def found_in(self, text: str) -> bool:
-        """True if any needle occurs in `text` (case-insensitive substring)."""
-        folded = text.casefold()
+        """True if any needle occurs in `text`, normalised (a substring, not only whole words)."""
+        folded = normalise(text)
         for at in range(len(folded) - _MIN_NEEDLE + 1):
             for needle in self.by_prefix.get(folded[at : at + _MIN_NEEDLE], ()):
                 if folded.startswith(needle, at):
@@ -73,32 +81,35 @@ class Needles:
 
 
 def identifying_needles(
-    values: Iterable[str] | Iterable[tuple[str, str]] | Mapping[str, str], allowed: Iterable[str] = ()
+    values: Iterable[str] | Iterable[tuple] | Mapping[str, str], allowed: Iterable[str] = ()
 ) -> Needles:
     """The strings whose presence in an output or a path component identifies someone.
 
-    Each value counts whole; person names (any "^"-joined token, e.g. "DOE^JANE" inside a
-    description) also by component and as "given family"/"family given"; IDs that mix letters
-    and digits also by their run of 6+ digits ("MRN0012345" -> "0012345"); DICOM dates also as
-    YYYY-MM-DD, YYYY/MM/DD and YYYY.MM.DD. Left out: values and parts that are generic
-    (`medtl.vocabulary.generic_value`: placeholders, medtl's own words, single common words, and
-    the `allowed` values), parts under 3 characters, digits-only values under 4 digits, decimals.
+    Each value counts whole; person names (DICOM PN values, name-like patient IDs, and any
+    "^"-joined token inside other text, e.g. "DOE^JANE" in a description) also by component
+    and as "given family"/"family given"; IDs that mix letters and digits also by their run of
+    6+ digits ("MRN0012345" -> "0012345"); DICOM dates also year-first, day-first and
+    month-first with any separator. Left out: values and parts that are generic
+    (`medtl.vocabulary.generic_value`: placeholders, medtl's own words, single common words,
+    descriptions made of common words, and the `allowed` class names), parts under 3
+    characters, digits-only values under 4 digits, decimals.
 
     Args:
-        values: Identifying values, or (value, source) pairs / a value -> source mapping, where
-            source says where the value came from ("PatientName of file alias:3fa2..."), never
-            the value itself.
-        allowed: Whole values the outputs hold by design (class names, extra subgroup values).
+        values: Identifying values; or (value, source) or (value, source, kind) tuples, or a
+            value -> source mapping, where source says where the value came from ("the DICOM
+            PatientName of file alias:3fa2..."), never the value itself, and kind is how
+            `medtl.vocabulary.generic_value` reads it ("person", "name" or "text", the default).
+        allowed: Whole values the outputs hold by design (the class names).
 
     Returns:
-        The needles with their labels ("<source> (<form>)").
+        The needles (normalised) with their labels ("<source> (<form>)").
     """
-    pairs = values.items() if isinstance(values, Mapping) else values
+    items = values.items() if isinstance(values, Mapping) else values
     allowed = tuple(allowed)
     labels: dict[str, str] = {}
-    for item in pairs:
-        value, source = (item, "") if isinstance(item, str) else item
-        for needle, form in needles_of(value, allowed=allowed):
+    for item in items:
+        value, source, kind = (item, "", "text") if isinstance(item, str) else (*item, "text")[:3]
+        for needle, form in needles_of(value, allowed=allowed, kind=kind):
             labels.setdefault(needle, f"{source} ({form})" if source else form)
     by_prefix: dict[str, list[str]] = {}
     for needle in labels:
@@ -106,38 +117,47 @@ def identifying_needles(
     return Needles(labels, {k: tuple(v) for k, v in by_prefix.items()})
 
 
-def needles_of(value: str, *, allowed: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """The (needle, form) pairs of one identifying value; see `identifying_needles`."""
+def needles_of(value: str, *, allowed: Iterable[str] = (), kind: str = "text") -> list[tuple[str, str]]:
+    """The (normalised needle, form) pairs of one identifying value; see `identifying_needles`."""
     text = " ".join(str(value).split()).casefold()
     allowed = tuple(allowed)
-    if not text or _DECIMAL.fullmatch(text) or generic_value(text, allowed):
+    person = kind == "person"
+    if not text or _DECIMAL.fullmatch(text) or generic_value(text, allowed, kind=kind):
         return []
     out: list[tuple[str, str]] = []
-    if len(text) >= (_MIN_DIGITS if text.isdigit() else _MIN_NEEDLE):
-        out.append((text, _kind_of(text)))
-    for name in _CARETED.findall(text):
-        out.extend(_name_needles(name, allowed))
+    whole = normalise(text)
+    if len(whole) >= (_MIN_DIGITS if whole.isdigit() else _MIN_NEEDLE):
+        out.append((whole, "person name" if person else _kind_of(text)))
+    names = [_NAME_SPLIT.split(text)] if person else [re.split(r"[\^=]", t) for t in CARETED.findall(text)]
+    for parts in names:
+        out.extend(_name_needles([normalise(p) for p in parts if normalise(p)], allowed))
     if re.search(r"[^\W\d_]", text) and "." not in text:
         # Not for UIDs: their digit runs (org roots) are shared by unrelated files.
         out.extend((run, "digits of an identifier") for run in _LONG_DIGITS.findall(text))
+    out.extend(_date_needles(text))
+    return list(dict.fromkeys((n, f) for n, f in out if n))
+
+
+def _date_needles(text: str) -> list[tuple[str, str]]:
+    """A DICOM date (YYYYMMDD, DT values too) in the orders people write it: Y-M-D, D-M-Y, M-D-Y."""
     date = parse_dicom_date(text) if re.fullmatch(r"\d{8}(\d{6}(\.\d+)?)?([+-]\d{4})?", text) else None
-    if date is not None:
-        out.extend((form, "date") for form in (f"{date:%Y-%m-%d}", f"{date:%Y/%m/%d}", f"{date:%Y.%m.%d}",
-                                               f"{date:%Y%m%d}"))
-    return list(dict.fromkeys(out))
+    if date is None:
+        return []
+    forms = ("%Y %m %d", "%d %m %Y", "%m %d %Y", "%Y%m%d", "%d%m%Y", "%m%d%Y")
+    return [(date.strftime(form), "date") for form in forms]
 
 
-def _name_needles(name: str, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
-    """A "^"-joined name's needles: itself, its components, and given-family orders."""
-    parts = [p for p in re.split(r"[\^=]", name) if p]
-    if generic_value(" ".join(parts), allowed):
+def _name_needles(parts: list[str], allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+    """A person name's needles: itself, its components, and given-family orders."""
+    if generic_value(" ".join(parts), allowed, kind="person"):
         return []  # "ANONYMOUS^PATIENT", "NAME^PATIENT^NAME": placeholders, not a person
-    out = [(name, "person name")] if len(name) >= _MIN_NEEDLE else []
-    out.extend((p, "person-name component") for p in parts if len(p) >= _MIN_NEEDLE and not generic_value(p, allowed))
+    out = [(" ".join(parts), "person name")]
+    out.extend((p, "person-name component") for p in parts
+               if len(p) >= _MIN_NEEDLE and not generic_value(p, allowed, kind="person"))
     if len(parts) >= 2:
         family, given = parts[0], parts[1]
-        out.extend((form, "person name") for form in (f"{given} {family}", f"{family} {given}", " ".join(parts)))
-    return out
+        out.extend(((f"{given} {family}", "person name"), (f"{family} {given}", "person name")))
+    return [(n, f) for n, f in out if len(n) >= _MIN_NEEDLE]
 
 
 def _kind_of(text: str) -> str:
@@ -208,8 +228,10 @@ def scan_for_phi(
 ) -> list[str]:
     """Find identifying values in outputs; findings name the output and the source, never the value.
 
-    Matching is case-insensitive on whole words: a value must not continue into letters (for a
-    value ending in a letter) or digits (ending in a digit), so "Ned" does not hit "quarantined".
+    Matching is on `normalise`d text (case-folded, every run of separators one space) and on
+    whole words: a value must not continue into letters (for a value ending in a letter) or
+    digits (ending in a digit), so "Ned" does not hit "quarantined", while "DOE^JANE" hits
+    "Doe, Jane".
     Needles are built by `identifying_needles` (person names also by component, DICOM dates also
     as YYYY-MM-DD, ...; generic values such as placeholders, medtl's own words and the `allowed`
     class names are never needles). Digits-only needles under 5 digits are not searched: they
@@ -228,10 +250,10 @@ def scan_for_phi(
         of file a/b.dcm (person name)".
     """
     needles = forbidden if isinstance(forbidden, Needles) else identifying_needles(forbidden, allowed)
-    patterns, by_prefix, odd = needles.scan_index
+    patterns, by_prefix = needles.scan_index
     findings: list[str] = []
     for name, text in _iter_outputs(texts_or_files):
-        folded = text.casefold()
+        folded = normalise(text)
         hex_spans = [m.span() for m in _HEX_TOKEN.finditer(folded)]
         hex_starts = [a for a, _ in hex_spans]
         hits: set[str] = set()
@@ -240,13 +262,6 @@ def scan_for_phi(
             for needle in by_prefix.get(folded[at : at + 3], ()):
                 if folded.startswith(needle, at) and _counts(folded, at, needle, hex_spans, hex_starts):
                     hits.add(patterns[needle])
-        for needle in odd:
-            at = folded.find(needle)
-            while at >= 0:
-                if _counts(folded, at, needle, hex_spans, hex_starts):
-                    hits.add(patterns[needle])
-                    break
-                at = folded.find(needle, at + 1)
         findings.extend(f"{name}: contains {_article(label)}" for label in sorted(hits))
     return findings
 

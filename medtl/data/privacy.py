@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 _MIN_KEY_BITS = 128
+_TEXT_KEY = re.compile(rb"[\x20-\x7e\t\r\n]*")
+_PADDED_BASE64 = re.compile(rb"(?:[A-Za-z0-9+/_-]{4})*[A-Za-z0-9+/_-]{2,3}={1,2}")
 KEY_ENV = "MEDTL_KEY_FILE"
 CONFIG_ENV = "MEDTL_CONFIG_DIR"
 ALIAS_PREFIX = "alias:"
@@ -90,7 +92,9 @@ class ProjectKey:
         """
         if kind not in _PREFIXES:
             raise ValueError(f"pseudonym kind must be one of {sorted(_PREFIXES)}, not {kind!r}")
-        mac = hmac.new(self.secret, f"medtl/{kind}\x00{value.strip()}".encode(), hashlib.sha256)
+        # surrogateescape: file names that are not UTF-8 (Latin-1 exports) hash by their raw bytes.
+        mac = hmac.new(self.secret, f"medtl/{kind}\x00{value.strip()}".encode("utf-8", "surrogateescape"),
+                       hashlib.sha256)
         return _PREFIXES[kind] + mac.hexdigest()[: _HEX_LENGTH.get(kind, _DEFAULT_HEX)]
 
     @property
@@ -183,10 +187,14 @@ def _key_from_file(path: Path, *, created: bool) -> ProjectKey:
 def _key_secret(raw: bytes) -> bytes:
     """The key material of a key file's bytes.
 
-    A text key (hex, base64, a passphrase) is stripped of surrounding whitespace, so an editor's
-    trailing newline never changes the key id (and with it every pseudonym). A hex key of 64+
-    digits is decoded, as medtl has always created them; other keys are used as they are.
+    A text key (hex, base64, a passphrase: printable ASCII) is stripped of surrounding whitespace,
+    so an editor's trailing newline never changes the key id (and with it every pseudonym). A hex
+    key of 64+ digits is decoded, as medtl has always created them; other text keys are used as
+    they are. A binary key (raw random bytes) is used byte for byte: stripping could drop a random
+    byte that happens to be a space.
     """
+    if not _TEXT_KEY.fullmatch(raw):
+        return raw
     text = raw.strip()
     if re.fullmatch(rb"[0-9a-fA-F]{64,}", text) and len(text) % 2 == 0:
         return bytes.fromhex(text.decode())
@@ -194,19 +202,26 @@ def _key_secret(raw: bytes) -> bytes:
 
 
 def _weak_key(secret: bytes) -> str:
-    """Why a key is too weak to keep pseudonyms secret ("" when it is fine)."""
-    if len(secret) < KEY_BYTES:
-        return f"{len(secret)} bytes (after stripping whitespace)"
-    material = secret
-    if re.fullmatch(rb"[A-Za-z0-9+/=_-]+", secret):
+    """Why a key is too weak to keep pseudonyms secret ("" when it is fine).
+
+    The random bytes are counted after base64 decoding when the key is padded base64 text (so a
+    base64 text of 31 bytes is refused), else as the key holds them; their randomness is the
+    empirical entropy of those bytes times their number.
+    """
+    material, how = secret, "after stripping whitespace"
+    if _PADDED_BASE64.fullmatch(secret):
         with contextlib.suppress(ValueError, binascii.Error):
-            material = base64.b64decode(secret + b"=" * (-len(secret) % 4), altchars=b"-_" if b"-" in secret else None)
-    # Empirical entropy of the bytes times their number: 32 random bytes give ~155 bits, 32 x "a" or
-    # "abab..." give 0 or 32. 128 bits is the strength HMAC-SHA-256 keys are meant to carry.
+            material, how = base64.b64decode(secret, altchars=b"-_" if b"-" in secret or b"_" in secret else None,
+                                             validate=True), "after base64 decoding"
+    if len(material) < KEY_BYTES:
+        return f"{len(material)} bytes ({how})"
+    # 32 random bytes give ~155 bits; 32 x "a" or "abab..." give 0 or 32. 128 bits is the strength
+    # HMAC-SHA-256 keys are meant to carry.
     counts = Counter(material)
     entropy = -sum(n / len(material) * math.log2(n / len(material)) for n in counts.values()) * len(material)
     if entropy < _MIN_KEY_BITS:
-        return f"a low-entropy value (about {max(entropy, 0.0):.0f} bits, fewer than {_MIN_KEY_BITS}: a repeated or placeholder text)"
+        return (f"a low-entropy value (about {max(0.0, entropy):.0f} bits, fewer than {_MIN_KEY_BITS}: a repeated "
+                f"or placeholder text)")
     return ""
 
 

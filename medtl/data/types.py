@@ -24,12 +24,14 @@ class Rejection:
     `status` is "quarantined" for bad input (corrupt, truncated, zero-byte, pixel-less,
     undecodable, inconsistent series) and "skipped" for valid files that are not images
     (DICOM SR/PR/KO/RTSTRUCT, text files, ...). `reason` must never contain a header value
-    or a path: the manifest layer writes it next to the file's alias.
+    or a path: the manifest layer writes it next to the file's alias. A labels row that names a
+    copy (`copy_of`) is served by the study of the file it copies.
     """
 
     path: Path
     status: RejectionStatus
     reason: str
+    copy_of: Path | None = None  # for a copy of another file's image: that file (in memory only)
 
 
 @dataclass(frozen=True)

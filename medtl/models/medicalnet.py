@@ -184,7 +184,7 @@ def _record(depth: int) -> WeightRecord:
     names = ((f"resnet_{depth}_23dataset.pth",) if depth in _DATASETS23 else ()) + (f"resnet_{depth}.pth",)
     return WeightRecord(
         source="medicalnet",
-        origin=f"Tencent MedicalNet resnet_{depth} (github.com/Tencent/MedicalNet, Med3D, Chen et al. 2019)",
+        origin=f"Tencent MedicalNet resnet_{depth} (github.com/Tencent/MedicalNet, Med3D 2019)",
         licence="MIT (MedicalNet); trained on public segmentation datasets (3DSeg-8 / 23 datasets)",
         sha256=None, in_channels=1, spatial_dims=3, axes="DHW", normalization="zscore_nonzero",
         mean=None, std=None, input_size=(56, 448, 448), spacing=None, first_conv="conv1", classifier="conv_seg",

@@ -1,9 +1,14 @@
 """Real-world intake cases seen on public data nobody here wrote (issue #12).
 
-The PHI guard's false alarms and misses, names in export file names, patient leakage through
-duplicated images and disagreeing IDs, the project key, failed builds, and the repository
-layout. Every file is written here with pydicom or PIL; `tests/data/test_realworld_intake.py`
-holds the odd file-system entries, series assembly and non-finite values.
+The PHI guard's false alarms and misses (1, 2), patient leakage through duplicated images and
+disagreeing IDs (3), odd entries, tilted series and NaN volumes as the manifest sees them (4-6),
+the project key (7), failed builds (8) and the repository layout (10). Every file is written
+here with pydicom, nibabel or PIL. The same issue's other cases live beside the code they test:
+`tests/data/test_realworld_intake.py` (discovery: file-system entries, series assembly, cine,
+re-encoded copies, non-finite values), `tests/test_realworld_workflows.py` (8: the shipped 2D
+workflow on PNG exports, checks before any work, manifests kept on failure) and
+`tests/test_realworld_runs.py` (9: inconclusive audits; 11: the MLflow guard's false alarm,
+tracebacks).
 """
 
 from __future__ import annotations
@@ -219,6 +224,98 @@ def test_counter_style_export_paths_stay_readable(tmp_path):
     assert json.loads(result.sidecar_json.read_text())["counts"]["aliased_paths"] == 0
 
 
+MORE_IDENTIFYING_PATHS = (
+    "E1234567/cxr.png", "abe19570722.png", "555-123-4567/x.png", "123-45-6789/x.png", "079 123 45 67.png",
+    "J.D/x.png", "j_d_0042.png", "2019_07/x.png", "2019,07,22/x.png", "+1 (555) 123 4567.png",
+)
+
+
+def test_ids_phone_numbers_initials_and_partial_dates_in_file_names_are_aliased(tmp_path):
+    root = tmp_path / "root"
+    rows = []
+    for i, name in enumerate(MORE_IDENTIFYING_PATHS):
+        _png(root / name, seed=i)
+        rows.append({"path": name, "label": CLASSES[i % 2]})
+    _png(root / "1234567" / "cxr.png", seed=90)  # a folder named by the digits hidden in E1234567
+    rows.append({"path": "1234567/cxr.png", "label": "normal"})
+    result = _build(tmp_path, root, rows)
+    table = pd.read_csv(result.manifest_csv, dtype=str, keep_default_na=False)
+    assert table["path"].str.startswith("alias:").all()
+    written = _written(result)
+    for planted in ("e1234567", "1234567/", "19570722", "555-123", "123-45-6789", "079 123", "j.d/", "j_d",
+                    "2019_07", "2019,07", "(555)"):
+        assert planted not in written.casefold(), planted
+
+
+def test_a_patient_name_made_of_common_words_is_still_a_name(tmp_path):
+    root = tmp_path / "root"
+    rows = []
+    for i in range(6):
+        rel = f"Gray_Val/IM-0001-{i + 1:04d}.dcm" if i == 0 else f"dx/img_{i:03d}.dcm"
+        _radiograph(root / rel, seed=i, **({"PatientName": "GRAY^VAL"} if i == 0 else {}))
+        rows.append({"path": rel, "label": CLASSES[i % 2], "ward": "east"})
+    clean = _build(tmp_path, root, rows)
+    assert pd.read_csv(clean.manifest_csv, dtype=str)["path"].str.startswith("alias:").sum() == 1
+    assert "gray" not in _written(clean).casefold()
+    rows[2]["ward"] = "Val Gray"
+    with pytest.raises(InputError, match="column 'ward': contains the DICOM PatientName of file alias:"):
+        _build(tmp_path, root, rows, subgroup_columns=["ward"])
+
+
+def test_dates_written_day_first_and_names_given_as_patient_ids_are_found(tmp_path):
+    root = tmp_path / "root"
+    rows = _radiograph_set(root, StudyDate="20190722")
+    for i, row in enumerate(rows):
+        row["ward"], row["patient_id"] = "east", f"Pat{i}"
+    rows[0]["patient_id"] = "Garcia, Maria"
+    rows[3]["ward"] = "scan 22.07.2019"
+    with pytest.raises(InputError, match=r"row 5 \(labels CSV row 5\), column 'ward': contains the DICOM StudyDate"):
+        _build(tmp_path, root, rows, subgroup_columns=["ward"])
+    rows[3]["ward"] = "Garcia"  # one part of the name given as patient_id
+    with pytest.raises(InputError, match="column 'ward': contains the patient_id of labels CSV row 2"):
+        _build(tmp_path, root, rows, subgroup_columns=["ward"])
+
+
+def test_descriptions_and_medtl_wording_in_headers_never_block_a_build(tmp_path):
+    root = tmp_path / "root"
+    rows = _radiograph_set(root, StudyDescription="Routine Chest", SeriesDescription="Structured Report",
+                           InstitutionalDepartmentName="Emergency Radiology")
+    ds = pydicom.dcmread(root / "dx" / "img_001.dcm")
+    ds.add_new(0x00090010, "LO", "ACME DEID")
+    ds.add_new(0x00091001, "LO", "Annex E Basic Profile, dates removed")
+    ds.save_as(root / "dx" / "img_001.dcm")
+    for row in rows:
+        row["protocol"] = "Routine Chest"
+    result = _build(tmp_path, root, rows, subgroup_columns=["protocol"])
+    assert result.rows == len(rows)
+
+
+def test_a_file_name_that_is_not_utf8_is_aliased_not_a_crash(tmp_path):
+    root = tmp_path / "root"
+    rows = _radiograph_set(root, n=4)
+    os.rename(root / "dx" / "img_003.dcm", os.path.join(os.fsencode(root / "dx"), b"M\xfcller.dcm"))
+    result = _build(tmp_path, root, rows[:3])
+    sidecar = json.loads(result.sidecar_json.read_text())
+    assert result.counts["files_seen"] == 4 and all(e["file"].startswith("alias:") for e in sidecar["files_not_used"])
+
+
+def test_a_labelled_copy_of_an_unlabelled_file_is_served_by_the_file_it_copies(tmp_path):
+    root = tmp_path / "root"
+    rows = _radiograph_set(root, n=6)
+    (root / "archive").mkdir()
+    shutil.copy(root / "dx" / "img_000.dcm", root / "archive" / "img_000.dcm")  # sorts before dx/
+    result = _build(tmp_path, root, rows)
+    assert result.rows == 6
+    rows.append({"path": "archive/img_000.dcm", "label": "normal"})  # now both copies are labelled
+    result = _build(tmp_path, root, rows)
+    sidecar = json.loads(result.sidecar_json.read_text())
+    assert result.rows == 6
+    # archive/ sorts first, so its file is the one kept; the row naming the copy says so.
+    assert sidecar["label_rows_not_used"] == [{"row": 2, "path": "dx/img_000.dcm",
+                                              "reason": "its file is a copy of the image of labels CSV row 8, "
+                                                        "which is used"}]
+
+
 # --- 3. patient leakage -------------------------------------------------------------------------
 
 
@@ -390,6 +487,21 @@ def test_a_key_others_may_write_is_refused_and_one_they_may_read_is_warned_about
     with caplog.at_level(logging.WARNING, logger="medtl"):
         load_key(key)
     assert caplog.text == ""
+
+
+def test_a_base64_key_of_fewer_than_32_bytes_is_refused_and_a_raw_binary_key_is_used_byte_for_byte(tmp_path):
+    short = tmp_path / "short.key"
+    short.write_bytes(base64.b64encode(os.urandom(31)) + b"\n")
+    short.chmod(0o600)
+    with pytest.raises(ConfigError, match="not 31 bytes"):
+        load_key(short)
+    raw = b" " + os.urandom(30) + b"\n"  # random bytes may begin or end with whitespace bytes
+    binary = tmp_path / "binary.key"
+    binary.write_bytes(raw)
+    binary.chmod(0o600)
+    import hmac
+
+    assert load_key(binary).key_id == hmac.new(raw, b"medtl/key-id", hashlib.sha256).hexdigest()[:16]
 
 
 def test_a_trailing_newline_never_changes_the_key_id(tmp_path):
