@@ -220,7 +220,7 @@ def train_dann(
     domains, _ = domain_labels([item["row"][a.domain_column] for item in items], target=a.target.strip(),
                                column=a.domain_column)
     train_set = make_dataset(items, prep, data.root, key_file=data.key_file, train=True, augment=cfg.data.augment,
-                             cache=cfg.data.cache if cfg.data.cache != "disk" else "memory", progress=progress)
+                             cache=cfg.data.cache, cache_dir=data.cache_dir, progress=progress)
     sets = {"train": train_set, **datasets_for(cfg, source, prep, progress=progress, splits=("val", "test"))}
     model = DANNModel(bundle.model, num_domains=2, hidden=a.hidden)
     plan = DANNPlan(transfer_plan_for(cfg, model), epochs=cfg.train.epochs, gamma=a.gamma, max_lambda=a.max_lambda)

@@ -1,15 +1,19 @@
 """The `medtl` command line: a thin shell over the orchestration layer and the data layer.
 
 Every command prints only pseudonyms, aliases, counts and paths the user gave; it never prints a
-patient identifier, an original file name or a DICOM header value.
+patient identifier, an original file name or a DICOM header value. Nor a traceback, unless
+`--debug` asks for one: tracebacks quote file paths (folders can carry patient names) and library
+messages quote values. An unexpected error is reported as one line naming the step it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from medtl import __version__
@@ -20,7 +24,15 @@ EPILOG = """examples:
   medtl manifest build demo_data --labels demo_data/labels.csv --out data_manifests/demo.csv
   medtl manifest verify data_manifests/demo.csv --root demo_data
   medtl demo --output demo_output
+
+exit status: 0 done; 1 `manifest verify` found differences;
+2 an error, e.g. a labels CSV that matches no study (one line on stderr; `--debug` adds the
+traceback, which may show file paths);
+130 interrupted.
 """
+
+#: Exit status of every error, expected (a MedtlError) or not.
+ERROR_EXIT = 2
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -58,9 +70,6 @@ def _cmd_manifest_build(args: argparse.Namespace) -> int:
     splits = ", ".join(f"{k} {v}" for k, v in result.split_rows.items())
     print(f"manifest: {result.manifest_csv} ({result.rows} rows, {result.patients} patients; splits: {splits})")
     print(f"sidecar:  {result.sidecar_json} (files: {counts}; k-anonymity {result.k_anonymity}; key id {result.key_id})")
-    if result.rows == 0:
-        print("medtl: error: no study matched a labels row; check --labels paths against ROOT", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -89,18 +98,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from medtl.config import load_config
     from medtl.run import run_workflow
 
+    args.step = "loading the workflow config"
     cfg = load_config(Path(args.workflow), args.set)
     output = Path(args.output or Path("outputs") / cfg.name)
+    args.step = "running the workflow"  # run_workflow names its own steps (medtl.run.set_step)
     out = run_workflow(cfg, output, resume=args.resume, progress=not args.quiet)
+    args.step = "printing the run's summary"
     if not out.run_id:  # a non-zero torchrun rank: rank 0 reports
         return 0
     for part in ("test", "old_test", "target_test", "source_test"):
         if isinstance(out.metrics.get(part), dict):
             values = ", ".join(f"{k} {v:.3f}" for k, v in out.metrics[part].items() if isinstance(v, float))
             print(f"run {out.run_id}: {part} {values}")
-    print(f"audit {'passed' if out.audit_passed else 'FAILED'}; registered {out.model_name} v{out.model_version}")
+    registered = f"registered {out.model_name} v{out.model_version}" if out.model_version else "not registered"
+    print(_audit_summary(out.audit_status, out.audit_passed, out.output_dir / "audit.json", registered))
     print(f"outputs in {out.output_dir} (metrics.json, predictions.csv, audit.json, report.html)")
     return 0
+
+
+def _audit_summary(status: str | None, passed: bool | None, audit_json: Path, registered: str) -> str:
+    """"audit passed; registered ...", "audit FAILED: ...; ..." or "audit INCONCLUSIVE: ..." with why and what helps."""
+    status = status or ("passed" if passed else "failed")
+    try:
+        unevaluated = json.loads(audit_json.read_text()).get("unevaluated_attributes") or []
+    except (OSError, ValueError, AttributeError):
+        unevaluated = []
+    left_out = (f" ({len(unevaluated)} attribute(s) not evaluated, see audit.json: unevaluated_attributes)"
+                if unevaluated else "")
+    if status == "passed":
+        return f"audit passed; {registered}{left_out}"
+    if status == "failed":
+        return f"audit FAILED: subgroup gaps beyond tolerance, see report.html; {registered}{left_out}"
+    unpromotable = ", which cannot be promoted" if registered.startswith("registered") else ""
+    lines = [f"audit INCONCLUSIVE: no subgroup gap could be measured, so nothing was checked; {registered}"
+             f"{unpromotable} (audit.json: unevaluated_attributes)"]
+    by_remedy: dict[str, list[dict]] = {}
+    for entry in (u for u in unevaluated if isinstance(u, dict)):
+        by_remedy.setdefault(str(entry.get("remedy")), []).append(entry)
+    for remedy, entries in by_remedy.items():
+        names = [str(e.get("attribute")) for e in entries]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        if len(names) == 1:
+            lines.append(f"  {shown}: {entries[0].get('reason')}; to make it evaluable: {remedy}")
+        else:
+            lines.append(f"  {shown}; e.g. {names[0]}: {entries[0].get('reason')}; to make them evaluable: {remedy}")
+    return "\n".join(lines)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -172,17 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medtl {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks of errors and log records (they may show file paths)")
+    # --debug also after the command (`medtl run W.yaml --debug`), as users add it to a failed command;
+    # SUPPRESS keeps a global --debug from being reset by the command's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks of errors (they may show file paths)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo-data", help="write fully synthetic hospital-like demo studies and labels.csv")
+    p = sub.add_parser("demo-data", parents=[common], help="write fully synthetic hospital-like demo studies and labels.csv")
     p.add_argument("dir", help="output folder")
     p.add_argument("--patients", type=int, default=200, help="number of synthetic patients (default 200)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.set_defaults(func=_cmd_demo_data)
+    p.set_defaults(func=_cmd_demo_data, step="writing the demo studies")
 
     manifest = sub.add_parser("manifest", help="build or verify a privacy-aware data manifest")
     msub = manifest.add_subparsers(dest="manifest_command", metavar="ACTION")
-    b = msub.add_parser("build", help="list every study under ROOT with pseudonyms, hashes, subgroups and splits")
+    b = msub.add_parser("build", parents=[common], help="list every study under ROOT with pseudonyms, hashes, subgroups and splits")
     b.add_argument("root", help="data root folder (paths in the labels CSV are relative to it)")
     b.add_argument("--labels", required=True, help="labels CSV: path, label and/or mask, optional patient_id, split, ...")
     b.add_argument("--out", required=True, help="manifest CSV to write, e.g. data_manifests/NAME.csv")
@@ -191,37 +240,37 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--subgroups", help="extra subgroup columns of the labels CSV, comma-separated")
     b.add_argument("--fractions", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
     b.add_argument("--k-min", type=int, default=11, help="warn when k-anonymity is below this (default 11)")
-    b.set_defaults(func=_cmd_manifest_build)
-    v = msub.add_parser("verify", help="re-hash the files of a manifest; exit 1 when anything changed")
+    b.set_defaults(func=_cmd_manifest_build, step="building the manifest")
+    v = msub.add_parser("verify", parents=[common], help="re-hash the files of a manifest; exit 1 when anything changed")
     v.add_argument("manifest", help="manifest CSV")
     v.add_argument("--root", required=True, help="data root folder")
     v.add_argument("--key-file", help="project key file (default: $MEDTL_KEY_FILE or the config folder)")
-    v.set_defaults(func=_cmd_manifest_verify)
+    v.set_defaults(func=_cmd_manifest_verify, step="verifying the manifest")
 
-    d = sub.add_parser("demo", help="the main job end to end on synthetic demo studies")
+    d = sub.add_parser("demo", parents=[common], help="the main job end to end on synthetic demo studies")
     d.add_argument("--output", default="demo_output", help="output folder (default demo_output)")
     d.add_argument("--patients", type=int, default=600, help="number of synthetic patients (default 600)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    d.set_defaults(func=_cmd_demo)
+    d.set_defaults(func=_cmd_demo, step="running the demo")
 
-    r = sub.add_parser("run", help="run a workflow: manifest -> train -> evaluate -> audit -> MLflow -> report")
+    r = sub.add_parser("run", parents=[common], help="run a workflow: manifest -> train -> evaluate -> audit -> MLflow -> report")
     r.add_argument("workflow", help="workflow YAML, e.g. workflows/classify_2d.yaml")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in dotted form, e.g. --set train.epochs=3 (repeatable)")
     r.add_argument("--output", help="output folder (default outputs/<workflow name>)")
     r.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
-    r.set_defaults(func=_cmd_run)
+    r.set_defaults(func=_cmd_run, step="loading the workflow config")
 
-    rep = sub.add_parser("report", help="render the audited evaluation report of an MLflow run again")
+    rep = sub.add_parser("report", parents=[common], help="render the audited evaluation report of an MLflow run again")
     rep.add_argument("run_id", help="MLflow run id (printed by `medtl run`)")
     rep.add_argument("--output", help="HTML file to write (default report-<run id>.html)")
     rep.add_argument("--pdf", action="store_true", help="also print a PDF with headless Chromium")
-    rep.set_defaults(func=_cmd_report)
+    rep.set_defaults(func=_cmd_report, step="writing the report")
 
     st = sub.add_parser("study", help="studies built on a workflow (transfer benefit, few-shot)")
     ssub = st.add_subparsers(dest="study_command", metavar="STUDY")
-    tb = ssub.add_parser("transfer-benefit", help="pretrained vs scratch at several label fractions and seeds")
+    tb = ssub.add_parser("transfer-benefit", parents=[common], help="pretrained vs scratch at several label fractions and seeds")
     tb.add_argument("workflow", help="workflow YAML")
     tb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     tb.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1.0", help="label fractions of the training patients")
@@ -234,40 +283,95 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--n-boot", type=int, help="bootstrap replicates (>= 100; default evaluation.n_boot)")
     tb.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints under OUTPUT/runs/")
     tb.add_argument("--output", help="output folder (default outputs/<name>-transfer-benefit)")
-    tb.set_defaults(func=_cmd_study_transfer_benefit)
+    tb.set_defaults(func=_cmd_study_transfer_benefit, step="running the transfer-benefit study")
 
-    fs = ssub.add_parser("few-shot", help="frozen-encoder prototype classifier and linear probe with k studies per class")
+    fs = ssub.add_parser("few-shot", parents=[common], help="frozen-encoder prototype classifier and linear probe with k studies per class")
     fs.add_argument("workflow", help="workflow YAML")
     fs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     fs.add_argument("--k", help="studies per class, comma-separated (default fewshot.ks: 1,5,10,20)")
     fs.add_argument("--draws", type=int, help="random draws of the k studies per k (default fewshot.draws: 5)")
     fs.add_argument("--output", help="output folder (default outputs/<name>-few-shot)")
-    fs.set_defaults(func=_cmd_study_few_shot)
+    fs.set_defaults(func=_cmd_study_few_shot, step="running the few-shot study")
 
     reg = sub.add_parser("registry", help="model registry actions")
     rsub = reg.add_subparsers(dest="registry_command", metavar="ACTION")
-    pr = rsub.add_parser("promote", help="give a version the alias champion (its audit must have passed)")
+    pr = rsub.add_parser("promote", parents=[common], help="give a version the alias champion (its audit must have passed)")
     pr.add_argument("name", help="registered model name")
     pr.add_argument("version", help="version number")
-    pr.set_defaults(func=_cmd_promote)
+    pr.set_defaults(func=_cmd_promote, step="promoting the model version")
     return parser
 
 
+class ConsoleFormatter(logging.Formatter):
+    """`medtl: <message>`, without the traceback or stack of a record unless `debug`.
+
+    Libraries log tracebacks (pydicom logs decoder failures with `LOGGER.exception`), and a
+    traceback quotes file paths and values. Without --debug the record's message is kept and a
+    short note says a traceback was left out.
+    """
+
+    def __init__(self, debug: bool = False) -> None:
+        super().__init__("medtl: %(message)s")
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.debug or not (record.exc_info or record.stack_info):
+            return super().format(record)
+        quiet = logging.makeLogRecord(record.__dict__)  # a copy: other handlers keep the traceback
+        quiet.exc_info, quiet.exc_text, quiet.stack_info = None, None, None
+        return super().format(quiet) + " (traceback left out; --debug shows it)"
+
+
+def _setup_logging(debug: bool) -> None:
+    if not debug:
+        # MLflow installs its own stderr handler at import, which would print tracebacks; without
+        # it, MLflow's records come through ConsoleFormatter like every other library's.
+        os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    handler = logging.StreamHandler()
+    handler.setFormatter(ConsoleFormatter(debug))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
+def _failed_step(args: argparse.Namespace) -> str:
+    """The step an error came from: the run's own step when a workflow was running, else the command's."""
+    run = sys.modules.get("medtl.run")  # imported only by the commands that run workflows
+    inner = run.current_step() if run is not None else None
+    return inner or getattr(args, "step", None) or "running the command"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `medtl` console script."""
+    """Entry point of the `medtl` console script.
+
+    Returns:
+        The exit status: 0, 1 (differences found), or ERROR_EXIT for any error.
+    """
     # MLflow 3 sends usage telemetry unless told not to; hospital machines must not phone home.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    logging.basicConfig(level=logging.WARNING, format="medtl: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _setup_logging(args.debug)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return ERROR_EXIT
+    if "medtl.run" in sys.modules:  # a step left over from an earlier call in this process
+        sys.modules["medtl.run"].set_step(None)
     try:
         return int(args.func(args) or 0)
     except MedtlError as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"medtl: error: {err}", file=sys.stderr)
-        return 2
+        return ERROR_EXIT
+    except KeyboardInterrupt:
+        print(f"medtl: interrupted while {_failed_step(args)}", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place any other error becomes a path-free line
+        if args.debug:
+            traceback.print_exc()
+        hint = ("the traceback above shows where" if args.debug else
+                "run again with --debug for the full traceback (it may show file paths)")
+        print(f"medtl: error: unexpected {type(err).__name__} while {_failed_step(args)}; {hint}", file=sys.stderr)
+        return ERROR_EXIT
 
 
 if __name__ == "__main__":

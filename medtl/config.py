@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -28,13 +29,17 @@ class DataConfig:
     manifest_out: str = ""  # where to write the manifest built from root + labels
     key_file: str = ""
     subgroups: tuple[str, ...] = ()
-    modalities: tuple[str, ...] = ()  # keep only these manifest modalities (e.g. [CR, DX]); empty keeps all
+    # Filters studies by their DICOM Modality (e.g. [CR, DX]); empty keeps every modality. Studies
+    # without one (PNG/JPEG/TIFF/NIfTI exports) cannot be filtered by it: they are kept when their
+    # number of axes equals model.spatial_dims (the run warns how many), else left out.
+    modalities: tuple[str, ...] = ()
     fractions: tuple[float, ...] = (0.7, 0.15, 0.15)
     image_size: tuple[int, ...] = (96, 96)  # 2D (H, W) or 3D (D, H, W) network input
     spacing: tuple[float, ...] = ()  # 3D resampling spacing in mm; empty keeps the source spacing
     intensity: str = "auto"  # auto | ct | mr | xray
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
-    cache: str = "memory"  # memory | disk | none
+    # memory | disk (OUTPUT/cache/: pixel tensors and pseudonymous row ids only) | none
+    cache: str = "memory"
     num_workers: int = 0
     augment: bool = True
 
@@ -194,18 +199,56 @@ _CHOICES = {
 _FEW_SHOT_METHODS = ("prototype", "linear_probe")
 
 
+@dataclass(frozen=True)
+class ListKey:
+    """How a list (or mapping) key is written, for its error messages and the docs.
+
+    Attributes:
+        example: a valid value, as typed in YAML or `--set`.
+        empty: what an empty value means, when it means something; such keys also read YAML
+            `null` as empty. "" = empty has no meaning (and null is refused).
+    """
+
+    example: str
+    empty: str = ""
+
+
+# Every list or mapping key of the schema (a test keeps this complete and workflows/README.md in sync).
+LIST_KEYS: dict[str, ListKey] = {
+    "data.subgroups": ListKey("[ethnicity, insurance]", "no extra subgroup columns"),
+    "data.modalities": ListKey("[CR, DX] or [CT]", "keep every modality"),
+    "data.fractions": ListKey("[0.7, 0.15, 0.15]"),
+    "data.image_size": ListKey("[96, 96] (2D) or [32, 32, 16] (3D)"),
+    "data.spacing": ListKey("[1.5, 1.5, 2.5]", "keep the source spacing"),
+    "data.ct_window": ListKey("[-1000, 1000]"),
+    "audit.attributes": ListKey("[sex, age_band, site, scanner]"),
+    "audit.tolerances": ListKey("{auroc: 0.05}", "medtl's default tolerances"),
+    "fewshot.ks": ListKey("[1, 5, 10, 20]"),
+    "fewshot.methods": ListKey("[prototype, linear_probe]"),
+}
+
+
+def _shape_error(key: str, kind: str, value: Any) -> ConfigError:
+    spec = LIST_KEYS.get(key, ListKey("[...]"))
+    empty = f" ([] or null: {spec.empty})" if spec.empty else ""
+    found = "null" if value is None else type(value).__name__
+    return ConfigError(f"config key '{key}' must be a {kind}, not {found}; e.g. {spec.example}{empty}")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = get_origin(annotation)
+    if origin in (dict, tuple) and value is None and LIST_KEYS.get(key, ListKey("")).empty:
+        return {} if origin is dict else ()  # null means the same as empty where empty means something
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, not {type(value).__name__}; e.g. {{auroc: 0.05}}")
+            raise _shape_error(key, "mapping", value)
         inner = get_args(annotation)[1]
         return {str(k): _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key '{key}' must be a list, not {type(value).__name__}; e.g. [96, 96]")
+            raise _shape_error(key, "list", value)
         inner = get_args(annotation)[0]
         return tuple(_coerce(v, inner, key) for v in value)
     if annotation is bool:
@@ -322,6 +365,8 @@ def validate(cfg: WorkflowConfig) -> WorkflowConfig:
         raise ConfigError("config key 'model.multi_label' must be false for workflows, not true: the manifest holds one "
                           "label per study; score multi-label predictions with medtl.evaluation.metrics."
                           "multilabel_metrics")
+    _validate_data_ranges(cfg)
+    _validate_numbers(cfg)
     _validate_adaptation(cfg)
     _validate_multitask(cfg)
     _validate_fewshot(cfg)
@@ -330,8 +375,60 @@ def validate(cfg: WorkflowConfig) -> WorkflowConfig:
 
 
 def _at_least(key: str, value: float, low: float, example: str) -> None:
-    if value < low:
+    if not value >= low or math.isinf(value):  # written so that NaN fails too
         raise ConfigError(f"config key '{key}' must be at least {low:g}, not {value:g}; e.g. {example}")
+
+
+def _between(key: str, value: float, low: float, high: float, example: str, *, low_open: bool = False,
+             high_open: bool = False) -> None:
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):  # NaN fails both
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"config key '{key}' must be in {interval}, not {value:g}; e.g. {example}")
+
+
+def _validate_data_ranges(cfg: WorkflowConfig) -> None:
+    d = cfg.data
+    dims = cfg.model.spatial_dims
+    if not all(size >= 1 for size in d.image_size):
+        raise ConfigError(f"config key 'data.image_size' must hold positive sizes, not {list(d.image_size)}; "
+                          f"e.g. {LIST_KEYS['data.image_size'].example}")
+    if d.spacing and dims == 2:
+        raise ConfigError(f"config key 'data.spacing' must be empty for model.spatial_dims=2 (2D images are resized "
+                          f"to data.image_size, never resampled), not {list(d.spacing)}; remove it or set []")
+    if d.spacing and (len(d.spacing) != dims or not all(s > 0 and math.isfinite(s) for s in d.spacing)):
+        raise ConfigError(f"config key 'data.spacing' must be {dims} positive voxel sizes in mm, not {list(d.spacing)}; "
+                          f"e.g. {LIST_KEYS['data.spacing'].example}, or [] to keep the source spacing")
+    if len(d.ct_window) != 2 or not d.ct_window[0] < d.ct_window[1]:
+        raise ConfigError(f"config key 'data.ct_window' must be two numbers [low, high] in HU with low < high, not "
+                          f"{list(d.ct_window)}; e.g. {LIST_KEYS['data.ct_window'].example}")
+    if not all(f >= 0 for f in d.fractions):
+        raise ConfigError(f"config key 'data.fractions' must hold shares >= 0, not {list(d.fractions)}; "
+                          f"e.g. {LIST_KEYS['data.fractions'].example}")
+    _at_least("data.num_workers", d.num_workers, 0, "0 (load in the training process)")
+
+
+def _validate_numbers(cfg: WorkflowConfig) -> None:
+    """Numeric ranges of the model, train, evaluation and audit keys, before any work starts."""
+    m, t, e, a = cfg.model, cfg.train, cfg.evaluation, cfg.audit
+    _at_least("seed", cfg.seed, 0, "0")
+    _at_least("model.in_channels", m.in_channels, 1, "1 (grey levels) or 3")
+    _at_least("model.num_classes", m.num_classes, 2, "2 (classes, or segmentation labels incl. background)")
+    _between("model.dropout", m.dropout, 0, 1, "0.2", high_open=True)
+    if not (t.lr > 0 and math.isfinite(t.lr)):
+        raise ConfigError(f"config key 'train.lr' must be a positive number, not {t.lr:g}; e.g. 0.001")
+    _at_least("train.batch_size", t.batch_size, 1, "32")
+    _at_least("train.weight_decay", t.weight_decay, 0, "1e-4")
+    _between("train.layer_decay", t.layer_decay, 0, 1, "0.5 (0 turns layer-wise decay off)")
+    _at_least("train.warmup_epochs", t.warmup_epochs, 0, "1")
+    _at_least("train.early_stopping_patience", t.early_stopping_patience, 1, "4")
+    _between("evaluation.threshold_target", e.threshold_target, 0, 1, "0.9", low_open=True, high_open=True)
+    _between("audit.alpha", a.alpha, 0, 1, "0.05", low_open=True, high_open=True)
+    _at_least("audit.min_group_size", a.min_group_size, 0, "10")
+    _at_least("audit.min_gap_events", a.min_gap_events, 0, "10")
+    for metric, tolerance in a.tolerances.items():
+        _at_least(f"audit.tolerances.{metric}", tolerance, 0, "0.05")
 
 
 def _validate_adaptation(cfg: WorkflowConfig) -> None:

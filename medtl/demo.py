@@ -79,7 +79,9 @@ def run_demo(output: Path, *, patients: int = 600, seed: int = 0, progress: bool
     print(f"medtl demo finished in {minutes:.1f} min")
     print(f"  test AUROC {test.get('auroc', float('nan')):.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}), "
           f"accuracy {test.get('accuracy', float('nan')):.3f}")
-    print(f"  audit: {'PASSED' if outputs.audit_passed else 'FAILED (flagged subgroup gaps, see the report)'}")
+    verdict = {"passed": "PASSED", "failed": "FAILED (flagged subgroup gaps, see the report)",
+               "inconclusive": "INCONCLUSIVE (no subgroup could be evaluated, see the report)"}
+    print(f"  audit: {verdict.get(outputs.audit_status, outputs.audit_status)}")
     print(f"  planted gap: the radiographs of site {_gap_site(cfg, summary)} show the finding fainter "
           "(docs/demo_data.md); the audit should flag that site and no sex or age group")
     print(f"  MLflow run {outputs.run_id}; registered model '{outputs.model_name}' version "

@@ -12,9 +12,11 @@ the few-shot study, recorded as its own run.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,20 +60,46 @@ from medtl.workflow import (
     config_dict,
     patient_ids,
     predictions_table,
+    preflight,
     prepare_data,
+    publish_manifest,
+    staged_manifest,
     write_outputs,
 )
 
 logger = logging.getLogger(__name__)
+
+#: Run tag holding the audit's verdict ("passed", "failed" or "inconclusive"); the metric
+#: `audit.passed` alone cannot tell a failed audit from one that measured nothing.
+AUDIT_STATUS_TAG = "medtl.audit_status"
 
 
 class PHILeakError(MedtlError):
     """Something identifying reached the MLflow run; the run is marked and the version withheld."""
 
 
+# The step a run is in, for the CLI's one-line report of an unexpected error ("... while training").
+# A context variable, not a `with` block: a failing step must stay named after the exception left it.
+_STEP: contextvars.ContextVar[str | None] = contextvars.ContextVar("medtl_step", default=None)
+
+
+def set_step(name: str | None) -> None:
+    """Name the step now running (e.g. "training"); None when no run step is running."""
+    _STEP.set(name)
+
+
+def current_step() -> str | None:
+    """The step named last by `set_step` (the one an exception came from, if one did)."""
+    return _STEP.get()
+
+
 @dataclass(frozen=True)
 class RunOutputs:
-    """Where a workflow run left its results."""
+    """Where a workflow run left its results.
+
+    `audit_status` is the audit's verdict ("passed", "failed" or "inconclusive"; None on a non-zero
+    torchrun rank); `audit_passed` is true only for "passed".
+    """
 
     run_id: str
     output_dir: Path
@@ -80,6 +108,7 @@ class RunOutputs:
     model_name: str
     model_version: str
     report_path: Path | None
+    audit_status: str | None = None
 
 
 def _flat_metrics(evaluation: dict) -> dict[str, float]:
@@ -151,23 +180,28 @@ def run_workflow(
         The run id, metrics, audit verdict and registry version.
 
     Raises:
-        PHILeakError: when the scan of the MLflow run finds an identifying value or a data path.
+        PHILeakError: when the scan of the MLflow run finds an identifying value or a data path:
+            before training (nothing trained; the message names the field and how to fix it), or
+            after it (results kept on disk; the message says how to re-record them with --resume).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    set_step("checking the configuration")
+    preflight(cfg)  # every rank, before any work: a bad key stops all ranks alike, and nothing is built
+    set_step("building the manifest")
     # Under torchrun every rank runs this function: rank 0 builds the manifest, owns the MLflow
-    # run and evaluates; the others read the manifest it wrote and only join training (DDP).
+    # run and evaluates; the others read the manifest it staged and only join training (DDP).
     dist_info = init_distributed()
     main_rank = dist_info.rank == 0
     if main_rank:
-        data = prepare_data(cfg, output_dir, progress=progress)
+        data = prepare_data(cfg, output_dir, progress=progress, checked=True)
     barrier(dist_info)
     if not main_rank:
-        built = cfg.data.manifest or cfg.data.manifest_out or str(output_dir / "manifest.csv")
+        built = str(staged_manifest(cfg, output_dir))
         data = prepare_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=built)),
-                            output_dir, progress=False)
+                            output_dir, progress=False, checked=True)
     check_audit_setup(cfg, data)  # before training, not after it; on every rank, so all of them stop
     timings["manifest_seconds"] = time.perf_counter() - start
     store.tracking_uri()
@@ -175,6 +209,7 @@ def run_workflow(
     registered = _registered_start(cfg)
     initial = registered.state if registered is not None else None
     if not main_rank:
+        set_step("training")
         train_for_config(cfg, data, output_dir=output_dir, resume=resume, progress=False, initial_state=initial)
         train_scratch_reference(cfg, data, output_dir=output_dir, resume=resume, progress=False)
         cleanup_distributed()
@@ -187,17 +222,26 @@ def run_workflow(
     run_tags = {"medtl.workflow": cfg.name}
     if registered is not None:
         run_tags["medtl.continual_from"] = registered.reference
+    forbidden = {**data.forbidden, **(extra_forbidden or {})}
+    roots = [data.root.resolve()] + ([old.root.resolve()] if old is not None else [])
+    set_step("recording in MLflow")
     with store.start_run(cfg.tracking.experiment, run_name=cfg.name, tags=run_tags) as run:
         run_id = run.info.run_id
         run_records.log_config(config_dict(cfg))
         environment = run_records.log_environment()
         run_records.log_manifest(data.manifest, data.manifest_sha256)
-        run_records.log_config({"rows_left_out": {r.replace(" ", "_"): n for r, n in data.dropped.items()}}, "data")
+        run_records.log_config({"rows_left_out": {r.replace(" ", "_"): n for r, n in data.dropped.items()},
+                                "rows_kept_without_modality": data.kept_without_modality}, "data")
+        # Names, params, tags and the dataset input are all in the run now: a finding there must
+        # stop the run before hours of training, not after.
+        _scan_before_training(run_id, forbidden, roots)
+        set_step("training")
+        logged_epochs: set[int] = set()
         trained, sets, method_info = train_for_config(
             cfg, data, output_dir=output_dir, resume=resume, progress=progress, initial_state=initial,
-            on_epoch_end=lambda epoch, record: run_records.log_epoch_metrics(
-                {k: v for k, v in record.items() if k != "epoch"}, epoch),
+            on_epoch_end=lambda epoch, record: _log_epoch(epoch, record, logged_epochs),
         )
+        _log_earlier_epochs(trained.fit.history, logged_epochs)
         scratch = train_scratch_reference(cfg, data, output_dir=output_dir, resume=resume, progress=progress)
         cleanup_distributed()
         timings["train_seconds"] = float(trained.fit.total_train_seconds)
@@ -208,18 +252,20 @@ def run_workflow(
         report = bundle.load_report
         run_records.log_weights(bundle.weights.as_dict(), report.as_dict() if report is not None else None)
         t0 = time.perf_counter()
+        set_step("evaluating")
         predictions = predictions_table(cfg, data, trained, sets, progress=progress)
         evaluation = evaluate(cfg, data, predictions)
         table = evaluation.pop("cases") if cfg.task == "segmentation" else predictions
         extra, old_table = _extra_evaluations(cfg, data, predictions, trained, old, progress=progress)
         timings["evaluate_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        set_step("auditing")
         reference = audit_reference(cfg, data, name=name, scratch=scratch, progress=progress)
         audit = run_audit(cfg, data, table, progress=progress, reference=reference.table,
                           reference_audit=reference.audit, reference_label=reference.label)
         timings["audit_seconds"] = time.perf_counter() - t0
         audit_dict = audit_document(audit, reference)
-        passed = bool(audit.result_.passed)
+        passed, status = bool(audit.result_.passed), audit.result_.status
         (output_dir / "audit.json").write_text(json.dumps(audit_dict, indent=2, default=float))
         metrics = {
             "test": {k: v["value"] for k, v in evaluation["test"].items()},
@@ -231,12 +277,14 @@ def run_workflow(
             "timings": timings,
             "run_id": run_id,
             "audit_passed": passed,
+            "audit_status": status,
         }
         for key, ev in extra.items():
             metrics[key] = {k: v["value"] for k, v in ev["test"].items()}
             metrics[f"{key}_ci"] = {k: v["ci"] for k, v in ev["test"].items()}
         metrics.update(_method_facts(cfg, method_info, registered, old))
         write_outputs(output_dir, table, metrics)
+        set_step("recording in MLflow")
         flat = _flat_metrics(evaluation)
         for key, ev in extra.items():
             flat.update(_flat_estimates(key, ev["test"]))
@@ -244,8 +292,10 @@ def run_workflow(
         if reference.test is not None:
             flat.update(_flat_estimates("reference_test", reference.test))
         flat["audit.passed"] = float(passed)
+        flat["audit.evaluated_attributes"] = float(len(audit_dict.get("evaluated_attributes", [])))
         flat.update(gap_metrics(audit_dict))
         run_records.log_final_metrics(flat)
+        store.client().set_tag(run_id, AUDIT_STATUS_TAG, status)
         artifacts = ["metrics.json", "predictions.csv", "audit.json"]
         if old_table is not None:
             old_table[[c for c in old_table.columns if not c.startswith("_")]].to_csv(
@@ -258,13 +308,14 @@ def run_workflow(
         if cfg.tracking.register:
             version = registry.register_model(model_uri, name, _version_tags(cfg, data, trained, run_id, registered),
                                               _key_metrics(metrics))
-            registry.set_audit_status(name, version, "passed" if passed else "failed",
-                                      {"flagged_gaps": sum(1 for g in audit_dict.get("gaps", []) if g.get("flagged"))})
-        forbidden = {**data.forbidden, **(extra_forbidden or {})}
-        roots = [data.root.resolve()] + ([old.root.resolve()] if old is not None else [])
+            registry.set_audit_status(name, version, status, {
+                "flagged_gaps": sum(1 for g in audit_dict.get("gaps", []) if g.get("flagged")),
+                "evaluated_attributes": len(audit_dict.get("evaluated_attributes", []))})
         # Everything but the report is in the run now: scan it, so the report can state the result
         # truthfully; the report itself is scanned before it is logged.
-        _scan_or_raise(run_id, forbidden, roots, name=name, version=version)
+        set_step("checking the MLflow run for identifying values")
+        _scan_or_raise(run_id, forbidden, roots, name=name, version=version, output_dir=output_dir)
+        set_step("writing the report")
         inputs = build_report_inputs(cfg, data, trained, evaluation, audit_dict, run_id=run_id,
                                      model_version=version, code_version=_code_version(environment),
                                      test_sets=extra, synthetic=synthetic, source=source,
@@ -275,7 +326,7 @@ def run_workflow(
         (output_dir / "report_inputs.json").write_text(inputs_to_json(inputs))
         try:
             _scan_files_or_raise([report_path, output_dir / "report_inputs.json"], forbidden, roots, run_id=run_id,
-                                 name=name, version=version)
+                                 name=name, version=version, output_dir=output_dir)
         except PHILeakError:
             # The report claims a clean scan; it must not stay on disk when it is itself the leak.
             report_path.unlink(missing_ok=True)
@@ -287,8 +338,27 @@ def run_workflow(
         if version:
             store.client().set_model_version_tag(name, version, "report_sha256", digest)
             store.client().set_model_version_tag(name, version, "report_artifact", f"runs:/{run_id}/report.html")
+    set_step("publishing the manifest")
+    publish_manifest(data, cfg)  # only now: a run that failed anywhere before leaves data.manifest_out as it was
+    set_step(None)
     return RunOutputs(run_id=run_id, output_dir=output_dir, metrics=metrics, audit_passed=passed,
-                      model_name=name, model_version=version, report_path=report_path)
+                      model_name=name, model_version=version, report_path=report_path, audit_status=status)
+
+
+def _log_epoch(epoch: int, record: dict, logged: set[int]) -> None:
+    run_records.log_epoch_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch)
+    logged.add(int(epoch))
+
+
+def _log_earlier_epochs(history: Sequence[dict], logged: set[int]) -> None:
+    """Epochs a resumed run did not train again (they are in its checkpoint): log them to this run too.
+
+    Without this a run re-recorded with --resume after its last epoch would have no training curve.
+    """
+    for record in history:
+        epoch = int(record.get("epoch", -1))
+        if epoch >= 0 and epoch not in logged:
+            _log_epoch(epoch, record, logged)
 
 
 def _registered_start(cfg: WorkflowConfig) -> RegisteredWeights | None:
@@ -348,25 +418,90 @@ def _code_version(environment: dict[str, str]) -> str:
     return f"medtl {__version__}, git {commit[:12]}{dirty}"
 
 
-def _scan_files_or_raise(paths: list[Path], forbidden: dict[str, str], roots: list[Path], *, run_id: str,
-                         name: str, version: str) -> None:
-    findings = phi_guard.scan_files(paths, forbidden.keys(), roots)
-    _raise_findings(findings, run_id, name=name, version=version)
-
-
-def _scan_or_raise(run_id: str, forbidden: dict[str, str], roots: list[Path], *, name: str, version: str) -> None:
-    _raise_findings(phi_guard.scan_run(run_id, forbidden.keys(), roots), run_id, name=name, version=version)
-
-
-def _raise_findings(findings: list[str], run_id: str, *, name: str, version: str) -> None:
+def _scan_before_training(run_id: str, forbidden: dict[str, str], roots: list[Path]) -> None:
+    """Scan what the run holds before training (names, params, tags, dataset input); stop on a finding."""
+    findings = phi_guard.scan_run(run_id, forbidden.keys(), roots)
     if findings:
-        if version:
-            registry.set_audit_status(name, version, "failed", {"phi_findings": len(findings)})
         raise PHILeakError(
-            f"the MLflow run {run_id} or its report holds {len(findings)} identifying value(s) or data path(s): "
-            + "; ".join(findings[:5]) + ("; the version was marked failed" if version else "")
-            + " — report this as a bug"
+            f"the MLflow run {run_id} must hold no identifying value or data path, not {len(findings)} finding(s): "
+            + "; ".join(findings[:5]) + ". Nothing was trained. " + _fixes(findings)
+            + f"; then run again. Delete run {run_id}, which holds the value: `mlflow runs delete --run-id "
+            f"{run_id}` (then `mlflow gc` removes it for good)"
         )
+
+
+def _scan_files_or_raise(paths: list[Path], forbidden: dict[str, str], roots: list[Path], *, run_id: str,
+                         name: str, version: str, output_dir: Path | None = None) -> None:
+    findings = phi_guard.scan_files(paths, forbidden.keys(), roots)
+    _raise_findings(findings, run_id, name=name, version=version, output_dir=output_dir)
+
+
+def _scan_or_raise(run_id: str, forbidden: dict[str, str], roots: list[Path], *, name: str, version: str,
+                   output_dir: Path | None = None) -> None:
+    _raise_findings(phi_guard.scan_run(run_id, forbidden.keys(), roots), run_id, name=name, version=version,
+                    output_dir=output_dir)
+
+
+def _raise_findings(findings: list[str], run_id: str, *, name: str, version: str,
+                    output_dir: Path | None = None) -> None:
+    if not findings:
+        return
+    if version:
+        registry.set_audit_status(name, version, "failed", {"phi_findings": len(findings)})
+    message = (f"the MLflow run {run_id} or its report must hold no identifying value or data path, not "
+               f"{len(findings)} finding(s): " + "; ".join(findings[:5])
+               + (f"; version {version} of {name} was marked failed" if version else "") + ". ")
+    if output_dir is None:  # a study's run: nothing to resume
+        raise PHILeakError(message + _fixes(findings) + "; then run again")
+    raise PHILeakError(
+        message + f"The results on disk are kept (metrics.json, predictions.csv, audit.json and checkpoints/ in "
+        f"output folder '{output_dir.name}'); no report was kept. " + _fixes(findings)
+        + f"; then re-record the run without training again: `medtl run <workflow> --resume --output <the same "
+        f"output folder>`. Delete run {run_id}, which holds the value: `mlflow runs delete --run-id {run_id}`"
+    )
+
+
+# How to fix a finding, by where it is. Params are the flattened workflow config (config keys);
+# data.* params hold only the name of the file or folder the key points to.
+_FILE_KEYS = ("data.root", "data.labels", "data.manifest", "data.manifest_out", "data.key_file",
+              "continual.old_manifest", "continual.old_root")
+
+
+def _is_path_finding(finding: str) -> bool:
+    kind = finding.rsplit(": ", 1)[-1]
+    return kind in ("home directory", "OS user name") or kind.startswith("forbidden path")
+
+
+def _fixes(findings: Sequence[str]) -> str:
+    """One "how to fix" per kind of finding, naming the config key or field, never the value."""
+    fixes: list[str] = []
+    for finding in findings:
+        # Findings read "<where> '<key>': <kind>" or "<where> #<n> (...): <kind>" (phi_guard).
+        head = finding.split(": ", 1)[0]
+        where = re.split(r" '| #| \(", head, maxsplit=1)[0]
+        key = head.split("'")[1] if head.count("'") >= 2 else ""
+        if where == "run param" and key in _FILE_KEYS:
+            fix = f"rename the file or folder that {key} points to (its name is recorded as param {key!r})"
+        elif where == "run param" and key:
+            fix = f"change config key {key!r}"
+        elif where == "experiment":
+            fix = "set tracking.experiment to a neutral name"
+        elif where in ("run", "run tag") and key in ("name", "medtl.workflow"):
+            fix = "set the workflow's name to a neutral one"
+        elif where.startswith("run dataset input"):
+            fix = "rename the manifest file (data.manifest / data.manifest_out)"
+        elif where.startswith(("registered model", "model version")):
+            fix = "set tracking.registered_model to a neutral name"
+        elif ("artifact" in where or where == "file") and _is_path_finding(finding):
+            fix = "a local path reached a file medtl wrote: report a medtl bug"
+        elif "artifact" in where or where == "file":
+            fix = ("remove identifying text from the labels CSV (class names, extra subgroup values); if there is "
+                   "none, report a medtl bug")
+        else:
+            fix = "remove the identifying value from that field; if medtl wrote it, report a medtl bug"
+        if fix not in fixes:
+            fixes.append(fix)
+    return "To fix: " + "; ".join(fixes)
 
 
 def run_few_shot(
@@ -427,6 +562,7 @@ def run_few_shot(
         run_records.log_artifact(path)
     forbidden = {**data.forbidden, **(extra_forbidden or {})}
     _scan_or_raise(result["run_id"], forbidden, [data.root.resolve()], name="", version="")
+    publish_manifest(data, cfg)  # only after the study succeeded
     return _json_safe(result)
 
 
@@ -473,4 +609,5 @@ def rerender_report(run_id: str, out_path: Path, *, pdf: bool = False) -> Path:
     return out_path
 
 
-__all__ = ["rerender_report", "RunOutputs", "PHILeakError", "run_few_shot", "run_workflow"]
+__all__ = ["AUDIT_STATUS_TAG", "rerender_report", "RunOutputs", "PHILeakError", "current_step", "run_few_shot",
+           "run_workflow", "set_step"]

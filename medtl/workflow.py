@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,14 +31,17 @@ from medtl.data.splits import check_leakage
 from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
 from medtl.engine.inference import predict
 from medtl.engine.loop import fit
-from medtl.errors import ConfigError, InputError
-from medtl.models.factory import ModelBundle, create_model
+from medtl.errors import ConfigError, InputError, WeightsError
+from medtl.models.factory import WEIGHT_CHOICES, ModelBundle, check_input_size, check_model, create_model
 from medtl.models.multitask import MultiTaskModel, split_outputs
+from medtl.models.registry import get_encoder_spec
 from medtl.models.strategies import TransferPlan, make_transfer_plan, stage_group_name
 
 logger = logging.getLogger(__name__)
 
 SUBGROUP_COLUMNS = ("sex", "age_band", "site", "scanner")
+# Manifest modality of studies that carry none (NIfTI, PNG/JPEG/TIFF exports); "" for older manifests.
+NO_MODALITY = ("", "UNKNOWN")
 
 
 @dataclass
@@ -53,6 +60,10 @@ class PreparedData:
     # identifying value -> kind, from the manifest build (in memory only): what the PHI scan of
     # the MLflow run must not find.
     forbidden: dict[str, str] = field(default_factory=dict, repr=False)
+    # Rows without a DICOM modality that data.modalities could not filter and the run kept.
+    kept_without_modality: int = 0
+    # Folder of the `data.cache: disk` files (the run's OUTPUT/cache).
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -69,22 +80,123 @@ class TrainedModel:
     frozen_schedule: list[str] = field(default_factory=list)
 
 
-def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True) -> PreparedData:
-    """Build the manifest (or read the given one), check leakage and keep the task's rows.
+def preflight(cfg: WorkflowConfig) -> None:
+    """Check everything a run can check before its first minute of work, cheaply.
+
+    Runs before the manifest build and before any MLflow run: the folders and files the config
+    names exist; `model.encoder` is registered (unknown names get "did you mean") and takes
+    `model.spatial_dims`; `model.weights` resolves (`imagenet`/`medicalnet` files are available
+    locally, a checkpoint file exists, loads with `torch.load(weights_only=True)` and fits the
+    encoder tensor by tensor); `data.image_size` passes through the encoder; the training keys
+    satisfy the engine. The model is built on the meta device (no memory, no values): only
+    reading the checkpoint costs time. Numeric ranges of single keys are `config.validate`'s.
+
+    Args:
+        cfg: the validated workflow config.
 
     Raises:
+        ConfigError: naming the key (a missing path, an unknown encoder, a too small image size...).
+        WeightsError: naming `model.weights` (missing offline, with where to put the file;
+            unreadable, unsafe or not fitting).
+
+    Example:
+        >>> preflight(load_config(Path("workflows/classify_2d.yaml"), ["model.weights=missing.pth"]))
+        Traceback (most recent call last):
+        medtl.errors.WeightsError: config key 'model.weights' file missing.pth must be an existing ...
+    """
+    _check_paths(cfg)
+    m = cfg.model
+    spec = get_encoder_spec(m.encoder, key="config key 'model.encoder'")
+    if m.spatial_dims not in spec.spatial_dims:
+        raise ConfigError(f"config key 'model.spatial_dims' must be {' or '.join(map(str, spec.spatial_dims))} for "
+                          f"encoder '{m.encoder}', not {m.spatial_dims}; pick a {m.spatial_dims}D encoder from "
+                          f"medtl.models.list_encoders(spatial_dims={m.spatial_dims})")
+    try:
+        bundle = check_model(cfg.task, m.encoder, spatial_dims=m.spatial_dims, in_channels=m.in_channels,
+                             num_classes=m.num_classes, weights=m.weights, multi_label=m.multi_label,
+                             dropout=m.dropout)
+    except (ConfigError, WeightsError) as err:
+        raise type(err)(_weights_message(m.weights, str(err))) from err
+    check_input_size(bundle, cfg.data.image_size, name="config key 'data.image_size'")
+    train_config_for(cfg, progress=False, monitor="val_loss")  # the engine's own checks of the train keys
+
+
+def _weights_message(weights: str, message: str) -> str:
+    """A model error worded for its config key (a weights path is shown by its file name only)."""
+    named = re.match(r"model\.(\w+)", message)  # the factory names its argument: make it the config key
+    if named:
+        return f"config key '{named.group(0)}'{message[named.end():]}"
+    shown = weights if weights in WEIGHT_CHOICES else Path(weights).name
+    return f"config key 'model.weights' ({shown}): {message}"
+
+
+def _check_paths(cfg: WorkflowConfig) -> None:
+    """The files and folders the config names exist (shown by name: folders may identify someone)."""
+    d, c = cfg.data, cfg.continual
+    wanted = [("data.root", d.root, "folder", "set it to the folder that holds the studies")]
+    if d.manifest:
+        wanted.append(("data.manifest", d.manifest, "file", "build it with `medtl manifest build`, or set "
+                                                            "data.root and data.labels instead"))
+    else:
+        wanted.append(("data.labels", d.labels, "file", "set it to the labels CSV (path,label[,split,...]; "
+                                                        "see docs/data.md)"))
+    if d.key_file:
+        wanted.append(("data.key_file", d.key_file, "file", "an explicit key must exist (a typo would start a new "
+                                                            "pseudonym space); unset it to use the default key"))
+    if c.old_manifest:
+        wanted.append(("continual.old_manifest", c.old_manifest, "file", "set it to the manifest CSV whose test "
+                                                                          "split is the old test set"))
+    if c.old_root:
+        wanted.append(("continual.old_root", c.old_root, "folder", "set it to the data root of "
+                                                                   "continual.old_manifest"))
+    for key, value, kind, hint in wanted:
+        path = Path(value).expanduser()
+        if not (path.is_dir() if kind == "folder" else path.is_file()):
+            found = "a file" if path.is_file() else "a folder" if path.is_dir() else "missing"
+            raise ConfigError(f"config key '{key}' must name an existing {kind}, not {found} ({path.name or value}); "
+                              f"{hint}")
+
+
+def staged_manifest(cfg: WorkflowConfig, output_dir: Path) -> Path:
+    """The manifest a run reads: `data.manifest` when given, else the one it builds in `OUTPUT/manifest.csv`.
+
+    Non-zero torchrun ranks read this path once rank 0 has built it (after the barrier).
+    """
+    return Path(cfg.data.manifest) if cfg.data.manifest else Path(output_dir) / "manifest.csv"
+
+
+def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True,
+                 checked: bool = False) -> PreparedData:
+    """Build the manifest (or read the given one), check leakage and keep the task's rows.
+
+    A built manifest is staged in the run's output folder (`staged_manifest`): `data.manifest_out`
+    only receives it from `publish_manifest` once the run succeeded, so a failed run never replaces
+    a good manifest. Rows are kept when their DICOM modality is in `data.modalities` (studies
+    without one, i.e. non-DICOM exports, cannot be filtered by it) and their number of axes equals
+    `model.spatial_dims`; `dropped` counts the others by reason.
+
+    Args:
+        cfg: the validated workflow config.
+        output_dir: the run's output folder (gets manifest.csv/.json when built, and cache/).
+        progress: progress bars.
+        checked: the caller already ran `preflight(cfg)`; otherwise it runs first.
+
+    Raises:
+        ConfigError, WeightsError: from `preflight`, before anything is built.
         InputError: when the manifest has no usable rows for the task, or a split is empty.
         LeakageError: when a patient appears in two splits.
     """
+    if not checked:
+        preflight(cfg)
     root = Path(cfg.data.root)
     key_file = Path(cfg.data.key_file) if cfg.data.key_file else None
     forbidden: dict[str, str] = {}
+    manifest_path = staged_manifest(cfg, output_dir)
     if cfg.data.manifest:
-        manifest_path = Path(cfg.data.manifest)
         if not manifest_path.is_file():
-            raise InputError(f"data.manifest {manifest_path} does not exist; build it with `medtl manifest build`")
+            raise InputError(f"data.manifest {manifest_path.name} must be an existing file, not missing; build it "
+                             f"with `medtl manifest build`")
     else:
-        manifest_path = Path(cfg.data.manifest_out) if cfg.data.manifest_out else output_dir / "manifest.csv"
         built = build_manifest(
             root,
             Path(cfg.data.labels),
@@ -94,17 +206,14 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
             subgroup_columns=cfg.data.subgroups,
             fractions=cfg.data.fractions,
             progress=progress,
+            exclude=_published_paths(cfg),
         )
         forbidden = dict(built.forbidden)
     sidecar_path = manifest_path.with_suffix(".json")
     sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
     manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
     check_leakage(manifest, source=manifest_path.name)
-    dropped: dict[str, int] = {}
-    if cfg.data.modalities:
-        keep = manifest["modality"].str.upper().isin([m.upper() for m in cfg.data.modalities])
-        dropped["other modality"] = int((~keep).sum())
-        manifest = manifest[keep]
+    manifest, dropped, kept_without_modality = _task_studies(cfg, manifest, source=manifest_path.name)
     # Domain adaptation learns from the target domain's training studies without their labels
     # (masks), so those rows stay even when unlabelled; everywhere else a row needs its target.
     unlabelled_ok = (target_domain_rows(cfg, manifest, source=manifest_path.name) & (manifest["split"] == "train")
@@ -113,11 +222,14 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
     keep = (manifest[column].str.strip() != "") | unlabelled_ok
     dropped[reason] = int((~keep).sum())
     manifest = manifest[keep].reset_index(drop=True)
+    left_out = ", ".join(f"{n} ({reason})" for reason, n in dropped.items() if n)
     for split in ("train", "val", "test"):
         if not (manifest["split"] == split).any():
             raise InputError(
-                f"manifest {manifest_path.name} has no '{split}' rows for task {cfg.task} "
-                f"(modalities {list(cfg.data.modalities) or 'all'}); add studies or adjust data.fractions"
+                f"manifest {manifest_path.name} must have '{split}' rows for task {cfg.task} "
+                f"(modalities {list(cfg.data.modalities) or 'all'}, {cfg.model.spatial_dims}D studies), not none"
+                f"{'; rows left out: ' + left_out if left_out else ''}; add studies, adjust data.modalities, "
+                f"model.spatial_dims or data.fractions"
             )
     classes = class_names(manifest["label"]) if cfg.task == "classification" else []
     if cfg.task == "classification" and len(classes) != cfg.model.num_classes:
@@ -127,7 +239,6 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
         )
     extra = [c for c in cfg.data.subgroups if c in manifest.columns]
     subgroups = [c for c in (*SUBGROUP_COLUMNS, *extra) if c in manifest.columns]
-    left_out = ", ".join(f"{n} ({reason})" for reason, n in dropped.items() if n)
     if left_out:
         logger.warning("manifest %s: rows left out of this %s run: %s", manifest_path.name, cfg.task, left_out)
     return PreparedData(
@@ -141,7 +252,107 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
         subgroups=subgroups,
         dropped={k: v for k, v in dropped.items() if v},
         forbidden=forbidden,
+        kept_without_modality=kept_without_modality,
+        cache_dir=Path(output_dir) / "cache",
     )
+
+
+def _task_studies(cfg: WorkflowConfig, manifest: pd.DataFrame, *,
+                  source: str) -> tuple[pd.DataFrame, dict[str, int], int]:
+    """The rows of the configured modalities and dimensionality, the counts left out, and how
+    many rows without a modality were kept.
+
+    `data.modalities` filters DICOM studies by their Modality. Non-DICOM exports have none
+    (`unknown`), so the filter cannot judge them: they are kept when their number of axes (of the
+    manifest's `shape`) equals `model.spatial_dims`. Every row of another dimensionality is left
+    out, since the network could not take it.
+    """
+    dropped: dict[str, int] = {}
+    modality = manifest["modality"].astype(str).str.strip().str.upper()
+    no_modality = modality.isin(NO_MODALITY)
+    if cfg.data.modalities:
+        keep = modality.isin({m.strip().upper() for m in cfg.data.modalities}) | no_modality
+        dropped["other modality"] = int((~keep).sum())
+        manifest, no_modality = manifest[keep], no_modality[keep]
+    axes = manifest["shape"].astype(str).map(lambda s: len(s.split("x")) if s.strip() else 0) \
+        if "shape" in manifest.columns else pd.Series(0, index=manifest.index)
+    fits = (axes == cfg.model.spatial_dims) | (axes == 0)  # an unknown shape is left for the loader to judge
+    dropped["other dimensionality"] = int((~fits).sum())
+    kept = int((no_modality & fits).sum()) if cfg.data.modalities else 0
+    if kept:
+        logger.warning(
+            "manifest %s: %d studies have no DICOM modality (PNG/JPEG/TIFF/NIfTI exports), so data.modalities %s "
+            "cannot filter them; they were kept because they are %dD like model.spatial_dims",
+            source, kept, list(cfg.data.modalities), cfg.model.spatial_dims)
+    return manifest[fits].reset_index(drop=True), dropped, kept
+
+
+def _published_paths(cfg: WorkflowConfig) -> list[Path]:
+    """Where `publish_manifest` puts the manifest and sidecar: not data, should they lie in the root."""
+    if cfg.data.manifest or not cfg.data.manifest_out:
+        return []
+    target = Path(cfg.data.manifest_out)
+    return [target, target.with_suffix(".json")]
+
+
+def publish_manifest(data: PreparedData, cfg: WorkflowConfig) -> Path | None:
+    """Copy a successful run's manifest (CSV and sidecar) to `data.manifest_out`, atomically.
+
+    Call it only after the run succeeded: until then `data.manifest_out` keeps whatever good
+    manifest it held. Each file is written to a temporary file in the target folder, flushed to
+    disk, then renamed over the target (`os.replace`), so a reader or a crash never sees a
+    half-written file; the two renames follow each other immediately.
+
+    Args:
+        data: the run's prepared data (its `manifest_path` is the staged manifest).
+        cfg: the run's config.
+
+    Returns:
+        The published CSV, or None when there is nothing to publish (`data.manifest` was given,
+        or `data.manifest_out` is unset, so the run's own OUTPUT/manifest.csv is the manifest).
+
+    Example:
+        >>> data = prepare_data(cfg, output_dir)
+        >>> ...  # train, evaluate, record
+        >>> publish_manifest(data, cfg)
+        PosixPath('data_manifests/classify_2d.csv')
+    """
+    if cfg.data.manifest or not cfg.data.manifest_out:
+        return None
+    target = Path(cfg.data.manifest_out)
+    if target.resolve() == data.manifest_path.resolve():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pairs = [(data.manifest_path, target)]
+    if data.manifest_path.with_suffix(".json").is_file():
+        pairs.append((data.manifest_path.with_suffix(".json"), target.with_suffix(".json")))
+    staged = []
+    try:
+        for source, destination in pairs:
+            staged.append((_copy_beside(source, destination), destination))
+        for temporary, destination in staged:
+            os.replace(temporary, destination)
+    finally:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+    return target
+
+
+def _copy_beside(source: Path, destination: Path) -> Path:
+    """`source` copied to a hidden temporary file in `destination`'s folder, flushed to disk."""
+    handle = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp",
+                                         delete=False)
+    temporary = Path(handle.name)
+    try:
+        with handle, open(source, "rb") as reader:
+            shutil.copyfileobj(reader, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        shutil.copymode(source, temporary)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
 
 
 def target_domain_rows(cfg: WorkflowConfig, manifest: pd.DataFrame, *, source: str = "the manifest") -> np.ndarray:
@@ -209,7 +420,8 @@ def datasets_for(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing, *
             key_file=data.key_file,
             train=split == "train",
             augment=cfg.data.augment,
-            cache=cfg.data.cache if cfg.data.cache != "disk" else "memory",
+            cache=cfg.data.cache,
+            cache_dir=data.cache_dir,
             progress=progress,
         )
     return out
@@ -519,7 +731,10 @@ def timed(func: Callable, *args, **kwargs) -> tuple[object, float]:
 __all__ = [
     "PreparedData",
     "TrainedModel",
+    "preflight",
     "prepare_data",
+    "staged_manifest",
+    "publish_manifest",
     "build_model",
     "preprocessing_for",
     "datasets_for",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from medtl.config import load_config
+from medtl.config import LIST_KEYS, load_config
 from medtl.errors import ConfigError
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
@@ -108,3 +108,66 @@ def test_train_num_threads_reaches_the_engine_zero_meaning_measure():
     assert auto.train.num_threads == 0 and train_config_for(auto, progress=False, monitor="auroc").num_threads is None
     with pytest.raises(ConfigError, match="train.num_threads"):
         load_config(WORKFLOWS / "classify_2d.yaml", [*base, "train.num_threads=-2"])
+
+
+@pytest.mark.parametrize(("key", "empty"), [("data.spacing", ()), ("data.modalities", ()), ("data.subgroups", ()),
+                                            ("audit.tolerances", {})])
+def test_null_means_empty_where_an_empty_list_means_something(key, empty):
+    cfg = load_config(WORKFLOWS / "classify_3d.yaml", [f"{key}=null"])
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == empty
+
+
+@pytest.mark.parametrize("key", [k for k, spec in LIST_KEYS.items() if not spec.empty])
+def test_null_is_refused_where_empty_means_nothing_with_the_key_own_example(key):
+    with pytest.raises(ConfigError) as err:
+        load_config(WORKFLOWS / "classify_2d.yaml", [f"{key}=null"])
+    assert str(err.value) == f"config key '{key}' must be a list, not null; e.g. {LIST_KEYS[key].example}"
+
+
+def test_a_wrong_type_for_a_list_key_says_what_empty_means():
+    with pytest.raises(ConfigError, match=r"'data\.spacing' must be a list, not int; e\.g\. \[1\.5, 1\.5, 2\.5\] "
+                                          r"\(\[\] or null: keep the source spacing\)"):
+        load_config(WORKFLOWS / "classify_3d.yaml", ["data.spacing=2"])
+
+
+def test_every_list_key_has_an_example_and_the_readme_says_what_empty_and_null_mean():
+    import dataclasses
+    from typing import get_origin, get_type_hints
+
+    from medtl.config import WorkflowConfig
+
+    sections = {name: cls for name, cls in get_type_hints(WorkflowConfig).items() if dataclasses.is_dataclass(cls)}
+    keys = {f"{section}.{name}" for section, cls in sections.items()
+            for name, hint in get_type_hints(cls).items() if get_origin(hint) in (tuple, dict)}
+    assert keys == set(LIST_KEYS)
+    readme = (WORKFLOWS / "README.md").read_text()
+    for key, spec in LIST_KEYS.items():
+        if spec.empty:
+            row = next(line for line in readme.splitlines() if line.startswith(f"| `{key}`"))
+            assert "`null`" in row and ("`[]`" in row or "`{}`" in row), row
+
+
+@pytest.mark.parametrize(
+    ("workflow", "setting", "message"),
+    [
+        ("classify_2d", "train.lr=0", r"'train\.lr' must be a positive number, not 0; e\.g\. 0\.001"),
+        ("classify_2d", "train.lr=-1e-3", r"'train\.lr' must be a positive number"),
+        ("classify_2d", "train.batch_size=0", r"'train\.batch_size' must be at least 1, not 0"),
+        ("classify_2d", "data.image_size=[0, 96]", r"'data\.image_size' must hold positive sizes, not \[0, 96\]"),
+        ("classify_2d", "data.spacing=[1, 1]", r"'data\.spacing' must be empty for model\.spatial_dims=2"),
+        ("classify_3d", "data.spacing=[1.5, 0, 2.5]", r"'data\.spacing' must be 3 positive voxel sizes in mm"),
+        ("classify_3d", "data.spacing=[1.5, 1.5]", r"'data\.spacing' must be 3 positive voxel sizes in mm"),
+        ("classify_3d", "data.ct_window=[300, -200]", r"'data\.ct_window' must be two numbers \[low, high\]"),
+        ("classify_2d", "model.dropout=1", r"'model\.dropout' must be in \[0, 1\), not 1"),
+        ("classify_2d", "model.num_classes=1", r"'model\.num_classes' must be at least 2, not 1"),
+        ("classify_2d", "train.layer_decay=1.5", r"'train\.layer_decay' must be in \[0, 1\]"),
+        ("classify_2d", "evaluation.threshold_target=1", r"'evaluation\.threshold_target' must be in \(0, 1\)"),
+        ("classify_2d", "audit.alpha=0", r"'audit\.alpha' must be in \(0, 1\), not 0"),
+        ("classify_2d", "audit.tolerances={auroc: -0.1}", r"'audit\.tolerances\.auroc' must be at least 0"),
+        ("classify_2d", "train.warmup_epochs=-1", r"'train\.warmup_epochs' must be at least 0"),
+    ],
+)
+def test_numeric_ranges_are_refused_when_the_config_loads(workflow, setting, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(WORKFLOWS / f"{workflow}.yaml", [setting])

@@ -38,7 +38,8 @@ def test_torchrun_two_ranks_train_model_and_scratch_twin_and_rank_zero_alone_rec
     metrics = json.loads((output / "metrics.json").read_text())
     assert "reference_train_seconds" in metrics["timings"]
     assert (output / "report.html").stat().st_size > 10_000  # rank 0 evaluates and writes the report
-    assert printed.count("audit passed;") + printed.count("audit FAILED") == 1, printed[-2000:]
+    verdicts = ("audit passed;", "audit FAILED", "audit INCONCLUSIVE")
+    assert sum(printed.count(v) for v in verdicts) == 1, printed[-2000:]
 
     monkeypatch.chdir(tmp_path)  # the embedded store is ./mlruns of the run's working directory
     store.tracking_uri()

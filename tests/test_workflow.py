@@ -3,6 +3,8 @@
 One small real run (tiny images, one epoch) checks the stable outputs (metrics.json,
 predictions.csv, audit.json, registry tags and aliases) and that nothing identifying from the
 demo studies — fake PHI or the data folder's absolute path — reached MLflow or the outputs.
+The steps before training (preflight, row selection, manifest staging and publishing, the disk
+cache) are checked on their own, on real PNG and NIfTI files, without training.
 """
 
 from __future__ import annotations
@@ -10,17 +12,35 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import re
+import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from medtl.cli import main
+from medtl.config import load_config
 from medtl.data.demo import write_demo_data
 from medtl.demo import run_demo
-from medtl.errors import InputError
+from medtl.errors import ConfigError, InputError, WeightsError
 from medtl.tracking import phi_guard, registry, store
+from medtl.workflow import (
+    build_model,
+    datasets_for,
+    preflight,
+    prepare_data,
+    preprocessing_for,
+    publish_manifest,
+    staged_manifest,
+)
+from tests.test_realworld_workflows import write_png_exports
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100"]
 
@@ -70,7 +90,7 @@ def test_demo_run_is_registered_with_the_documented_tags(demo_run):
     version = registry.get_model_version(outputs.model_name, outputs.model_version)
     for tag in ("task", "encoder", "weights_origin", "strategy", "manifest_sha256", "audit_status", "report_sha256"):
         assert tag in version.tags, tag
-    assert version.tags["audit_status"] in ("passed", "failed")
+    assert version.tags["audit_status"] in ("passed", "failed", "inconclusive")
     aliases = store.client().get_registered_model(outputs.model_name).aliases
     assert str(aliases.get("candidate")) == outputs.model_version
 
@@ -84,7 +104,8 @@ def test_the_audit_verdict_reaches_the_run_and_the_registry_version(demo_run):
     store.tracking_uri()
     audit = json.loads((outputs.output_dir / "audit.json").read_text())
     version = registry.get_model_version(outputs.model_name, outputs.model_version)
-    assert version.tags["audit_status"] == ("passed" if audit["passed"] else "failed")
+    # The verdict of audit.json: "inconclusive" when every subgroup was suppressed (nothing measured).
+    assert version.tags["audit_status"] == audit.get("status", "passed" if audit["passed"] else "failed")
     assert int(version.tags["audit.flagged_gaps"]) == sum(g["flagged"] for g in audit["gaps"])
     assert version.tags["report_artifact"] == f"runs:/{outputs.run_id}/report.html"
     run = store.client().get_run(outputs.run_id)
@@ -205,3 +226,101 @@ def test_rows_left_out_of_the_run_are_counted_in_mlflow(demo_run):
     params = store.client().get_run(outputs.run_id).data.params
     # The demo's CT series are not radiographs: the classify_2d run leaves them out and says so.
     assert int(params["data.rows_left_out.other_modality"]) > 0
+
+
+def _png_config(tmp_path: Path, *extra: str, workflow: str = "classify_2d"):
+    data = tmp_path / "exports"
+    labels = write_png_exports(data) if not (data / "labels.csv").is_file() else data / "labels.csv"
+    return load_config(WORKFLOWS / f"{workflow}.yaml", [
+        f"data.root={data}", f"data.labels={labels}", f"data.manifest_out={tmp_path / 'manifests' / 'm.csv'}", *extra])
+
+
+def test_exports_without_a_modality_are_kept_when_their_dimensionality_fits_the_model(tmp_path, caplog):
+    data = tmp_path / "exports"
+    labels = write_png_exports(data)
+    (data / "volumes").mkdir()
+    extra = []
+    for i in range(3):  # 3D NIfTI volumes: no modality either, but a 2D model cannot take them
+        nib.save(nib.Nifti1Image(np.random.default_rng(i).random((16, 16, 8)).astype(np.float32), np.eye(4)),
+                 data / "volumes" / f"vol_{i}.nii.gz")
+        extra.append({"path": f"volumes/vol_{i}.nii.gz", "label": i % 2, "split": "train"})
+    pd.concat([pd.read_csv(labels), pd.DataFrame(extra)]).to_csv(labels, index=False)
+    cfg = _png_config(tmp_path)
+    assert cfg.data.modalities == ("CR", "DX")  # the shipped workflow, unchanged
+
+    with caplog.at_level(logging.WARNING, logger="medtl.workflow"):
+        prepared = prepare_data(cfg, tmp_path / "out", progress=False)
+    assert len(prepared.manifest) == 60 and set(prepared.manifest["kind"]) == {"image2d"}
+    assert prepared.kept_without_modality == 60
+    assert prepared.dropped == {"other dimensionality": 3}
+    assert "60 studies have no DICOM modality" in caplog.text and "2D like model.spatial_dims" in caplog.text
+
+
+def test_the_manifest_is_built_in_the_output_folder_and_published_only_when_asked(tmp_path):
+    cfg = _png_config(tmp_path)
+    out = tmp_path / "out"
+    prepared = prepare_data(cfg, out, progress=False)
+    published = Path(cfg.data.manifest_out)
+    assert prepared.manifest_path == staged_manifest(cfg, out) == out / "manifest.csv"
+    assert not published.exists()  # a run that fails from here on leaves data.manifest_out alone
+
+    assert publish_manifest(prepared, cfg) == published
+    for staged, final in ((prepared.manifest_path, published), (out / "manifest.json", published.with_suffix(".json"))):
+        assert final.read_bytes() == staged.read_bytes()
+    assert sorted(p.name for p in published.parent.iterdir()) == ["m.csv", "m.json"]  # no temporary files left
+    json.loads(published.with_suffix(".json").read_text())
+
+    reused = load_config(None, [f"data.root={cfg.data.root}", f"data.manifest={published}",
+                                f"data.manifest_out={tmp_path / 'other.csv'}"], base={"name": "again"})
+    again = prepare_data(reused, tmp_path / "out2", progress=False)
+    assert again.manifest_path == published == staged_manifest(reused, tmp_path / "out2")
+    assert publish_manifest(again, reused) is None and not (tmp_path / "other.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "message"),
+    [
+        (["model.weights=missing.pth"], WeightsError, r"config key 'model\.weights' file missing\.pth must be an existing"),
+        (["model.encoder=resnet19"], ConfigError, r"config key 'model\.encoder' .* did you mean 'resnet18'"),
+        (["model.encoder=densenet121", "model.weights=none", "data.image_size=[16, 16]"], ConfigError,
+         r"config key 'data\.image_size' must be large enough for encoder 'densenet121'.*use e\.g\. \[32, 32\]"),
+        (["model.encoder=medicalnet_resnet18"], ConfigError, r"config key 'model\.spatial_dims' must be 3"),
+        (["data.labels=nowhere.csv"], ConfigError, r"config key 'data\.labels' must name an existing file, not "
+                                                   r"missing \(nowhere\.csv\)"),
+    ],
+)
+def test_prepare_data_runs_the_preflight_before_building_anything(tmp_path, extra, error, message):
+    cfg = _png_config(tmp_path, *extra)
+    with pytest.raises(error, match=message):
+        prepare_data(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+def test_preflight_says_where_to_put_medicalnet_weights_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTL_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = _png_config(tmp_path, "model.encoder=medicalnet_resnet18", "model.weights=medicalnet",
+                      workflow="classify_3d")
+    with pytest.raises(WeightsError, match=r"config key 'model\.weights' \(medicalnet\): medicalnet weights for "
+                                           r"encoder 'medicalnet_resnet18' must be a local file, not missing; put "
+                                           r"resnet_18_23dataset\.pth"):
+        preflight(cfg)
+
+
+def test_preflight_accepts_the_shipped_workflows_with_their_bundled_weights(tmp_path):
+    for workflow in ("classify_2d", "classify_3d", "segment_3d"):
+        preflight(_png_config(tmp_path, workflow=workflow))
+
+
+def test_disk_cache_fills_the_run_output_folder_and_serves_the_next_epoch(tmp_path):
+    cfg = _png_config(tmp_path, "data.cache=disk", "data.image_size=[32, 32]", "data.modalities=[]")
+    out = tmp_path / "out"
+    prepared = prepare_data(cfg, out, progress=False)
+    prep = preprocessing_for(cfg, build_model(cfg))
+    val = datasets_for(cfg, prepared, prep, progress=False, splits=("val",))["val"]
+    first = [val[i]["image"] for i in range(len(val))]
+    assert len(list((out / "cache").glob("*.pt"))) == len(val) == 12
+
+    shutil.rmtree(cfg.data.root)  # the studies are gone: the second epoch can only read the cache
+    second = [val[i]["image"] for i in range(len(val))]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))

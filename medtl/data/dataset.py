@@ -2,9 +2,10 @@
 
 The deterministic part (load, channel-first, orientation/spacing, intensity scaling, resize and
 the encoder's normalisation) is cached by MONAI (`CacheDataset` in memory or `PersistentDataset`
-on disk keyed by the manifest hash); augmentations run after the cache, for training only.
-Masks are declared as label maps: nearest-neighbour resampling, never intensity transforms.
-Items carry only the manifest's pseudonymous `id`: no path, no header ever reaches the batch.
+on disk); augmentations run after the cache, for training only. Masks are declared as label maps:
+nearest-neighbour resampling, never intensity transforms. Items carry only the manifest's
+pseudonymous `id`: no path, no header ever reaches the batch or a cache file (the loader returns
+a fresh dict of id, label and tensors, and the pipeline ends by dropping all metadata).
 """
 
 from __future__ import annotations
@@ -217,12 +218,18 @@ def make_dataset(
         train: apply augmentations (training split only).
         augment: allow augmentations at all.
         cache: "memory" (CacheDataset), "disk" (PersistentDataset under `cache_dir`) or "none".
-        cache_dir: folder for the disk cache (local-only; keyed by manifest hash and settings).
+        cache_dir: folder for the disk cache, e.g. the run's `OUTPUT/cache`. Each file holds one
+            item after the deterministic transforms ({"id", "label", "image"}: plain tensors and
+            the row pseudonym, no metadata), named by a hash of what determines it (row id,
+            pixel and mask digests, label index, `prep`), so changed settings never reuse a file.
         progress: show a progress bar while caching.
 
     Returns:
         A dataset of dicts with "id", "image" (C x spatial) and "label" (class index, or the mask
         as a 1 x spatial label map for segmentation).
+
+    Raises:
+        InputError: for an unknown `cache`, or "disk" without `cache_dir`.
     """
     has_mask = any(item.get("mask_ref") for item in items)
     det = deterministic_transforms(prep, root, key_file, has_mask)
@@ -232,12 +239,26 @@ def make_dataset(
         return Dataset(items, transform=pipeline)
     if cache == "disk":
         if cache_dir is None:
-            raise InputError("cache='disk' needs cache_dir; set data.cache=memory or give a folder")
-        keyed = [{**item, "cache_key": f"{item['row']['sha256']}-{prep.digest()}"} for item in items]
+            raise InputError("cache 'disk' must come with a cache_dir, not None; give a folder (a run uses "
+                             "OUTPUT/cache) or set data.cache=memory")
+        keyed = [{**item, "cache_key": _cache_key(item, prep)} for item in items]
         return PersistentDataset(
-            keyed, transform=pipeline, cache_dir=cache_dir, hash_func=lambda it: it["cache_key"].encode()
+            keyed, transform=pipeline, cache_dir=Path(cache_dir), hash_func=lambda it: it["cache_key"].encode()
         )
+    if cache != "memory":
+        raise InputError(f"cache must be one of memory, disk, none, not {cache!r}; set data.cache")
     return CacheDataset(items, transform=pipeline, num_workers=0, progress=progress, copy_cache=True)
+
+
+def _cache_key(item: dict, prep: Preprocessing) -> str:
+    """File name of an item in the disk cache: a digest of everything the cached tensors depend on.
+
+    Only pseudonymous values and digests go in (never a path), and the name is their hash.
+    """
+    row = item["row"]
+    parts = [str(item["id"]), str(row.get("sha256", "")), str(row.get("mask_sha256", "")), str(item["label"]),
+             prep.digest()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
 def label_counts(items: Mapping | list[dict], num_classes: int) -> np.ndarray:

@@ -41,11 +41,15 @@ from medtl.evaluation.bootstrap import (
     percentile_ci,
     weighted_thresholds,
 )
-from medtl.evaluation.gaps import EQUALIZED_ODDS, compare_gaps, draft_gaps, flag_gaps, paired_amplification
-from medtl.evaluation.metrics import (
-    check_threshold_rule,
-    choose_threshold,
+from medtl.evaluation.gaps import (
+    EQUALIZED_ODDS,
+    Gap,
+    compare_gaps,
+    draft_gaps,
+    flag_gaps,
+    paired_amplification,
 )
+from medtl.evaluation.metrics import check_threshold_rule, choose_threshold
 from medtl.evaluation.predictions import (
     MAX_GROUPS,
     MISSING,
@@ -93,7 +97,7 @@ class BiasAudit:
 
     Example:
         >>> audit = BiasAudit(["sex", "age_band"], seed=0).run(predictions, patient_ids)  # doctest: +SKIP
-        >>> audit.result_.passed  # doctest: +SKIP
+        >>> audit.result_.status  # "passed", "failed" or "inconclusive"  # doctest: +SKIP
         >>> Path("audit.json").write_text(audit.to_json())  # doctest: +SKIP
     """
 
@@ -215,11 +219,19 @@ class BiasAudit:
             notes.append(
                 "some gaps with a tolerance could not be estimated (undefined in most replicates); not flagged"
             )
+        evaluated, unevaluated = self._evaluability([a for a, _ in specs], groups, gaps, config)
+        if not evaluated:
+            status = "inconclusive"
+            notes.append("audit inconclusive: no attribute could be evaluated (no tested gap has a confidence "
+                         "interval); see unevaluated_attributes for why and what would make them evaluable")
+        else:
+            status = "failed" if config.fail_on_flagged and any(g.flagged for g in gaps) else "passed"
         reference = None
         if ref is not None or reference_audit is not None:
             reference = {"label": reference_label, "paired": ref is not None}
         self.result_ = AuditResult(
-            passed=not (config.fail_on_flagged and any(g.flagged for g in gaps)),
+            passed=status == "passed",
+            status=status,
             task=self.task,
             reference=reference,
             overall=overall_groups[0],
@@ -236,6 +248,8 @@ class BiasAudit:
             },
             settings=self._settings(),
             notes=tuple(notes),
+            evaluated_attributes=tuple(evaluated),
+            unevaluated_attributes=tuple(unevaluated),
         )
         if reference_audit is not None:
             amplification = tuple(compare_gaps(self.result_.to_dict(), reference_audit))
@@ -333,6 +347,52 @@ class BiasAudit:
             "ci": None,
             "reference_value": _finite(ctx.ref_threshold),
         }
+
+    def _evaluability(
+        self, attributes: Sequence[str], groups: Sequence[GroupResult], gaps: Sequence[Gap], config: AuditConfig
+    ) -> tuple[list[str], list[dict[str, str]]]:
+        """(evaluated attributes, unevaluated ones with the reason and the remedy), in audit order.
+
+        An attribute is evaluated when at least one of its tested gaps (a `difference` gap of a
+        metric with a tolerance) has a confidence interval, so it could be compared with the
+        tolerance: flagged, within or inconclusive. That needs two reported (not suppressed)
+        groups with a value of the metric and, for classification rates, enough events.
+        """
+        evaluated, unevaluated = [], []
+        k, split = self.min_group_size, self.split
+        tested_metrics = [m for m in self._gap_metrics() if m in config.tolerances]
+        for attribute in attributes:
+            members = [g for g in groups if g.attribute == attribute]
+            reported = [g for g in members if not g.suppressed]
+            tested = [g for g in gaps if g.attribute == attribute and g.tolerance is not None]
+            if any(g.status in ("flagged", "within", "inconclusive") for g in tested):
+                evaluated.append(attribute)
+                continue
+            if len(members) < 2:
+                reason = f"only one group in the {split} split: there is nothing to compare it with"
+                remedy = f"add {split} patients from the attribute's other groups, or leave it out of audit.attributes"
+            elif len(reported) < 2:
+                hidden = (f"all {len(members)} of its groups were" if not reported
+                          else f"{len(members) - 1} of its {len(members)} groups were")
+                reason = (f"{hidden} suppressed (at most {k} patients each), so fewer than two groups have "
+                          "numbers and no gap can be measured")
+                remedy = (f"more {split} patients per group (more than {k} in at least two groups), or a lower "
+                          "audit.min_group_size (smaller groups' numbers are then shown: weigh the "
+                          "re-identification risk)")
+            elif not tested_metrics:
+                reason = "no audited gap metric has a tolerance, so no gap is tested"
+                remedy = "set a tolerance for a gap metric, e.g. audit.tolerances.auroc: 0.05"
+            elif not any(math.isfinite(g.value) for g in tested):
+                reason = (f"fewer than two of its reported groups have a value of the tested metrics "
+                          f"({', '.join(tested_metrics)}) with at least {self.min_gap_events} of the events each "
+                          "metric counts (positives, negatives)")
+                remedy = (f"more {split} patients with and without the finding per group, or a lower "
+                          "audit.min_gap_events")
+            else:
+                reason = "its tested gaps have no confidence interval (undefined in most bootstrap replicates)"
+                remedy = f"more {split} patients per group, with and without the finding"
+            unevaluated.append({"attribute": attribute, "reason": reason, "remedy": remedy})
+        return evaluated, unevaluated
 
     # -- computation ------------------------------------------------------------------------
 

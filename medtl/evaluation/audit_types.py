@@ -22,6 +22,10 @@ from medtl.evaluation.gaps import CORRECTIONS, EQUALIZED_ODDS, Gap
 from medtl.evaluation.metrics import BINARY_METRICS
 from medtl.evaluation.segmentation import SEGMENTATION_METRICS, segmentation_family
 
+#: The audit's verdicts (audit.json "status"). "inconclusive": no attribute could be evaluated, i.e.
+#: no attribute has a tested gap with a confidence interval (see `AuditResult`).
+AUDIT_STATUSES: tuple[str, ...] = ("passed", "failed", "inconclusive")
+
 #: Gap tolerances used when the workflow config names none (metric units, max - min).
 DEFAULT_TOLERANCES: Mapping[str, float] = MappingProxyType(
     {"auroc": 0.05, "fnr": 0.1, EQUALIZED_ODDS: 0.1, "dice": 0.05}
@@ -171,9 +175,18 @@ class GroupResult:
 
 @dataclass(frozen=True)
 class AuditResult:
-    """Everything the audit found; `to_dict()` is audit.json."""
+    """Everything the audit found; `to_dict()` is audit.json.
+
+    `status` is the verdict: "inconclusive" when no attribute was evaluated (an attribute is
+    evaluated when at least one of its tested gaps has a confidence interval, which needs two
+    reported groups with a value of the metric); else "failed" when a gap is flagged and the
+    config fails on flags; else "passed". `passed` is true only for "passed".
+    `unevaluated_attributes` lists the audited attributes that were not evaluated, each as
+    {"attribute", "reason", "remedy"}, whatever the status.
+    """
 
     passed: bool
+    status: str
     task: str
     reference: dict[str, Any] | None
     overall: GroupResult
@@ -185,11 +198,20 @@ class AuditResult:
     correction: dict[str, Any]
     settings: dict[str, Any]
     notes: tuple[str, ...]
+    evaluated_attributes: tuple[str, ...] = ()
+    unevaluated_attributes: tuple[Mapping[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in AUDIT_STATUSES:
+            raise ValueError(f"audit status must be one of {', '.join(AUDIT_STATUSES)}, not {self.status!r}")
+        if self.passed != (self.status == "passed"):
+            raise ValueError(f"passed must be {self.status == 'passed'} for status {self.status!r}, not {self.passed}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The audit.json document: passed, reference, groups, gaps, and the extra keys of docs/audit.md."""
+        """The audit.json document: passed, status, reference, groups, gaps, and the extra keys of docs/audit.md."""
         return {
             "passed": self.passed,
+            "status": self.status,
             "task": self.task,
             "reference": self.reference,
             "overall": self.overall.to_dict(),
@@ -203,6 +225,8 @@ class AuditResult:
             "correction": self.correction,
             "fail_on_flagged": self.config.fail_on_flagged,
             "settings": self.settings,
+            "evaluated_attributes": list(self.evaluated_attributes),
+            "unevaluated_attributes": [dict(u) for u in self.unevaluated_attributes],
             "notes": list(self.notes),
         }
 

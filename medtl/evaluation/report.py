@@ -49,6 +49,7 @@ from medtl.evaluation.report_audit import (
 from medtl.evaluation.report_html import (
     _METRIC_NAMES,
     _SEG_FAMILIES,
+    _audit_status,
     _display,
     _e,
     _estimate,
@@ -58,6 +59,7 @@ from medtl.evaluation.report_html import (
     _metric_name,
     _num,
     _passfail,
+    _status_badge,
     _table,
 )
 from medtl.evaluation.report_types import ReportInputs
@@ -209,13 +211,20 @@ def _identification(x: ReportInputs) -> str:
         headline = (f'<div class="headline"><div><span class="label">{_e(_metric_name(primary))} (test)</span>'
                     f'<span class="big">{_estimate(x.results.metrics[primary])}</span></div>'
                     f'<div><span class="label">Subgroup audit</span><span class="big">'
-                    f'{_passfail(x.audit.get("passed"))}</span></div>'
-                    f'<div><span class="label">Flagged gaps</span><span class="big">'
-                    f'{sum(1 for g in x.audit.get("gaps", []) if g.get("flagged"))}</span></div></div>')
+                    f'{_status_badge(x.audit)}</span></div>'
+                    f'<div><span class="label">Flagged gaps</span><span class="big">{_flagged_headline(x.audit)}'
+                    '</span></div></div>')
     use = f"<h3>Intended use</h3><p>{_e(ident.intended_use)}</p>"
     if ident.out_of_scope:
         use += f"<h3>Out of scope</h3><p>{_e(ident.out_of_scope)}</p>"
     return _section("identification", headline + _kv(pairs) + use)
+
+
+def _flagged_headline(audit: Mapping[str, Any]) -> str:
+    """The number of flagged gaps; "none measured" when the audit could measure no gap at all."""
+    if _audit_status(audit) == "inconclusive":
+        return '<span class="muted">none measured</span>'
+    return _num(sum(1 for g in audit.get("gaps", []) if g.get("flagged")))
 
 
 def _primary_metric(x: ReportInputs) -> str | None:
@@ -422,7 +431,7 @@ def _audit_trail(x: ReportInputs, stamp: str) -> str:
                                      else f"{ident.model_name} (not registered)")),
              ("Manifest SHA-256", f"<code>{_e(x.data.manifest_sha256)}</code>"),
              ("Weights SHA-256", f"<code>{_e(x.model.weights.get('sha256', 'n/a'))}</code>"),
-             ("Audit result", _passfail(x.audit.get("passed"))), ("Report generated", _e(stamp))]
+             ("Audit result", _status_badge(x.audit)), ("Report generated", _e(stamp))]
     verify = ("<p class=\"muted\">The report hash below covers this file without its own line: delete the line "
               f"containing <code>{_e(_HASH_ATTRIBUTE)}</code> and compute the SHA-256 of the rest, or call "
               "<code>medtl.evaluation.report.verify_report_hash(path)</code>.</p>")

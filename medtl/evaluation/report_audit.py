@@ -11,6 +11,7 @@ from typing import Any
 
 from medtl.evaluation import report_plots as rp
 from medtl.evaluation.report_html import (
+    _audit_status,
     _badge,
     _cross,
     _display,
@@ -21,7 +22,7 @@ from medtl.evaluation.report_html import (
     _kv,
     _metric_name,
     _num,
-    _passfail,
+    _status_badge,
     _table,
 )
 from medtl.evaluation.report_types import EvaluationMethods, ReportInputs
@@ -114,7 +115,8 @@ def _subgroups(x: ReportInputs) -> str:
     rest = [g for g in gaps if not any(g is t for t in tested) and str(g.get("metric")) in shown]
     n_suppressed = sum(1 for g in groups if g.get("suppressed"))
     correction = audit.get("correction") or {}
-    body = _kv([("Audit result", _passfail(audit.get("passed"))),
+    body = _kv([("Audit result", _status_badge(audit)),
+                ("Attributes evaluated", _e(_evaluated_text(audit))),
                 ("Reference model", _e(_reference(audit.get("reference")))),
                 ("Groups", _e(f"{len(groups) - n_suppressed} reported, {n_suppressed} suppressed "
                               f"(at most {_suppression_limit(x)} patients)")),
@@ -123,6 +125,7 @@ def _subgroups(x: ReportInputs) -> str:
                                       if correction.get("method") else ""))),
                 ("Tolerances", _e(", ".join(f"{_metric_name(k)} {v:g}" for k, v in tolerances.items()) or "none"))],
                raw=True)
+    body += _unevaluated(x)
     primary = next((m for m in metrics if m in ("auroc", "auroc_macro", "dice")), metrics[0] if metrics else None)
     if primary:
         overall = ((audit.get("overall") or {}).get("metrics") or {}).get(primary) or x.results.metrics.get(primary)
@@ -147,6 +150,40 @@ def _subgroups(x: ReportInputs) -> str:
     if notes:
         body += "<h3>Audit notes</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
     return body
+
+
+def _unevaluated_entries(audit: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [u for u in audit.get("unevaluated_attributes") or [] if isinstance(u, Mapping)]
+
+
+def _evaluated_text(audit: Mapping[str, Any]) -> str:
+    evaluated = audit.get("evaluated_attributes")
+    if not isinstance(evaluated, list):
+        return "not recorded"
+    names = ", ".join(_cross(a) for a in evaluated) or "none"
+    missing = len(_unevaluated_entries(audit))
+    return names + (f"; {missing} not evaluated (below)" if missing else "")
+
+
+def _unevaluated(x: ReportInputs) -> str:
+    """Why the audit is inconclusive, or which attributes its verdict leaves out, and what would help."""
+    entries = _unevaluated_entries(x.audit)
+    status = _audit_status(x.audit)
+    if status != "inconclusive" and not entries:
+        return ""
+    limit = _suppression_limit(x)
+    if status == "inconclusive":
+        body = ('<p class="warn"><strong>Inconclusive, not a pass:</strong> no subgroup gap could be measured, so '
+                "this audit checked nothing. An attribute is evaluated when two or more of its groups have a "
+                f"value of a tested metric (more than {limit} patients each, with enough positives and negatives) "
+                "and the gap between them has a confidence interval. The registry will not promote this version.</p>")
+    else:
+        body = ('<p class="muted">The verdict rests on the evaluated attributes only; these could not be '
+                "evaluated:</p>")
+    rows = [[_e(_cross(u.get("attribute"))), _e(u.get("reason") or "not recorded"),
+             _e(u.get("remedy") or "not recorded")] for u in entries]
+    return body + (_table(("Attribute", "Why it was not evaluated", "What would make it evaluable"), rows,
+                          cls="compact") if rows else "")
 
 
 def _gap_table(gaps: Sequence[Mapping[str, Any]], methods: EvaluationMethods) -> str:
@@ -217,6 +254,12 @@ def _near_chance(test: Mapping[str, Any]) -> bool:
 
 def _derived_limitations(x: ReportInputs) -> list[str]:
     out = []
+    unevaluated = [_cross(u.get("attribute")) for u in _unevaluated_entries(x.audit)]
+    if _audit_status(x.audit) == "inconclusive":
+        out.append("The subgroup audit is inconclusive: no between-group gap could be measured on this test set, "
+                   "so performance differences between groups are unknown.")
+    elif unevaluated:
+        out.append(f"Not evaluated by the subgroup audit (no measurable gap): {', '.join(unevaluated[:12])}.")
     groups = x.audit.get("groups", [])
     suppressed = [f"{_cross(g.get('attribute'))} = {_cross(g.get('group'))}" for g in groups if g.get("suppressed")]
     if suppressed:

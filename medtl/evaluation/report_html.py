@@ -119,3 +119,20 @@ def _passfail(passed: Any) -> str:
         return _badge("not recorded", "muted")
     return _badge("passed", "ok") if passed else _badge("failed", "bad")
 
+
+def _audit_status(audit: Mapping[str, Any]) -> str | None:
+    """audit.json's "status"; for documents written before it existed, from "passed" (None if neither)."""
+    status = audit.get("status")
+    if status in ("passed", "failed", "inconclusive"):
+        return str(status)
+    passed = audit.get("passed")
+    return None if passed is None else "passed" if passed else "failed"
+
+
+def _status_badge(audit: Mapping[str, Any]) -> str:
+    """The audit verdict as a badge: passed green, failed red, inconclusive amber (never green)."""
+    status = _audit_status(audit)
+    if status is None:
+        return _badge("not recorded", "muted")
+    return _badge(status, {"passed": "ok", "failed": "bad", "inconclusive": "warn"}[status])
+

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from medtl.errors import ConfigError, WeightsError
@@ -111,6 +114,13 @@ def _resolve_weights(spec: EncoderSpec, weights: str | os.PathLike) -> tuple[Wei
             f"model.weights must be one of {list(WEIGHT_CHOICES)} or a checkpoint path ({', '.join(CHECKPOINT_SUFFIXES)}), "
             f"not {str(weights)!r}; fix the model config"
         )
+    if not path.is_file():
+        # Only the file name: the folders of a user's path are none of the error's business.
+        raise WeightsError(
+            f"model.weights file {path.name} must be an existing checkpoint file, not "
+            f"{'a folder' if path.is_dir() else 'missing'}; check the path (relative paths are read from the "
+            f"working directory), or use imagenet, medicalnet or none"
+        )
     record = dataclasses.replace(
         template, source="file", origin=f"local file {path.name} (tensor names of {template.origin})",
         licence="as provided by the user", sha256=None, file_names=(path.name,), hf_hub_id=None, package_file=None,
@@ -162,6 +172,57 @@ def create_model(
         >>> bundle.load_report.matched_fraction
         1.0
     """
+    return _assemble(task, encoder, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
+                     weights=weights, multi_label=multi_label, dropout=dropout, decoder_channels=decoder_channels,
+                     min_matched=min_matched, meta=False)
+
+
+def check_model(
+    task: str,
+    encoder: str = "efficientnet_lite0",
+    *,
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    weights: str | os.PathLike = "pretrained",
+    multi_label: bool = False,
+    dropout: float = 0.2,
+    decoder_channels: Sequence[int] | None = None,
+    min_matched: float = 0.9,
+) -> ModelBundle:
+    """Every check `create_model` makes, cheaply: for a preflight before hours of work.
+
+    The model is built on PyTorch's meta device (shapes only: no memory, no values, no random
+    initialisation), so only reading the checkpoint costs time. The weights are resolved, their
+    file read with `torch.load(weights_only=True)` (or safetensors) and fitted tensor by tensor
+    exactly as `create_model` does, digest and refusal rules included.
+
+    Args:
+        task, encoder, spatial_dims, in_channels, num_classes, weights, multi_label, dropout,
+            decoder_channels, min_matched: as for `create_model`.
+
+    Returns:
+        The bundle `create_model` would return, but its model lives on the meta device: use it
+        for its record, load report and `check_input_size`, never for training.
+
+    Raises:
+        ConfigError, WeightsError: as `create_model` (missing offline, unreadable, unsafe or
+            not fitting weights; unknown names).
+
+    Example:
+        >>> check_model("classification", "resnet18", weights="missing.pth")
+        Traceback (most recent call last):
+        medtl.errors.WeightsError: model.weights file missing.pth must be an existing checkpoint file, ...
+    """
+    return _assemble(task, encoder, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
+                     weights=weights, multi_label=multi_label, dropout=dropout, decoder_channels=decoder_channels,
+                     min_matched=min_matched, meta=True)
+
+
+def _assemble(task: str, encoder: str, *, spatial_dims: int, in_channels: int, num_classes: int,
+              weights: str | os.PathLike, multi_label: bool, dropout: float,
+              decoder_channels: Sequence[int] | None, min_matched: float, meta: bool) -> ModelBundle:
+    """`create_model` (meta=False) and `check_model` (meta=True): one code path, so they agree."""
     if task not in TASKS:
         raise ConfigError(f"model.task must be one of {list(TASKS)}, not {task!r}; fix the model config")
     spec = get_encoder_spec(encoder)
@@ -179,14 +240,15 @@ def create_model(
         raise ConfigError(f"model.min_matched must be in (0, 1], not {min_matched!r}; use e.g. 0.9")
 
     record, path = _resolve_weights(spec, weights)
-    base = spec.build(in_channels)
-    if spatial_dims == 3 and spec.native_dims == 2:
-        inflate_to_3d(base.net)
-        base.spatial_dims = 3
-    if task == "classification":
-        model: nn.Module = Classifier(base, num_classes, dropout=dropout, multi_label=multi_label)
-    else:
-        model = Segmenter(base, num_classes, decoder_channels or DECODER_CHANNELS[spatial_dims])
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        base = spec.build(in_channels)
+        if spatial_dims == 3 and spec.native_dims == 2:
+            inflate_to_3d(base.net)
+            base.spatial_dims = 3
+        if task == "classification":
+            model: nn.Module = Classifier(base, num_classes, dropout=dropout, multi_label=multi_label)
+        else:
+            model = Segmenter(base, num_classes, decoder_channels or DECODER_CHANNELS[spatial_dims])
 
     report = None
     if path is not None:
@@ -198,13 +260,86 @@ def create_model(
         state = read_checkpoint(path)
         if spec.convert is not None:
             state = spec.convert(state)
-        report = load_encoder_weights(
-            model, state, encoder_name=encoder, first_conv=record.first_conv, classifier=record.classifier,
-            checkpoint=path.name, sha256=sha256, min_matched=min_matched, check=spec.check,
-        )
+        with _quiet() if meta else contextlib.nullcontext():
+            report = load_encoder_weights(
+                model, state, encoder_name=encoder, first_conv=record.first_conv, classifier=record.classifier,
+                checkpoint=path.name, sha256=sha256, min_matched=min_matched, check=spec.check,
+            )
         record = dataclasses.replace(record, sha256=sha256)
+    if meta:
+        return ModelBundle(model=model, weights=record, load_report=report, task=task, encoder=encoder,
+                           spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
+                           multi_label=multi_label)
     logger.info("built %s model: encoder '%s', %dD, %d input channel(s), %d output(s), weights %s",
                 task, encoder, spatial_dims, in_channels, num_classes, record.source)
     return ModelBundle(model=model, weights=record, load_report=report, task=task, encoder=encoder,
                        spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                        multi_label=multi_label)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence a meta-device load: torch warns per tensor that copying into meta is a no-op, and the
+    load report's log lines would repeat when the real model is built."""
+    medtl_logger = logging.getLogger("medtl.models")
+    disabled = medtl_logger.disabled
+    medtl_logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        medtl_logger.disabled = disabled
+
+
+_PROBE_SIZES = (16, 32, 64, 96, 128, 224, 256)
+
+
+def check_input_size(bundle: ModelBundle, input_size: Sequence[int], *, name: str = "input size") -> None:
+    """Refuse an input size the model cannot take (pooling below one voxel), naming one it can.
+
+    One forward pass of a (1, in_channels, *input_size) batch on the meta device (shapes only);
+    when it fails, larger sizes are tried to tell a too small size from anything else.
+
+    Args:
+        bundle: from `check_model` (its model lives on the meta device).
+        input_size: spatial size (cols, rows[, slices]).
+        name: what the size was given as, for the error (e.g. "config key 'data.image_size'").
+
+    Raises:
+        ConfigError: when the size is too small and a larger one works.
+
+    Example:
+        >>> check_input_size(check_model("classification", "densenet121", weights="none"), (16, 16))
+        Traceback (most recent call last):
+        medtl.errors.ConfigError: input size must be large enough for encoder 'densenet121' (...), not [16, 16]; ...
+    """
+    size = tuple(int(s) for s in input_size)
+    model = bundle.model
+
+    def fits(candidate: tuple[int, ...]) -> bool:
+        try:
+            with torch.no_grad():
+                model(torch.empty((1, bundle.in_channels, *candidate), device="meta"))
+        except RuntimeError:
+            return False
+        return True
+
+    if any(s < 1 for s in size) or len(size) != bundle.spatial_dims:
+        return  # sizes of the wrong kind are the config validation's to report
+    training = model.training
+    model.eval()
+    try:
+        if fits(size):
+            return
+        for floor in _PROBE_SIZES:
+            larger = tuple(max(s, floor) for s in size)
+            if fits(larger):
+                raise ConfigError(
+                    f"{name} must be large enough for encoder '{bundle.encoder}' (its pooling would shrink the "
+                    f"feature maps below one voxel), not {list(size)}; use e.g. {list(larger)}"
+                )
+    finally:
+        model.train(training)
+    # No size fits: a meta-device limitation rather than the size; the real run will tell.
+    logger.debug("input-size check of encoder '%s' skipped: no probed size passes on the meta device", bundle.encoder)

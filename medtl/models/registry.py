@@ -109,8 +109,12 @@ def list_encoders(pattern: str = "*", *, spatial_dims: int | None = None) -> lis
     )
 
 
-def get_encoder_spec(name: str) -> EncoderSpec:
+def get_encoder_spec(name: str, *, key: str = "encoder") -> EncoderSpec:
     """The registry entry of an encoder.
+
+    Args:
+        name: the registered name.
+        key: what the name was given as, for the error (e.g. "config key 'model.encoder'").
 
     Raises:
         ConfigError: for an unknown name, listing the closest registered names.
@@ -119,4 +123,4 @@ def get_encoder_spec(name: str) -> EncoderSpec:
         return _REGISTRY[name]
     close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"choose one of {list_encoders()}"
-    raise ConfigError(f"encoder must be a registered name, not {name!r}; {hint}")
+    raise ConfigError(f"{key} must be a registered encoder name, not {name!r}; {hint}")

@@ -218,27 +218,47 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         Tensor name -> tensor, on CPU.
 
     Raises:
-        WeightsError: when the file is missing, needs pickle code execution to load, or holds
-            no tensors.
+        WeightsError: when the file is missing, is no checkpoint (empty, truncated, text...),
+            needs pickle code execution to load, or holds no tensors.
     """
     if not path.is_file():
-        raise WeightsError(f"weights file must exist, not be missing: {path.name}; check the path")
+        raise WeightsError(f"weights file {path.name} must be an existing file, not "
+                           f"{'a folder' if path.is_dir() else 'missing'}; check the path")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return dict(load_file(str(path), device="cpu"))
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error kinds; name the file instead
+            raise WeightsError(
+                f"checkpoint {path.name} must be a readable safetensors file, not unreadable "
+                f"({type(err).__name__}); copy it again or save it with safetensors.torch.save_file"
+            ) from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise WeightsError(
-            f"checkpoint {path.name} must load with torch.load(weights_only=True), not need pickle code "
-            f"execution; re-save only its tensors: torch.save(model.state_dict(), path)"
-        ) from err
+        # torch's weights-only unpickler names the GLOBAL it refused (a class or function to import);
+        # any other unpickling error means the bytes are no pickle at all.
+        if "GLOBAL" in str(err):
+            raise WeightsError(
+                f"checkpoint {path.name} must load with torch.load(weights_only=True), not need pickle code "
+                f"execution; re-save only its tensors: torch.save(model.state_dict(), path)"
+            ) from err
+        raise WeightsError(_unreadable(path, err)) from err
+    except Exception as err:  # noqa: BLE001 - torch raises EOFError, KeyError, RuntimeError... for non-checkpoints
+        raise WeightsError(_unreadable(path, err)) from err
     state = _unwrap(obj)
     if not state:
         raise WeightsError(f"checkpoint {path.name} must hold a state_dict of tensors, not {type(obj).__name__}; "
                            f"save it with torch.save(model.state_dict(), path)")
     return state
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    # The exception text may quote the full path: only its kind is shown.
+    return (f"checkpoint {path.name} must be a torch checkpoint (torch.save of a state_dict) or a .safetensors "
+            f"file, not an unreadable or truncated file ({type(err).__name__}); check that the path names the "
+            f"weights file and that it was copied completely")
 
 
 def _unwrap(obj: object) -> dict[str, torch.Tensor]:

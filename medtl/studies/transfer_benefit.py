@@ -43,7 +43,14 @@ from medtl.studies.label_fractions import check_label_fractions, fraction_key, n
 from medtl.studies.transfer_summary import bias_summary, summarise, write_figures, write_html
 from medtl.tracking import phi_guard, run_records, store
 from medtl.tracking.values import MAX_TAG_LENGTH, safe_text
-from medtl.workflow import PreparedData, config_dict, predictions_table, prepare_data, train_model
+from medtl.workflow import (
+    PreparedData,
+    config_dict,
+    predictions_table,
+    prepare_data,
+    publish_manifest,
+    train_model,
+)
 
 ARMS = ("pretrained", "scratch", "linear_probe")
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
@@ -225,6 +232,7 @@ def run_transfer_benefit(
         _write_outputs(result, output_dir)
         _log_parent(result, output_dir)
     _scan([parent.info.run_id, *child_ids], data, extra_forbidden)
+    publish_manifest(data, cfg)  # only after the study succeeded: a failure leaves data.manifest_out as it was
     return result
 
 
@@ -294,7 +302,8 @@ def _child_run(cfg: WorkflowConfig, data: PreparedData, arm: Arm, fraction: floa
         metric = _primary_metric(cfg, evaluation["test"])
         estimate = evaluation["test"].get(metric) or {}
         flat = {f"test.{metric}": estimate.get("value"), "train_seconds": fit.total_train_seconds,
-                "time_to_best_seconds": fit.time_to_best_seconds, "audit.passed": float(audit["passed"])}
+                "time_to_best_seconds": fit.time_to_best_seconds, "audit.passed": float(audit["passed"]),
+                "audit.evaluated_attributes": float(len(audit.get("evaluated_attributes", [])))}
         if estimate.get("ci"):
             flat[f"test.{metric}.ci_lo"], flat[f"test.{metric}.ci_hi"] = map(float, estimate["ci"])
         run_records.log_final_metrics({k: v for k, v in flat.items() if _number(v) is not None})
@@ -354,5 +363,7 @@ def _scan(run_ids: Sequence[str], data: PreparedData, extra: Mapping[str, str] |
     if findings:
         raise PHILeakError(
             f"the MLflow runs of the {STUDY} study hold {len(findings)} identifying value(s) or data path(s): "
-            + "; ".join(findings[:5]) + "; report this as a bug"
+            + "; ".join(findings[:5]) + "; the findings name the fields: rename the data folder or change the "
+            "config key they point at, delete these runs in MLflow, and run the study again (a finding in a field "
+            "medtl wrote itself is a bug: please report it)"
         )

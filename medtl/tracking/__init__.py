@@ -1,7 +1,7 @@
 """MLflow records for medtl: runs, logged models, the registry and the PHI guard.
 
-Imports no other medtl layer; every function takes plain values (mappings, DataFrames, torch
-modules, paths). See docs/tracking.md.
+Imports no other medtl layer (only the leaf modules `medtl.errors` and `medtl.vocabulary`); every
+function takes plain values (mappings, DataFrames, torch modules, paths). See docs/tracking.md.
 """
 
 import os

@@ -9,8 +9,10 @@ zip archives are searched after decompression.
 
 It looks for the caller's forbidden strings (patient names, MRNs, accession numbers, original file
 or folder names; case-insensitive), for the given absolute paths and the current user's home
-folder, and for a field whose whole value is the OS user name. The store's own artifact locations
-(which MLflow writes into every `MLmodel`) are not path findings.
+folder, and for a field whose whole value is the OS user name, unless that name is a common word
+("root", "admin", "user": `medtl.vocabulary.common_word`). Such a name identifies no one, and
+containers run as "root": a data folder named "root" would otherwise fail every run. The store's
+own artifact locations (which MLflow writes into every `MLmodel`) are not path findings.
 
 A finding says where and what kind ("run param 'data.root': forbidden path #1"), never the value;
 when a name itself contains a forbidden item it is replaced by its position.
@@ -37,6 +39,7 @@ from mlflow.exceptions import MlflowException
 from medtl.errors import InputError
 from medtl.tracking.registry import get_model_version
 from medtl.tracking.store import client
+from medtl.vocabulary import common_word
 
 _MAX_MEMBER_BYTES = 1 << 30  # compressed zip members larger than this are reported, not read
 
@@ -330,11 +333,20 @@ def _needles(forbidden: Iterable[str], forbidden_paths: Iterable[Path]) -> _Need
     home = Path.home()
     if home != Path(home.anchor):
         paths.append(("home directory", _path_pattern(home)))
+    return _Needles(tuple(strings), tuple(paths), _identifying_user())
+
+
+def _identifying_user() -> str | None:
+    """The OS user name, case-folded, when a field holding it would identify someone.
+
+    None when it is unknown or a common word: "root", "admin" or "user" name no one, and a field
+    equal to one (a data folder named "root", a class named "user") is no leak.
+    """
     try:
-        user = getpass.getuser().strip().casefold() or None
+        user = getpass.getuser().strip().casefold()
     except (ImportError, KeyError, OSError):
-        user = None
-    return _Needles(tuple(strings), tuple(paths), user)
+        return None
+    return user if user and not common_word(user) else None
 
 
 @contextlib.contextmanager

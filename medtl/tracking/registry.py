@@ -2,7 +2,8 @@
 
 Aliases replace MLflow's deprecated stages. Every new version gets `candidate` and
 `audit_status=pending`; only `promote` moves `champion`, and only to a version whose bias audit
-passed (`set_audit_status(..., "passed", ...)`).
+passed (`set_audit_status(..., "passed", ...)`): not one whose audit failed, or was inconclusive
+(it could measure no subgroup gap, e.g. every group of a small test set was suppressed).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ _log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 AUDIT_STATUS = "audit_status"
-AUDIT_STATUSES = ("pending", "passed", "failed")
+#: Version tag values: "pending" until the audit ran, then the audit's verdict (audit.json "status").
+AUDIT_STATUSES = ("pending", "passed", "failed", "inconclusive")
 REQUIRED_VERSION_TAGS = ("task", "encoder", "weights_origin", "strategy", "manifest_sha256")
 
 
@@ -84,7 +86,7 @@ def set_audit_status(
     Args:
         name: Registered model name.
         version: Version number.
-        status: "pending", "passed" or "failed".
+        status: "pending", "passed", "failed" or "inconclusive".
         summary: Short facts to keep with the verdict, e.g. `{"max_gap.sex.fnr": 0.04, "flags": 0}`.
 
     Raises:
@@ -121,7 +123,8 @@ def promote(name: str, version: str | int) -> None:
         version: Version number.
 
     Raises:
-        InputError: when the version does not exist or its `audit_status` is not "passed".
+        InputError: when the version does not exist or its `audit_status` is not "passed"
+            (missing, pending, failed or inconclusive); the message says what to do.
 
     Example:
         >>> set_audit_status("classify_2d", "3", "passed", {"flags": 0})
@@ -133,9 +136,21 @@ def promote(name: str, version: str | int) -> None:
         shown = "missing" if status is None else repr(safe_text(status))
         raise InputError(
             f"model {name!r} version {current.version} audit_status must be 'passed' to promote, "
-            f"not {shown}; run the bias audit and record it with set_audit_status(..., 'passed', ...)"
+            f"not {shown}; {_PROMOTE_ADVICE.get(status or '', _PROMOTE_ADVICE['missing'])}"
         )
     client().set_registered_model_alias(name, CHAMPION, current.version)
+
+
+_PROMOTE_ADVICE = {
+    "failed": "its bias audit flagged subgroup gaps beyond tolerance (see the run's report.html and audit.json); "
+              "fix the model or data and promote a later version whose audit passed",
+    "inconclusive": "its bias audit could not measure any subgroup gap (audit.json unevaluated_attributes says "
+                    "why, e.g. every group of a small test set was suppressed); evaluate on more test patients "
+                    "per group (or lower audit.min_group_size if that is acceptable), run again and promote "
+                    "the version whose audit passed",
+    "pending": "its bias audit has not finished; wait for the run to end, or run it again if it stopped",
+    "missing": "run the bias audit (`medtl run`) and record it with set_audit_status(..., 'passed', ...)",
+}
 
 
 def champion_audit(name: str) -> tuple[str, dict[str, Any]] | None:

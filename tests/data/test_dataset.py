@@ -24,6 +24,7 @@ def demo_manifest(tmp_path_factory):
     try:
         build_manifest(root / "data", summary.labels_csv, out, progress=False)
         manifest = pd.read_csv(out, dtype=str, keep_default_na=False)
+        manifest.attrs["phi"] = sorted(summary.phi_strings)  # the demo's fake identifiers, for the cache test
         yield root / "data", manifest
     finally:
         os.environ.pop("MEDTL_KEY_FILE", None)
@@ -83,3 +84,34 @@ def test_unknown_label_is_refused_naming_the_row(demo_manifest):
     xray.loc[xray.index[0], "split"] = "train"
     with pytest.raises(ValueError, match=xray["id"].iloc[0]):
         manifest_items(xray, "train", "classification", ["0", "1"])
+
+
+def test_disk_cache_files_hold_tensors_and_pseudonyms_only_and_serve_later_epochs(demo_manifest, tmp_path):
+    root, manifest = demo_manifest
+    xray = manifest[manifest["modality"].isin(["CR", "DX"])]
+    items = manifest_items(xray, "train", "classification", class_names(xray["label"]))
+    prep = Preprocessing(spatial_dims=2, image_size=(32, 32), normalization="imagenet", in_channels=1)
+    cache = tmp_path / "cache"
+    ds = make_dataset(items, prep, root, key_file=_key(root), train=False, cache="disk", cache_dir=cache)
+    first = [ds[i] for i in range(len(ds))]
+    files = sorted(cache.glob("*.pt"))
+    assert len(files) == len(items)
+
+    needles = [str(root.resolve()), str(root), *(p for p in xray["path"] if not p.startswith("alias:")),
+               *(s for s in manifest.attrs["phi"] if len(s) >= 6)]
+    for file in files:
+        raw = file.read_bytes()  # torch.save stores its pickle uncompressed: strings show as bytes
+        assert not [n for n in needles if n.encode() in raw], file.name
+        cached = torch.load(file, weights_only=True)
+        assert set(cached) == {"id", "image", "label"} and cached["id"].startswith("R-")
+        assert type(cached["image"]) is torch.Tensor  # no MetaTensor, so no metadata dictionary
+    assert not any(item["id"] in f.name or item["row"]["sha256"] in f.name for item in items for f in files)
+
+    # Later epochs read the files, not the studies: a dataset whose root does not exist still serves them,
+    # with the augmentations of training applied after the cache.
+    gone = tmp_path / "no-such-root"
+    again = make_dataset(items, prep, gone, key_file=_key(root), train=False, cache="disk", cache_dir=cache)
+    assert all(torch.equal(a["image"], again[i]["image"]) and a["id"] == again[i]["id"] for i, a in enumerate(first))
+    train = make_dataset(items, prep, gone, key_file=_key(root), train=True, cache="disk", cache_dir=cache)
+    assert tuple(train[0]["image"].shape) == (1, 32, 32)
+    assert len(list(cache.glob("*.pt"))) == len(items)

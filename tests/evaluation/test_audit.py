@@ -179,7 +179,7 @@ def test_a_large_auroc_gap_is_flagged_and_fails_the_audit():
     gap = next(g for g in audit.to_dict()["gaps"] if g["metric"] == "auroc" and g["kind"] == "difference")
     assert gap["flagged"] is True and gap["status"] == "flagged" and gap["ci"][0] > gap["tolerance"] == 0.05
     assert gap["worst_group"] == "F" and gap["best_group"] == "M"
-    assert audit.result_.passed is False
+    assert audit.result_.passed is False and audit.result_.status == "failed"
     lenient = AuditConfig(fail_on_flagged=False)
     assert BiasAudit(["sex"], intersections=False, config=lenient, **FAST).run(df, pid).result_.passed is True
 
@@ -187,8 +187,9 @@ def test_a_large_auroc_gap_is_flagged_and_fails_the_audit():
 def test_without_a_real_gap_nothing_is_flagged_and_the_audit_passes():
     df, pid = _predictions(n_patients=800, seed=5, gap=0.0)
     audit = BiasAudit(["sex", "age_band"], intersections=False, **FAST).run(df, pid)
-    assert audit.result_.passed is True
+    assert audit.result_.passed is True and audit.result_.status == "passed"
     assert not any(g["flagged"] for g in audit.to_dict()["gaps"])
+    assert audit.to_dict()["unevaluated_attributes"] == []
 
 
 def test_bonferroni_widens_tested_gap_intervals_over_the_number_of_tested_gaps():
@@ -209,6 +210,61 @@ def test_bonferroni_widens_tested_gap_intervals_over_the_number_of_tested_gaps()
         if (g["attribute"], g["metric"], g["kind"]) == (a["attribute"], a["metric"], a["kind"])
     )
     assert b["ci_level"] == 0.95 and b["ci"][1] - b["ci"][0] < a["ci"][1] - a["ci"][0]
+
+
+# -- status: passed, failed, inconclusive --------------------------------------------------
+
+
+def _small_test_set(n_test: int = 18, n_val: int = 20, seed: int = 0):
+    """A real-world-sized test set: every sex and age group has at most 10 patients (one image each)."""
+    rng = np.random.default_rng(seed)
+    n = n_test + n_val
+    y = np.tile([0, 1], n // 2 + 1)[:n]
+    score = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 1.4 * (2 * y - 1))))
+    df = pd.DataFrame({"id": [f"row-{i:03d}" for i in range(n)], "split": ["test"] * n_test + ["val"] * n_val,
+                       "y_true": y, "y_score": score, "sex": np.tile(["F", "M"], n // 2 + 1)[:n],
+                       "age_band": rng.choice(["18-39", "40-64", "65+"], n)})
+    return df, np.array([f"pseudo-{i:03d}" for i in range(n)], dtype=object)
+
+
+def test_an_audit_whose_groups_are_all_suppressed_is_inconclusive_not_passed():
+    df, pid = _small_test_set()
+    doc = BiasAudit(["sex", "age_band"], **FAST).run(df, pid).to_dict()
+    assert all(g["suppressed"] for g in doc["groups"]) and not any(g["flagged"] for g in doc["gaps"])
+    assert doc["status"] == "inconclusive" and doc["passed"] is False
+    assert doc["evaluated_attributes"] == []
+    unevaluated = {u["attribute"]: u for u in doc["unevaluated_attributes"]}
+    assert list(unevaluated) == ["sex", "age_band", "sex&age_band"]
+    assert "all 2 of its groups were suppressed (at most 10 patients each)" in unevaluated["sex"]["reason"]
+    assert "more test patients per group" in unevaluated["sex"]["remedy"]
+    assert "audit.min_group_size" in unevaluated["sex"]["remedy"]
+    assert any(n.startswith("audit inconclusive") for n in doc["notes"])
+    assert json.loads(BiasAudit(["sex"], **FAST).run(df, pid).to_json())["status"] == "inconclusive"
+
+
+def test_an_audit_without_any_tolerance_or_measurable_gap_is_inconclusive():
+    df, pid = _small_test_set(n_test=60, n_val=20)  # 30 patients per sex: reported
+    untested = BiasAudit(["sex"], intersections=False, config=AuditConfig(tolerances={}), **FAST).run(df, pid)
+    assert untested.result_.status == "inconclusive"
+    assert "no audited gap metric has a tolerance" in untested.to_dict()["unevaluated_attributes"][0]["reason"]
+    few = BiasAudit(["sex"], intersections=False, min_gap_events=20, **FAST).run(df, pid).to_dict()
+    assert few["status"] == "inconclusive"  # 15 positives and 15 negatives per sex: no group enters a gap
+    assert "audit.min_gap_events" in few["unevaluated_attributes"][0]["remedy"]
+
+
+def test_status_follows_the_evaluated_attributes_and_lists_the_others():
+    df, pid = _predictions(n_patients=800, seed=5, gap=0.0)
+    df["ward"] = "W1"  # one group only: nothing to compare
+    doc = BiasAudit(["sex", "ward"], intersections=False, **FAST).run(df, pid).to_dict()
+    assert doc["status"] == "passed" and doc["passed"] is True
+    assert doc["evaluated_attributes"] == ["sex"]
+    assert [u["attribute"] for u in doc["unevaluated_attributes"]] == ["ward"]
+    assert "only one group" in doc["unevaluated_attributes"][0]["reason"]
+    flagged_df, flagged_pid = _predictions(n_patients=800, seed=4, gap=1.2)
+    flagged_df["ward"] = "W1"
+    failed = BiasAudit(["sex", "ward"], intersections=False, **FAST).run(flagged_df, flagged_pid).to_dict()
+    assert failed["status"] == "failed" and failed["passed"] is False
+    assert [u["attribute"] for u in failed["unevaluated_attributes"]] == ["ward"]
 
 
 # -- bias amplification --------------------------------------------------------------------
@@ -282,7 +338,8 @@ def test_audit_json_has_the_stable_schema_and_no_identifiers():
     audit = BiasAudit(["sex", "age_band"], **FAST).run(df, pid)
     text = audit.to_json()
     doc = json.loads(text)
-    assert {"passed", "reference", "groups", "gaps"} <= set(doc) and isinstance(doc["passed"], bool)
+    assert {"passed", "status", "reference", "groups", "gaps"} <= set(doc) and isinstance(doc["passed"], bool)
+    assert doc["passed"] == (doc["status"] == "passed")
     g = doc["groups"][0]
     assert {"attribute", "group", "n", "n_patients", "suppressed", "metrics"} <= set(g)
     assert (
@@ -487,3 +544,13 @@ def test_protect_leaves_no_hidden_cell_of_a_two_way_table_determined():
     hidden = protect(sizes, small, relations)
     assert small <= hidden and determined(hidden, relations) == set()
     assert not any(isinstance(c, tuple) and c[0] in ("row", "col") for c in hidden), "totals stay shown"
+
+
+def test_every_audit_status_is_documented():
+    from pathlib import Path
+
+    from medtl.evaluation.audit_types import AUDIT_STATUSES
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "audit.md").read_text()
+    for status in AUDIT_STATUSES:
+        assert f"**`{status}`**" in docs, status

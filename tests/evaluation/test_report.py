@@ -381,3 +381,56 @@ def test_many_suppressed_groups_fold_into_one_line_without_numbers(tmp_path, cla
     assert "<table" not in section  # no table of empty rows
     assert not re.search(r"\d", section.split("no numbers shown):")[1].replace("0-17", "").replace(
         "18-29", "").replace("30-39", "").replace("40-49", "").replace("50-59", "").replace("3fa21c", ""))
+
+
+def _inconclusive_audit() -> dict:
+    """A small real test set's audit.json: every group suppressed, so no gap could be measured."""
+    groups = [{"attribute": a, "group": g, "n": None, "n_patients": None, "n_positive": None, "n_negative": None,
+               "suppressed": True, "imprecise": None, "note": "suppressed, n <= 10", "metrics": {}}
+              for a, g in (("sex", "F"), ("sex", "M"), ("site", "A"), ("site", "B"))]
+    unevaluated = [{"attribute": a, "reason": "all 2 of its groups were suppressed (at most 10 patients each), so "
+                    "fewer than two groups have numbers and no gap can be measured",
+                    "remedy": "more test patients per group (more than 10 in at least two groups), or a lower "
+                              "audit.min_group_size"} for a in ("sex", "site")]
+    return {"passed": False, "status": "inconclusive", "task": "classification", "reference": None,
+            "overall": {"attribute": "overall", "group": "all", "n": 18, "n_patients": 18, "suppressed": False,
+                        "metrics": {"auroc": {"value": 0.81, "ci": [0.6, 0.95]}}},
+            "groups": groups, "gaps": [], "amplification": [], "thresholds": None,
+            "tolerance": {"auroc": 0.05, "fnr": 0.1, "equalized_odds": 0.1},
+            "correction": {"method": "bonferroni", "alpha": 0.05, "tested": 0, "ci_level": 0.95},
+            "settings": {"min_group_size": 10}, "evaluated_attributes": [], "unevaluated_attributes": unevaluated,
+            "notes": ["audit inconclusive: no attribute could be evaluated"]}
+
+
+def test_an_inconclusive_audit_is_shown_as_such_never_as_a_green_pass(tmp_path, classification_inputs):
+    inputs = dataclasses.replace(classification_inputs, audit=_inconclusive_audit(), amplification=None)
+    _, text = _render(inputs, tmp_path / "r.html")
+    for sid in ("identification", "subgroups", "audit-trail"):
+        section = re.search(rf'<section id="{sid}">(.*?)(</section>|$)', text, flags=re.DOTALL).group(1)
+        assert '<span class="badge warn">inconclusive</span>' in section, sid
+        assert '<span class="badge ok">passed</span>' not in section, sid
+    headline = _section_text(text, "identification")
+    assert "Flagged gaps" in headline and "none measured" in headline
+    subgroups = _section_text(text, "subgroups")
+    assert "Inconclusive, not a pass" in subgroups and "checked nothing" in subgroups
+    rows = {cells[0]: cells for _, cells in _parse(text).rows["subgroups"] if len(cells) == 3}
+    assert {"sex", "site"} <= set(rows)
+    assert "were suppressed" in rows["sex"][1] and "audit.min_group_size" in rows["sex"][2]
+    assert "inconclusive" in _section_text(text, "limitations")
+
+
+def test_a_verdict_lists_the_attributes_it_could_not_evaluate(tmp_path, classification_inputs):
+    audit = {**classification_inputs.audit, "status": "failed", "evaluated_attributes": ["sex", "age_band"],
+             "unevaluated_attributes": [{"attribute": "sex&age_band", "reason": "all 4 of its groups were "
+                                         "suppressed", "remedy": "more test patients per group"}]}
+    _, text = _render(dataclasses.replace(classification_inputs, audit=audit), tmp_path / "r.html")
+    subgroups = _section_text(text, "subgroups")
+    assert "could not be evaluated" in subgroups and "sex × age_band" in subgroups
+    assert '<span class="badge bad">failed</span>' in text
+    assert "Not evaluated by the subgroup audit" in _section_text(text, "limitations")
+
+
+def test_an_audit_json_without_status_still_renders_from_passed(tmp_path, classification_inputs):
+    audit = {k: v for k, v in classification_inputs.audit.items() if k != "status"}
+    _, text = _render(dataclasses.replace(classification_inputs, audit={**audit, "passed": True}), tmp_path / "r.html")
+    assert '<span class="badge ok">passed</span>' in text

@@ -160,3 +160,72 @@ def test_unknown_weights_word_and_wrong_source_are_config_errors():
 def test_unknown_task_is_a_config_error():
     with pytest.raises(ConfigError, match="model.task must be one of"):
         create_model("detection", "resnet18", weights="none")
+
+
+def _unreadable_files(folder):
+    """Files a user may point model.weights at by mistake: none is a checkpoint."""
+    folder.mkdir(exist_ok=True)
+    good = folder / "good.pth"
+    torch.save(_timm_state("resnet18"), good)
+    files = {
+        "empty.pth": b"",
+        "notes.pth": b"not a checkpoint\n",
+        "random.pth": bytes(range(256)) * 4,
+        "truncated.pth": good.read_bytes()[: good.stat().st_size // 2],
+        "broken.safetensors": b"nope",
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return sorted(files)
+
+
+def test_files_that_are_no_checkpoint_are_refused_naming_only_the_file(tmp_path):
+    folder = tmp_path / "private-folder"
+    for name in _unreadable_files(folder):
+        with pytest.raises(WeightsError) as err:
+            read_checkpoint(folder / name)
+        message = str(err.value)
+        assert name in message and "private-folder" not in message, message
+        assert "must be a torch checkpoint" in message or "must be a readable safetensors file" in message, message
+
+
+def test_a_missing_or_folder_weights_path_is_a_weights_error_not_a_traceback(tmp_path):
+    with pytest.raises(WeightsError, match=r"model.weights file missing.pth must be an existing checkpoint file, "
+                                           r"not missing"):
+        create_model("classification", "resnet18", weights=tmp_path / "missing.pth")
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(WeightsError, match="not a folder"):
+        create_model("classification", "resnet18", weights=tmp_path / "folder.pth")
+
+
+def test_check_model_applies_the_load_rules_without_real_tensors(tmp_path):
+    from medtl.models.factory import check_model
+
+    torch.save(_timm_state("resnet18"), tmp_path / "resnet18.pth")
+    bundle = check_model("classification", "resnet18", weights=tmp_path / "resnet18.pth")
+    assert all(p.is_meta for p in bundle.model.parameters())  # shapes only: no memory, no values
+    assert bundle.load_report.matched_fraction == 1.0 and len(bundle.weights.sha256) == 64
+    torch.save(_timm_state("resnet50"), tmp_path / "resnet50.pth")
+    with pytest.raises(WeightsError, match="shape"):
+        check_model("classification", "resnet18", weights=tmp_path / "resnet50.pth")
+    with pytest.raises(WeightsError, match="must be a torch checkpoint"):
+        check_model("classification", "resnet18", weights=tmp_path / "bad" / _unreadable_files(tmp_path / "bad")[1])
+
+
+def test_check_model_finds_offline_imagenet_weights_missing(offline):
+    from medtl.models.factory import check_model
+
+    with pytest.raises(WeightsError, match=r"resnet18\.safetensors .* MEDTL_WEIGHTS_DIR"):
+        check_model("classification", "resnet18", weights="imagenet")
+
+
+def test_check_input_size_refuses_a_size_the_encoder_pools_away_and_names_one_that_works():
+    from medtl.models.factory import check_input_size, check_model
+
+    bundle = check_model("classification", "densenet121", weights="none")
+    with pytest.raises(ConfigError, match=r"input size must be large enough for encoder 'densenet121'.*not \[16, 16\]; "
+                                          r"use e.g. \[32, 32\]"):
+        check_input_size(bundle, (16, 16))
+    check_input_size(bundle, (64, 64))
+    check_input_size(check_model("segmentation", "efficientnet_lite0", spatial_dims=3, num_classes=3,
+                                 weights="none"), (32, 32, 16))

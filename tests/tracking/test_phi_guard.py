@@ -41,18 +41,40 @@ def test_scan_finds_a_planted_string_in_a_param_and_in_an_artifact_without_echoi
     _no_value_echoed(findings, PATIENT, MRN, "doe")
 
 
-def test_scan_finds_data_paths_home_folder_and_os_user(store, tmp_path):
+def test_scan_finds_data_paths_home_folder_and_os_user(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOGNAME", "jsmith")  # getpass.getuser() reads LOGNAME first
+    assert getpass.getuser() == "jsmith"
     data_root = tmp_path / "raw"
     report = tmp_path / "report.html"
     report.write_text(f"<p>source: {Path.home() / 'exports'}</p>")
     with tracking.start_run("medtl-test") as run:
         mlflow.set_tag("where", str(data_root / "series1"))
-        mlflow.set_tag("operator", getpass.getuser())
+        mlflow.set_tag("operator", "JSmith")
         mlflow.log_artifact(str(report))
     findings = tracking.scan_run(run.info.run_id, [], [data_root])
     assert "run tag 'where': forbidden path #1" in findings
     assert "run artifact 'report.html': home directory" in findings
     assert "run tag 'operator': OS user name" in findings
+    _no_value_echoed(findings, "jsmith")
+
+
+@pytest.mark.parametrize("user", ["root", "admin", "user"])
+def test_a_common_word_user_name_is_no_finding_but_real_identifiers_still_are(store, monkeypatch, user):
+    # A container runs as root and the data folder is called root: the data.root param (the
+    # folder's name) equals the user name, and once failed a finished 13-minute run.
+    monkeypatch.setenv("LOGNAME", user)
+    with tracking.start_run("medtl-test") as run:
+        mlflow.log_param("data.root", user)
+        mlflow.set_tag("operator", user.upper())
+        mlflow.log_param("comment", f"case of {PATIENT}")
+        mlflow.log_param("record", MRN)
+        mlflow.log_param("source", "/data/raw/DOE_JANE")
+    findings = tracking.scan_run(run.info.run_id, [PATIENT, MRN], [Path("/data/raw")])
+    assert not any("OS user name" in f for f in findings), findings
+    assert not any("'data.root'" in f or "'operator'" in f for f in findings), findings
+    assert "run param 'comment': forbidden string #1" in findings
+    assert "run param 'record': forbidden string #2" in findings
+    assert "run param 'source': forbidden path #1" in findings
 
 
 def test_a_name_holding_a_forbidden_string_is_withheld(store, tmp_path):

@@ -54,6 +54,30 @@ def test_promote_needs_a_passed_audit_and_a_failed_audit_drops_champion(model_ur
     assert "champion" not in client.get_registered_model("reg-gate").aliases
 
 
+def test_promote_refuses_an_inconclusive_audit_and_says_what_to_do(model_uri):
+    version = tracking.register_model(model_uri, "reg-inconclusive", registry_tags())
+    tracking.set_audit_status("reg-inconclusive", version, "inconclusive", {"evaluated_attributes": 0})
+    client = mlflow.MlflowClient()
+    entry = client.get_model_version("reg-inconclusive", version)
+    assert entry.tags["audit_status"] == "inconclusive" and entry.tags["audit.evaluated_attributes"] == "0"
+    with pytest.raises(InputError, match=r"not 'inconclusive'; .*could not measure any subgroup gap.*more test "
+                                         r"patients per group"):
+        tracking.promote("reg-inconclusive", version)
+    assert "champion" not in client.get_registered_model("reg-inconclusive").aliases
+    # A champion whose audit is re-recorded as inconclusive loses the alias, as for a failed one.
+    tracking.set_audit_status("reg-inconclusive", version, "passed")
+    tracking.promote("reg-inconclusive", version)
+    tracking.set_audit_status("reg-inconclusive", version, "inconclusive")
+    assert "champion" not in client.get_registered_model("reg-inconclusive").aliases
+
+
+def test_registry_statuses_are_the_audit_statuses_plus_pending():
+    from medtl.evaluation.audit_types import AUDIT_STATUSES
+    from medtl.tracking.registry import AUDIT_STATUSES as VERSION_STATUSES
+
+    assert set(VERSION_STATUSES) == {"pending", *AUDIT_STATUSES}
+
+
 def test_registration_without_documented_tags_or_with_audit_status_is_refused(model_uri):
     tags = registry_tags()
     del tags["manifest_sha256"]
