@@ -62,8 +62,10 @@ GENERIC_PATH_WORDS = frozenset(
     normal abnormal positive negative pos neg benign malignant healthy disease control controls
     pneumonia bacteria bacterial virus viral covid effusion nofinding finding findings
     fold cv kfold rgb gray grey mono color colour low high res resolution small large
+    mm cm um kv kvp mas ms sec deg
     zero one two three four five six seven eight nine ten first second third fourth fifth
-    readme notes note info meta metadata log logs misc other others extra extras bad good corrupt corrupted truncated empty broken
+    readme notes note info meta metadata log logs misc other others extra extras bad good corrupt corrupted
+    truncated empty broken
     excluded exclude included include qc failed pass ok done backup archive archives cache list table
     report reports summary anat func fmap dwi derivatives sourcedata
     imaging imagestr labelstr imagests labelsts task tasks view views acq desc rec echo stage phase
@@ -97,8 +99,26 @@ MEDTL_WORDS = frozenset(
     offline omp online ovr pilreader pixel pixels plugin posix preprocessing quic relu rerender rgba rng rtimage
     safetensors sched scikit scn sgd shortcut signoff softmax sqlite str summarise tbody tencent thead titlesize
     toplevel tuple urandom uri utc utf var vermillion viewport voilutsequence warmup waveform whitespace
-    workspace ymwdymwd zscore backend debug stderr stdout traceback tracebacks venv byte spreadsheet surrogateescape""".split()
+    workspace ymwdymwd zscore backend debug stderr stdout traceback tracebacks venv byte spreadsheet
+    surrogateescape""".split()
 )
+
+# Words of medtl's fixed outputs that person-name checks must know: split names and the nouns of
+# its messages ("3 labels CSV rows were not used"), so "SPLIT^TRAIN" is no one's name.
+MEDTL_WORDS = MEDTL_WORDS | frozenset(
+    """train val test split splits label labels row rows file files image images mask masks class classes
+    patient patients study studies series column columns field fields group groups count counts used
+    skipped kind site scanner sex age band""".split()
+)
+
+# The audit's verdicts: evaluation writes them, tracking records them on registered versions.
+AUDIT_STATUSES = ("passed", "failed", "inconclusive")
+
+# Identifiers made only of digits: from this many digits a value is an ID (aliased in paths, a
+# needle); outputs are scanned for such IDs from `MIN_SCANNED_DIGITS` digits on, since shorter
+# numbers are everywhere in them (counts, sizes, "1024x1024").
+MIN_ID_DIGITS = 4
+MIN_SCANNED_DIGITS = 5
 
 # Short function words that, inside a longer value, say nothing about anyone.
 _STOP_WORDS = frozenset("a an and at by de del der di du for in la le of on or the to van von w wo with".split())
@@ -109,15 +129,20 @@ _STOP_WORDS = frozenset("a an and at by de del der di du for in la le of on or t
 _HEX = re.compile(r"(?<![0-9a-z])(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])(?![0-9a-f]*\d{6})[0-9a-f]{12,}(?![0-9a-z])")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _TOKEN = re.compile(r"[^\W\d_]+|\d+")
+_SEPARATORS = re.compile(r"[\W_]+")
+_DENSE_SCRIPTS = 0x2E80  # CJK radicals, kana, hangul and the CJK ideographs lie above
 # A person-name-shaped token inside any text: words joined by "^" (DICOM PN), e.g. "DOE^JANE".
 CARETED = re.compile(r"[^\s^=]+(?:[\^=][^\s^=]*)+")
 # Three numbers in a row (12-25-1957, 1957.3.9, 25_12_57): a date in some order.
 _THREE_NUMBERS = re.compile(r"(?<!\d)(\d{1,4})[-_. /,]+(\d{1,2})[-_. /,]+(\d{1,4})(?!\d)")
-_YEAR_MONTH = re.compile(r"(?<!\d)(?:(?:19|20)\d\d[-_. /]+(?:0?[1-9]|1[0-2])|(?:0?[1-9]|1[0-2])[-_. /]+(?:19|20)\d\d)(?!\d)")
+_YEAR_MONTH = re.compile(
+    r"(?<!\d)(?:(?:19|20)\d\d[-_. /]+(?:0?[1-9]|1[0-2])|(?:0?[1-9]|1[0-2])[-_. /]+(?:19|20)\d\d)(?!\d)")
 # Case-sensitive, so the modality in "MR BRAIN" is no title.
 _TITLED_NAME = re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Sir|Herr|Frau|Sr|Sra|Mme|Mlle)\b\.?\s+[A-ZÀ-Þ][^\W\d_]+")
 # Two single letters in a row ("J.D", "j_d_0042", "J. D"): a person's initials.
 _INITIALS = re.compile(r"(?<![^\W\d_])[^\W\d_][\W_]+[^\W\d_](?![^\W\d_])")
+# Two numbers of 1-2 digits ("12-25", "25.12"), not glued to letters ("3.5mm", "v1.2" are no dates).
+_TWO_NUMBERS = re.compile(r"(?<![^\W_])(?<![.\-/])(\d{1,2})[-./](\d{1,2})(?![^\W_]|[-./]\d)")
 _DIGIT_GROUPS = re.compile(r"\d+(?:[-_. /()+,]+\d+){2,}")
 _MAX_TEXT_DIGITS = 4  # numbers in a description ("Lung 1.25mm", "T1 3D"); longer ones are IDs or dates
 _MAX_GENERIC_DIGITS = 5  # file counters (train_00001); six or more digits are read as IDs
@@ -128,6 +153,25 @@ def _english() -> frozenset[str]:
     from english_words import get_english_words_set
 
     return frozenset(w for w in get_english_words_set(["web2"]) if w.islower() and len(w) >= 3)
+
+
+def long_enough(text: str) -> bool:
+    """Long enough to identify: 3+ characters, or 2+ in scripts written with few characters per
+    name (Chinese, Japanese, Korean: "山田", "小明"); shorter values ("M", "CT") match anything."""
+    return len(text) >= 3 or (len(text) == 2 and any(ord(c) >= _DENSE_SCRIPTS for c in text))
+
+
+def normalise(text: str) -> str:
+    """Case-folded, every run of separators (space, punctuation, "_", "^") as one space.
+
+    Identifying values and the outputs searched for them are both normalised, so "DOE^JANE",
+    "Doe, Jane" and "doe_jane" meet, and so do "2019-07-22" and "2019.07.22".
+
+    Example:
+        >>> normalise("DOE^JANE"), normalise("Doe, Jane"), normalise("2019.07.22")
+        ('doe jane', 'doe jane', '2019 07 22')
+    """
+    return _SEPARATORS.sub(" ", str(text).casefold()).strip()
 
 
 def words_of(text: str) -> list[str]:
@@ -173,8 +217,8 @@ def generic_value(value: str, allowed: Iterable[str] = (), *, kind: str = "text"
         allowed: Whole values the outputs hold by design (the class names).
         kind: What the value is. "person": a person's name (DICOM PN, a "^"-joined token, a
             name-like patient_id): several words are generic only when every one is a
-            placeholder ("TEST^PATIENT"); "GRAY^VAL" or "BROWN^ROSE" are names even though each
-            word is common. "name": the name or number of a place, device or record
+            placeholder or a word of medtl's own ("TEST^PATIENT", "SPLIT^TRAIN"); "GRAY^VAL" or
+            "BROWN^ROSE" are names even though each word is common. "name": the name or number of a place, device or record
             (InstitutionName, StationName, IDs): several words are generic only when every one
             is a placeholder, medtl or imaging word, and a digit makes it an identifier. "text":
             a description or comment: a phrase of common words and short numbers is generic
@@ -211,9 +255,10 @@ def generic_value(value: str, allowed: Iterable[str] = (), *, kind: str = "text"
     if kind == "text" and digits and not _phrase(text, letters) and any(len(d) > 2 for d in digits):
         return False  # digits in a value without spaces: an identifier, whatever its attribute
     if len(letters) == 1:
-        return len(letters[0]) < 3 or common_word(letters[0])
+        return not long_enough(letters[0]) or common_word(letters[0])
     if kind == "person":
-        return all(len(t) == 1 or t in _STOP_WORDS or t in PLACEHOLDER_WORDS for t in letters)
+        # Not imaging or dictionary words: "GRAY^VAL" and "BROWN^ROSE" are names.
+        return all(len(t) == 1 or t in _STOP_WORDS or t in PLACEHOLDER_WORDS or t in MEDTL_WORDS for t in letters)
     if kind == "name":
         return all(len(t) == 1 or t in _STOP_WORDS or t in PLACEHOLDER_WORDS or t in MEDTL_WORDS
                    or t in GENERIC_PATH_WORDS for t in letters)
@@ -249,7 +294,8 @@ def generic_component(component: str, allowed_words: Iterable[str] = ()) -> bool
     if not text.isprintable() or any(0xD800 <= ord(c) <= 0xDFFF for c in text) or "@" in text:
         return False
     text = _HEX.sub(" ", _UUID.sub(" ", text))
-    if _date_like(text) or _YEAR_MONTH.search(text) or _INITIALS.search(text) or _number_groups(text):
+    if (_date_like(text) or _YEAR_MONTH.search(text) or _month_day(text) or _INITIALS.search(text)
+            or _number_groups(text)):
         return False
     allowed = {w.casefold() for w in allowed_words}
     for token in words_of(text):
@@ -259,6 +305,12 @@ def generic_component(component: str, allowed_words: Iterable[str] = ()) -> bool
         elif len(token) > 1 and token not in GENERIC_PATH_WORDS and token not in allowed:
             return False
     return True
+
+
+def _month_day(text: str) -> bool:
+    """A month and a day without a year ("12-25", "25.12"): a date element of Safe Harbor too."""
+    return any(_is_date(2000, a, b) or _is_date(2000, b, a)
+               for a, b in ((int(m.group(1)), int(m.group(2))) for m in _TWO_NUMBERS.finditer(text)))
 
 
 def _number_groups(text: str) -> bool:

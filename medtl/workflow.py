@@ -32,7 +32,7 @@ from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
 from medtl.engine.inference import predict
 from medtl.engine.loop import fit
 from medtl.errors import ConfigError, InputError, WeightsError
-from medtl.models.factory import WEIGHT_CHOICES, ModelBundle, check_input_size, check_model, create_model
+from medtl.models.factory import WEIGHT_CHOICES, ModelBundle, check_input_size, create_model
 from medtl.models.multitask import MultiTaskModel, split_outputs
 from medtl.models.registry import get_encoder_spec
 from medtl.models.strategies import TransferPlan, make_transfer_plan, stage_group_name
@@ -112,9 +112,9 @@ def preflight(cfg: WorkflowConfig) -> None:
                           f"encoder '{m.encoder}', not {m.spatial_dims}; pick a {m.spatial_dims}D encoder from "
                           f"medtl.models.list_encoders(spatial_dims={m.spatial_dims})")
     try:
-        bundle = check_model(cfg.task, m.encoder, spatial_dims=m.spatial_dims, in_channels=m.in_channels,
-                             num_classes=m.num_classes, weights=m.weights, multi_label=m.multi_label,
-                             dropout=m.dropout)
+        bundle = create_model(cfg.task, m.encoder, spatial_dims=m.spatial_dims, in_channels=m.in_channels,
+                              num_classes=m.num_classes, weights=m.weights, multi_label=m.multi_label,
+                              dropout=m.dropout, meta=True)
     except (ConfigError, WeightsError) as err:
         raise type(err)(_weights_message(m.weights, str(err))) from err
     check_input_size(bundle, cfg.data.image_size, name="config key 'data.image_size'")

@@ -89,7 +89,8 @@ def test_technical_file_names_are_generic_components(component):
                                        "maria.garcia@example.org.png", "smith^john.png", "scan_1234567.dcm",
                                        "1.2.840.113619.2.55.dcm", "js_cxr.png", "J.D", "J_D_0042.png",
                                        "E1234567", "abe19570722.png", "555-123-4567", "123-45-6789",
-                                       "079 123 45 67.png", "2019,07,22", "2019_07", "M\udcfcller.dcm"])
+                                       "079 123 45 67.png", "2019,07,22", "2019_07", "M\udcfcller.dcm",
+                                       "12-25.png", "cxr 25.12.png"])
 def test_names_dates_ids_and_emails_are_not_generic_components(component):
     assert not generic_component(component)
 
@@ -97,3 +98,16 @@ def test_names_dates_ids_and_emails_are_not_generic_components(component):
 def test_class_name_words_make_a_folder_generic():
     assert not generic_component("cardiomegaly")
     assert generic_component("cardiomegaly", allowed_words=["cardiomegaly"])
+
+
+def test_two_characters_are_enough_for_a_chinese_japanese_or_korean_name():
+    from medtl.data.needles import identifying_needles
+
+    needles = identifying_needles([("山田^太郎", "", "person"), ("김^민수", "", "person")]).labels
+    assert {"山田", "太郎", "민수"} <= set(needles)
+    assert identifying_needles([("LI^XI", "", "person")]).labels.keys() >= {"li xi", "xi li"}
+
+
+@pytest.mark.parametrize("component", ["x_3.5mm.png", "v1.2.png", "img_0001.png", "sub-01_ses-02_T1w.nii.gz"])
+def test_decimals_and_versions_are_no_month_and_day(component):
+    assert generic_component(component)

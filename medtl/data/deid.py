@@ -25,7 +25,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary
 from pydicom.valuerep import PersonName
 
-from medtl.vocabulary import generic_value
+from medtl.vocabulary import generic_value, long_enough
 
 # Table E.1-1 of DICOM PS3.15 (2025 edition), every row the Basic Profile acts on (D, Z, X, U, C
 # and their combinations), by pydicom keyword. Rows pydicom 3.0 cannot name are in _NEWER_TAGS.
@@ -204,7 +204,8 @@ _NEWER_TAGS: frozenset[int] = frozenset(
 )
 
 MIN_VALUE_LENGTH = 3
-"""Values shorter than this ("M", "F", "1") would match almost anything, so they are not collected."""
+"""Values shorter than this ("M", "F", "1") would match almost anything, so they are not collected
+(2 characters suffice in Chinese, Japanese and Korean: `medtl.vocabulary.long_enough`)."""
 
 # Code-sequence plumbing inside identifying sequences: vocabulary of the standard, not of a person.
 _CODE_KEYWORDS = frozenset(
@@ -287,6 +288,11 @@ _NAME_ATTRIBUTE = re.compile(r"Name|Address|Institution|Station|Location|Residen
                              r"Identifier|Number|UID|Date|Time|Age$|Sex$|Birth|Issuer|Serial")
 
 
+# Free text whatever else the keyword says (ProtocolName, InstitutionalDepartmentName, ...).
+_TEXT_ATTRIBUTE = re.compile(r"Description|Comment|Protocol|Department|Label|Text|Reason|Notes|History|Impressions|"
+                             r"Diagnos|Procedure|Meaning|Setup|Technique")
+
+
 def attribute_kind(attribute: str) -> str:
     """How `medtl.vocabulary.generic_value` reads a value of this attribute: person, name or text.
 
@@ -297,7 +303,9 @@ def attribute_kind(attribute: str) -> str:
     with contextlib.suppress(KeyError, ValueError):
         if dictionary_VR(attribute) == "PN":
             return "person"
-    return "name" if _NAME_ATTRIBUTE.search(attribute) and not attribute.startswith("private") else "text"
+    if attribute.startswith("private") or _TEXT_ATTRIBUTE.search(attribute):
+        return "text"
+    return "name" if _NAME_ATTRIBUTE.search(attribute) else "text"
 
 
 def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Iterator[tuple[str, str, object]]:
@@ -369,7 +377,7 @@ def _texts(vr: str, value: object) -> Iterator[str]:
 
 def _worth_keeping(value: str, kind: str, vr: str) -> bool:
     # UIDs, dates and AE titles identify whatever words they hold; other values unless generic.
-    if len(value) < MIN_VALUE_LENGTH or (vr not in _ALWAYS_VRS - {"PN"} and generic_value(value, kind=kind)):
+    if not long_enough(value) or (vr not in _ALWAYS_VRS - {"PN"} and generic_value(value, kind=kind)):
         return False
     # Zero dates and dummy values ("00000000", "0.0.0") and fragments such as "e+1" carry nothing.
-    return bool(value.strip("0.-^ :+")) and sum(c.isalnum() for c in value) >= MIN_VALUE_LENGTH
+    return bool(value.strip("0.-^ :+")) and long_enough("".join(c for c in value if c.isalnum()))

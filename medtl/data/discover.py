@@ -54,7 +54,8 @@ _NOT_REGULAR = (
     (stat.S_ISCHR, "character device file"),
     (stat.S_ISBLK, "block device file"),
 )
-_UNLISTABLE_FOLDER = "folder could not be listed (permission denied?): the files in it were not seen; make it readable and run again"
+_UNLISTABLE_FOLDER = ("folder could not be listed (permission denied?): the files in it were not seen; make it "
+                      "readable and run again")
 # Lossy copies of one image differ by a little: fingerprints within this fraction of the image's
 # range are one image; other images sharing a SOPInstanceUID (bad anonymisers) differ by far more.
 _COPY_RTOL = 0.02

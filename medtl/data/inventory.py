@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from medtl.data import discover as discovery
-from medtl.data.needles import Needles, looks_identifying
-from medtl.data.privacy import ProjectKey, path_alias
+from medtl.data.privacy import ProjectKey
 from medtl.data.types import Rejection, Study
 
 
@@ -45,7 +44,15 @@ class _Disk:
             return list(range(len(self.studies)))
         if rel in self.below:
             return sorted(self.below[rel])
-        return [] if (self.root / rel).exists() else None
+        return [] if self.exists(rel) else None
+
+    def exists(self, rel: str) -> bool:
+        """Whether a labels path names anything under the root; an unusable path (longer than the
+        OS limit, in a folder that cannot be read) names nothing, and never raises with the path."""
+        try:
+            return (self.root / rel).exists()
+        except OSError:
+            return False
 
 
 def _scan_disk(root: Path, exclude: set[str], progress: bool) -> _Disk:
@@ -81,38 +88,6 @@ def _series_identity(study: Study, disk: _Disk) -> str:
 
 def _row_id(key: ProjectKey, study: Study, disk: _Disk) -> str:
     return key.pseudonym("row", _series_identity(study, disk) + "\x00" + disk.rel(study.files[0]))
-
-
-@dataclass
-class _Namer:
-    """Names files in outputs: the relative path, or its alias when a part may identify someone.
-
-    A part is written in clear only when every token of it is generic (`looks_identifying`) and
-    it holds none of the data set's identifying values, the same needles the PHI scan looks for,
-    so a path written in clear can never trip the scan.
-    """
-
-    key: ProjectKey
-    needles: Needles
-    allowed_words: tuple[str, ...] = ()  # more generic words: the words of the class names
-    aliases: dict[str, str] = field(default_factory=dict)
-    flagged: set[str] = field(default_factory=set)  # parts that are not generic
-    _parts: dict[str, bool] = field(default_factory=dict)
-
-    def __call__(self, rel: str) -> str:
-        hit = False
-        for part in PurePosixPath(rel).parts:
-            if part not in self._parts:
-                shaped = looks_identifying(part, self.allowed_words)
-                self._parts[part] = shaped or self.needles.found_in(part)
-                if shaped:
-                    self.flagged.add(part)
-            hit = hit or self._parts[part]
-        if not hit:
-            return rel
-        alias = path_alias(self.key, rel)
-        self.aliases[alias] = rel
-        return alias
 
 
 def _inside(root: Path, path: Path) -> str | None:

@@ -67,7 +67,10 @@ def split_groups(records: Sequence[dict]) -> SplitGroups:
     links = _UnionFind()
     for index, record in enumerate(records):
         links.union(("row", index), ("patient", record["patient"]))
-        links.union(("row", index), ("pixels", record["sha256"]))
+        if not record.get("_constant"):
+            # A blank (constant) image is no evidence of one patient: blank exports would chain
+            # unrelated patients into one split group.
+            links.union(("row", index), ("pixels", record["sha256"]))
         if record.get("_dicom_patient"):
             links.union(("row", index), ("dicom", record["_dicom_patient"]))
     members: dict[Hashable, list[int]] = defaultdict(list)
@@ -98,7 +101,8 @@ def split_groups(records: Sequence[dict]) -> SplitGroups:
 def _pixel_duplicates(records: Sequence[dict]) -> tuple[list[str], dict[str, int]]:
     by_hash: dict[str, list[int]] = defaultdict(list)
     for index, record in enumerate(records):
-        by_hash[record["sha256"]].append(index)
+        if not record.get("_constant"):
+            by_hash[record["sha256"]].append(index)
     across, within = [], []
     for rows in by_hash.values():
         if len(rows) > 1:
@@ -135,13 +139,15 @@ def _id_conflicts(records: Sequence[dict]) -> tuple[list[str], dict[str, int]]:
     if split_ids:
         warnings.append(
             f"labels CSV patient_id disagrees with the DICOM PatientID: {_count(len(split_ids), 'DICOM patient')} "
-            f"{'carries' if len(split_ids) == 1 else 'carry'} several patient_id values (labels CSV rows {_rows_text(records, split_ids)}); their rows were kept in one "
+            f"{'carries' if len(split_ids) == 1 else 'carry'} several patient_id values (labels CSV rows "
+            f"{_rows_text(records, split_ids)}); their rows were kept in one "
             f"split; check the patient_id column"
         )
     if merged_ids:
         warnings.append(
             f"labels CSV patient_id disagrees with the DICOM PatientID: {_count(len(merged_ids), 'patient_id value')} "
-            f"{'covers' if len(merged_ids) == 1 else 'cover'} several DICOM patients (labels CSV rows {_rows_text(records, merged_ids)}); check the patient_id column"
+            f"{'covers' if len(merged_ids) == 1 else 'cover'} several DICOM patients (labels CSV rows "
+            f"{_rows_text(records, merged_ids)}); check the patient_id column"
         )
     return warnings, {"patient_id_conflicts": len(split_ids) + len(merged_ids)}
 

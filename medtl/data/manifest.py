@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from medtl.data import discover as discovery
 from medtl.data.deid import attribute_kind
-from medtl.data.inventory import _Disk, _inside, _Namer, _row_id, _scan_disk, _series_identity
+from medtl.data.inventory import _Disk, _inside, _row_id, _scan_disk, _series_identity
 from medtl.data.leakage import SplitGroups, check_given_splits, split_groups
-from medtl.data.needles import Needles, identifying_needles, looks_identifying, needles_of
+from medtl.data.needles import Needles, PathNamer, identifying_needles, looks_identifying, needles_of
 from medtl.data.output_guard import _held_messages, _write_checked
 from medtl.data.privacy import (
     UNKNOWN,
@@ -47,7 +47,7 @@ from medtl.data.privacy import (
 )
 from medtl.data.splits import SPLITS, assign_splits, check_fractions, check_leakage, normalise_split
 from medtl.errors import ConfigError, InputError
-from medtl.vocabulary import generic_value, words_of
+from medtl.vocabulary import PLACEHOLDER_WORDS, words_of
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,12 @@ NO_LABEL_ROW = "no row in the labels CSV"
 TILT_NOTE = "gantry tilt"  # how discovery's notes on resampled gantry-tilted stacks begin
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LabelRow:
-    """One row of the labels CSV, cleaned. `number` is the CSV line (the header is line 1)."""
+    """One row of the labels CSV, cleaned. `number` is the CSV line (the header is line 1).
+
+    Its repr shows the line number only: the cells hold patient IDs, paths and free text.
+    """
 
     number: int
     path: str
@@ -82,6 +85,9 @@ class LabelRow:
     site: str = ""
     scanner: str = ""
     extras: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"LabelRow(row {self.number})"
 
 
 @dataclass(frozen=True)
@@ -322,6 +328,8 @@ def build_manifest(
     sidecar, messages = _sidecar(key, disk, labels, labels_csv, rows, fate, [*notes, *groups.warnings], table, extras,
                                  namer, seed, fractions, k_min, progress)
     sidecar["leakage"] = groups.counts
+    # The label values the masks hold, so a segmentation run can check model.num_classes up front.
+    sidecar["mask_labels"] = sorted({v for r in records if r.get("_mask_labels") for v in r["_mask_labels"]})
     needles = _needles(disk, labels, namer, allowed)
     _write_checked(out_csv, sidecar_json, table, sidecar, messages, held_logs, held_warnings, needles,
                    [r["_row"] for r in records], ("label", *extras))
@@ -361,8 +369,8 @@ def _match(disk: _Disk, labels: list[LabelRow], labels_csv: Path):
         found = disk.targets(row.path)
         targeted[row.number] = [i for i in found or [] if i not in mask_studies]
         if is_copy[row.number] and any(i in claimed for i in targeted[row.number]):
-            problems[row.number] = (f"its file is a copy of the image of labels CSV row "
-                                    f"{claimed[targeted[row.number][0]]}, which is used")
+            problems[row.number] = (f"its file is a copy of the image that labels CSV row "
+                                    f"{claimed[targeted[row.number][0]]} names; keep one of the two rows")
             targeted[row.number] = []
             continue
         if found is None:
@@ -384,7 +392,7 @@ def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path
     """Manifest records (and unused label rows), each study's (status, reason), and notes."""
     targeted, masks, problems = _match(disk, labels, labels_csv)
     fate: dict[int, tuple[str, str]] = {}
-    mask_cache: dict[int, tuple[str, tuple[int, ...]] | str] = {}
+    mask_cache: dict[int, tuple[str, tuple[int, ...], tuple[int, ...]] | str] = {}
     rows: list[dict] = []
     work = [(row, i) for row in labels if row.number not in problems for i in targeted[row.number]]
     for row, index in tqdm(work, desc="hashing studies", unit="study", disable=not progress):
@@ -411,7 +419,7 @@ def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path
         if row.number in used:
             continue
         reason = problems.get(row.number, "its images could not be used")
-        exists = (disk.root / row.path).exists()
+        exists = disk.exists(row.path)
         rows.append({"_row": row.number, "_path": row.path if exists else "", "_reason": reason})
         for index in targeted[row.number]:
             fate.setdefault(index, ("skipped", f"labels CSV row {row.number} not used: {reason}"))
@@ -441,13 +449,18 @@ def _tilt_corrected(disk: _Disk, fate: dict[int, tuple[str, str]]) -> int:
 
 
 def _load_mask(disk: _Disk, index: int | None, cache: dict, shape: tuple[int, ...]):
-    """(sha256, shape) of a mask, None without one, or the reason it cannot be used."""
+    """(sha256, shape, label values) of a mask, None without one, or the reason it cannot be used.
+
+    The label values are the integers the mask holds (empty when it holds non-integer values).
+    """
     if index is None:
         return None
     if index not in cache:
         try:
             array = discovery.load_study(disk.studies[index]).array
-            cache[index] = (pixel_sha256(array), tuple(array.shape))
+            values = np.unique(array)
+            labels = tuple(int(v) for v in values) if np.all(values == np.round(values)) else ()
+            cache[index] = (pixel_sha256(array), tuple(array.shape), labels)
         except Exception as err:  # noqa: BLE001 - as for images
             cache[index] = f"pixels could not be decoded ({type(err).__name__})"
     if isinstance(cache[index], str):
@@ -488,6 +501,8 @@ def _record(key: ProjectKey, disk: _Disk, row: LabelRow, index: int, image, mask
         "site": site_code(key, row.site or (h.institution if h else "")), "scanner": scanner,
         "_row": row.number, "_extras": row.extras, "_split": row.split, "_patient_source": source,
         "_dicom_patient": dicom_patient, "_labels_patient": row.patient_id,
+        "_constant": bool(image.array.min() == image.array.max()),
+        "_mask_labels": mask[2] if mask else (),
         "_year": _study_year(h.study_date if h is not None else ""),
     }
 
@@ -503,14 +518,15 @@ def _study_year(study_date: str) -> int | None:
 def placeholder_id(patient_id: str) -> bool:
     """True for a DICOM PatientID that names nobody ("ANONYMOUS", "TEST", "0", "00000"): treated as absent.
 
-    Read like a person's name: only placeholders and single common words, without digits, are
-    placeholders; "CASE-1" or "PAT-7731" identify a patient.
-
     De-identified public collections often give every file the same placeholder; used as an
-    identity it would make one patient (and one split) of the whole data set.
+    identity it would make one patient (and one split) of the whole data set. Only placeholder
+    words and zeros count: "CASE-1", "12", "P01" or "SMITH" identify a patient.
     """
     text = (patient_id or "").strip()
-    return not text.strip("0-_. ") or len(text) < 2 or generic_value(text, kind="person")
+    if text.casefold() in PLACEHOLDER_WORDS:
+        return True
+    tokens = words_of(text)
+    return all(t in PLACEHOLDER_WORDS or (t.isdigit() and not t.strip("0")) for t in tokens)
 
 
 def _table(records: list[dict], extras: list[str], seed: int, fractions, groups: SplitGroups) -> pd.DataFrame:
@@ -540,11 +556,6 @@ def _class_names(labels: list[LabelRow]) -> tuple[str, ...]:
     return tuple(sorted({row.label for row in labels if row.label}))
 
 
-def _class_words(labels: list[LabelRow]) -> tuple[str, ...]:
-    """Words of the class names: generic in path components (a "pneumonia/" folder stays readable)."""
-    return tuple(sorted({w for row in labels for w in words_of(row.label) if not w.isdigit()}))
-
-
 def _identifying_sources(disk: _Disk, labels: list[LabelRow], name=None) -> list[tuple[str, str]]:
     """(value, source) of every identifying value: DICOM headers and labels-CSV patient_id values.
 
@@ -564,31 +575,32 @@ def _identifying_sources(disk: _Disk, labels: list[LabelRow], name=None) -> list
     return sources
 
 
-def _raw_values(disk: _Disk, labels: list[LabelRow], namer: _Namer, allowed: tuple[str, ...]) -> dict[str, str]:
+def _raw_values(disk: _Disk, labels: list[LabelRow], namer: PathNamer, allowed: tuple[str, ...]) -> dict[str, str]:
     """The identifying values as stored ("DOE^JANE"), beside their normalised needles ("doe jane"):
     later scans of MLflow runs match bytes, and a value may reach them in either form."""
     return {value: label for value, label, kind in _identifying_sources(disk, labels, namer)
             if needles_of(value, allowed=allowed, kind=kind)}
 
 
-def _namer(key: ProjectKey, disk: _Disk, labels: list[LabelRow], allowed: tuple[str, ...]) -> _Namer:
+def _namer(key: ProjectKey, disk: _Disk, labels: list[LabelRow], allowed: tuple[str, ...]) -> PathNamer:
     """The namer of this build's paths, checking every part against every needle the scan will use.
 
     The non-generic components of all paths are needles too (a folder "E1234567" makes a file
     "1234567.png" elsewhere identifying), and they are found before anything is named, so that no
     path written in clear can hold a needle the final scan looks for.
     """
-    words = _class_words(labels)
+    # The class names' words are generic in paths: a "pneumonia/" folder stays readable.
+    words = tuple(sorted({w for name in allowed for w in words_of(name) if not w.isdigit()}))
     parts = {p for rel in (*disk.files, *(r.path for r in labels), *(r.mask for r in labels if r.mask))
              for p in PurePosixPath(rel).parts}
     flagged = sorted(p for p in parts if looks_identifying(p, words))
     sources = [*_identifying_sources(disk, labels), *((p, "", "name") for p in flagged)]
-    namer = _Namer(key, identifying_needles(sources, allowed), words)
+    namer = PathNamer(key, identifying_needles(sources, allowed), words)
     namer.flagged.update(flagged)
     return namer
 
 
-def _needles(disk: _Disk, labels: list[LabelRow], namer: _Namer, allowed: tuple[str, ...]) -> Needles:
+def _needles(disk: _Disk, labels: list[LabelRow], namer: PathNamer, allowed: tuple[str, ...]) -> Needles:
     """Every identifying value the outputs must not hold, each labelled with its file or row."""
     sources = _identifying_sources(disk, labels, namer)
     sources.extend((part, "an identifying file or folder name", "name") for part in sorted(namer.flagged))

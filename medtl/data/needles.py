@@ -20,24 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from medtl.data.privacy import ProjectKey, parse_dicom_date, path_alias
-from medtl.vocabulary import CARETED, generic_component, generic_value
+from medtl.vocabulary import (
+    CARETED,
+    MIN_ID_DIGITS,
+    MIN_SCANNED_DIGITS,
+    generic_component,
+    generic_value,
+    long_enough,
+    normalise,
+)
 
-_MIN_NEEDLE = 3  # shorter values ("M", "1", "CT") would alias or flag nearly everything
-_MIN_DIGITS = 4  # digits-only values shorter than this ("12") are counters, not identifiers
+_PREFIX = 2  # needles are indexed by their first characters: 2, the shortest needle (a CJK name part)
 # Decimal numbers ("1.25" in a private tag) identify nobody but collide with spacings.
 _DECIMAL = re.compile(r"[+-]?\d*\.\d+")
 _LONG_DIGITS = re.compile(r"\d{6,}")
 _NAME_SPLIT = re.compile(r"[\s,^=]+")
-_SEPARATORS = re.compile(r"[\W_]+")
-
-
-def normalise(text: str) -> str:
-    """Case-folded, every run of separators (space, punctuation, "_", "^") as one space.
-
-    Needles and the text searched are both normalised, so "DOE^JANE", "Doe, Jane" and
-    "doe_jane" meet, and so do "2019-07-22" and "2019.07.22".
-    """
-    return _SEPARATORS.sub(" ", str(text).casefold()).strip()
 
 
 @dataclass(frozen=True)
@@ -48,13 +45,8 @@ class Needles:
     data set holds (a scan per value would not scale).
     """
 
-    labels: Mapping[str, str]
+    labels: Mapping[str, str] = field(repr=False)  # the keys are identifying values: never shown
     by_prefix: Mapping[str, tuple[str, ...]] = field(repr=False)
-
-    @property
-    def values(self) -> frozenset[str]:
-        """The needles themselves (for scans of later outputs; never written)."""
-        return frozenset(self.labels)
 
     @functools.cached_property
     def scan_index(self) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -64,17 +56,17 @@ class Needles:
         over the text per identifying value. Digits-only needles under 5 digits are left out: they
         collide with shapes and counts ("1024x1024").
         """
-        patterns = {n: label for n, label in self.labels.items() if not (n.isdigit() and len(n) < 5)}
+        patterns = {n: label for n, label in self.labels.items() if not (n.isdigit() and len(n) < MIN_SCANNED_DIGITS)}
         by_prefix: dict[str, list[str]] = {}
         for needle in patterns:
-            by_prefix.setdefault(needle[:3], []).append(needle)
+            by_prefix.setdefault(needle[:_PREFIX], []).append(needle)
         return patterns, by_prefix
 
     def found_in(self, text: str) -> bool:
         """True if any needle occurs in `text`, normalised (a substring, not only whole words)."""
         folded = normalise(text)
-        for at in range(len(folded) - _MIN_NEEDLE + 1):
-            for needle in self.by_prefix.get(folded[at : at + _MIN_NEEDLE], ()):
+        for at in range(len(folded) - _PREFIX + 1):
+            for needle in self.by_prefix.get(folded[at : at + _PREFIX], ()):
                 if folded.startswith(needle, at):
                     return True
         return False
@@ -92,7 +84,7 @@ def identifying_needles(
     month-first with any separator. Left out: values and parts that are generic
     (`medtl.vocabulary.generic_value`: placeholders, medtl's own words, single common words,
     descriptions made of common words, and the `allowed` class names), parts under 3
-    characters, digits-only values under 4 digits, decimals.
+    characters (2 in CJK scripts), digits-only values under 4 digits, decimals.
 
     Args:
         values: Identifying values; or (value, source) or (value, source, kind) tuples, or a
@@ -113,7 +105,7 @@ def identifying_needles(
             labels.setdefault(needle, f"{source} ({form})" if source else form)
     by_prefix: dict[str, list[str]] = {}
     for needle in labels:
-        by_prefix.setdefault(needle[:_MIN_NEEDLE], []).append(needle)
+        by_prefix.setdefault(needle[:_PREFIX], []).append(needle)
     return Needles(labels, {k: tuple(v) for k, v in by_prefix.items()})
 
 
@@ -126,7 +118,7 @@ def needles_of(value: str, *, allowed: Iterable[str] = (), kind: str = "text") -
         return []
     out: list[tuple[str, str]] = []
     whole = normalise(text)
-    if len(whole) >= (_MIN_DIGITS if whole.isdigit() else _MIN_NEEDLE):
+    if len(whole) >= MIN_ID_DIGITS if whole.isdigit() else long_enough(whole):
         out.append((whole, "person name" if person else _kind_of(text)))
     names = [_NAME_SPLIT.split(text)] if person else [re.split(r"[\^=]", t) for t in CARETED.findall(text)]
     for parts in names:
@@ -153,11 +145,11 @@ def _name_needles(parts: list[str], allowed: tuple[str, ...]) -> list[tuple[str,
         return []  # "ANONYMOUS^PATIENT", "NAME^PATIENT^NAME": placeholders, not a person
     out = [(" ".join(parts), "person name")]
     out.extend((p, "person-name component") for p in parts
-               if len(p) >= _MIN_NEEDLE and not generic_value(p, allowed, kind="person"))
+               if long_enough(p) and not generic_value(p, allowed, kind="person"))
     if len(parts) >= 2:
         family, given = parts[0], parts[1]
         out.extend(((f"{given} {family}", "person name"), (f"{family} {given}", "person name")))
-    return [(n, f) for n, f in out if len(n) >= _MIN_NEEDLE]
+    return [(n, f) for n, f in out if long_enough(n)]
 
 
 def _kind_of(text: str) -> str:
@@ -186,36 +178,50 @@ def looks_identifying(component: str, allowed_words: Iterable[str] = ()) -> bool
     return not generic_component(component, allowed_words)
 
 
-def identifying_components(relative: str | PurePosixPath, needles: Needles,
-                           allowed_words: Iterable[str] = ()) -> list[str]:
-    """Components of a relative path that hold a needle or are not generic."""
-    allowed_words = tuple(allowed_words)
-    return [c for c in PurePosixPath(relative).parts
-            if looks_identifying(c, allowed_words) or needles.found_in(c)]
+@dataclass
+class PathNamer:
+    """Names files in outputs: the relative path, or its alias when a part may identify someone.
 
+    A path is written in clear only when every component is generic (`looks_identifying`) and
+    neither a component nor the whole path (normalised) holds a needle: the same needles, matched
+    as substrings, that the PHI scan looks for as words, so a path written in clear can never
+    trip the scan. `aliases` collects alias -> relative path for the local alias map.
 
-def safe_path(key: ProjectKey, relative: str | PurePosixPath, needles: Needles,
-              allowed_words: Iterable[str] = ()) -> str:
-    """The relative path as written to outputs: unchanged, or "alias:<hex>" if any part may identify.
-
-    Args:
-        key: The project key (aliases are keyed pseudonyms of the relative path).
-        relative: A path relative to the data root, with "/" separators.
-        needles: From `identifying_needles` over the identifying values of the data set.
-        allowed_words: More generic words (the words of the class names).
-
-    Returns:
-        The POSIX relative path, or its alias.
+    Example:
+        >>> namer = PathNamer(key, identifying_needles(["DOE^JANE"]))  # doctest: +SKIP
+        >>> namer("train/img_001.png"), namer("DOE_JANE/x.dcm")  # doctest: +SKIP
+        ('train/img_001.png', 'alias:3f0c...')
     """
-    rel = PurePosixPath(relative).as_posix()
-    if identifying_components(rel, needles, allowed_words):
-        return path_alias(key, rel)
-    return rel
+
+    key: ProjectKey = field(repr=False)
+    needles: Needles = field(repr=False)
+    allowed_words: tuple[str, ...] = field(default=(), repr=False)  # more generic words: class-name words
+    aliases: dict[str, str] = field(default_factory=dict, repr=False)
+    flagged: set[str] = field(default_factory=set, repr=False)  # parts that are not generic
+    _parts: dict[str, bool] = field(default_factory=dict, repr=False)
+
+    def __call__(self, rel: str | PurePosixPath) -> str:
+        rel = PurePosixPath(rel).as_posix()
+        hit = self.needles.found_in(rel)
+        for part in PurePosixPath(rel).parts:
+            if part not in self._parts:
+                shaped = looks_identifying(part, self.allowed_words)
+                self._parts[part] = shaped or self.needles.found_in(part)
+                if shaped:
+                    self.flagged.add(part)
+            hit = hit or self._parts[part]
+        if not hit:
+            return rel
+        alias = path_alias(self.key, rel)
+        self.aliases[alias] = rel
+        return alias
 
 
 # --- the PHI scan of outputs ------------------------------------------------------------------
 
-_HEX_TOKEN = re.compile(r"(?<![0-9a-z])[0-9a-f]{16,}(?![0-9a-z])")
+# Hashes, pseudonyms and site/scanner codes ("SITE-1ada2f" has 6 hex digits): a short value found
+# inside one is chance, not a leak.
+_HEX_TOKEN = re.compile(r"(?<![0-9a-z])(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{6,}(?![0-9a-z])")
 _SURE_LENGTH = 12  # a 12+ character value inside a hash by chance: ~1e-15 per position
 # Where a bounded match can start: a letter after a non-letter, a digit after a non-digit.
 _WORD_START = re.compile(r"(?<![^\W\d_])[^\W\d_]|(?<!\d)\d")
@@ -259,7 +265,7 @@ def scan_for_phi(
         hits: set[str] = set()
         for match in _WORD_START.finditer(folded):
             at = match.start()
-            for needle in by_prefix.get(folded[at : at + 3], ()):
+            for needle in by_prefix.get(folded[at : at + _PREFIX], ()):
                 if folded.startswith(needle, at) and _counts(folded, at, needle, hex_spans, hex_starts):
                     hits.add(patterns[needle])
         findings.extend(f"{name}: contains {_article(label)}" for label in sorted(hits))

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -67,8 +68,8 @@ def _write_checked(out_csv: Path, sidecar_json: Path, table: pd.DataFrame, sidec
     if findings:
         raise InputError(_refusal(findings, in_free_text))
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    _replace(out_csv, csv_bytes)
-    _replace(sidecar_json, sidecar_bytes)
+    replace_atomically(out_csv, csv_bytes)
+    replace_atomically(sidecar_json, sidecar_bytes)
     _release(held_logs, held_warnings, messages, needles)
 
 
@@ -116,11 +117,24 @@ def _refusal(findings: list[str], in_free_text: bool) -> str:
             f"the build stopped and wrote nothing (an existing manifest is unchanged); {advice}")
 
 
-def _replace(target: Path, data: bytes) -> None:
-    """Write `data` to `target` atomically: a temporary file beside it, then `os.replace`."""
+def replace_atomically(target: Path, data: bytes, *, mode_of: Path | None = None) -> None:
+    """Write `data` to `target` atomically: a temporary file beside it, flushed to disk, then `os.replace`.
+
+    A reader or a crash never sees a half-written file, and a failure leaves `target` as it was.
+
+    Args:
+        target: The file to write (its folder must exist).
+        data: Its new content.
+        mode_of: A file whose permission bits the new file takes (e.g. the copied original).
+    """
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode_of is not None:
+            shutil.copymode(mode_of, tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

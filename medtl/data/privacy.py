@@ -201,6 +201,17 @@ def _key_secret(raw: bytes) -> bytes:
     return text
 
 
+def legacy_key_id(path: Path) -> str:
+    """The key id medtl 0.1 gave this key file: it used text keys with their trailing newline.
+
+    Only for telling a user why a manifest built then no longer matches (`medtl manifest verify`).
+    """
+    raw = Path(path).read_bytes()
+    text = raw.strip()
+    secret = bytes.fromhex(text.decode()) if re.fullmatch(rb"[0-9a-fA-F]{64,}", text) and len(text) % 2 == 0 else raw
+    return hmac.new(secret, b"medtl/key-id", hashlib.sha256).hexdigest()[:16]
+
+
 def _weak_key(secret: bytes) -> str:
     """Why a key is too weak to keep pseudonyms secret ("" when it is fine).
 

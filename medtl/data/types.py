@@ -56,7 +56,7 @@ class HeaderFacts:
     model: str = ""
     body_part: str = ""
     photometric: str = ""
-    identifying_values: frozenset[str] = field(default_factory=frozenset)
+    identifying_values: frozenset[tuple[str, str]] = field(default_factory=frozenset)  # (value, attribute)
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from medtl.data import discover as discovery
-from medtl.data.inventory import _Disk, _inside, _Namer, _row_id, _scan_disk, _series_identity
-from medtl.data.manifest import _identifying_sources, file_sha256, pixel_sha256
-from medtl.data.needles import identifying_needles
-from medtl.data.privacy import ALIAS_PREFIX, load_key, resolve_alias
+from medtl.data.inventory import _Disk, _inside, _row_id, _scan_disk, _series_identity
+from medtl.data.manifest import _namer, file_sha256, pixel_sha256
+from medtl.data.privacy import ALIAS_PREFIX, legacy_key_id, load_key, resolve_alias
 from medtl.data.types import Study
 from medtl.errors import ConfigError, InputError
-from medtl.vocabulary import words_of
 
 
 @dataclass(frozen=True)
@@ -79,13 +77,19 @@ def verify_manifest(manifest_csv: Path, root: Path, *, key_file: Path | None = N
         raise InputError(f"manifest {manifest_csv.name} and its sidecar {sidecar_json.name} must be readable, not "
                          f"{type(err).__name__}; rebuild the manifest") from err
     key = load_key(key_file)
+    if sidecar.get("key_id") != key.key_id and sidecar.get("key_id") == legacy_key_id(key.path):
+        raise ConfigError(
+            f"key must give the manifest's key id {sidecar.get('key_id')}, not {key.key_id}: it is the right key file, "
+            f"but medtl 0.1 read its trailing whitespace as part of the key and medtl now strips it; rebuild the "
+            f"manifest with this key (pseudonyms change once) and keep the new one"
+        )
     if sidecar.get("key_id") != key.key_id:
         raise ConfigError(f"key must be the one the manifest was built with (key id {sidecar.get('key_id')}), not "
                           f"key id {key.key_id}; pass its key file")
     modified = file_sha256(manifest_csv) != sidecar.get("manifest_sha256")
     outputs = {_inside(root, p) for p in (manifest_csv, sidecar_json)} - {None}
     disk = _scan_disk(root, outputs, progress=False)
-    namer = _Namer(key, identifying_needles(_identifying_sources(disk, [])), _class_words_of(sidecar))
+    namer = _namer(key, disk, [], tuple(str(c) for c in sidecar.get("classes", [])))
     before = {e["token"]: e for e in sidecar.get("inventory", [])}
     now = {key.pseudonym("path", rel): rel for rel in disk.files}
     changed = [before[t]["file"] for t, rel in now.items()
@@ -116,11 +120,6 @@ def verify_manifest(manifest_csv: Path, root: Path, *, key_file: Path | None = N
 def _entry_sha256(root: Path, rel: str) -> str:
     """A file's SHA-256, "" for entries that are listed but never read (FIFOs, broken links)."""
     return file_sha256(root / rel) if discovery.regular_file(root / rel, root) else ""
-
-
-def _class_words_of(sidecar: Mapping) -> tuple[str, ...]:
-    """The words of the manifest's class names, generic in file names as in the build."""
-    return tuple(sorted({w for c in sidecar.get("classes", []) for w in words_of(str(c)) if not w.isdigit()}))
 
 
 def _study_at(disk: _Disk, rel: str) -> Study | None:

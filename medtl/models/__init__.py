@@ -8,7 +8,7 @@ into optimizer groups and a per-epoch freezing hook for the training engine.
 from medtl.models import medicalnet, timm_encoders  # noqa: F401  (register the encoders)
 from medtl.models.adapt import LoadReport, adapt_input_channels, inflate_kernel, load_encoder_weights
 from medtl.models.encoder import Encoder
-from medtl.models.factory import TASKS, ModelBundle, check_input_size, check_model, create_model
+from medtl.models.factory import TASKS, ModelBundle, check_input_size, create_model
 from medtl.models.heads import ClassificationHead, Classifier, Segmenter, UNetDecoder
 from medtl.models.inflate import inflate_to_3d
 from medtl.models.registry import EncoderSpec, get_encoder_spec, list_encoders, register_encoder
@@ -30,7 +30,6 @@ __all__ = [
     "WeightRecord",
     "adapt_input_channels",
     "check_input_size",
-    "check_model",
     "create_model",
     "find_weight_file",
     "get_encoder_spec",

@@ -141,6 +141,7 @@ def create_model(
     dropout: float = 0.2,
     decoder_channels: Sequence[int] | None = None,
     min_matched: float = 0.9,
+    meta: bool = False,
 ) -> ModelBundle:
     """Build an encoder with pretrained weights adapted to a classification or segmentation task.
 
@@ -158,6 +159,10 @@ def create_model(
         decoder_channels: segmentation decoder widths, deepest first (default: MONAI
             FlexibleUNet's (256, 128, 64, 32, 16) in 2D, halved in 3D).
         min_matched: refuse a checkpoint that fills less than this share of the encoder.
+        meta: build on PyTorch's meta device (shapes only: no memory, no values): every check of
+            a real build, cheaply, for a preflight before hours of work (the weights file is still
+            read and fitted tensor by tensor). Such a model is for its record, load report and
+            `check_input_size`, never for training.
 
     Returns:
         The model with its weight record and load report.
@@ -174,55 +179,13 @@ def create_model(
     """
     return _assemble(task, encoder, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      weights=weights, multi_label=multi_label, dropout=dropout, decoder_channels=decoder_channels,
-                     min_matched=min_matched, meta=False)
-
-
-def check_model(
-    task: str,
-    encoder: str = "efficientnet_lite0",
-    *,
-    spatial_dims: int = 2,
-    in_channels: int = 1,
-    num_classes: int = 2,
-    weights: str | os.PathLike = "pretrained",
-    multi_label: bool = False,
-    dropout: float = 0.2,
-    decoder_channels: Sequence[int] | None = None,
-    min_matched: float = 0.9,
-) -> ModelBundle:
-    """Every check `create_model` makes, cheaply: for a preflight before hours of work.
-
-    The model is built on PyTorch's meta device (shapes only: no memory, no values, no random
-    initialisation), so only reading the checkpoint costs time. The weights are resolved, their
-    file read with `torch.load(weights_only=True)` (or safetensors) and fitted tensor by tensor
-    exactly as `create_model` does, digest and refusal rules included.
-
-    Args:
-        task, encoder, spatial_dims, in_channels, num_classes, weights, multi_label, dropout,
-            decoder_channels, min_matched: as for `create_model`.
-
-    Returns:
-        The bundle `create_model` would return, but its model lives on the meta device: use it
-        for its record, load report and `check_input_size`, never for training.
-
-    Raises:
-        ConfigError, WeightsError: as `create_model` (missing offline, unreadable, unsafe or
-            not fitting weights; unknown names).
-
-    Example:
-        >>> check_model("classification", "resnet18", weights="missing.pth")
-        Traceback (most recent call last):
-        medtl.errors.WeightsError: model.weights file missing.pth must be an existing checkpoint file, ...
-    """
-    return _assemble(task, encoder, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
-                     weights=weights, multi_label=multi_label, dropout=dropout, decoder_channels=decoder_channels,
-                     min_matched=min_matched, meta=True)
+                     min_matched=min_matched, meta=meta)
 
 
 def _assemble(task: str, encoder: str, *, spatial_dims: int, in_channels: int, num_classes: int,
               weights: str | os.PathLike, multi_label: bool, dropout: float,
               decoder_channels: Sequence[int] | None, min_matched: float, meta: bool) -> ModelBundle:
-    """`create_model` (meta=False) and `check_model` (meta=True): one code path, so they agree."""
+    """`create_model`, on real tensors or on the meta device: one code path, so checks and builds agree."""
     if task not in TASKS:
         raise ConfigError(f"model.task must be one of {list(TASKS)}, not {task!r}; fix the model config")
     spec = get_encoder_spec(encoder)
@@ -302,7 +265,7 @@ def check_input_size(bundle: ModelBundle, input_size: Sequence[int], *, name: st
     when it fails, larger sizes are tried to tell a too small size from anything else.
 
     Args:
-        bundle: from `check_model` (its model lives on the meta device).
+        bundle: from `create_model(..., meta=True)` (or a real build).
         input_size: spatial size (cols, rows[, slices]).
         name: what the size was given as, for the error (e.g. "config key 'data.image_size'").
 
@@ -310,7 +273,7 @@ def check_input_size(bundle: ModelBundle, input_size: Sequence[int], *, name: st
         ConfigError: when the size is too small and a larger one works.
 
     Example:
-        >>> check_input_size(check_model("classification", "densenet121", weights="none"), (16, 16))
+        >>> check_input_size(create_model("classification", "densenet121", weights="none", meta=True), (16, 16))
         Traceback (most recent call last):
         medtl.errors.ConfigError: input size must be large enough for encoder 'densenet121' (...), not [16, 16]; ...
     """

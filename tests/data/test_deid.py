@@ -54,7 +54,7 @@ def test_identifying_values_collects_names_ids_dates_uids_institution_and_privat
     expected = {
         factory.PATIENT_NAME, "House^Gregory^^Dr.",  # person names as stored (needles add the components)
         factory.PATIENT_ID, "MRN-000917",  # IDs, also inside OtherPatientIDsSequence
-        factory.BIRTH_DATE, factory.STUDY_DATE,  # dates as stored (needles add YYYY-MM-DD)
+        factory.BIRTH_DATE, factory.STUDY_DATE,  # dates as stored (needles add the other orders)
         factory.ACCESSION, "REQ-55512", "RP-4411",  # accession, also inside RequestAttributesSequence
         "1.2.826.0.1.555.1", "1.2.826.0.1.555.2", "1.2.826.0.1.555.3",  # instance UIDs
         factory.INSTITUTION, "CTSCAN04", "SN-448812",  # institution, station, device serial number

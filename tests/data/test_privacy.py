@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from medtl.data.needles import identifying_needles, looks_identifying, safe_path, scan_for_phi
+from medtl.data.needles import PathNamer, identifying_needles, looks_identifying, scan_for_phi
 from medtl.data.privacy import (
     age_band,
     key_created_message,
@@ -149,7 +149,7 @@ def test_site_and_scanner_codes_are_keyed_and_ignore_case_and_spacing(tmp_path):
 def test_paths_with_identifying_parts_become_aliases(tmp_path, relative, aliased):
     key = load_key(_key_file(tmp_path, "a.key", 1))
     needles = identifying_needles(["DOE^JANE", "MRN0012345", "20240115"])
-    out = safe_path(key, relative, needles)
+    out = PathNamer(key, needles)(relative)
     assert out.startswith("alias:") is aliased
     assert out == (path_alias(key, relative) if aliased else relative)
 

@@ -142,20 +142,27 @@ def test_every_vocabulary_word_alone_or_beside_a_name_is_never_a_needle():
     # medtl writes by construction, and a real name beside it stays a needle.
     from medtl.data.needles import identifying_needles
 
-    words = sorted(output_vocabulary() | set(CLASSES))
-    for word in words:
-        assert identifying_needles([word], CLASSES).labels == {}, word
-        needles = identifying_needles([f"{word}^KOWALSKI"], CLASSES).labels
+    for word in VOCABULARY:
+        for kind in ("person", "name", "text"):
+            assert identifying_needles([(word, "", kind)], CLASSES).labels == {}, (word, kind)
+        needles = identifying_needles([(f"{word}^KOWALSKI", "", "person")], CLASSES).labels
         assert word.casefold() not in needles and "kowalski" in needles, word
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(word=st.sampled_from(sorted(output_vocabulary() | set(CLASSES))), field=st.sampled_from(FIELDS),
-       as_component=st.booleans(), genuine=st.sampled_from(GENUINE_NAMES))
-def test_vocabulary_in_headers_never_blocks_and_planted_names_never_leak(tmp_path_factory, word, field,
-                                                                         as_component, genuine):
+VOCABULARY = sorted(output_vocabulary() | set(CLASSES))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(word=st.sampled_from(VOCABULARY), field=st.sampled_from(FIELDS),
+       beside=st.sampled_from(["", "genuine", "vocabulary"]), other=st.sampled_from(VOCABULARY),
+       genuine=st.sampled_from(GENUINE_NAMES))
+def test_vocabulary_in_headers_never_blocks_and_planted_names_never_leak(tmp_path_factory, word, field, beside,
+                                                                         other, genuine):
+    # A vocabulary word alone, as a "^" component beside a genuine name, or beside another
+    # vocabulary word ("SPLIT^TRAIN", "LABELS^CSV"): never a refusal, and the genuine name (in the
+    # same file's headers) never in the outputs.
     tmp_path = tmp_path_factory.mktemp("vocab")
-    value = f"{word}^{genuine.split('^')[0]}" if as_component else word
+    value = {"": word, "genuine": f"{word}^{genuine.split('^')[0]}", "vocabulary": f"{word}^{other}"}[beside]
     rows = _radiograph_set(tmp_path / "root", n=6, **{field: value})
     # The genuinely identifying value sits beside the generic one, in the same file's PatientName
     # (or, when the field is PatientName itself, in another file's).
@@ -222,6 +229,49 @@ def test_counter_style_export_paths_stay_readable(tmp_path):
     table = pd.read_csv(result.manifest_csv, dtype=str, keep_default_na=False)
     assert sorted(table["path"]) == sorted(r["path"] for r in rows)
     assert json.loads(result.sidecar_json.read_text())["counts"]["aliased_paths"] == 0
+
+
+def test_real_short_patient_ids_stay_patients_and_placeholders_do_not(tmp_path):
+    root = tmp_path / "root"
+    rows = []
+    for i in range(24):  # 8 patients with short real IDs, three radiographs each
+        rel = f"dx/img_{i:03d}.dcm"
+        _radiograph(root / rel, seed=i, PatientID=("CASE-1", "12", "sub-01", "P01", "A12", "7", "SMITH", "GRAY")[i % 8])
+        rows.append({"path": rel, "label": CLASSES[i % 2]})
+    result = _build(tmp_path, root, rows)
+    table = pd.read_csv(result.manifest_csv, dtype=str)
+    assert result.patients == 8 and (table.groupby("patient")["split"].nunique() == 1).all()
+
+
+def test_a_labels_row_whose_path_is_longer_than_the_os_allows_is_a_row_problem_not_a_crash(tmp_path):
+    root = tmp_path / "root"
+    rows = _radiograph_set(root, n=6)
+    rows.append({"path": "SMITH_JOHN_" + "x" * 5000 + ".png", "label": "normal"})
+    result = _build(tmp_path, root, rows)
+    sidecar = json.loads(result.sidecar_json.read_text())
+    assert result.rows == 6 and sidecar["label_rows_not_used"] == [{"row": 8, "reason": "no file or folder at this path"}]
+    assert "smith" not in _written(result).casefold()
+
+
+def test_names_made_of_the_layouts_words_and_protocols_copied_to_subgroups_never_block(tmp_path):
+    root = tmp_path / "root"
+    rows = []
+    names = ("PNEUMONIA^TRAIN", "LABELS^CSV", "SPLIT^TRAIN", "NORMAL^TEST")
+    for i in range(8):
+        rel = f"{CLASSES[i % 2]}/{SPLITS[i % 3]}/img_{i:03d}.dcm"
+        _radiograph(root / rel, seed=i, PatientName=names[i % 4], ProtocolName="Routine Chest",
+                    InstitutionalDepartmentName="Emergency Radiology")
+        rows.append({"path": rel, "label": CLASSES[i % 2], "protocol": "Routine Chest",
+                     "department": "Emergency Radiology"})
+    result = _build(tmp_path, root, rows, subgroup_columns=["protocol", "department"])
+    assert result.rows == 8
+
+
+def test_short_values_inside_site_codes_and_hashes_are_chance_not_a_leak():
+    from medtl.data.needles import scan_for_phi
+
+    assert scan_for_phi({"manifest": "SITE-a48213,SCN-3ada2f,R-0e48213f9c1d2b7a"}, ["48213", "ADA^ZOFIA"]) == []
+    assert scan_for_phi({"manifest": "patient 48213 of site a"}, ["48213"]) != []
 
 
 MORE_IDENTIFYING_PATHS = (
@@ -312,8 +362,8 @@ def test_a_labelled_copy_of_an_unlabelled_file_is_served_by_the_file_it_copies(t
     assert result.rows == 6
     # archive/ sorts first, so its file is the one kept; the row naming the copy says so.
     assert sidecar["label_rows_not_used"] == [{"row": 2, "path": "dx/img_000.dcm",
-                                              "reason": "its file is a copy of the image of labels CSV row 8, "
-                                                        "which is used"}]
+                                              "reason": "its file is a copy of the image that labels CSV row 8 "
+                                                        "names; keep one of the two rows"}]
 
 
 # --- 3. patient leakage -------------------------------------------------------------------------

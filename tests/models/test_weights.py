@@ -198,34 +198,34 @@ def test_a_missing_or_folder_weights_path_is_a_weights_error_not_a_traceback(tmp
         create_model("classification", "resnet18", weights=tmp_path / "folder.pth")
 
 
-def test_check_model_applies_the_load_rules_without_real_tensors(tmp_path):
-    from medtl.models.factory import check_model
+def test_a_meta_build_applies_the_load_rules_without_real_tensors(tmp_path):
+    from medtl.models.factory import create_model
 
     torch.save(_timm_state("resnet18"), tmp_path / "resnet18.pth")
-    bundle = check_model("classification", "resnet18", weights=tmp_path / "resnet18.pth")
+    bundle = create_model("classification", "resnet18", weights=tmp_path / "resnet18.pth", meta=True)
     assert all(p.is_meta for p in bundle.model.parameters())  # shapes only: no memory, no values
     assert bundle.load_report.matched_fraction == 1.0 and len(bundle.weights.sha256) == 64
     torch.save(_timm_state("resnet50"), tmp_path / "resnet50.pth")
     with pytest.raises(WeightsError, match="shape"):
-        check_model("classification", "resnet18", weights=tmp_path / "resnet50.pth")
+        create_model("classification", "resnet18", weights=tmp_path / "resnet50.pth", meta=True)
     with pytest.raises(WeightsError, match="must be a torch checkpoint"):
-        check_model("classification", "resnet18", weights=tmp_path / "bad" / _unreadable_files(tmp_path / "bad")[1])
+        create_model("classification", "resnet18", weights=tmp_path / "bad" / _unreadable_files(tmp_path / "bad")[1], meta=True)
 
 
-def test_check_model_finds_offline_imagenet_weights_missing(offline):
-    from medtl.models.factory import check_model
+def test_a_meta_build_finds_offline_imagenet_weights_missing(offline):
+    from medtl.models.factory import create_model
 
     with pytest.raises(WeightsError, match=r"resnet18\.safetensors .* MEDTL_WEIGHTS_DIR"):
-        check_model("classification", "resnet18", weights="imagenet")
+        create_model("classification", "resnet18", weights="imagenet", meta=True)
 
 
 def test_check_input_size_refuses_a_size_the_encoder_pools_away_and_names_one_that_works():
-    from medtl.models.factory import check_input_size, check_model
+    from medtl.models.factory import check_input_size, create_model
 
-    bundle = check_model("classification", "densenet121", weights="none")
+    bundle = create_model("classification", "densenet121", weights="none", meta=True)
     with pytest.raises(ConfigError, match=r"input size must be large enough for encoder 'densenet121'.*not \[16, 16\]; "
                                           r"use e.g. \[32, 32\]"):
         check_input_size(bundle, (16, 16))
     check_input_size(bundle, (64, 64))
-    check_input_size(check_model("segmentation", "efficientnet_lite0", spatial_dims=3, num_classes=3,
-                                 weights="none"), (32, 32, 16))
+    check_input_size(create_model("segmentation", "efficientnet_lite0", spatial_dims=3, num_classes=3,
+                                  weights="none", meta=True), (32, 32, 16))
