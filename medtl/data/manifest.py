@@ -170,28 +170,39 @@ def read_labels(labels_csv: Path, subgroup_columns: Sequence[str] = ()) -> list[
         path, mask = _clean_rel(cell["path"]), _clean_rel(cell.get("mask", ""))
         label = _canonical_label(cell.get("label", ""))
         if path is None or mask is None:
-            problems.append(f"row {number}: path and mask must be relative to the data root, not absolute or "
-                            f"leaving it (..)")
+            problems.append((number, "path and mask must be relative to the data root, not absolute or leaving it (..)"))
         elif not path:
-            problems.append(f"row {number}: path must not be empty")
+            problems.append((number, "path must not be empty"))
         elif path in seen:
-            problems.append(f"row {number}: path must appear once, not again after row {seen[path]}")
+            problems.append((number, f"path must appear once, not again after row {seen[path]}"))
         try:
             split = normalise_split(cell.get("split", ""))
         except ValueError:
-            problems.append(f"row {number}: split must be train, val, test or empty")
+            problems.append((number, "split must be train, val, test or empty"))
             split = ""
         if cell.get("age") and not _is_age(cell["age"]):
-            problems.append(f"row {number}: age must be a number of years (0-150) or empty")
+            problems.append((number, "age must be a number of years (0-150) or empty"))
         if path:
             seen.setdefault(path, number)
         rows.append(LabelRow(
             number, path or "", label, mask or "", cell.get("patient_id", ""), split, cell.get("sex", ""),
             cell.get("age", ""), cell.get("site", ""), cell.get("scanner", ""), tuple(cell[c] for c in extras)))
     if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise InputError(f"{name} {'; '.join(problems[:5])}{more}; fix these rows and rebuild")
+        raise InputError(f"{name} {_row_problems(problems)}; fix these rows and rebuild")
     return rows
+
+
+def _row_problems(problems: list[tuple[int, str]]) -> str:
+    """Problems grouped by kind: "rows 2, 3, 4 and 7 more: path and mask must be relative ..."."""
+    by_text: dict[str, list[int]] = {}
+    for number, text in problems:
+        by_text.setdefault(text, []).append(number)
+    parts = []
+    for text, numbers in list(by_text.items())[:5]:
+        shown = ", ".join(str(n) for n in numbers[:5]) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+        parts.append(f"row{'s' if len(numbers) > 1 else ''} {shown}: {text}")
+    more = f" (and {len(by_text) - 5} more kinds of problem)" if len(by_text) > 5 else ""
+    return "; ".join(parts) + more
 
 
 def extra_subgroups(subgroup_columns: Sequence[str]) -> list[str]:
@@ -323,10 +334,10 @@ def build_manifest(
         record["path"] = namer(record["path"])
         record["mask"] = namer(record["mask"]) if record["mask"] else ""
     groups = split_groups(records)
-    table = _table(records, extras, seed, fractions, groups)
+    table, split_notes = _table(records, extras, seed, fractions, groups)
     check_leakage(table)
-    sidecar, messages = _sidecar(key, disk, labels, labels_csv, rows, fate, [*notes, *groups.warnings], table, extras,
-                                 namer, seed, fractions, k_min, progress)
+    sidecar, messages = _sidecar(key, disk, labels, labels_csv, rows, fate, [*notes, *groups.warnings, *split_notes],
+                                 table, extras, namer, seed, fractions, k_min, progress)
     sidecar["leakage"] = groups.counts
     # The label values the masks hold, so a segmentation run can check model.num_classes up front.
     sidecar["mask_labels"] = sorted({v for r in records if r.get("_mask_labels") for v in r["_mask_labels"]})
@@ -540,11 +551,37 @@ def _table(records: list[dict], extras: list[str], seed: int, fractions, groups:
     # A given split holds for the whole split group: a row without one joins its group's split.
     given_by_group = {g: r["_split"] for g, r in zip(groups.group, records, strict=True) if r["_split"]}
     given = [given_by_group.get(g, "") for g in groups.group]
-    table["split"] = assign_splits(
-        groups.group, [str(v) for v in table["label"]], seed=seed, fractions=fractions,
-        given=given if any(given) else None,
-    )
-    return table
+    labels = [str(v) for v in table["label"]]
+    notes = []
+    if any(given) and all(given) and "val" not in given and fractions[1] > 0:
+        given, notes = _val_from_train(groups.group, labels, given, seed, fractions)
+    table["split"] = assign_splits(groups.group, labels, seed=seed, fractions=fractions,
+                                   given=given if any(given) else None)
+    return table, notes
+
+
+def _val_from_train(groups: list[str], labels: list[str], given: list[str], seed: int, fractions):
+    """Given splits of train and test only (an official split): set val patients aside from train.
+
+    The usual public export names train and test only, and a run needs a validation split to pick
+    its best epoch and threshold. Train's split groups are divided in the proportion of the train
+    and val fractions, stratified by label, with the same deterministic allocation as the splits;
+    test is never touched.
+    """
+    train, val = fractions[0], fractions[1]
+    rows = [i for i, split in enumerate(given) if split == "train"]
+    if not rows:
+        return given, []
+    chosen = assign_splits([groups[i] for i in rows], [labels[i] for i in rows], seed=seed,
+                           fractions=(train / (train + val), val / (train + val), 0.0))
+    given = list(given)
+    for i, split in zip(rows, chosen, strict=True):
+        given[i] = split
+    moved = len({groups[i] for i, split in zip(rows, chosen, strict=True) if split == "val"})
+    note = (f"the split column names no val rows: {moved} of the {len({groups[i] for i in rows})} given train patients "
+            f"(split groups) were set aside as val ({val / (train + val):.0%}, by the val and train fractions); the "
+            f"given test rows are unchanged; give some rows the split val to choose them yourself")
+    return given, [note]
 
 
 def _class_names(labels: list[LabelRow]) -> tuple[str, ...]:

@@ -36,7 +36,7 @@ from medtl.data.manifest import MANIFEST_COLUMNS, build_manifest
 from medtl.data.privacy import load_key
 from medtl.data.splits import SPLITS
 from medtl.errors import ConfigError, InputError, LeakageError
-from tests.test_vocabulary import output_vocabulary
+from tests.words import output_vocabulary
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("normal", "pneumonia")
@@ -508,6 +508,35 @@ def test_a_nifti_with_nan_voxels_never_enters_the_manifest(tmp_path):
     assert result.rows == 3
     reasons = {e["file"]: e["reason"] for e in sidecar["files_not_used"]}
     assert "NaN" in reasons["case_000.nii.gz"]
+
+
+def test_an_official_split_of_train_and_test_gets_val_patients_from_train(tmp_path, caplog):
+    root = tmp_path / "root"
+    rows = []
+    for i in range(40):
+        split = "test" if i < 10 else "train"
+        rel = f"{split}/{CLASSES[i % 2]}/img_{i:05d}.png"
+        _png(root / rel, seed=i)
+        rows.append({"path": rel, "label": CLASSES[i % 2], "split": split})
+    with caplog.at_level(logging.WARNING, logger="medtl"):
+        result = _build(tmp_path, root, rows)
+    table = pd.read_csv(result.manifest_csv, dtype=str)
+    given = {r["path"]: r["split"] for r in rows}
+    assert all(given[p] == "test" for p in table.loc[table["split"] == "test", "path"])
+    assert (table["split"] == "test").sum() == 10
+    val = table.loc[table["split"] == "val"]
+    assert 4 <= len(val) <= 7 and set(val["label"]) == set(CLASSES)  # ~15/85 of the 30 train patients, stratified
+    assert "the split column names no val rows" in caplog.text
+
+
+def test_many_rows_with_the_same_problem_are_named_once(tmp_path):
+    rows = [{"path": f"/abs/DOE_JANE_{i}.png", "label": "normal"} for i in range(9)]
+    (tmp_path / "root").mkdir()
+    with pytest.raises(InputError) as caught:
+        _build(tmp_path, tmp_path / "root", rows)
+    message = str(caught.value)
+    assert message.count("must be relative") == 1 and "rows 2, 3, 4, 5, 6 and 4 more" in message
+    assert "doe" not in message.casefold()
 
 
 # --- 7. the project key -------------------------------------------------------------------------
