@@ -398,7 +398,8 @@ def prepare_old_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = 
         cfg, data=dataclasses.replace(cfg.data, manifest=c.old_manifest, root=c.old_root or cfg.data.root),
         adaptation=AdaptationConfig(),
     )
-    return prepare_data(old_cfg, output_dir, progress=progress)
+    # The run's preflight checked continual.old_manifest and continual.old_root with the rest.
+    return prepare_data(old_cfg, output_dir, progress=progress, checked=True)
 
 
 def check_old_test_unseen(data: PreparedData, old: PreparedData) -> None:

@@ -110,6 +110,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if isinstance(out.metrics.get(part), dict):
             values = ", ".join(f"{k} {v:.3f}" for k, v in out.metrics[part].items() if isinstance(v, float))
             print(f"run {out.run_id}: {part} {values}")
+    if out.metrics.get("positive_class") is not None:
+        print(f"positive class: {out.metrics['positive_class']} (sensitivity, FNR and the audit's subgroup gaps "
+              f"refer to it; set audit.positive_class to choose another)")
     registered = f"registered {out.model_name} v{out.model_version}" if out.model_version else "not registered"
     print(_audit_summary(out.audit_status, out.audit_passed, out.output_dir / "audit.json", registered))
     print(f"outputs in {out.output_dir} (metrics.json, predictions.csv, audit.json, report.html)")
@@ -130,7 +133,7 @@ def _audit_summary(status: str | None, passed: bool | None, audit_json: Path, re
     if status == "failed":
         return f"audit FAILED: subgroup gaps beyond tolerance, see report.html; {registered}{left_out}"
     unpromotable = ", which cannot be promoted" if registered.startswith("registered") else ""
-    lines = [f"audit INCONCLUSIVE: no subgroup gap could be measured, so nothing was checked; {registered}"
+    lines = [f"audit INCONCLUSIVE: no subgroup gap could be decided, so nothing was checked; {registered}"
              f"{unpromotable} (audit.json: unevaluated_attributes)"]
     by_remedy: dict[str, list[dict]] = {}
     for entry in (u for u in unevaluated if isinstance(u, dict)):
@@ -329,7 +332,9 @@ def _setup_logging(debug: bool) -> None:
         os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     handler = logging.StreamHandler()
     handler.setFormatter(ConsoleFormatter(debug))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    # force: a root logger that already has handlers (an embedding program, a notebook, a second
+    # main() call) would otherwise keep them, and their tracebacks, and never get ours.
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
 
 
 def _failed_step(args: argparse.Namespace) -> str:
@@ -363,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medtl: error: {err}", file=sys.stderr)
         return ERROR_EXIT
     except KeyboardInterrupt:
-        print(f"medtl: interrupted while {_failed_step(args)}", file=sys.stderr)
+        resume = ("; the checkpoints of finished epochs are kept: run the same command with --resume to continue"
+                  if args.command == "run" else "")
+        print(f"medtl: interrupted while {_failed_step(args)}{resume}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the one place any other error becomes a path-free line
         if args.debug:

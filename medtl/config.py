@@ -231,8 +231,16 @@ LIST_KEYS: dict[str, ListKey] = {
 def _shape_error(key: str, kind: str, value: Any) -> ConfigError:
     spec = LIST_KEYS.get(key, ListKey("[...]"))
     empty = f" ([] or null: {spec.empty})" if spec.empty else ""
-    found = "null" if value is None else type(value).__name__
+    found = "null" if value is None else repr(value) if isinstance(value, str) else type(value).__name__
     return ConfigError(f"config key '{key}' must be a {kind}, not {found}; e.g. {spec.example}{empty}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -245,11 +253,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         inner = get_args(annotation)[1]
         return {str(k): _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
+        inner = get_args(annotation)[0]
         if isinstance(value, str):
+            text = value
             value = [v.strip() for v in value.split(",") if v.strip()]
+            if inner in (int, float) and not all(_is_number(v) for v in value):
+                # `--set data.spacing=none` (or `off`, `keep`): a word where numbers belong is a
+                # list written wrong, not a bad number; say how lists and empty ones are written.
+                raise _shape_error(key, "list", text)
         if not isinstance(value, list | tuple):
             raise _shape_error(key, "list", value)
-        inner = get_args(annotation)[0]
         return tuple(_coerce(v, inner, key) for v in value)
     if annotation is bool:
         if isinstance(value, bool):
@@ -289,10 +302,26 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             kwargs[key] = _build(annotation, value, dotted + ".")
         else:
             kwargs[key] = _coerce(value, annotation, dotted)
-        if dotted in _CHOICES and kwargs[key] not in _CHOICES[dotted]:
-            allowed = ", ".join(str(c) for c in _CHOICES[dotted])
-            raise ConfigError(f"config key '{dotted}' must be one of {allowed}, not {kwargs[key]!r}")
+        if dotted in _CHOICES:
+            kwargs[key] = _choice(dotted, kwargs[key])
     return cls(**kwargs)
+
+
+def _choice(key: str, value: Any) -> Any:
+    """The choice `value` names, case-insensitively (`data.intensity: MR` is `mr`).
+
+    Raises:
+        ConfigError: naming the key and its choices when `value` is none of them.
+    """
+    choices = _CHOICES[key]
+    if isinstance(value, str):
+        match = next((c for c in choices if isinstance(c, str) and c.casefold() == value.strip().casefold()), None)
+        if match is not None:
+            return match
+    elif value in choices:
+        return value
+    allowed = ", ".join(str(c) for c in choices)
+    raise ConfigError(f"config key '{key}' must be one of {allowed}, not {value!r}")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

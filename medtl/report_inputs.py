@@ -23,6 +23,7 @@ from medtl.evaluation.report_types import (
     Results,
 )
 from medtl.evaluation.suppression import nesting_relations, protect
+from medtl.workflow import positive_class
 
 INTENDED_USE = {
     "classification": (
@@ -142,6 +143,7 @@ def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, au
     bundle = trained.bundle
     load_report = dataclasses.asdict(bundle.load_report) if bundle.load_report is not None else {}
     results_metrics = evaluation["test"]
+    curves = _named_curves(evaluation.get("curves"), data.classes)
     dice_per_case = None
     n_cases = int((data.manifest["split"] == "test").sum())
     if cfg.task == "segmentation" and "cases" in evaluation:
@@ -183,17 +185,31 @@ def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, au
             threshold_target=cfg.evaluation.threshold_target if cfg.evaluation.threshold_rule != "youden" else None,
             tolerances=dict(audit.get("tolerance") or {}) if isinstance(audit.get("tolerance"), dict) else {},
             min_group_size=cfg.audit.min_group_size,
+            positive_class=positive_class(cfg, data),
         ),
         results=Results(
             metrics=results_metrics,
             n_cases=n_cases,
             n_patients=int(data.manifest.loc[data.manifest["split"] == "test", "patient"].nunique()),
-            curves=evaluation.get("curves"),
+            curves=curves,
             dice_per_case=dice_per_case,
             test_sets=_test_sets(test_sets or {}),
         ),
         audit=audit,
     )
+
+
+def _named_curves(curves: Mapping | None, classes: list[str]) -> dict | None:
+    """The curves with the class names: for two classes, `classes` [negative, positive] and the
+    confusion matrix labelled by name."""
+    if curves is None:
+        return None
+    named = dict(curves)
+    if len(classes) == 2 and "per_class" not in named:
+        named["classes"] = list(classes)
+        if isinstance(named.get("confusion_matrix"), Mapping):
+            named["confusion_matrix"] = {**named["confusion_matrix"], "labels": list(classes)}
+    return named
 
 
 def _test_sets(evaluations: Mapping[str, Mapping]) -> dict[str, dict]:

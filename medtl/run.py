@@ -12,18 +12,23 @@ the few-shot study, recorded as its own run.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import json
 import logging
 import re
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import RunStatus
 
 from medtl import __version__
 from medtl.adaptation import (
@@ -54,11 +59,13 @@ from medtl.run_evaluation import (
 )
 from medtl.tracking import phi_guard, registry, run_records, store
 from medtl.tracking.torch_model import log_torch_model
+from medtl.tracking.values import flatten, safe_key, safe_text
 from medtl.workflow import (
     PreparedData,
     TrainedModel,
     config_dict,
     patient_ids,
+    positive_class,
     predictions_table,
     preflight,
     prepare_data,
@@ -84,8 +91,47 @@ _STEP: contextvars.ContextVar[str | None] = contextvars.ContextVar("medtl_step",
 
 
 def set_step(name: str | None) -> None:
-    """Name the step now running (e.g. "training"); None when no run step is running."""
+    """Name the step now running (e.g. "training"); None when no run step is running.
+
+    A run step begins only if no Ctrl-C is pending (see `_interrupts_kept`).
+    """
+    if name is not None:
+        _stop_if_interrupted()
     _STEP.set(name)
+
+
+# Set by the SIGINT handler of a running workflow: Python raises KeyboardInterrupt wherever the
+# main thread happens to be, and where that is a library's garbage-collection callback (SQLAlchemy,
+# under MLflow) the exception is printed and ignored, so the run would go on to the end. The flag
+# keeps the request: the next epoch end or step raises it again.
+_INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def _interrupts_kept() -> Iterator[None]:
+    """Within a run, Ctrl-C raises KeyboardInterrupt and is also kept until the run stops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupted(signum, frame):  # noqa: ARG001 - the signal module's handler signature
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    _INTERRUPTED.clear()
+    try:
+        yield
+    finally:
+        # None: the previous handler was not set from Python; Python's own is the closest match.
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        _INTERRUPTED.clear()
+
+
+def _stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt when a Ctrl-C of this run was swallowed where it landed."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 def current_step() -> str | None:
@@ -182,9 +228,17 @@ def run_workflow(
     Raises:
         PHILeakError: when the scan of the MLflow run finds an identifying value or a data path:
             before training (nothing trained; the message names the field and how to fix it), or
-            after it (results kept on disk; the message says how to re-record them with --resume).
+            after it (results kept on disk; the message says how to record them again).
+        KeyboardInterrupt: on Ctrl-C (SIGINT); the MLflow run, if open, ends KILLED.
     """
-    output_dir = Path(output_dir)
+    with _interrupts_kept():
+        return _run_steps(cfg, Path(output_dir), resume=resume, progress=progress,
+                          extra_forbidden=extra_forbidden, synthetic=synthetic, source=source)
+
+
+def _run_steps(cfg: WorkflowConfig, output_dir: Path, *, resume: bool, progress: bool,
+               extra_forbidden: dict[str, str] | None, synthetic: bool, source: str) -> RunOutputs:
+    """The steps of `run_workflow`, in order."""
     output_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -196,6 +250,7 @@ def run_workflow(
     dist_info = init_distributed()
     main_rank = dist_info.rank == 0
     if main_rank:
+        _say_what_happens_to_the_output_folder(output_dir, resume=resume)
         data = prepare_data(cfg, output_dir, progress=progress, checked=True)
     barrier(dist_info)
     if not main_rank:
@@ -224,16 +279,22 @@ def run_workflow(
         run_tags["medtl.continual_from"] = registered.reference
     forbidden = {**data.forbidden, **(extra_forbidden or {})}
     roots = [data.root.resolve()] + ([old.root.resolve()] if old is not None else [])
+    params = config_dict(cfg)
+    # The names, params and tags are checked before MLflow stores any of them: a refused value
+    # must not sit in mlflow.db (a deleted run keeps its params until `mlflow gc`).
+    _scan_before_logging(cfg, params, run_tags, forbidden, roots, run_name=cfg.name,
+                         model_name=name if cfg.tracking.register else None)
     set_step("recording in MLflow")
-    with store.start_run(cfg.tracking.experiment, run_name=cfg.name, tags=run_tags) as run:
+    with store.start_run(cfg.tracking.experiment, run_name=cfg.name, tags=run_tags) as run, \
+            _killed_on_interrupt():
         run_id = run.info.run_id
-        run_records.log_config(config_dict(cfg))
+        run_records.log_config(params)
         environment = run_records.log_environment()
         run_records.log_manifest(data.manifest, data.manifest_sha256)
         run_records.log_config({"rows_left_out": {r.replace(" ", "_"): n for r, n in data.dropped.items()},
                                 "rows_kept_without_modality": data.kept_without_modality}, "data")
-        # Names, params, tags and the dataset input are all in the run now: a finding there must
-        # stop the run before hours of training, not after.
+        # What MLflow added by itself is in the run now too: read everything back before hours of
+        # training, not after.
         _scan_before_training(run_id, forbidden, roots)
         set_step("training")
         logged_epochs: set[int] = set()
@@ -278,6 +339,7 @@ def run_workflow(
             "run_id": run_id,
             "audit_passed": passed,
             "audit_status": status,
+            "positive_class": positive_class(cfg, data),
         }
         for key, ev in extra.items():
             metrics[key] = {k: v["value"] for k, v in ev["test"].items()}
@@ -348,6 +410,7 @@ def run_workflow(
 def _log_epoch(epoch: int, record: dict, logged: set[int]) -> None:
     run_records.log_epoch_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch)
     logged.add(int(epoch))
+    _stop_if_interrupted()  # after the epoch's checkpoint: a resume continues with the next epoch
 
 
 def _log_earlier_epochs(history: Sequence[dict], logged: set[int]) -> None:
@@ -418,6 +481,65 @@ def _code_version(environment: dict[str, str]) -> str:
     return f"medtl {__version__}, git {commit[:12]}{dirty}"
 
 
+def _scan_before_logging(cfg: WorkflowConfig, params: dict, tags: dict[str, str], forbidden: dict[str, str],
+                         roots: list[Path], *, run_name: str, model_name: str | None) -> None:
+    """Check the experiment, run and model names, the tags and the params before MLflow stores any.
+
+    The params are checked as `run_records.log_config` will log them (flattened, paths removed).
+
+    Raises:
+        PHILeakError: naming each field (never its value) and how to fix it; nothing was recorded.
+    """
+    groups: list[tuple[str, dict]] = [
+        ("experiment", {"name": cfg.tracking.experiment}),
+        ("run", {"name": run_name}),
+        ("run tag", tags),
+        ("run param", {safe_key(k): safe_text(v) for k, v in flatten(params).items()}),
+    ]
+    if model_name is not None:
+        groups.append(("registered model", {"name": model_name}))
+    findings = [finding for where, fields in groups
+                for finding in phi_guard.scan_fields(fields, forbidden.keys(), roots, where=where)]
+    if findings:
+        raise PHILeakError(
+            f"the names, tags and params of the MLflow run must hold no identifying value or data path, not "
+            f"{len(findings)} finding(s): "
+            + "; ".join(findings[:5]) + ". Nothing was recorded in MLflow and nothing was trained. "
+            + _fixes(findings) + "; then run again"
+        )
+
+
+@contextlib.contextmanager
+def _killed_on_interrupt() -> Iterator[None]:
+    """End the active MLflow run as KILLED, not FAILED, when the user interrupts it (Ctrl-C)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+
+
+# Files a finished run leaves in its output folder.
+_FINISHED_OUTPUTS = ("metrics.json", "predictions.csv", "audit.json", "report.html")
+
+
+def _say_what_happens_to_the_output_folder(output_dir: Path, *, resume: bool) -> None:
+    """Warn before a run replaces an earlier run's outputs, or resumes from a checkpoint that is not there."""
+    checkpoint = output_dir / "checkpoints" / "last.pt"
+    if resume:
+        if not checkpoint.is_file():
+            logger.warning("--resume: no checkpoint in %s/checkpoints: training starts from the first epoch",
+                           output_dir.name)
+        return
+    finished = [name for name in _FINISHED_OUTPUTS if (output_dir / name).is_file()]
+    if finished:
+        logger.warning("output folder %s already holds a finished run's outputs (%s): this run replaces them and "
+                       "its checkpoints; use another --output to keep them", output_dir.name, ", ".join(finished))
+    elif checkpoint.is_file():
+        logger.warning("output folder %s holds the checkpoints of an unfinished run: this run starts over and "
+                       "replaces them; add --resume to continue that run instead", output_dir.name)
+
+
 def _scan_before_training(run_id: str, forbidden: dict[str, str], roots: list[Path]) -> None:
     """Scan what the run holds before training (names, params, tags, dataset input); stop on a finding."""
     findings = phi_guard.scan_run(run_id, forbidden.keys(), roots)
@@ -444,6 +566,12 @@ def _scan_or_raise(run_id: str, forbidden: dict[str, str], roots: list[Path], *,
 
 def _raise_findings(findings: list[str], run_id: str, *, name: str, version: str,
                     output_dir: Path | None = None) -> None:
+    """Stop a run whose MLflow record or report holds a finding, saying how to fix and record it again.
+
+    `--resume` re-records a run without training only while its manifest is unchanged (checkpoints
+    are tied to the manifest's SHA-256): it is offered when the fix is a name (a config key, a file
+    or folder name, the user or a path), never when the fix is in the labels CSV.
+    """
     if not findings:
         return
     if version:
@@ -453,11 +581,16 @@ def _raise_findings(findings: list[str], run_id: str, *, name: str, version: str
                + (f"; version {version} of {name} was marked failed" if version else "") + ". ")
     if output_dir is None:  # a study's run: nothing to resume
         raise PHILeakError(message + _fixes(findings) + "; then run again")
+    if any(_fix(finding)[1] for finding in findings):
+        again = ("; then run again (training starts over: a changed labels CSV changes the manifest, whose "
+                 "checkpoints --resume would refuse): `medtl run <workflow> --output <the same output folder>`")
+    else:
+        again = ("; then re-record the run without training again: `medtl run <workflow> --resume --output <the "
+                 "same output folder>`")
     raise PHILeakError(
         message + f"The results on disk are kept (metrics.json, predictions.csv, audit.json and checkpoints/ in "
-        f"output folder '{output_dir.name}'); no report was kept. " + _fixes(findings)
-        + f"; then re-record the run without training again: `medtl run <workflow> --resume --output <the same "
-        f"output folder>`. Delete run {run_id}, which holds the value: `mlflow runs delete --run-id {run_id}`"
+        f"output folder '{output_dir.name}'); no report was kept. " + _fixes(findings) + again
+        + f". Delete run {run_id}, which holds the value: `mlflow runs delete --run-id {run_id}`"
     )
 
 
@@ -474,34 +607,34 @@ def _is_path_finding(finding: str) -> bool:
 
 def _fixes(findings: Sequence[str]) -> str:
     """One "how to fix" per kind of finding, naming the config key or field, never the value."""
-    fixes: list[str] = []
-    for finding in findings:
-        # Findings read "<where> '<key>': <kind>" or "<where> #<n> (...): <kind>" (phi_guard).
-        head = finding.split(": ", 1)[0]
-        where = re.split(r" '| #| \(", head, maxsplit=1)[0]
-        key = head.split("'")[1] if head.count("'") >= 2 else ""
-        if where == "run param" and key in _FILE_KEYS:
-            fix = f"rename the file or folder that {key} points to (its name is recorded as param {key!r})"
-        elif where == "run param" and key:
-            fix = f"change config key {key!r}"
-        elif where == "experiment":
-            fix = "set tracking.experiment to a neutral name"
-        elif where in ("run", "run tag") and key in ("name", "medtl.workflow"):
-            fix = "set the workflow's name to a neutral one"
-        elif where.startswith("run dataset input"):
-            fix = "rename the manifest file (data.manifest / data.manifest_out)"
-        elif where.startswith(("registered model", "model version")):
-            fix = "set tracking.registered_model to a neutral name"
-        elif ("artifact" in where or where == "file") and _is_path_finding(finding):
-            fix = "a local path reached a file medtl wrote: report a medtl bug"
-        elif "artifact" in where or where == "file":
-            fix = ("remove identifying text from the labels CSV (class names, extra subgroup values); if there is "
-                   "none, report a medtl bug")
-        else:
-            fix = "remove the identifying value from that field; if medtl wrote it, report a medtl bug"
-        if fix not in fixes:
-            fixes.append(fix)
+    fixes = list(dict.fromkeys(_fix(finding)[0] for finding in findings))
     return "To fix: " + "; ".join(fixes)
+
+
+def _fix(finding: str) -> tuple[str, bool]:
+    """How to fix one finding, and whether that fix changes the labels CSV (hence the manifest)."""
+    # Findings read "<where> '<key>': <kind>" or "<where> #<n> (...): <kind>" (phi_guard).
+    head = finding.split(": ", 1)[0]
+    where = re.split(r" '| #| \(", head, maxsplit=1)[0]
+    key = head.split("'")[1] if head.count("'") >= 2 else ""
+    if where == "run param" and key in _FILE_KEYS:
+        return f"rename the file or folder that {key} points to (its name is recorded as param {key!r})", False
+    if where == "run param" and key:
+        return f"change config key {key!r}", False
+    if where == "experiment":
+        return "set tracking.experiment to a neutral name", False
+    if where in ("run", "run tag") and key in ("name", "medtl.workflow"):
+        return "set the workflow's name to a neutral one", False
+    if where.startswith("run dataset input"):
+        return "rename the manifest file (data.manifest / data.manifest_out)", False
+    if where.startswith(("registered model", "model version")):
+        return "set tracking.registered_model to a neutral name", False
+    if ("artifact" in where or where == "file") and _is_path_finding(finding):
+        return "a local path reached a file medtl wrote: report a medtl bug", False
+    if "artifact" in where or where == "file":
+        return ("remove identifying text from the labels CSV (class names, extra subgroup values); if there is "
+                "none, report a medtl bug"), True
+    return "remove the identifying value from that field; if medtl wrote it, report a medtl bug", False
 
 
 def run_few_shot(
@@ -547,8 +680,13 @@ def run_few_shot(
     data = prepare_data(cfg, output_dir, progress=progress)
     store.tracking_uri()
     tags = {"medtl.workflow": cfg.name, "medtl.study": "few-shot"}
-    with store.start_run(cfg.tracking.experiment, run_name=f"{cfg.name}-few-shot", tags=tags) as run:
-        run_records.log_config(config_dict(cfg))
+    forbidden = {**data.forbidden, **(extra_forbidden or {})}
+    params = config_dict(cfg)
+    _scan_before_logging(cfg, params, tags, forbidden, [data.root.resolve()], run_name=f"{cfg.name}-few-shot",
+                         model_name=None)
+    with store.start_run(cfg.tracking.experiment, run_name=f"{cfg.name}-few-shot", tags=tags) as run, \
+            _killed_on_interrupt():
+        run_records.log_config(params)
         run_records.log_environment()
         run_records.log_manifest(data.manifest, data.manifest_sha256)
         result, bundle = few_shot_study(cfg, data, progress=progress)
@@ -560,7 +698,6 @@ def run_few_shot(
         path = output_dir / "few_shot.json"
         path.write_text(json.dumps(_json_safe(result), indent=2, sort_keys=True))
         run_records.log_artifact(path)
-    forbidden = {**data.forbidden, **(extra_forbidden or {})}
     _scan_or_raise(result["run_id"], forbidden, [data.root.resolve()], name="", version="")
     publish_manifest(data, cfg)  # only after the study succeeded
     return _json_safe(result)

@@ -257,7 +257,8 @@ def audit_reference(cfg: WorkflowConfig, data: PreparedData, *, name: str,
         if found is None:
             return AuditReference(kind, note=(
                 f"bias amplification: not computed, model '{name}' has no champion version with an audit.json yet "
-                "(promote one with `medtl registry promote`, or set audit.reference: scratch)"))
+                "(a version becomes champion with `medtl registry promote` once its audit passed; or set "
+                "audit.reference: scratch)"))
         version, document = found
         return AuditReference(kind, label=f"champion (version {version})", audit=document)
     if scratch is None:

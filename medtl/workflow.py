@@ -10,11 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,9 @@ from torch.utils.data import Dataset
 from medtl.config import WorkflowConfig, to_dict
 from medtl.data.dataset import Preprocessing, class_names, label_counts, make_dataset, manifest_items
 from medtl.data.manifest import build_manifest, file_sha256
-from medtl.data.splits import check_leakage
+from medtl.data.needles import looks_identifying
+from medtl.data.output_guard import replace_atomically
+from medtl.data.splits import SPLITS, check_leakage, normalise_split
 from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
 from medtl.engine.inference import predict
 from medtl.engine.loop import fit
@@ -36,12 +36,18 @@ from medtl.models.factory import WEIGHT_CHOICES, ModelBundle, check_input_size, 
 from medtl.models.multitask import MultiTaskModel, split_outputs
 from medtl.models.registry import get_encoder_spec
 from medtl.models.strategies import TransferPlan, make_transfer_plan, stage_group_name
+from medtl.vocabulary import MEDTL_WORDS
 
 logger = logging.getLogger(__name__)
 
 SUBGROUP_COLUMNS = ("sex", "age_band", "site", "scanner")
 # Manifest modality of studies that carry none (NIfTI, PNG/JPEG/TIFF exports); "" for older manifests.
 NO_MODALITY = ("", "UNKNOWN")
+# Class names that say "nothing found": of two classes, the other one is the positive class
+# (compared case-insensitively, separators ignored: "No_Finding" is "no finding").
+NEGATIVE_CLASS_NAMES = ("normal", "negative", "healthy", "benign", "no finding", "none", "control", "absent")
+# What `config_dict` logs instead of a file or folder name that may identify someone.
+WITHHELD_NAME = "(name withheld: not generic)"
 
 
 @dataclass
@@ -213,6 +219,8 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
     sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
     manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
     check_leakage(manifest, source=manifest_path.name)
+    check_mask_labels(cfg, sidecar, source=manifest_path.name)
+    whole = manifest  # every split of the manifest, before the task keeps its rows
     manifest, dropped, kept_without_modality = _task_studies(cfg, manifest, source=manifest_path.name)
     # Domain adaptation learns from the target domain's training studies without their labels
     # (masks), so those rows stay even when unlabelled; everywhere else a row needs its target.
@@ -223,20 +231,17 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
     dropped[reason] = int((~keep).sum())
     manifest = manifest[keep].reset_index(drop=True)
     left_out = ", ".join(f"{n} ({reason})" for reason, n in dropped.items() if n)
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         if not (manifest["split"] == split).any():
-            raise InputError(
-                f"manifest {manifest_path.name} must have '{split}' rows for task {cfg.task} "
-                f"(modalities {list(cfg.data.modalities) or 'all'}, {cfg.model.spatial_dims}D studies), not none"
-                f"{'; rows left out: ' + left_out if left_out else ''}; add studies, adjust data.modalities, "
-                f"model.spatial_dims or data.fractions"
-            )
+            raise InputError(_empty_split_message(cfg, split, whole, dropped, source=manifest_path.name))
     classes = class_names(manifest["label"]) if cfg.task == "classification" else []
     if cfg.task == "classification" and len(classes) != cfg.model.num_classes:
         raise ConfigError(
             f"config key 'model.num_classes' must match the manifest's {len(classes)} classes {classes}, "
             f"not {cfg.model.num_classes}"
         )
+    classes = binary_class_order(classes, cfg.audit.positive_class)
+    _warn_ct_intensity(cfg, manifest, source=manifest_path.name)
     extra = [c for c in cfg.data.subgroups if c in manifest.columns]
     subgroups = [c for c in (*SUBGROUP_COLUMNS, *extra) if c in manifest.columns]
     if left_out:
@@ -295,13 +300,168 @@ def _published_paths(cfg: WorkflowConfig) -> list[Path]:
     return [target, target.with_suffix(".json")]
 
 
+def binary_class_order(classes: list[str], positive_class: str = "") -> list[str]:
+    """Two classes as [negative, positive]: the positive class gets index 1, the one TPR, FNR and
+    the audit's underdiagnosis gaps refer to. Other class counts are returned as they are.
+
+    The positive class is `positive_class` (config `audit.positive_class`) when given; else the
+    larger of two integer labels (1 of 0/1); else, of two word labels, the one that is not a
+    negative-sounding name (`NEGATIVE_CLASS_NAMES`: normal, negative, healthy, benign, no finding,
+    none, control, absent).
+
+    Args:
+        classes: the class names of the manifest (as `class_names` sorts them).
+        positive_class: the configured positive class, or "".
+
+    Returns:
+        The classes, the positive one last when there are two.
+
+    Raises:
+        ConfigError: naming `audit.positive_class` when it is none of the classes, or when
+            neither or both of two word labels sound negative.
+
+    Example:
+        >>> binary_class_order(["abnormal", "normal"])
+        ['normal', 'abnormal']
+    """
+    if len(classes) != 2:
+        return classes
+    if positive_class:
+        if positive_class not in classes:
+            raise ConfigError(f"config key 'audit.positive_class' must be one of the manifest's classes {classes}, "
+                              f"not {positive_class!r}; e.g. --set audit.positive_class={classes[1]}")
+        return [c for c in classes if c != positive_class] + [positive_class]
+    if all(c.lstrip("-").isdigit() for c in classes):
+        return sorted(classes, key=int)
+    negative = [c for c in classes if _negative_name(c)]
+    if len(negative) != 1:
+        which = "both sound negative" if negative else "neither sounds negative"
+        raise ConfigError(
+            f"config key 'audit.positive_class' must name the positive class of the two classes {classes}, not be "
+            f"empty: {which} ({', '.join(NEGATIVE_CLASS_NAMES)}), so medtl cannot tell which one TPR, FNR and the "
+            f"audit's subgroup gaps refer to; e.g. --set audit.positive_class={classes[1]}")
+    return [negative[0], next(c for c in classes if c != negative[0])]
+
+
+def _negative_name(name: str) -> bool:
+    letters = re.sub(r"[\W_]+", "", name.casefold())  # "No_Finding", "no finding", "NoFinding" alike
+    return letters in {n.replace(" ", "") for n in NEGATIVE_CLASS_NAMES}
+
+
+def positive_class(cfg: WorkflowConfig, data: PreparedData) -> str | None:
+    """The class TPR, FNR and the audit's underdiagnosis gaps refer to (None without a class label).
+
+    Index 1 of two classes (`binary_class_order`), `audit.positive_class` of more.
+    """
+    if cfg.task != "classification":
+        return None
+    if len(data.classes) == 2:
+        return data.classes[1]
+    return cfg.audit.positive_class or None
+
+
+def check_mask_labels(cfg: WorkflowConfig, sidecar: Mapping, *, source: str) -> None:
+    """A segmentation model must have a class for every label value its masks hold (sidecar `mask_labels`).
+
+    Without this check a mask label >= `model.num_classes` fails only during training (an index
+    out of bounds in the one-hot encoding of the loss).
+
+    Raises:
+        ConfigError: naming `model.num_classes` and the smallest value that fits.
+    """
+    labels = sorted(int(v) for v in sidecar.get("mask_labels") or [])
+    if cfg.task != "segmentation" or not labels or labels[-1] < cfg.model.num_classes:
+        return
+    top = labels[-1]
+    shown = f"{labels[0]}-{top}" if labels == list(range(labels[0], top + 1)) else ", ".join(map(str, labels))
+    raise ConfigError(
+        f"the masks of manifest {source} hold labels {shown}, so config key 'model.num_classes' must be at least "
+        f"{top + 1}, not {cfg.model.num_classes}; set --set model.num_classes={top + 1} (background 0 is a class)")
+
+
+def _empty_split_message(cfg: WorkflowConfig, split: str, whole: pd.DataFrame, dropped: Mapping[str, int], *,
+                         source: str) -> str:
+    """Why the run has no rows of `split`, and the fix that applies (not every key that might)."""
+    head = f"manifest {source} must have '{split}' rows for task {cfg.task}, not none"
+    present = int((whole["split"] == split).sum())
+    if present:
+        fixes = {"other modality": "adjust data.modalities ([] keeps every modality)",
+                 "other dimensionality": f"set model.spatial_dims to the studies' dimensionality (now "
+                                         f"{cfg.model.spatial_dims})",
+                 "no label": "give those rows a label in the labels CSV",
+                 "no mask": "give those rows a mask in the labels CSV"}
+        left_out = ", ".join(f"{n} ({reason})" for reason, n in dropped.items() if n)
+        how = "; ".join(fix for reason, fix in fixes.items() if dropped.get(reason))
+        return f"{head}: all {present} '{split}' rows were left out of this run ({left_out}); {how or 'add studies'}"
+    if cfg.data.manifest:
+        return (f"{head}: its split column names no '{split}' row; rebuild it with `medtl manifest build` so that "
+                f"every split has patients (a split column in the labels CSV, or --fractions)")
+    given = _given_splits(Path(cfg.data.labels))
+    if given:
+        counts = ", ".join(f"{s} {given.get(s, 0)}" for s in SPLITS)
+        if split == "val" and cfg.data.fractions[1] == 0:
+            return (f"{head}: the labels CSV's split column gives no row the split val ({counts} rows), and "
+                    f"data.fractions gives val a share of 0, so no val patients were set aside from the given train "
+                    f"rows; give some rows the split val, or set data.fractions with a val share, e.g. [0.7, 0.15, "
+                    f"0.15]")
+        if split == "val":
+            return (f"{head}: the labels CSV's split column gives no row the split val ({counts} rows), and its "
+                    f"train patients were too few to set val patients aside; give some rows the split val")
+        return (f"{head}: the labels CSV's split column gives no row the split {split} ({counts} rows); give some "
+                f"rows the split {split}, or empty the split column so that medtl splits the patients by "
+                f"data.fractions")
+    share = cfg.data.fractions[SPLITS.index(split)]
+    if share == 0:
+        return f"{head}: data.fractions gives {split} a share of 0; set e.g. data.fractions=[0.7, 0.15, 0.15]"
+    patients = int(whole["patient"].nunique()) if "patient" in whole.columns else len(whole)
+    return (f"{head}: its {patients} patients (split groups) are too few for data.fractions "
+            f"{list(cfg.data.fractions)}, none was drawn for {split}; add patients, or give {split} a larger share")
+
+
+def _given_splits(labels_csv: Path) -> Counter:
+    """Rows per split named by the labels CSV's split column (empty when it has none); counts only."""
+    try:
+        table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+    except (OSError, ValueError):
+        return Counter()
+    column = next((c for c in table.columns if str(c).strip().lower() == "split"), None)
+    given: Counter = Counter()
+    for value in table[column] if column is not None else []:
+        try:
+            split = normalise_split(value)
+        except ValueError:
+            continue
+        if split:
+            given[split] += 1
+    return given
+
+
+def _warn_ct_intensity(cfg: WorkflowConfig, manifest: pd.DataFrame, *, source: str) -> None:
+    """Warn once when studies without a DICOM modality will be read as CT (`data.intensity: ct`).
+
+    NIfTI volumes carry no modality, so an MR collection passes a CT workflow's filter and would
+    be windowed in Hounsfield units and resampled to CT spacing without a word.
+    """
+    if cfg.data.intensity != "ct":
+        return
+    unknown = int(manifest["modality"].astype(str).str.strip().str.upper().isin(NO_MODALITY).sum())
+    if not unknown:
+        return
+    spacing = (f" and resampled to data.spacing {list(cfg.data.spacing)} mm" if cfg.data.spacing else "")
+    logger.warning(
+        "manifest %s: %d of %d studies have no DICOM modality (NIfTI/PNG/JPEG/TIFF exports) and data.intensity is "
+        "ct: they are read as CT, windowed to data.ct_window %s HU%s. If they are MR, set --set data.intensity=mr "
+        "--set data.spacing=[] (see 'MR NIfTI' in workflows/README.md)",
+        source, unknown, len(manifest), list(cfg.data.ct_window), spacing)
+
+
 def publish_manifest(data: PreparedData, cfg: WorkflowConfig) -> Path | None:
     """Copy a successful run's manifest (CSV and sidecar) to `data.manifest_out`, atomically.
 
     Call it only after the run succeeded: until then `data.manifest_out` keeps whatever good
-    manifest it held. Each file is written to a temporary file in the target folder, flushed to
-    disk, then renamed over the target (`os.replace`), so a reader or a crash never sees a
-    half-written file; the two renames follow each other immediately.
+    manifest it held. Each file is written with `output_guard.replace_atomically` (a temporary
+    file beside the target, flushed to disk, then renamed over it), so a reader or a crash never
+    sees a half-written file; the CSV comes first, its sidecar right after.
 
     Args:
         data: the run's prepared data (its `manifest_path` is the staged manifest).
@@ -326,33 +486,9 @@ def publish_manifest(data: PreparedData, cfg: WorkflowConfig) -> Path | None:
     pairs = [(data.manifest_path, target)]
     if data.manifest_path.with_suffix(".json").is_file():
         pairs.append((data.manifest_path.with_suffix(".json"), target.with_suffix(".json")))
-    staged = []
-    try:
-        for source, destination in pairs:
-            staged.append((_copy_beside(source, destination), destination))
-        for temporary, destination in staged:
-            os.replace(temporary, destination)
-    finally:
-        for temporary, _ in staged:
-            temporary.unlink(missing_ok=True)
+    for source, destination in pairs:
+        replace_atomically(destination, source.read_bytes(), mode_of=source)
     return target
-
-
-def _copy_beside(source: Path, destination: Path) -> Path:
-    """`source` copied to a hidden temporary file in `destination`'s folder, flushed to disk."""
-    handle = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp",
-                                         delete=False)
-    temporary = Path(handle.name)
-    try:
-        with handle, open(source, "rb") as reader:
-            shutil.copyfileobj(reader, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        shutil.copymode(source, temporary)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return temporary
 
 
 def target_domain_rows(cfg: WorkflowConfig, manifest: pd.DataFrame, *, source: str = "the manifest") -> np.ndarray:
@@ -707,18 +843,33 @@ def write_outputs(output_dir: Path, predictions: pd.DataFrame, metrics: dict) ->
 
 
 def config_dict(cfg: WorkflowConfig) -> dict:
-    """The config for logging (paths reduced to their names: absolute data paths never leave)."""
+    """The config for logging: file and folder keys reduced to a generic name, or withheld.
+
+    An absolute path never leaves; a name leaves only when every part of it is generic
+    (`looks_identifying` is False: the allow-list of manifest paths, plus medtl's own words such
+    as `manifest.csv` or `medtl.key`), else `WITHHELD_NAME` stands in: a PNG export folder
+    `/data/garcia_maria_cxr` is logged as `(name withheld: not generic)`.
+    """
     raw = to_dict(cfg)
-    for key in ("root", "labels", "manifest", "manifest_out", "key_file"):
-        value = raw["data"].get(key)
-        if value:
-            raw["data"][key] = Path(value).name
-    for key in ("old_manifest", "old_root"):
-        if raw["continual"][key]:
-            raw["continual"][key] = Path(raw["continual"][key]).name
+    for section, keys in (("data", ("root", "labels", "manifest", "manifest_out", "key_file")),
+                          ("continual", ("old_manifest", "old_root"))):
+        for key in keys:
+            if raw[section].get(key):
+                raw[section][key] = name_to_log(raw[section][key])
     # A registry URI is no path, but "models:/" reads like one to the path redaction.
     raw["continual"]["from_model"] = raw["continual"]["from_model"].removeprefix("models:/")
     return raw
+
+
+def name_to_log(path: str | Path) -> str:
+    """The name of a file or folder as it may be logged: the name when generic, else `WITHHELD_NAME`.
+
+    Example:
+        >>> name_to_log("/data/garcia_maria_cxr"), name_to_log("/data/cxr/labels.csv")
+        ('(name withheld: not generic)', 'labels.csv')
+    """
+    name = Path(path).name
+    return WITHHELD_NAME if not name or looks_identifying(name, MEDTL_WORDS) else name
 
 
 def timed(func: Callable, *args, **kwargs) -> tuple[object, float]:
@@ -753,4 +904,10 @@ __all__ = [
     "patient_ids",
     "write_outputs",
     "config_dict",
+    "name_to_log",
+    "binary_class_order",
+    "positive_class",
+    "check_mask_labels",
+    "NEGATIVE_CLASS_NAMES",
+    "WITHHELD_NAME",
 ]

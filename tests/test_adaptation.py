@@ -17,7 +17,12 @@ import pandas as pd
 import pytest
 import torch
 
-from medtl.adaptation import check_old_test_unseen, few_shot_summary, load_registered_weights
+from medtl.adaptation import (
+    check_old_test_unseen,
+    few_shot_summary,
+    load_registered_weights,
+    prepare_old_data,
+)
 from medtl.config import load_config
 from medtl.data.demo import write_demo_data
 from medtl.data.manifest import build_manifest
@@ -293,3 +298,18 @@ def test_starting_weights_must_fit_the_built_model():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(InputError, match="must fit the model of this workflow"):
         load_initial_state(model, {k: v for k, v in state.items() if not k.startswith("head.")})
+
+
+def test_the_old_manifest_of_a_continual_run_is_read_without_a_second_preflight(tmp_path, monkeypatch):
+    import medtl.workflow
+
+    old = _handmade_manifest(tmp_path / "old.csv")
+    cfg = load_config(None, [f"data.manifest={old}", f"data.root={tmp_path}", "continual.from_model=models:/xr@champion",
+                             f"continual.old_manifest={old}"])
+
+    def second_preflight(cfg):
+        raise AssertionError("run_workflow's preflight already checked continual.old_manifest and old_root")
+
+    monkeypatch.setattr(medtl.workflow, "preflight", second_preflight)
+    prepared = prepare_old_data(cfg, tmp_path / "old", progress=False)
+    assert (prepared.manifest["split"] == "test").any()

@@ -7,6 +7,7 @@ pin one CPU thread (`train.num_threads=1`) so their float reductions happen in t
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from medtl.data.demo import write_demo_data
+from medtl.tracking import store
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -77,3 +79,54 @@ def test_cli_run_killed_after_an_epoch_then_resumed_matches_an_uninterrupted_run
     want = pd.read_csv(tmp_path / "reference" / "predictions.csv")
     assert list(got["id"]) == list(want["id"])
     assert (got["y_score"].to_numpy() == want["y_score"].to_numpy()).all(), "resumed predictions differ"
+
+
+def test_an_interrupted_run_tells_how_to_continue_it(tmp_path, monkeypatch, capsys):
+    import medtl.run
+    from medtl.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medtl.run, "run_workflow", interrupted)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    try:
+        status = main(["-q", "run", str(REPO / "workflows" / "classify_2d.yaml"),
+                       "--set", f"data.root={tmp_path}", "--set", f"data.labels={tmp_path / 'labels.csv'}"])
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in saved:
+            root.addHandler(handler)
+    assert status == 130
+    assert capsys.readouterr().err.strip() == (
+        "medtl: interrupted while running the workflow; the checkpoints of finished epochs are kept: run the same "
+        "command with --resume to continue")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_ends_the_mlflow_run_as_killed_and_says_how_to_resume(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_demo_data(data, patients=80, seed=1, progress=False)
+    log = tmp_path / "log.txt"
+    output = tmp_path / "out"
+    run = _run(_command(data, tmp_path, output), tmp_path, log)
+    try:
+        deadline = time.monotonic() + 300
+        while not (output / "checkpoints" / "last.pt").exists():
+            assert run.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.02)
+        run.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert run.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            os.kill(run.pid, signal.SIGKILL)
+            run.wait(timeout=60)
+    assert "medtl: interrupted while training; the checkpoints of finished epochs are kept: run the same command " \
+           "with --resume to continue" in log.read_text()
+    monkeypatch.chdir(tmp_path)
+    store.tracking_uri()
+    experiment = store.client().get_experiment_by_name("medtl")
+    assert [r.info.status for r in store.client().search_runs([experiment.experiment_id])] == ["KILLED"]

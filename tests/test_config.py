@@ -171,3 +171,18 @@ def test_every_list_key_has_an_example_and_the_readme_says_what_empty_and_null_m
 def test_numeric_ranges_are_refused_when_the_config_loads(workflow, setting, message):
     with pytest.raises(ConfigError, match=message):
         load_config(WORKFLOWS / f"{workflow}.yaml", [setting])
+
+
+def test_choice_values_ignore_case():
+    cfg = load_config(WORKFLOWS / "segment_3d.yaml", ["data.intensity=MR", "train.strategy=FineTune", "task=Segmentation"])
+    assert (cfg.data.intensity, cfg.train.strategy, cfg.task) == ("mr", "finetune", "segmentation")
+    with pytest.raises(ConfigError, match=r"'data\.intensity' must be one of auto, ct, mr, xray, not 'MRI'"):
+        load_config(WORKFLOWS / "segment_3d.yaml", ["data.intensity=MRI"])
+
+
+@pytest.mark.parametrize("word", ["none", "keep", "None"])
+def test_a_word_where_a_list_of_numbers_belongs_gets_the_list_example(word):
+    with pytest.raises(ConfigError) as err:
+        load_config(WORKFLOWS / "classify_3d.yaml", [f"data.spacing={word}"])
+    assert str(err.value) == (f"config key 'data.spacing' must be a list, not {word!r}; e.g. [1.5, 1.5, 2.5] "
+                              f"([] or null: keep the source spacing)")

@@ -3,8 +3,11 @@
 - A small real test set had every subgroup suppressed, yet its audit said "passed": such an audit
   is inconclusive, everywhere (audit.json, console, MLflow, registry) and cannot be promoted.
 - A finished run was thrown away at its last step because its data folder, named "root", equalled
-  the OS user name: a common word is no finding; a real one stops the run before training, and
-  one found after training keeps the results so `--resume` re-records them without training.
+  the OS user name: a common word is no finding; a real one stops the run before anything is
+  recorded, and one found after training keeps the results and says how to record them again:
+  `--resume` (no training) when the manifest stays the same, a new run when the labels CSV changes.
+- A run interrupted with Ctrl-C showed as FAILED in MLflow: it is KILLED. Re-runs into a used
+  output folder, and `--resume` without a checkpoint, now say what will happen.
 - An unexpected error printed a traceback quoting a patient-named folder: the console gets one
   path-free line, and the traceback only with `--debug`.
 
@@ -22,13 +25,16 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 
 from medtl.config import load_config
 from medtl.data.demo import write_demo_data
+from medtl.errors import InputError
 from medtl.run import PHILeakError, run_workflow
 from medtl.tracking import registry, store
 from medtl.workflow import prepare_data
+from tests.exports import write_png_exports
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "workflows" / "classify_2d.yaml"
@@ -121,27 +127,119 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_an_identifying_field_stops_the_run_before_training_naming_the_field_not_the_value(workdir, monkeypatch):
-    monkeypatch.setenv("LOGNAME", "jsmith")  # a real user name, and the data folder is named after it
-    data = workdir / "jsmith"
-    write_demo_data(data, patients=30, seed=2, progress=False)
+def test_an_identifying_field_stops_the_run_before_anything_is_recorded_naming_the_field_not_the_value(
+        workdir, monkeypatch):
+    monkeypatch.setenv("LOGNAME", "root")
+    # A folder named like a patient whose name is made of generic words: the name looks technical,
+    # so config_dict keeps it, and only the patient's name (a needle of the build) tells.
+    data = workdir / "Gray_Val"
+    write_png_exports(data)
     cfg = load_config(WORKFLOW, _sets(data, workdir, "guard_early"))
     with pytest.raises(PHILeakError) as caught:
-        run_workflow(cfg, workdir / "out", progress=False)
+        run_workflow(cfg, workdir / "out", progress=False, extra_forbidden={"GRAY^VAL": "patient name"})
     message = str(caught.value)
-    assert "run param 'data.root': OS user name" in message
-    assert "Nothing was trained" in message and "rename the file or folder that data.root points to" in message
-    assert "jsmith" not in message.casefold()
+    assert "run param 'data.root': forbidden string" in message
+    assert "Nothing was recorded in MLflow and nothing was trained" in message
+    assert "rename the file or folder that data.root points to" in message
+    assert "gray" not in message.casefold()
     assert not (workdir / "out" / "checkpoints").exists(), "the scan must come before training"
 
-    # A patient's name as the experiment: found before training too, with the key to change.
-    monkeypatch.setenv("LOGNAME", "root")
+    # A patient's name as the experiment: found before the experiment is created, with the key to change.
+    data = workdir / "exports"
+    write_png_exports(data)
     cfg = load_config(WORKFLOW, [*_sets(data, workdir, "guard_early"), "tracking.experiment=OKAFOR_CHIDI"])
     with pytest.raises(PHILeakError) as caught:
         run_workflow(cfg, workdir / "out2", progress=False, extra_forbidden={"OKAFOR_CHIDI": "patient name"})
     message = str(caught.value)
     assert "experiment 'name': forbidden string" in message and "set tracking.experiment" in message
     assert "OKAFOR" not in message and not (workdir / "out2" / "checkpoints").exists()
+    # Nothing reached the store: no experiment, no run, no params to delete afterwards.
+    store.tracking_uri()
+    names = [e.name for e in store.client().search_experiments()]
+    assert "OKAFOR_CHIDI" not in names and "realworld" not in names
+
+
+@pytest.mark.parametrize(
+    ("finding", "resume"),
+    [
+        ("run artifact 'predictions.csv': forbidden string #3", False),  # a subgroup value of the labels CSV
+        ("run param 'data.root': forbidden string #1", True),
+        ("experiment 'name': forbidden string #2", True),
+        ("file 'report.html': home directory", True),
+    ],
+)
+def test_the_advice_after_a_late_finding_offers_resume_only_when_the_manifest_stays_the_same(tmp_path, finding,
+                                                                                              resume):
+    from medtl.run import _raise_findings
+
+    with pytest.raises(PHILeakError) as caught:
+        _raise_findings([finding], "r1", name="m", version="", output_dir=tmp_path / "out")
+    message = str(caught.value)
+    if resume:
+        assert "then re-record the run without training again: `medtl run <workflow> --resume --output" in message
+    else:
+        assert "remove identifying text from the labels CSV" in message
+        assert "then run again (training starts over: a changed labels CSV changes the manifest" in message
+        assert "--resume --output" not in message
+
+
+def test_the_run_says_when_resume_has_no_checkpoint_and_when_it_replaces_a_finished_run(workdir, caplog):
+    labels = write_png_exports(workdir / "exports")
+    table = pd.read_csv(labels)
+    table.assign(split="test").to_csv(labels, index=False)  # the run stops in prepare_data, after the notes
+    cfg = load_config(WORKFLOW, _sets(workdir / "exports", workdir, "notes"))
+    out = workdir / "out"
+    with caplog.at_level(logging.WARNING, logger="medtl.run"), pytest.raises(InputError):
+        run_workflow(cfg, out, resume=True, progress=False)
+    assert "--resume: no checkpoint in out/checkpoints: training starts from the first epoch" in caplog.text
+
+    caplog.clear()
+    for name in ("metrics.json", "report.html"):
+        (out / name).write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="medtl.run"), pytest.raises(InputError):
+        run_workflow(cfg, out, progress=False)
+    assert ("output folder out already holds a finished run's outputs (metrics.json, report.html): this run "
+            "replaces them") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medtl.run"), pytest.raises(InputError):
+        run_workflow(cfg, out, resume=True, progress=False)  # re-recording a finished run: no warning about it
+    assert "replaces them" not in caplog.text
+
+
+def test_an_interrupted_run_ends_its_mlflow_run_as_killed(workdir, monkeypatch):
+    import medtl.run
+
+    write_png_exports(workdir / "exports")
+    cfg = load_config(WORKFLOW, _sets(workdir / "exports", workdir, "interrupted"))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while training
+
+    monkeypatch.setattr(medtl.run, "train_for_config", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_workflow(cfg, workdir / "out", progress=False)
+    store.tracking_uri()
+    experiment = store.client().get_experiment_by_name("realworld")
+    assert [r.info.status for r in store.client().search_runs([experiment.experiment_id])] == ["KILLED"]
+
+
+def test_the_console_handler_replaces_the_handlers_a_root_logger_already_has():
+    from medtl.cli import ConsoleFormatter, _setup_logging
+
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    stray = logging.StreamHandler(io.StringIO())  # e.g. a notebook's or an embedding program's handler
+    root.addHandler(stray)
+    try:
+        _setup_logging(debug=False)
+        assert stray not in root.handlers
+        assert [type(h.formatter) for h in root.handlers] == [ConsoleFormatter]
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in saved:
+            root.addHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +285,8 @@ def rerecorded(tmp_path_factory) -> dict:
 def test_a_finding_after_training_keeps_the_results_and_says_how_to_rerecord(rerecorded):
     message = rerecorded["error"]
     assert "run artifact 'predictions.csv': forbidden string" in message
-    assert "--resume --output" in message and "report this as a bug" not in message
+    # Its fix is in the labels CSV, which changes the manifest: a resume would be refused.
+    assert "then run again (training starts over" in message and "report this as a bug" not in message
     assert rerecorded["site"] not in message
     assert rerecorded["kept"] == {"metrics.json": True, "predictions.csv": True, "audit.json": True,
                                   "checkpoints/last.pt": True, "report.html": False}
@@ -219,7 +318,7 @@ def test_a_small_test_set_whose_groups_are_all_suppressed_gives_an_inconclusive_
     assert all(g["suppressed"] for g in audit["groups"]), "the fixture's test set must be small"
     assert audit["status"] == "inconclusive" and audit["passed"] is False and audit["evaluated_attributes"] == []
     assert json.loads((out / "metrics.json").read_text())["audit_status"] == "inconclusive"
-    assert "audit INCONCLUSIVE: no subgroup gap could be measured, so nothing was checked; registered" in done.stdout
+    assert "audit INCONCLUSIVE: no subgroup gap could be decided, so nothing was checked; registered" in done.stdout
     assert "audit passed" not in done.stdout
     html = (out / "report.html").read_text()
     assert '<span class="badge warn">inconclusive</span>' in html and "Inconclusive, not a pass" in html

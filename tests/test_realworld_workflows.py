@@ -19,41 +19,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from medtl.data.manifest import build_manifest
 from medtl.tracking import store
+from tests.exports import write_png_exports
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "workflows" / "classify_2d.yaml"
 BUDGET = ["train.epochs=1", "train.batch_size=16", "evaluation.n_boot=200"]
-SPLITS = {"train": 36, "val": 12, "test": 12}
-
-
-def write_png_exports(root: Path, *, seed: int = 0) -> Path:
-    """60 grey 32x32 PNG exports in train/ val/ test/ folders and a path,label,split CSV.
-
-    Class 1 has a brighter square in the middle: learnable in one epoch.
-    """
-    rng = np.random.default_rng(seed)
-    rows, number = [], 0
-    for split, count in SPLITS.items():
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for k in range(count):
-            number += 1
-            label = k % 2
-            pixels = rng.normal(90.0, 15.0, (32, 32))
-            if label:
-                pixels[8:24, 8:24] += 90.0
-            path = f"{split}/{split}_{number:05d}.png"
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L").save(root / path)
-            rows.append({"path": path, "label": label, "split": split})
-    labels = root / "labels.csv"
-    pd.DataFrame(rows).to_csv(labels, index=False)
-    return labels
 
 
 def medtl_run(work: Path, data_root: Path, labels: Path, manifest_out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -78,7 +53,7 @@ def mlflow_runs(work: Path, monkeypatch) -> list:
 @pytest.mark.slow
 def test_classify_2d_unchanged_trains_on_png_exports_without_a_dicom_modality(tmp_path, monkeypatch):
     data = tmp_path / "exports"
-    labels = write_png_exports(data)
+    labels = write_png_exports(data, labels=("normal", "abnormal"))  # word labels, as public exports have them
     done = medtl_run(tmp_path, data, labels, tmp_path / "manifests" / "classify_2d.csv")
     assert done.returncode == 0, done.stderr[-4000:]
     assert "60 studies have no DICOM modality" in done.stderr  # the run says what it kept and why
@@ -90,6 +65,13 @@ def test_classify_2d_unchanged_trains_on_png_exports_without_a_dicom_modality(tm
     assert 0.0 <= metrics["test"]["auroc"] <= 1.0
     predictions = pd.read_csv(output / "predictions.csv")
     assert predictions["split"].value_counts().to_dict() == {"val": 12, "test": 12}
+    # "abnormal" is the positive class (index 1), though "normal" sorts after it; every output says so.
+    label = manifest.set_index("id").loc[predictions["id"], "label"].to_numpy()
+    assert ((label == "abnormal") == (predictions["y_true"] == 1)).all()
+    assert metrics["positive_class"] == "abnormal"
+    assert "positive class: abnormal (sensitivity, FNR and the audit's subgroup gaps refer to it" in done.stdout
+    html = (output / "report.html").read_text()
+    assert re.search(r"Positive class</th><td>abnormal \(sensitivity", html)
 
     runs = mlflow_runs(tmp_path, monkeypatch)
     assert [r.info.status for r in runs] == ["FINISHED"] and runs[0].info.run_id == metrics["run_id"]

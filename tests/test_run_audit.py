@@ -145,3 +145,19 @@ def test_report_partition_counts_hide_what_the_audit_hides_and_nothing_follows_b
         relations += nesting_relations({c: part[c].to_numpy() for c in ("site", "scanner")}, lambda a, g: (a, g))
         assert determined(hidden, relations) == set(), split
     assert splits["train"]["scanner"]["Z"] == 30 and splits["train"]["scanner"]["W"] == 25  # no more than needed
+
+
+def test_docs_describe_the_console_summary_of_an_inconclusive_audit_as_printed(tmp_path):
+    from medtl.cli import _audit_summary
+
+    same = {"reason": "all 2 of its groups were suppressed", "remedy": "more test patients per group"}
+    entries = [{"attribute": a, **same} for a in ("sex", "age_band", "site", "scanner", "sex&site", "sex&scanner")]
+    entries.append({"attribute": "ward", "reason": "only one group", "remedy": "add test patients"})
+    audit_json = tmp_path / "audit.json"
+    audit_json.write_text(json.dumps({"status": "inconclusive", "unevaluated_attributes": entries}))
+    lines = _audit_summary("inconclusive", False, audit_json, "registered m v1").splitlines()
+    assert lines[1].startswith("  sex, age_band, site, scanner and 2 more; e.g. sex: ") and lines[2].startswith("  ward:")
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "audit.md").read_text()
+    console = " ".join(docs.split("**The console**")[1].split("\n- ")[0].split())
+    assert "one line per remedy: up to four of the unevaluated attributes" in console
+    assert 'then "and N more"' in console

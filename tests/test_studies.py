@@ -18,6 +18,7 @@ import yaml
 from medtl.config import load_config
 from medtl.errors import ConfigError, InputError
 from medtl.evaluation.report_plots import data_efficiency_plot
+from medtl.run import AUDIT_STATUS_TAG
 from medtl.studies import (
     check_label_fractions,
     nested_label_subsets,
@@ -28,6 +29,7 @@ from medtl.studies import (
     summarise,
 )
 from medtl.studies.transfer_summary import bias_summary, efficiency_plot
+from medtl.vocabulary import AUDIT_STATUSES
 
 REPO = Path(__file__).resolve().parents[1]
 # The stable interface of transfer_benefit.json: keys may be added, never renamed or removed.
@@ -430,6 +432,12 @@ def test_transfer_benefit_study_on_demo_data_writes_json_plot_and_nested_mlflow_
     assert {(c.data.params["study.arm"], c.data.params["study.fraction"]) for c in children} == {
         ("pretrained", "0.5"), ("pretrained", "1.0"), ("scratch", "0.5"), ("scratch", "1.0")}
     assert all("test.auroc" in c.data.metrics for c in children)
+    # Each child records the audit's verdict as `medtl run` does, not only the metric audit.passed.
+    statuses = {p["runs"][0]["run_id"]: p["runs"][0]["audit_status"] for a in written["arms"].values()
+                for p in a.values()}
+    for child in children:
+        assert child.data.tags[AUDIT_STATUS_TAG] == statuses[child.info.run_id] in AUDIT_STATUSES
+        assert child.data.metrics["audit.passed"] == float(statuses[child.info.run_id] == "passed")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"transfer_benefit.json", "transfer_benefit.png"} <= artifacts
     assert str(demo.root) not in json.dumps(written)  # no data path in the study's output

@@ -25,20 +25,24 @@ import torch
 
 from medtl.cli import main
 from medtl.config import load_config
+from medtl.data.dataset import manifest_items
 from medtl.data.demo import write_demo_data
 from medtl.demo import run_demo
 from medtl.errors import ConfigError, InputError, WeightsError
 from medtl.tracking import phi_guard, registry, store
 from medtl.workflow import (
+    WITHHELD_NAME,
     build_model,
+    config_dict,
     datasets_for,
+    positive_class,
     preflight,
     prepare_data,
     preprocessing_for,
     publish_manifest,
     staged_manifest,
 )
-from tests.test_realworld_workflows import write_png_exports
+from tests.exports import write_nifti_exports, write_png_exports
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -69,6 +73,7 @@ def test_demo_run_writes_the_stable_outputs(demo_run):
     metrics = json.loads((outputs.output_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["auroc"] <= 1.0
     assert metrics["run_id"] == outputs.run_id
+    assert metrics["positive_class"] == "1"  # integer labels: 1 of 0/1
     assert {"train_seconds", "manifest_seconds"} <= set(metrics["timings"])
     predictions = pd.read_csv(outputs.output_dir / "predictions.csv")
     assert list(predictions.columns) == ["id", "split", "y_true", "y_score", "y_pred", "sex", "age_band", "site", "scanner"]
@@ -90,7 +95,11 @@ def test_demo_run_is_registered_with_the_documented_tags(demo_run):
     version = registry.get_model_version(outputs.model_name, outputs.model_version)
     for tag in ("task", "encoder", "weights_origin", "strategy", "manifest_sha256", "audit_status", "report_sha256"):
         assert tag in version.tags, tag
-    assert version.tags["audit_status"] in ("passed", "failed", "inconclusive")
+    # 48 demo patients leave a dozen radiograph patients in the test split: no subgroup has more
+    # than audit.min_group_size (10), every one is suppressed, no gap can be measured.
+    audit = json.loads((outputs.output_dir / "audit.json").read_text())
+    assert all(g["suppressed"] for g in audit["groups"]) and audit["evaluated_attributes"] == []
+    assert version.tags["audit_status"] == "inconclusive"
     aliases = store.client().get_registered_model(outputs.model_name).aliases
     assert str(aliases.get("candidate")) == outputs.model_version
 
@@ -324,3 +333,135 @@ def test_disk_cache_fills_the_run_output_folder_and_serves_the_next_epoch(tmp_pa
     shutil.rmtree(cfg.data.root)  # the studies are gone: the second epoch can only read the cache
     second = [val[i]["image"] for i in range(len(val))]
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+# -- what a run logs, and what prepare_data refuses or warns about before training ------------
+
+
+def test_config_dict_logs_generic_file_names_and_withholds_the_others():
+    cfg = load_config(WORKFLOWS / "classify_2d.yaml", [
+        "data.root=/data/garcia_maria_cxr", "data.labels=/data/garcia_maria_cxr/labels.csv",
+        "data.manifest_out=/srv/manifests/classify_2d.csv", "data.key_file=/keys/medtl.key",
+        "continual.from_model=models:/classify_2d@champion", "continual.old_manifest=/srv/old/kowalski_2019.csv",
+        "continual.old_root=/data/train"])
+    logged = config_dict(cfg)
+    assert logged["data"]["root"] == WITHHELD_NAME == "(name withheld: not generic)"
+    assert logged["continual"]["old_manifest"] == WITHHELD_NAME
+    assert (logged["data"]["labels"], logged["data"]["manifest_out"], logged["data"]["key_file"]) == (
+        "labels.csv", "classify_2d.csv", "medtl.key")
+    assert logged["continual"]["old_root"] == "train" and logged["continual"]["from_model"] == "classify_2d@champion"
+    assert "garcia" not in json.dumps(logged) and "kowalski" not in json.dumps(logged)
+
+
+def _nifti_config(tmp_path: Path, *extra: str, mask_labels: int = 3):
+    data = tmp_path / "volumes"
+    labels = write_nifti_exports(data, mask_labels=mask_labels)
+    return load_config(WORKFLOWS / "segment_3d.yaml", [
+        f"data.root={data}", f"data.labels={labels}", "data.image_size=[16, 16, 8]", *extra])
+
+
+def test_masks_with_more_labels_than_num_classes_are_refused_before_training(tmp_path):
+    cfg = _nifti_config(tmp_path, "model.num_classes=2")
+    with pytest.raises(ConfigError) as caught:
+        prepare_data(cfg, tmp_path / "out", progress=False)
+    assert str(caught.value).startswith(
+        "the masks of manifest manifest.csv hold labels 0-2, so config key 'model.num_classes' must be at least 3, "
+        "not 2; set --set model.num_classes=3")
+    assert len(prepare_data(_nifti_config(tmp_path / "ok"), tmp_path / "out3", progress=False).manifest) == 12
+
+
+def test_volumes_without_a_modality_in_a_ct_workflow_get_one_warning_with_counts(tmp_path, caplog):
+    cfg = _nifti_config(tmp_path)  # segment_3d.yaml: modalities [CT], intensity ct, CT window and spacing
+    with caplog.at_level(logging.WARNING, logger="medtl.workflow"):
+        prepare_data(cfg, tmp_path / "out", progress=False)
+    warned = [r.getMessage() for r in caplog.records if "data.intensity is ct" in r.getMessage()]
+    assert len(warned) == 1
+    assert ("12 of 12 studies have no DICOM modality" in warned[0] and "data.ct_window [-200.0, 300.0]" in warned[0]
+            and "--set data.intensity=mr --set data.spacing=[]" in warned[0])
+
+    caplog.clear()
+    mr = load_config(WORKFLOWS / "segment_3d.yaml", [f"data.root={cfg.data.root}", f"data.labels={cfg.data.labels}",
+                                                     "data.modalities=[]", "data.intensity=mr", "data.spacing=[]"])
+    with caplog.at_level(logging.WARNING, logger="medtl.workflow"):
+        prepare_data(mr, tmp_path / "out_mr", progress=False)
+    assert "data.intensity is ct" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("labels", "positive", "classes"),
+    [
+        (("normal", "abnormal"), "", ["normal", "abnormal"]),  # alphabetical order would make "normal" positive
+        (("No Finding", "effusion"), "", ["No Finding", "effusion"]),
+        (("normal", "abnormal"), "normal", ["abnormal", "normal"]),  # audit.positive_class decides for two too
+        (("0", "1"), "", ["0", "1"]),
+    ],
+)
+def test_the_positive_class_of_two_gets_index_1(tmp_path, labels, positive, classes):
+    write_png_exports(tmp_path / "exports", labels=labels)
+    cfg = _png_config(tmp_path, *([f"audit.positive_class={positive}"] if positive else []))
+    prepared = prepare_data(cfg, tmp_path / "out", progress=False)
+    assert prepared.classes == classes and positive_class(cfg, prepared) == classes[1]
+    items = manifest_items(prepared.manifest, "test", "classification", prepared.classes)
+    targets = {str(prepared.manifest.set_index("id").at[item["id"], "label"]): item["label"] for item in items}
+    assert targets == {classes[0]: 0, classes[1]: 1}
+
+
+@pytest.mark.parametrize(("labels", "positive", "message"), [
+    (("cat", "dog"), "", r"'audit\.positive_class' must name the positive class of the two classes \['cat', 'dog'\], "
+                         r"not be empty: neither sounds negative"),
+    (("normal", "abnormal"), "pneumonia", r"'audit\.positive_class' must be one of the manifest's classes"),
+])
+def test_an_undecidable_positive_class_is_refused_before_training(tmp_path, labels, positive, message):
+    write_png_exports(tmp_path / "exports", labels=labels)
+    cfg = _png_config(tmp_path, *([f"audit.positive_class={positive}"] if positive else []))
+    with pytest.raises(ConfigError, match=message):
+        prepare_data(cfg, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("splits", "extra", "cause"),
+    [
+        ({"val": "train"}, ["data.fractions=[0.85, 0, 0.15]"],
+         "the labels CSV's split column gives no row the split val (train 48, val 0, test 12 rows), and "
+         "data.fractions gives val a share of 0, so no val patients were set aside from the given train rows; "
+         "give some rows the split val, or set data.fractions with a val share"),
+        ({"train": "test", "val": "test"}, [],
+         "the labels CSV's split column gives no row the split train (train 0, val 0, test 60 rows); give some rows "
+         "the split train, or empty the split column"),
+    ],
+)
+def test_an_empty_split_of_a_given_split_column_names_that_cause(tmp_path, splits, extra, cause):
+    labels = write_png_exports(tmp_path / "exports")
+    table = pd.read_csv(labels)
+    table.assign(split=table["split"].replace(splits)).to_csv(labels, index=False)
+    with pytest.raises(InputError) as caught:
+        prepare_data(_png_config(tmp_path, *extra), tmp_path / "out", progress=False)
+    assert cause in str(caught.value)
+    assert "data.modalities" not in str(caught.value) and "model.spatial_dims" not in str(caught.value)
+
+
+def test_an_empty_split_whose_rows_were_left_out_names_the_key_that_keeps_them(tmp_path):
+    labels = write_png_exports(tmp_path / "exports")
+    table = pd.read_csv(labels)
+    table.assign(label=table["label"].where(table["split"] != "val", "")).to_csv(labels, index=False)
+    with pytest.raises(InputError) as caught:
+        prepare_data(_png_config(tmp_path), tmp_path / "out", progress=False)
+    assert "all 12 'val' rows were left out of this run (12 (no label)); give those rows a label" in str(caught.value)
+    assert "data.fractions" not in str(caught.value)
+
+
+def test_publish_manifest_writes_each_file_through_the_one_atomic_writer(tmp_path, monkeypatch):
+    import medtl.workflow
+
+    cfg = _png_config(tmp_path)
+    prepared = prepare_data(cfg, tmp_path / "out", progress=False)
+    written = []
+    real = medtl.workflow.replace_atomically
+
+    def spy(target, data, *, mode_of=None):
+        written.append(Path(target).name)
+        real(target, data, mode_of=mode_of)
+
+    monkeypatch.setattr(medtl.workflow, "replace_atomically", spy)
+    publish_manifest(prepared, cfg)
+    assert written == ["m.csv", "m.json"]

@@ -43,9 +43,9 @@ from medtl.evaluation.bootstrap import (
 )
 from medtl.evaluation.gaps import (
     EQUALIZED_ODDS,
-    Gap,
     compare_gaps,
     draft_gaps,
+    evaluability,
     flag_gaps,
     paired_amplification,
 )
@@ -57,6 +57,7 @@ from medtl.evaluation.predictions import (
     align_reference,
     attribute_specs,
     column,
+    group_labels,
     read_scores,
 )
 from medtl.evaluation.suppression import WITHHELD_NOTE, audit_suppression
@@ -187,6 +188,7 @@ class BiasAudit:
         encode_patients(patient_ids, len(predictions))  # length and completeness, before anything else
         patients = np.asarray(patient_ids, dtype=object)
         specs = attribute_specs(predictions, rows, self.attributes, self.intersections)
+        specs, left_out = self._without_repeating_intersections(predictions, rows, specs)
         scores = self._read(predictions, rows, val_rows)
         ref = (
             self._read(align_reference(reference_predictions, predictions), rows, val_rows)
@@ -205,7 +207,8 @@ class BiasAudit:
             ctx, "overall", np.full(rows.size, "all", dtype=object), name=_OVERALL
         )
         hidden = audit_suppression(specs, ctx.patient, self.min_group_size)
-        groups, drafts, ref_drafts, notes = [], [], [], []
+        groups, drafts, ref_drafts = [], [], []
+        notes = [f"{u['attribute']}: not audited, {u['reason']}" for u in left_out]
         for attribute, labels in tqdm(specs, disable=not self.progress, desc="bias audit"):
             found = self._audit_attribute(ctx, attribute, labels, hidden=hidden.get(attribute, {}))
             groups += found[0]
@@ -219,11 +222,14 @@ class BiasAudit:
             notes.append(
                 "some gaps with a tolerance could not be estimated (undefined in most replicates); not flagged"
             )
-        evaluated, unevaluated = self._evaluability([a for a, _ in specs], groups, gaps, config)
+        evaluated, unevaluated = evaluability(
+            [a for a, _ in specs], groups, gaps, [m for m in self._gap_metrics() if m in config.tolerances],
+            split=self.split, min_group_size=self.min_group_size, min_gap_events=self.min_gap_events)
         if not evaluated:
             status = "inconclusive"
-            notes.append("audit inconclusive: no attribute could be evaluated (no tested gap has a confidence "
-                         "interval); see unevaluated_attributes for why and what would make them evaluable")
+            notes.append("audit inconclusive: no attribute could be evaluated (no tested gap was decided: none "
+                         "was shown within its tolerance or beyond it); see unevaluated_attributes for why and "
+                         "what would make them evaluable")
         else:
             status = "failed" if config.fail_on_flagged and any(g.flagged for g in gaps) else "passed"
         reference = None
@@ -250,6 +256,7 @@ class BiasAudit:
             notes=tuple(notes),
             evaluated_attributes=tuple(evaluated),
             unevaluated_attributes=tuple(unevaluated),
+            left_out_intersections=tuple(left_out),
         )
         if reference_audit is not None:
             amplification = tuple(compare_gaps(self.result_.to_dict(), reference_audit))
@@ -348,51 +355,32 @@ class BiasAudit:
             "reference_value": _finite(ctx.ref_threshold),
         }
 
-    def _evaluability(
-        self, attributes: Sequence[str], groups: Sequence[GroupResult], gaps: Sequence[Gap], config: AuditConfig
-    ) -> tuple[list[str], list[dict[str, str]]]:
-        """(evaluated attributes, unevaluated ones with the reason and the remedy), in audit order.
+    def _without_repeating_intersections(
+        self, predictions: pd.DataFrame, rows: np.ndarray, specs: list[tuple[str, np.ndarray]]
+    ) -> tuple[list[tuple[str, np.ndarray]], list[dict[str, str]]]:
+        """The specs without intersections that repeat another attribute, and those left out with why.
 
-        An attribute is evaluated when at least one of its tested gaps (a `difference` gap of a
-        metric with a tolerance) has a confidence interval, so it could be compared with the
-        tolerance: flagged, within or inconclusive. That needs two reported (not suppressed)
-        groups with a value of the metric and, for classification rates, enough events.
+        An intersection with an attribute of a single value in the audited split ("sex&age_band"
+        when every test patient is 0-17) has the other attribute's groups under longer names. Its
+        gaps would be tested twice and widen every tested CI through the Bonferroni correction.
         """
-        evaluated, unevaluated = [], []
-        k, split = self.min_group_size, self.split
-        tested_metrics = [m for m in self._gap_metrics() if m in config.tolerances]
-        for attribute in attributes:
-            members = [g for g in groups if g.attribute == attribute]
-            reported = [g for g in members if not g.suppressed]
-            tested = [g for g in gaps if g.attribute == attribute and g.tolerance is not None]
-            if any(g.status in ("flagged", "within", "inconclusive") for g in tested):
-                evaluated.append(attribute)
+        kept, left_out = [], []
+        for name, labels in specs:
+            parts = name.split("&")
+            if name in predictions.columns or len(parts) < 2 or not all(p in predictions.columns for p in parts):
+                kept.append((name, labels))
                 continue
-            if len(members) < 2:
-                reason = f"only one group in the {split} split: there is nothing to compare it with"
-                remedy = f"add {split} patients from the attribute's other groups, or leave it out of audit.attributes"
-            elif len(reported) < 2:
-                hidden = (f"all {len(members)} of its groups were" if not reported
-                          else f"{len(members) - 1} of its {len(members)} groups were")
-                reason = (f"{hidden} suppressed (at most {k} patients each), so fewer than two groups have "
-                          "numbers and no gap can be measured")
-                remedy = (f"more {split} patients per group (more than {k} in at least two groups), or a lower "
-                          "audit.min_group_size (smaller groups' numbers are then shown: weigh the "
-                          "re-identification risk)")
-            elif not tested_metrics:
-                reason = "no audited gap metric has a tolerance, so no gap is tested"
-                remedy = "set a tolerance for a gap metric, e.g. audit.tolerances.auroc: 0.05"
-            elif not any(math.isfinite(g.value) for g in tested):
-                reason = (f"fewer than two of its reported groups have a value of the tested metrics "
-                          f"({', '.join(tested_metrics)}) with at least {self.min_gap_events} of the events each "
-                          "metric counts (positives, negatives)")
-                remedy = (f"more {split} patients with and without the finding per group, or a lower "
-                          "audit.min_gap_events")
-            else:
-                reason = "its tested gaps have no confidence interval (undefined in most bootstrap replicates)"
-                remedy = f"more {split} patients per group, with and without the finding"
-            unevaluated.append({"attribute": attribute, "reason": reason, "remedy": remedy})
-        return evaluated, unevaluated
+            single = [p for p in parts if len(set(group_labels(predictions, p, rows).tolist())) == 1]
+            if not single:
+                kept.append((name, labels))
+                continue
+            others = [p for p in parts if p not in single]
+            repeated = f"those of {'&'.join(others)}" if others else f"the whole {self.split} split"
+            left_out.append({"attribute": name, "reason": (
+                f"{' and '.join(single)} {'has' if len(single) == 1 else 'have'} one value for every {self.split} "
+                f"patient, so its groups are {repeated}; left out of the tested gaps and the multiple-testing "
+                "correction")})
+        return kept, left_out
 
     # -- computation ------------------------------------------------------------------------
 

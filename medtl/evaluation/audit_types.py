@@ -21,10 +21,7 @@ from medtl.evaluation.bootstrap import Estimate
 from medtl.evaluation.gaps import CORRECTIONS, EQUALIZED_ODDS, Gap
 from medtl.evaluation.metrics import BINARY_METRICS
 from medtl.evaluation.segmentation import SEGMENTATION_METRICS, segmentation_family
-
-#: The audit's verdicts (audit.json "status"). "inconclusive": no attribute could be evaluated, i.e.
-#: no attribute has a tested gap with a confidence interval (see `AuditResult`).
-AUDIT_STATUSES: tuple[str, ...] = ("passed", "failed", "inconclusive")
+from medtl.vocabulary import AUDIT_STATUSES
 
 #: Gap tolerances used when the workflow config names none (metric units, max - min).
 DEFAULT_TOLERANCES: Mapping[str, float] = MappingProxyType(
@@ -177,12 +174,14 @@ class GroupResult:
 class AuditResult:
     """Everything the audit found; `to_dict()` is audit.json.
 
-    `status` is the verdict: "inconclusive" when no attribute was evaluated (an attribute is
-    evaluated when at least one of its tested gaps has a confidence interval, which needs two
-    reported groups with a value of the metric); else "failed" when a gap is flagged and the
-    config fails on flags; else "passed". `passed` is true only for "passed".
-    `unevaluated_attributes` lists the audited attributes that were not evaluated, each as
-    {"attribute", "reason", "remedy"}, whatever the status.
+    `status` is the verdict, one of `medtl.vocabulary.AUDIT_STATUSES`: "inconclusive" when no
+    attribute was evaluated (an attribute is evaluated when at least one of its tested gaps was
+    decided: flagged, or within its tolerance; a CI that contains the tolerance decides nothing);
+    else "failed" when a gap is flagged and the config fails on flags; else "passed". `passed`
+    is true only for "passed". `unevaluated_attributes` lists the audited attributes that were
+    not evaluated, each as {"attribute", "reason", "remedy"}, whatever the status;
+    `left_out_intersections` the intersections not audited because one of their attributes has
+    a single value (their groups repeat the other attribute's), each as {"attribute", "reason"}.
     """
 
     passed: bool
@@ -200,6 +199,7 @@ class AuditResult:
     notes: tuple[str, ...]
     evaluated_attributes: tuple[str, ...] = ()
     unevaluated_attributes: tuple[Mapping[str, str], ...] = ()
+    left_out_intersections: tuple[Mapping[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.status not in AUDIT_STATUSES:
@@ -227,6 +227,7 @@ class AuditResult:
             "settings": self.settings,
             "evaluated_attributes": list(self.evaluated_attributes),
             "unevaluated_attributes": [dict(u) for u in self.unevaluated_attributes],
+            "left_out_intersections": [dict(u) for u in self.left_out_intersections],
             "notes": list(self.notes),
         }
 

@@ -23,6 +23,9 @@ CI sits above the truth. With many small groups (age bands of 10-20 patients) it
 measures the false-flag rate). The fixed pair does not re-select the extremes in each replicate.
 It still inherits the selection of the pair on the test set, which the Bonferroni level and the
 suppression of small groups keep in check.
+
+`evaluability` tells which attributes the audit's verdict rests on: those with a decided tested
+gap (flagged or within), and for the others why not and what would help.
 """
 
 from __future__ import annotations
@@ -38,9 +41,12 @@ import numpy as np
 from medtl.errors import InputError
 from medtl.evaluation.bootstrap import percentile_ci
 from medtl.evaluation.metrics import CALIBRATION_IDEAL, METRIC_DIRECTION
+from medtl.evaluation.predictions import MISSING
 from medtl.evaluation.segmentation import SEGMENTATION_DIRECTION, segmentation_family
 
 GAP_KINDS: tuple[str, ...] = ("difference", "ratio", "worst_vs_overall")
+#: Statuses of a tested gap that decide it: its whole CI lies on one side of the tolerance.
+DECIDED: tuple[str, ...] = ("flagged", "within")
 #: The gap metric built from TPR and FPR together.
 EQUALIZED_ODDS = "equalized_odds"
 CORRECTIONS: tuple[str, ...] = ("bonferroni", "none")
@@ -373,3 +379,94 @@ def compare_gaps(
             }
         )
     return out
+
+
+def evaluability(
+    attributes: Sequence[str],
+    groups: Sequence[Any],
+    gaps: Sequence[Gap],
+    tested_metrics: Sequence[str],
+    *,
+    split: str,
+    min_group_size: int,
+    min_gap_events: int,
+) -> tuple[list[str], list[dict[str, str]]]:
+    """(evaluated attributes, unevaluated ones with the reason and the remedy), in audit order.
+
+    An attribute is evaluated when at least one of its tested gaps (a `difference` gap of a
+    metric with a tolerance) was decided (`DECIDED`): `flagged` (its whole CI above the
+    tolerance) or `within` (its whole CI at or below it). A CI that contains the tolerance
+    (`inconclusive`) decides nothing. A decision needs two reported (not suppressed) groups with
+    a value of the metric and, for classification rates, enough events, and enough patients for
+    a CI narrow enough to lie on one side of the tolerance.
+
+    Args:
+        attributes: the audited attributes and intersections, in audit order.
+        groups: their `GroupResult`s (attribute, group, suppressed are read).
+        gaps: the flagged gaps (`flag_gaps`).
+        tested_metrics: the gap metrics that have a tolerance.
+        split: the audited split, for the messages ("test").
+        min_group_size: groups with at most this many patients were suppressed.
+        min_gap_events: a group enters a metric's gaps with at least this many of its events.
+
+    Returns:
+        The evaluated attribute names, and {"attribute", "reason", "remedy"} for each other one.
+    """
+    evaluated, unevaluated = [], []
+    k = min_group_size
+    for attribute in attributes:
+        members = [g for g in groups if g.attribute == attribute]
+        reported = [g for g in members if not g.suppressed]
+        tested = [g for g in gaps if g.attribute == attribute and g.tolerance is not None]
+        if any(g.status in DECIDED for g in tested):
+            evaluated.append(attribute)
+            continue
+        if len(members) < 2 and members and str(members[0].group).casefold() in _UNKNOWN_LABELS:
+            reason = (f"it is unknown for every {split} patient (every row reads {members[0].group!r}), so "
+                      "there are no groups to compare")
+            remedy = (f"provide it: {_SOURCES.get(attribute, f'a filled {attribute} column in the labels CSV')}"
+                      "; then build the manifest and run again, or leave it out of audit.attributes")
+        elif len(members) < 2:
+            reason = f"only one group in the {split} split: there is nothing to compare it with"
+            remedy = f"add {split} patients from the attribute's other groups, or leave it out of audit.attributes"
+        elif len(reported) < 2:
+            hidden = (f"all {len(members)} of its groups were" if not reported
+                      else f"{len(members) - 1} of its {len(members)} groups were")
+            reason = (f"{hidden} suppressed (at most {k} patients each), so fewer than two groups have "
+                      "numbers and no gap can be measured")
+            remedy = (f"more {split} patients per group (more than {k} in at least two groups), or a lower "
+                      "audit.min_group_size (smaller groups' numbers are then shown: weigh the "
+                      "re-identification risk)")
+        elif not tested_metrics:
+            reason = "no audited gap metric has a tolerance, so no gap is tested"
+            remedy = "set a tolerance for a gap metric, e.g. audit.tolerances.auroc: 0.05"
+        elif not any(math.isfinite(g.value) for g in tested):
+            reason = (f"fewer than two of its reported groups have a value of the tested metrics "
+                      f"({', '.join(tested_metrics)}) with at least {min_gap_events} of the events each "
+                      "metric counts (positives, negatives)")
+            remedy = f"more {split} patients with and without the finding per group, or a lower audit.min_gap_events"
+        elif not any(g.status == "inconclusive" for g in tested):
+            reason = "its tested gaps have no confidence interval (undefined in most bootstrap replicates)"
+            remedy = f"more {split} patients per group, with and without the finding"
+        else:
+            n = sum(g.status == "inconclusive" for g in tested)
+            reason = (f"the confidence intervals of its {n} measured gap(s) all contain the tolerance, so the "
+                      f"{split} split cannot tell whether its groups differ by more than tolerated")
+            remedy = (f"more {split} patients per group (narrower intervals); fewer tested gaps (attributes, "
+                      "intersections, tolerances) also narrow them through a milder multiple-testing correction")
+        unevaluated.append({"attribute": attribute, "reason": reason, "remedy": remedy})
+    return evaluated, unevaluated
+
+
+#: Group labels that mean "not recorded": medtl's manifest writes U (sex) and unknown (age band,
+#: site, scanner); an empty cell is the group MISSING. Case-folded.
+_UNKNOWN_LABELS = frozenset({"u", "unknown", MISSING})
+#: Where the manifest takes each subgroup from: what to provide when it is unknown for everyone.
+_SOURCES: Mapping[str, str] = {
+    "sex": "a sex column (M, F) in the labels CSV, or DICOM files whose headers carry PatientSex",
+    "age_band": ("an age column (years) in the labels CSV, or DICOM files whose headers carry PatientAge or "
+                 "PatientBirthDate"),
+    "site": "a site column in the labels CSV, or DICOM files whose headers carry InstitutionName",
+    "scanner": ("a scanner column in the labels CSV, or DICOM files whose headers carry Manufacturer and "
+                "ManufacturerModelName"),
+}

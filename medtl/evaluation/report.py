@@ -221,9 +221,9 @@ def _identification(x: ReportInputs) -> str:
 
 
 def _flagged_headline(audit: Mapping[str, Any]) -> str:
-    """The number of flagged gaps; "none measured" when the audit could measure no gap at all."""
+    """The number of flagged gaps; "none decided" when the audit could decide no gap at all."""
     if _audit_status(audit) == "inconclusive":
-        return '<span class="muted">none measured</span>'
+        return '<span class="muted">none decided</span>'
     return _num(sum(1 for g in audit.get("gaps", []) if g.get("flagged")))
 
 
@@ -334,6 +334,10 @@ def _methods(x: ReportInputs) -> str:
                                 and me.threshold_rule != "youden" else "")
     pairs = [("Test data", me.test_description), ("Metrics", ", ".join(_metric_name(m) for m in me.metrics))]
     if x.identification.task == "classification":
+        positive = me.positive_class
+        if positive is not None:
+            pairs.append(("Positive class", f"{positive} (sensitivity, specificity, FNR and the audit's "
+                                            "subgroup gaps refer to it)"))
         pairs += [("Threshold rule", rule + ", chosen on the validation split"),
                   ("Operating threshold", _num(me.threshold) if me.threshold is not None else "n/a")]
     pairs += [("Confidence intervals", f"{me.ci_level:.0%} {me.ci_method}"),

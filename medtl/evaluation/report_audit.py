@@ -6,6 +6,7 @@ Each section function returns the body of its section; `medtl.evaluation.report`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,8 @@ from medtl.evaluation.report_html import (
 from medtl.evaluation.report_types import EvaluationMethods, ReportInputs
 
 _AMP = {"widened": "bad", "amplified": "bad", "narrowed": "ok", "reduced": "ok", "unchanged": "muted"}
+# Advice in a note to promote a version ("(promote one with `medtl registry promote`, ...)").
+_PROMOTE_HINT = re.compile(r"\s*\([^()]*medtl registry promote[^()]*\)")
 
 
 def _imprecise_keys(audit: Mapping[str, Any]) -> set[tuple[str, str, str]]:
@@ -146,10 +149,27 @@ def _subgroups(x: ReportInputs) -> str:
     body += "<h3>Gaps tested against a tolerance</h3>" + _gap_table(tested, x.methods)
     if rest:
         body += "<h3>Descriptive gaps (not tested)</h3>" + _gap_table(rest, x.methods)
-    notes = [n for n in audit.get("notes", []) if isinstance(n, str)]
+    notes = [_shown_note(n, audit) for n in audit.get("notes", []) if isinstance(n, str)]
     if notes:
         body += "<h3>Audit notes</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
     return body
+
+
+def _shown_note(note: str, audit: Mapping[str, Any]) -> str:
+    """An audit note as the report shows it: advice to promote only in the report of a promotable version.
+
+    A first run has no champion to compare with, and its note says to promote one; the version of
+    this report can become the champion only if its own audit passed.
+    """
+    status = _audit_status(audit)
+    if status == "passed" or "medtl registry promote" not in note:
+        return note
+    text = _PROMOTE_HINT.sub("", note)
+    text = "; ".join(part for part in text.split("; ") if "medtl registry promote" not in part)
+    why = {"failed": "its audit failed", "inconclusive": "its audit is inconclusive"}.get(
+        str(status), "its audit is not recorded as passed")
+    return (f"{text}; this version cannot become the champion ({why}): a later version whose audit passed "
+            "can, or set audit.reference: scratch to compare with a from-scratch twin")
 
 
 def _unevaluated_entries(audit: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -173,10 +193,12 @@ def _unevaluated(x: ReportInputs) -> str:
         return ""
     limit = _suppression_limit(x)
     if status == "inconclusive":
-        body = ('<p class="warn"><strong>Inconclusive, not a pass:</strong> no subgroup gap could be measured, so '
-                "this audit checked nothing. An attribute is evaluated when two or more of its groups have a "
-                f"value of a tested metric (more than {limit} patients each, with enough positives and negatives) "
-                "and the gap between them has a confidence interval. The registry will not promote this version.</p>")
+        body = ('<p class="warn"><strong>Inconclusive, not a pass:</strong> no subgroup gap could be decided (none '
+                "was shown within its tolerance or beyond it), so this audit checked nothing. An attribute is "
+                "evaluated when a tested gap's confidence interval lies wholly on one side of the tolerance: that "
+                f"needs two or more groups with a value of a tested metric (more than {limit} patients each, with "
+                "enough positives and negatives) and enough patients for a narrow interval. The registry will not "
+                "promote this version.</p>")
     else:
         body = ('<p class="muted">The verdict rests on the evaluated attributes only; these could not be '
                 "evaluated:</p>")
@@ -233,7 +255,8 @@ def _amplification(x: ReportInputs) -> str:
                           "works (longer training from scratch, or the champion) is needed to judge "
                           "amplification.</p>")
     elif x.amplification is None:
-        reasons = [n for n in x.audit.get("notes", []) if isinstance(n, str) and n.startswith("bias amplification")]
+        reasons = [_shown_note(n, x.audit) for n in x.audit.get("notes", [])
+                   if isinstance(n, str) and n.startswith("bias amplification")]
         return intro + "<p>" + _e(reasons[0] if reasons else "No reference model was compared.") + "</p>"
     rows = [[_e(_cross(a.get("attribute"))), _e(_metric_name(str(a.get("metric")))),
              _e(str(a.get("kind", "difference")).replace("_", " ")), _num(a.get("reference")), _num(a.get("model")),
@@ -256,10 +279,11 @@ def _derived_limitations(x: ReportInputs) -> list[str]:
     out = []
     unevaluated = [_cross(u.get("attribute")) for u in _unevaluated_entries(x.audit)]
     if _audit_status(x.audit) == "inconclusive":
-        out.append("The subgroup audit is inconclusive: no between-group gap could be measured on this test set, "
-                   "so performance differences between groups are unknown.")
+        out.append("The subgroup audit is inconclusive: no between-group gap could be decided on this test set "
+                   "(none shown within tolerance or beyond it), so performance differences between groups are "
+                   "unknown.")
     elif unevaluated:
-        out.append(f"Not evaluated by the subgroup audit (no measurable gap): {', '.join(unevaluated[:12])}.")
+        out.append(f"Not evaluated by the subgroup audit (no decided gap): {', '.join(unevaluated[:12])}.")
     groups = x.audit.get("groups", [])
     suppressed = [f"{_cross(g.get('attribute'))} = {_cross(g.get('group'))}" for g in groups if g.get("suppressed")]
     if suppressed:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from medtl.evaluation import report_plots as rp
+from medtl.vocabulary import AUDIT_STATUSES
 
 _METRIC_NAMES = {
     "auroc": "AUROC", "auprc": "AUPRC", "accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
@@ -123,7 +124,7 @@ def _passfail(passed: Any) -> str:
 def _audit_status(audit: Mapping[str, Any]) -> str | None:
     """audit.json's "status"; for documents written before it existed, from "passed" (None if neither)."""
     status = audit.get("status")
-    if status in ("passed", "failed", "inconclusive"):
+    if status in AUDIT_STATUSES:
         return str(status)
     passed = audit.get("passed")
     return None if passed is None else "passed" if passed else "failed"

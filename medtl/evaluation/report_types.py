@@ -82,6 +82,7 @@ class EvaluationMethods:
     min_group_size: int = 10  # groups with at most this many patients are suppressed (audit setting)
     test_description: str = "held-out test split of the same sources (internal validation)"
     external_validation: bool = False
+    positive_class: str | None = None  # two classes: the one sensitivity, FNR and the audit's gaps refer to
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from medtl.config import WorkflowConfig
 from medtl.errors import ConfigError
 from medtl.evaluation.bootstrap import check_bootstrap_settings
-from medtl.run import PHILeakError
+from medtl.run import AUDIT_STATUS_TAG, PHILeakError
 from medtl.run_evaluation import check_audit_setup, evaluate, run_audit
 from medtl.studies.label_fractions import check_label_fractions, fraction_key, nested_label_subsets
 from medtl.studies.transfer_summary import bias_summary, summarise, write_figures, write_html
@@ -299,6 +299,8 @@ def _child_run(cfg: WorkflowConfig, data: PreparedData, arm: Arm, fraction: floa
         table = evaluation.pop("cases") if cfg.task == "segmentation" else predictions
         audit = run_audit(cfg, data, table, progress=False).to_dict()
         run_records.log_json(audit, "audit.json")
+        # As `medtl run`: the metric audit.passed cannot tell a failed audit from one that decided nothing.
+        mlflow.set_tag(AUDIT_STATUS_TAG, audit["status"])
         metric = _primary_metric(cfg, evaluation["test"])
         estimate = evaluation["test"].get(metric) or {}
         flat = {f"test.{metric}": estimate.get("value"), "train_seconds": fit.total_train_seconds,
@@ -319,7 +321,7 @@ def _child_run(cfg: WorkflowConfig, data: PreparedData, arm: Arm, fraction: floa
         "epochs_run": int(fit.epochs_run), "best_epoch": int(fit.best_epoch), "best_val": _number(fit.best_metric),
         "n_train_patients": int(train_rows["patient"].nunique()), "n_train_images": len(train_rows),
         "strategy": arm.strategy, "weights_source": trained.bundle.weights.source, "run_id": created.info.run_id,
-        "history": history, "audit_passed": bool(audit["passed"]),
+        "history": history, "audit_passed": bool(audit["passed"]), "audit_status": audit["status"],
         "gaps": [{k: g.get(k) for k in ("attribute", "metric", "value", "ci", "flagged", "status")}
                  for g in audit.get("gaps", []) if g.get("kind") == "difference"],
         "metric": metric,

@@ -11,7 +11,7 @@ import os
 # mlflow is imported, because its telemetry client starts at import time.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from medtl.tracking.phi_guard import scan_registered_version, scan_run  # noqa: E402
+from medtl.tracking.phi_guard import scan_fields, scan_registered_version, scan_run  # noqa: E402
 from medtl.tracking.registry import (  # noqa: E402
     AUDIT_STATUS,
     CANDIDATE,
@@ -56,6 +56,7 @@ __all__ = [
     "log_weights",
     "promote",
     "register_model",
+    "scan_fields",
     "scan_registered_version",
     "scan_run",
     "set_audit_status",

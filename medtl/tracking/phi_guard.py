@@ -8,14 +8,17 @@ files (JSON, YAML, CSV, HTML, MLmodel, ...) and the text inside binary ones; com
 zip archives are searched after decompression.
 
 It looks for the caller's forbidden strings (patient names, MRNs, accession numbers, original file
-or folder names; case-insensitive), for the given absolute paths and the current user's home
+or folder names; case-insensitive, and normalised like the manifest's guard so that "DOE^JANE"
+finds "Doe_Jane" and "22 07 2019" finds "22.07.2019"; numbers only whole, from
+`medtl.vocabulary.MIN_SCANNED_DIGITS` digits on), for the given absolute paths and the current user's home
 folder, and for a field whose whole value is the OS user name, unless that name is a common word
 ("root", "admin", "user": `medtl.vocabulary.common_word`). Such a name identifies no one, and
 containers run as "root": a data folder named "root" would otherwise fail every run. The store's
 own artifact locations (which MLflow writes into every `MLmodel`) are not path findings.
 
 A finding says where and what kind ("run param 'data.root': forbidden path #1"), never the value;
-when a name itself contains a forbidden item it is replaced by its position.
+when a name itself contains a forbidden item it is replaced by its position. `scan_fields` checks
+params and names with the same rules before they are logged.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import re
 import tempfile
 import urllib.parse
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -39,7 +42,7 @@ from mlflow.exceptions import MlflowException
 from medtl.errors import InputError
 from medtl.tracking.registry import get_model_version
 from medtl.tracking.store import client
-from medtl.vocabulary import common_word
+from medtl.vocabulary import MIN_SCANNED_DIGITS, common_word, normalise
 
 _MAX_MEMBER_BYTES = 1 << 30  # compressed zip members larger than this are reported, not read
 
@@ -48,12 +51,15 @@ _MAX_MEMBER_BYTES = 1 << 30  # compressed zip members larger than this are repor
 class _Needles:
     """Search needles; labels name the kind of finding, never the value.
 
-    Forbidden strings are matched as lower-cased bytes with `in` (one fast substring search per
-    needle) rather than one regex each: a run's artifacts include multi-megabyte model files and
-    a manifest can contribute thousands of identifying values.
+    Each forbidden string is matched twice. As lower-cased bytes with `in` (one fast substring
+    search per needle) rather than one regex each: a run's artifacts include multi-megabyte model
+    files and a manifest can contribute thousands of identifying values. And normalised
+    (`medtl.vocabulary.normalise`: case-folded, every run of separators one space) against the
+    normalised text, as a whole-word sequence, the way the manifest's guard matches: the needle
+    "doe jane" finds "Doe_Jane_CT" and "22 07 2019" finds "22.07.2019".
     """
 
-    strings: tuple[tuple[str, tuple[bytes, ...]], ...]
+    strings: tuple[tuple[str, tuple[bytes, ...], str | None], ...]
     paths: tuple[tuple[str, re.Pattern[bytes]], ...]
     user: str | None
     allowed: tuple[re.Pattern[bytes], ...] = ()
@@ -62,25 +68,19 @@ class _Needles:
         raw = bytes(data)
         text, binary = _text_of(raw)
         text = text.lower()
+        normalised: tuple[str, frozenset[str]] | None = None
         found = []
-        for label, variants in self.strings:
-            for v in variants:
-                if v.isdigit():
-                    # Numbers only as whole numbers: an ID "334960" is not a leak inside the
-                    # score 0.9334960 of metrics.json.
-                    hit = v in text and re.search(rb"(?<![0-9.])" + v + rb"(?![0-9])", text) is not None
-                elif len(v) >= _MIN_SUBSTRING_NEEDLE:
-                    hit = v in text
-                elif binary:
-                    # In the printable runs of binary data, short needles match by chance.
-                    hit = False
-                else:
-                    # Short values (name parts such as "WEI") only count as whole tokens:
-                    # as substrings they match ordinary words ("weights").
-                    hit = v in text and re.search(_token_pattern(v), text) is not None
-                if hit:
-                    found.append(label)
-                    break
+        for label, variants, needle in self.strings:
+            hit = any(_raw_hit(v, text, binary) for v in variants)
+            if not hit and needle is not None and (not binary or len(needle) >= _MIN_SUBSTRING_NEEDLE):
+                if normalised is None:
+                    words = normalise(text.decode("utf-8", errors="replace"))
+                    # Padded, so that " needle " also matches at the very start and end; the set of
+                    # words lets most needles stop at one lookup (thousands of needles, MBs of text).
+                    normalised = f" {words} ", frozenset(words.split())
+                hit = needle.split(" ", 1)[0] in normalised[1] and f" {needle} " in normalised[0]
+            if hit:
+                found.append(label)
         spans: list[tuple[int, int]] | None = None
         for label, pattern in self.paths:
             for match in pattern.finditer(raw):
@@ -147,6 +147,49 @@ def scan_files(paths: Iterable[Path], forbidden: Iterable[str], forbidden_paths:
         findings.extend(f"file {path.name!r}: {hit}" for hit in _file_hits(path, needles))
         if zipfile.is_zipfile(path):
             findings.extend(f"file {path.name!r}: {hit}" for hit in _zip_hits(path, needles))
+    return list(dict.fromkeys(findings))
+
+
+def scan_fields(
+    fields: Mapping[str, object],
+    forbidden: Iterable[str],
+    forbidden_paths: Iterable[Path],
+    *,
+    where: str = "field",
+) -> list[str]:
+    """Check name/value pairs (params, tags, names) before anything is logged to MLflow.
+
+    The same rules as the fields of `scan_run`: forbidden strings (raw and normalised), forbidden
+    paths and the home folder, and a value that is the OS user name. A run can thus refuse its
+    params, experiment and model names before MLflow stores them.
+
+    Args:
+        fields: Name -> value, e.g. the flattened params a run is about to log.
+        forbidden: Strings that must appear nowhere (as for `scan_run`).
+        forbidden_paths: Absolute paths that must appear nowhere; the user's home is always added.
+        where: What the fields are, for the findings ("run param", "experiment", ...).
+
+    Returns:
+        Findings naming the key, never the value, e.g. `"run param 'data.root': forbidden path #1"`;
+        a key that itself holds a forbidden item is withheld (`"run param (name withheld) name:
+        forbidden string #1"`). Empty when clean.
+
+    Raises:
+        InputError: as `scan_run`, for a single string instead of a list or a root path, or when
+            `fields` is not a mapping.
+
+    Example:
+        >>> scan_fields({"data.root": "DOE_JANE"}, ["DOE^JANE"], [], where="run param")  # doctest: +SKIP
+        ["run param 'data.root': forbidden string #1"]
+    """
+    if not isinstance(fields, Mapping):
+        raise InputError(
+            f"fields must be a mapping name -> value, not {type(fields).__name__}; pass e.g. the params as a dict"
+        )
+    needles = _needles(forbidden, forbidden_paths)
+    findings: list[str] = []
+    for key, value in fields.items():
+        _field(findings, needles, where, key, value)
     return list(dict.fromkeys(findings))
 
 
@@ -316,11 +359,15 @@ def _needles(forbidden: Iterable[str], forbidden_paths: Iterable[Path]) -> _Need
     strings = []
     for number, text in enumerate(forbidden, 1):
         text = str(text)
-        if text.strip():
-            if text.strip().isdigit() and len(text.strip()) < _MIN_NUMERIC_NEEDLE:
-                continue  # short numbers occur in every metrics file; such IDs are not evidence
-            variants = {v.encode().lower() for v in (text, text.casefold())}
-            strings.append((f"forbidden string #{number}", tuple(sorted(variants))))
+        if not text.strip():
+            continue
+        needle = normalise(text)
+        if needle.isdigit() and len(needle) < MIN_SCANNED_DIGITS:
+            continue  # short numbers occur in every metrics file ("1024x1024"); such IDs are not evidence
+        variants = {v.encode().lower() for v in (text, text.casefold())}
+        # A number matches only whole (the raw rule): normalised, the score "0.12345" reads "0 12345".
+        strings.append((f"forbidden string #{number}", tuple(sorted(variants)),
+                        None if not needle or needle.isdigit() else needle))
     paths = []
     for number, path in enumerate(forbidden_paths, 1):
         absolute = Path(path).expanduser().absolute()
@@ -364,10 +411,36 @@ def _quiet_downloads() -> Iterator[None]:
 
 
 _MIN_SUBSTRING_NEEDLE = 6
-_MIN_NUMERIC_NEEDLE = 6
+# A hash-like token (run and model ids, SHA-256): 12+ hex characters mixing letters and digits. A
+# 5-digit ID inside one is chance (a 32-character run id holds a given 5-digit run ~1 in 30,000 times).
+_HEX_TOKEN = re.compile(rb"(?<![0-9a-z])(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{12,}(?![0-9a-z])")
 _PRINTABLE_RUN = re.compile(rb"[\x20-\x7e\t\n\r]{3,}")
 # Inline images (the report's plots) are base64 noise in which short needles match by chance.
 _DATA_URI = re.compile(rb"data:[a-z/+.-]+;base64,[A-Za-z0-9+/=\s]+")
+
+
+def _raw_hit(needle: bytes, text: bytes, binary: bool) -> bool:
+    """Whether one raw (lower-cased) form of a forbidden string occurs in the lower-cased text."""
+    if needle not in text:
+        return False  # the cheap test first: almost every needle stops here
+    if needle.isdigit():
+        # A whole number: the ID 12345 is in "12345" and in "12345.0" (a pandas float ID column),
+        # not in the score 0.123456, the decimal 12345.5 or the hash "3fa12345b9c0d1e2".
+        pattern = rb"(?<![0-9.])" + needle + rb"(?:\.0+)?(?![0-9]|\.[0-9])"
+        hex_spans = None
+        for match in re.finditer(pattern, text):
+            if hex_spans is None:
+                hex_spans = [m.span() for m in _HEX_TOKEN.finditer(text)]
+            if not any(start <= match.start() < end for start, end in hex_spans):
+                return True
+        return False
+    if len(needle) >= _MIN_SUBSTRING_NEEDLE:
+        return True
+    if binary:
+        return False  # in the printable runs of binary data, short needles match by chance
+    # Short values (name parts such as "WEI") only count as whole tokens: as substrings they match
+    # ordinary words ("weights").
+    return re.search(_token_pattern(needle), text) is not None
 
 
 def _token_pattern(needle: bytes) -> bytes:

@@ -3,7 +3,8 @@
 Aliases replace MLflow's deprecated stages. Every new version gets `candidate` and
 `audit_status=pending`; only `promote` moves `champion`, and only to a version whose bias audit
 passed (`set_audit_status(..., "passed", ...)`): not one whose audit failed, or was inconclusive
-(it could measure no subgroup gap, e.g. every group of a small test set was suppressed).
+(it decided no subgroup gap, e.g. every group of a small test set was suppressed, or every
+attribute was unknown). The statuses are `medtl.vocabulary.AUDIT_STATUSES` plus "pending".
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from mlflow.exceptions import MlflowException
 from medtl.errors import ConfigError, InputError
 from medtl.tracking.store import client
 from medtl.tracking.values import MAX_TAG_LENGTH, safe_key, safe_text
+from medtl.vocabulary import AUDIT_STATUSES
 
 _log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 AUDIT_STATUS = "audit_status"
+PENDING = "pending"
 #: Version tag values: "pending" until the audit ran, then the audit's verdict (audit.json "status").
-AUDIT_STATUSES = ("pending", "passed", "failed", "inconclusive")
+VERSION_AUDIT_STATUSES = (PENDING, *AUDIT_STATUSES)
 REQUIRED_VERSION_TAGS = ("task", "encoder", "weights_origin", "strategy", "manifest_sha256")
 
 
@@ -70,7 +73,7 @@ def register_model(
     version_tags = {safe_key(k): safe_text(v, max_length=MAX_TAG_LENGTH) for k, v in tags.items()}
     for key, value in (metrics or {}).items():
         version_tags[safe_key(f"metric.{key}")] = _metric_text(key, value)
-    version_tags[AUDIT_STATUS] = "pending"
+    version_tags[AUDIT_STATUS] = PENDING
     version = mlflow.register_model(model_uri, name, tags=version_tags)
     client().set_registered_model_alias(name, CANDIDATE, version.version)
     return str(version.version)
@@ -92,9 +95,9 @@ def set_audit_status(
     Raises:
         InputError: when the status is unknown or the version does not exist.
     """
-    if status not in AUDIT_STATUSES:
+    if status not in VERSION_AUDIT_STATUSES:
         raise InputError(
-            f"audit status must be one of {', '.join(AUDIT_STATUSES)}, not {safe_text(status)!r}; "
+            f"audit status must be one of {', '.join(VERSION_AUDIT_STATUSES)}, not {safe_text(status)!r}; "
             "pass the audit's verdict"
         )
     current = get_model_version(name, version)
@@ -142,14 +145,19 @@ def promote(name: str, version: str | int) -> None:
 
 
 _PROMOTE_ADVICE = {
-    "failed": "its bias audit flagged subgroup gaps beyond tolerance (see the run's report.html and audit.json); "
-              "fix the model or data and promote a later version whose audit passed",
-    "inconclusive": "its bias audit could not measure any subgroup gap (audit.json unevaluated_attributes says "
-                    "why, e.g. every group of a small test set was suppressed); evaluate on more test patients "
-                    "per group (or lower audit.min_group_size if that is acceptable), run again and promote "
-                    "the version whose audit passed",
-    "pending": "its bias audit has not finished; wait for the run to end, or run it again if it stopped",
-    "missing": "run the bias audit (`medtl run`) and record it with set_audit_status(..., 'passed', ...)",
+    "failed": "its bias audit flagged subgroup gaps beyond tolerance (see the run's report.html and audit.json), "
+              "so this version cannot be promoted; fix the model or data, run `medtl run` again, and promote "
+              "the new version once its audit passed",
+    "inconclusive": "its bias audit decided no subgroup gap (none was shown within tolerance or beyond it), so it "
+                    "checked nothing and this version cannot be promoted; audit.json unevaluated_attributes says "
+                    "why for each attribute and what would make it evaluable: provide attributes that are "
+                    "unknown for every patient (sex, age, site or scanner columns in the labels CSV, or DICOM "
+                    "headers that carry them), or more test patients per group (or a lower "
+                    "audit.min_group_size if that is acceptable); then run `medtl run` again and promote the "
+                    "new version once its audit passed",
+    PENDING: "its bias audit has not finished; wait for the run to end, or run it again if it stopped",
+    "missing": "no bias audit was recorded for it, so it cannot be promoted; register models through `medtl run`, "
+               "which audits them, and promote a version whose audit passed",
 }
 
 

@@ -267,6 +267,88 @@ def test_status_follows_the_evaluated_attributes_and_lists_the_others():
     assert [u["attribute"] for u in failed["unevaluated_attributes"]] == ["ward"]
 
 
+def _sex_auroc_gap(df, pid) -> float:
+    doc = BiasAudit(["sex"], intersections=False, config=AuditConfig(tolerances={"auroc": 0.05}), **FAST).run(df, pid)
+    return next(g.value for g in doc.result_.gaps if (g.metric, g.kind) == ("auroc", "difference"))
+
+
+def test_an_audit_whose_tested_gaps_are_all_inconclusive_is_inconclusive_not_passed():
+    # A tolerance at the gap's own point value: its CI straddles it, so the gap is measured but undecided.
+    df, pid = _predictions(n_patients=300, seed=5, gap=0.3)
+    at_gap = AuditConfig(tolerances={"auroc": _sex_auroc_gap(df, pid)})
+    doc = BiasAudit(["sex"], intersections=False, config=at_gap, **FAST).run(df, pid).to_dict()
+    tested = [g for g in doc["gaps"] if g["tolerance"] is not None]
+    assert tested and {g["status"] for g in tested} == {"inconclusive"}
+    assert doc["status"] == "inconclusive" and doc["passed"] is False and doc["evaluated_attributes"] == []
+    (entry,) = doc["unevaluated_attributes"]
+    assert entry["attribute"] == "sex" and "all contain the tolerance" in entry["reason"]
+    assert "more test patients per group" in entry["remedy"]
+    assert any(n.startswith("audit inconclusive") and "decided" in n for n in doc["notes"])
+    # One gap shown within its tolerance decides the attribute: the audit passes.
+    decided = AuditConfig(tolerances={"auroc": at_gap.tolerances["auroc"], "fnr": 1.0})
+    doc = BiasAudit(["sex"], intersections=False, config=decided, **FAST).run(df, pid).to_dict()
+    assert {g["metric"]: g["status"] for g in doc["gaps"] if g["tolerance"] is not None} == {
+        "auroc": "inconclusive", "fnr": "within"}
+    assert doc["status"] == "passed" and doc["evaluated_attributes"] == ["sex"]
+
+
+def test_an_intersection_with_a_single_valued_attribute_is_left_out_of_the_tested_family():
+    df, pid = _predictions(n_patients=800, seed=5)
+    df["age_band"] = "0-17"  # every test patient a child: sex&age_band would repeat sex
+    doc = BiasAudit(["sex", "age_band"], **FAST).run(df, pid).to_dict()
+    assert not any(g["attribute"] == "sex&age_band" for g in [*doc["groups"], *doc["gaps"]])
+    assert doc["correction"]["tested"] == 3  # auroc, fnr, equalized_odds of sex only
+    (left_out,) = doc["left_out_intersections"]
+    assert left_out["attribute"] == "sex&age_band"
+    assert "age_band has one value for every test patient, so its groups are those of sex" in left_out["reason"]
+    assert any(n.startswith("sex&age_band: not audited") for n in doc["notes"])
+    assert [u["attribute"] for u in doc["unevaluated_attributes"]] == ["age_band"]
+    both = BiasAudit(["sex", "age_band"], **FAST).run(df.assign(age_band=df["sex"].map({"F": "40-64", "M": "65+"})),
+                                                       pid).to_dict()
+    assert both["left_out_intersections"] == [] and both["correction"]["tested"] == 9
+
+
+def test_an_attribute_unknown_for_every_test_patient_says_how_to_provide_it():
+    # A PNG export without sex, age or site columns: the manifest writes U and unknown everywhere.
+    df, pid = _predictions(n_patients=800, seed=5)
+    df = df.assign(sex="U", age_band="unknown", scanner=np.nan)
+    doc = BiasAudit(["sex", "age_band", "site", "scanner"], **FAST).run(df, pid).to_dict()
+    reasons = {u["attribute"]: u for u in doc["unevaluated_attributes"]}
+    assert list(reasons) == ["sex", "age_band", "scanner"] and doc["evaluated_attributes"] == ["site"]
+    for attribute in reasons:
+        assert "unknown for every test patient" in reasons[attribute]["reason"], attribute
+        assert "only one group" not in reasons[attribute]["reason"]
+        assert "add test patients" not in reasons[attribute]["remedy"]
+    assert "a sex column" in reasons["sex"]["remedy"] and "labels CSV" in reasons["sex"]["remedy"]
+    assert "PatientSex" in reasons["sex"]["remedy"]
+    assert "an age column" in reasons["age_band"]["remedy"] and "PatientBirthDate" in reasons["age_band"]["remedy"]
+    assert "a scanner column" in reasons["scanner"]["remedy"]
+    # Their intersections would repeat site (or nothing at all): none is audited.
+    assert {u["attribute"] for u in doc["left_out_intersections"]} == {
+        "sex&age_band", "sex&site", "sex&scanner", "age_band&site", "age_band&scanner", "site&scanner"}
+
+
+def test_the_audit_statuses_have_one_source():
+    import ast
+    from pathlib import Path
+
+    from medtl import vocabulary
+    from medtl.evaluation import audit_types
+    from medtl.tracking import registry
+
+    assert audit_types.AUDIT_STATUSES is vocabulary.AUDIT_STATUSES
+    assert registry.VERSION_AUDIT_STATUSES == ("pending", *vocabulary.AUDIT_STATUSES)
+    package = Path(vocabulary.__file__).parent
+    spelled = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set):
+                words = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                if set(vocabulary.AUDIT_STATUSES) <= words:
+                    spelled.append(path.relative_to(package).as_posix())
+    assert spelled == ["vocabulary.py"], "spell the audit statuses only in medtl.vocabulary"
+
+
 # -- bias amplification --------------------------------------------------------------------
 
 
@@ -549,7 +631,7 @@ def test_protect_leaves_no_hidden_cell_of_a_two_way_table_determined():
 def test_every_audit_status_is_documented():
     from pathlib import Path
 
-    from medtl.evaluation.audit_types import AUDIT_STATUSES
+    from medtl.vocabulary import AUDIT_STATUSES
 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "audit.md").read_text()
     for status in AUDIT_STATUSES:

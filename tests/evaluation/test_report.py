@@ -410,7 +410,7 @@ def test_an_inconclusive_audit_is_shown_as_such_never_as_a_green_pass(tmp_path, 
         assert '<span class="badge warn">inconclusive</span>' in section, sid
         assert '<span class="badge ok">passed</span>' not in section, sid
     headline = _section_text(text, "identification")
-    assert "Flagged gaps" in headline and "none measured" in headline
+    assert "Flagged gaps" in headline and "none decided" in headline
     subgroups = _section_text(text, "subgroups")
     assert "Inconclusive, not a pass" in subgroups and "checked nothing" in subgroups
     rows = {cells[0]: cells for _, cells in _parse(text).rows["subgroups"] if len(cells) == 3}
@@ -434,3 +434,29 @@ def test_an_audit_json_without_status_still_renders_from_passed(tmp_path, classi
     audit = {k: v for k, v in classification_inputs.audit.items() if k != "status"}
     _, text = _render(dataclasses.replace(classification_inputs, audit={**audit, "passed": True}), tmp_path / "r.html")
     assert '<span class="badge ok">passed</span>' in text
+
+
+NO_CHAMPION = ("bias amplification: not computed, model 'chest' has no champion version with an audit.json yet "
+               "(promote one with `medtl registry promote`, or set audit.reference: scratch)")
+
+
+@pytest.mark.parametrize("status", ["inconclusive", "failed"])
+def test_the_no_champion_note_never_advises_promoting_a_version_whose_audit_did_not_pass(
+        tmp_path, classification_inputs, status):
+    audit = {**_inconclusive_audit(), "status": status, "notes": [NO_CHAMPION]}
+    _, text = _render(dataclasses.replace(classification_inputs, audit=audit, amplification=None), tmp_path / "r.html")
+    assert "registry promote" not in text
+    for sid in ("amplification", "subgroups"):
+        section = _section_text(text, sid)
+        assert "has no champion version" in section and "this version cannot become the champion" in section, sid
+        assert f"its audit {'is inconclusive' if status == 'inconclusive' else 'failed'}" in section
+    passed = {**_inconclusive_audit(), "status": "passed", "passed": True, "notes": [NO_CHAMPION]}
+    _, text = _render(dataclasses.replace(classification_inputs, audit=passed, amplification=None), tmp_path / "p.html")
+    assert "`medtl registry promote`" in _section_text(text, "amplification")
+
+
+def test_an_inconclusive_report_says_no_gap_could_be_decided(tmp_path, classification_inputs):
+    inputs = dataclasses.replace(classification_inputs, audit=_inconclusive_audit(), amplification=None)
+    _, text = _render(inputs, tmp_path / "r.html")
+    assert "no subgroup gap could be decided" in _section_text(text, "subgroups")
+    assert "could be decided" in _section_text(text, "limitations")

@@ -172,3 +172,65 @@ def test_scan_files_finds_a_planted_string_and_a_data_path_in_a_local_report(tmp
     assert any(f.startswith("file 'report.html'") and "path" in f for f in findings)
     assert not any("clean.html" in f for f in findings)
     _no_value_echoed(findings, PATIENT, str(data_root))
+
+
+# The manifest hands the guard normalised needles ("doe jane", "2019 07 22") and the raw values.
+NORMALISED = ["doe jane", "2019 07 22", "22 07 2019", "DOE^JANE", "20190722"]
+
+
+def test_normalised_needles_find_names_and_dates_written_with_other_separators(store, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("series: Doe, Jane - CT of 22/07/2019\n")
+    with tracking.start_run("medtl-test") as run:
+        mlflow.log_param("series", "Doe_Jane_CT_2019-07-22")
+        mlflow.log_param("date", "22.07.2019")
+        mlflow.log_param("clean", "jane_doe_foundation_2019")  # other words, other order: no needle
+        mlflow.log_artifact(str(notes))
+    findings = tracking.scan_run(run.info.run_id, NORMALISED, [])
+    for number in (1, 2, 4):
+        assert f"run param 'series': forbidden string #{number}" in findings
+    assert "run param 'date': forbidden string #3" in findings
+    assert "run artifact 'notes.txt': forbidden string #1" in findings
+    assert "run artifact 'notes.txt': forbidden string #3" in findings
+    assert not any("'clean'" in f for f in findings), findings
+    _no_value_echoed(findings, "doe", "jane", "2019")
+
+
+def test_normalised_needles_match_whole_words_only_and_long_ones_in_binary_files(tmp_path):
+    text = tmp_path / "words.txt"
+    text.write_text("weights: imagenet; reader huang_wei; doejane; 2019-07-221\n")
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x00\x01Doe_Jane\x02\x00wei_huang\x00")
+    findings = tracking.phi_guard.scan_files([text, binary], ["wei", "doe jane", "2019 07 22"], [])
+    assert findings == ["file 'words.txt': forbidden string #1", "file 'model.bin': forbidden string #2"]
+
+
+def test_five_digit_ids_are_found_as_whole_numbers_not_inside_scores_decimals_or_hashes(tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"auroc": 0.123456, "brier": 0.12345, "seconds": 12345.5, "n": 1234, '
+                       '"run_id": "3fa12345b9c0d1e2aa47", "step": 912345}')
+    as_int, as_float = tmp_path / "ids.csv", tmp_path / "ids_float.csv"
+    as_int.write_text("row,patient\n1,12345\n")
+    as_float.write_text("row,patient\n1,12345.0\n")  # pandas writes an ID column with a gap as floats
+    findings = tracking.phi_guard.scan_files([metrics, as_int, as_float], ["12345", "1234"], [])
+    assert findings == ["file 'ids.csv': forbidden string #1", "file 'ids_float.csv': forbidden string #1"]
+
+
+def test_scan_fields_checks_params_and_names_before_they_are_logged(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOGNAME", "jsmith")
+    data_root = tmp_path / "hospital"
+    fields = {"data.root": "Doe_Jane", "data.labels": str(data_root / "labels.csv"), "operator": "JSmith",
+              f"note_{MRN}": "x", "train.lr": "0.001", "data.series": "12345"}
+    findings = tracking.phi_guard.scan_fields(fields, [*NORMALISED, MRN, "12345"], [data_root], where="run param")
+    assert findings == [
+        "run param 'data.root': forbidden string #1",
+        "run param 'data.root': forbidden string #4",
+        "run param 'data.labels': forbidden path #1",
+        "run param 'operator': OS user name",
+        "run param (name withheld) name: forbidden string #6",
+        "run param 'data.series': forbidden string #7",
+    ]
+    _no_value_echoed(findings, "jane", MRN, "jsmith", "12345", str(data_root))
+    assert tracking.phi_guard.scan_fields({"experiment": "chest-xray"}, NORMALISED, [data_root]) == []
+    with pytest.raises(InputError, match="fields must be a mapping"):
+        tracking.phi_guard.scan_fields(["data.root"], NORMALISED, [])

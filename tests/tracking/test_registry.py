@@ -60,9 +60,13 @@ def test_promote_refuses_an_inconclusive_audit_and_says_what_to_do(model_uri):
     client = mlflow.MlflowClient()
     entry = client.get_model_version("reg-inconclusive", version)
     assert entry.tags["audit_status"] == "inconclusive" and entry.tags["audit.evaluated_attributes"] == "0"
-    with pytest.raises(InputError, match=r"not 'inconclusive'; .*could not measure any subgroup gap.*more test "
-                                         r"patients per group"):
+    with pytest.raises(InputError, match=r"not 'inconclusive'; .*decided no subgroup gap.*cannot be promoted") as err:
         tracking.promote("reg-inconclusive", version)
+    advice = str(err.value)
+    # What would make it evaluable: attributes unknown for every patient, and small groups.
+    assert "unevaluated_attributes" in advice and "labels CSV" in advice and "DICOM headers" in advice
+    assert "more test patients per group" in advice and "`medtl run` again" in advice
+    assert "registry promote" not in advice and "set_audit_status" not in advice
     assert "champion" not in client.get_registered_model("reg-inconclusive").aliases
     # A champion whose audit is re-recorded as inconclusive loses the alias, as for a failed one.
     tracking.set_audit_status("reg-inconclusive", version, "passed")
@@ -72,10 +76,18 @@ def test_promote_refuses_an_inconclusive_audit_and_says_what_to_do(model_uri):
 
 
 def test_registry_statuses_are_the_audit_statuses_plus_pending():
-    from medtl.evaluation.audit_types import AUDIT_STATUSES
-    from medtl.tracking.registry import AUDIT_STATUSES as VERSION_STATUSES
+    from medtl.tracking.registry import VERSION_AUDIT_STATUSES
+    from medtl.vocabulary import AUDIT_STATUSES
 
-    assert set(VERSION_STATUSES) == {"pending", *AUDIT_STATUSES}
+    assert VERSION_AUDIT_STATUSES == ("pending", *AUDIT_STATUSES)
+
+
+def test_promote_without_a_recorded_audit_never_advises_recording_a_pass_by_hand(model_uri):
+    version = tracking.register_model(model_uri, "reg-no-audit", registry_tags())
+    mlflow.MlflowClient().delete_model_version_tag("reg-no-audit", version, "audit_status")
+    with pytest.raises(InputError, match=r"not missing; no bias audit was recorded for it") as err:
+        tracking.promote("reg-no-audit", version)
+    assert "set_audit_status" not in str(err.value) and "`medtl run`" in str(err.value)
 
 
 def test_registration_without_documented_tags_or_with_audit_status_is_refused(model_uri):
