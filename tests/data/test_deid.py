@@ -45,6 +45,11 @@ def _dataset_with_phi() -> Dataset:
     return ds
 
 
+def _ct_dataset() -> Dataset:
+    return factory.base_dataset(sop_class=pydicom.uid.CTImageStorage, series_uid="1.2.9.1", study_uid="1.2.9.2",
+                                modality="CT", instance="1.2.9.3")
+
+
 def _values(ds: Dataset) -> set[str]:
     return {value for value, _field in identifying_values(ds)}
 
@@ -108,13 +113,7 @@ def test_real_names_ids_and_institutions_stay_identifying(value):
 
 
 def test_identifying_values_reads_private_strings_of_files_without_a_dictionary(tmp_path):
-    ds = factory.base_dataset(
-        sop_class=pydicom.uid.CTImageStorage,
-        series_uid="1.2.9.1",
-        study_uid="1.2.9.2",
-        modality="CT",
-        instance="1.2.9.3",
-    )
+    ds = _ct_dataset()
     ds.add_new(0x00291010, "LO", "Operator KOWALSKI")
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
@@ -124,13 +123,7 @@ def test_identifying_values_reads_private_strings_of_files_without_a_dictionary(
 
 
 def test_identifying_values_emit_no_warning_or_log_quoting_an_invalid_value(tmp_path, caplog):
-    ds = factory.base_dataset(
-        sop_class=pydicom.uid.CTImageStorage,
-        series_uid="1.2.9.1",
-        study_uid="1.2.9.2",
-        modality="CT",
-        instance="1.2.9.3",
-    )
+    ds = _ct_dataset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds.add_new(0x00081155, "UI", "SECRET.01.77")  # invalid UID: pydicom warns quoting the value
