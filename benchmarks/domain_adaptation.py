@@ -1,8 +1,8 @@
 """Benchmark: domain adaptation to one site of the demo data (source-only vs AdaBN vs DANN).
 
-Writes the synthetic demo studies (`medtl.data.demo.write_demo_data`) into the work folder, builds
-their manifest once, and trains the demo workflow (`medtl.demo.DEMO_WORKFLOW`: ImageNet
-EfficientNet-Lite0, 64 px) three ways, each with `medtl.run.run_workflow`:
+Writes the synthetic demo studies (`medtl.data.synthetic.write_demo_data`) into the work folder, builds
+their manifest once, and trains the demo workflow (`medtl.workflow.demo.DEMO_WORKFLOW`: ImageNet
+EfficientNet-Lite0, 64 px) three ways, each with `medtl.workflow.run.run_workflow`:
 
 - **source-only**: the target site's train and val rows are removed from the manifest (its test
   rows stay), `adaptation.method=none`: the model never sees the target site before testing.
@@ -85,12 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import pandas as pd
 
-    from medtl.config import load_config
-    from medtl.data.demo import write_demo_data
     from medtl.data.privacy import load_key, site_code
-    from medtl.demo import DEMO_WORKFLOW
-    from medtl.run import run_workflow
-    from medtl.workflow import prepare_data
+    from medtl.data.synthetic import write_demo_data
+    from medtl.workflow.config import load_config
+    from medtl.workflow.demo import DEMO_WORKFLOW
+    from medtl.workflow.prepare import prepare_data
+    from medtl.workflow.run import run_workflow
 
     patients = 60 if args.quick else args.patients
     epochs = 1 if args.quick else args.epochs

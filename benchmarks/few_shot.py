@@ -1,6 +1,6 @@
 """Benchmark: few-shot classification on PneumoniaMNIST with the frozen ImageNet encoder.
 
-Runs `medtl.run.run_few_shot` (the `medtl` few-shot study: no fine-tuning; the bundled ImageNet
+Runs `medtl.studies.few_shot.run_few_shot` (the `medtl` few-shot study: no fine-tuning; the bundled ImageNet
 EfficientNet-Lite0 embeds the training pool and the test split once, then a prototype classifier
 and a linear probe are fitted on k training patients per class, over several random draws) on the
 PNG export of ../shared/data/pneumoniamnist (published split kept, each image its own patient;
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     before = _data.machine()
     print("machine:", before)
 
-    from medtl.config import load_config
-    from medtl.run import run_few_shot
+    from medtl.studies.few_shot import run_few_shot
+    from medtl.workflow.config import load_config
 
     size = 32 if args.quick else args.image_size
     cfg = load_config(WORKFLOW, [

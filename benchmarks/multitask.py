@@ -1,9 +1,9 @@
 """Benchmark: multi-task (segmentation + class head on one encoder) vs segmentation only, demo CT series.
 
-Writes the synthetic demo studies (`medtl.data.demo.write_demo_data`, seed 0) into the work folder
+Writes the synthetic demo studies (`medtl.data.synthetic.write_demo_data`, seed 0) into the work folder
 once, builds their manifest once (reused by every run, so every arm and seed sees the same patient
 split), and trains `workflows/segment_3d.yaml` (EfficientNet-Lite0 with ImageNet weights inflated
-to 3D, U-Net decoder) on the CT series with `medtl.run.run_workflow`, two ways:
+to 3D, U-Net decoder) on the CT series with `medtl.workflow.run.run_workflow`, two ways:
 
 - **seg_only**: `multitask.enabled=false`, masks only (organ, lesion); best epoch by validation Dice.
 - **multitask**: `multitask.enabled=true`, plus a class head on the deepest feature map trained on
@@ -68,7 +68,7 @@ def demo_data(work: Path, patients: int, *, progress: bool) -> dict:
     The summary of the write (fake identifying strings included: they are synthetic, and the files
     next to them hold them anyway) is kept beside the folder, so a later run can reuse both.
     """
-    from medtl.data.demo import write_demo_data
+    from medtl.data.synthetic import write_demo_data
 
     root = work / f"multitask_demo_data_{patients}"
     record = root.with_suffix(".json")
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     work = _data.setup(args.work, progress=args.progress)
 
-    from medtl.config import load_config
-    from medtl.run import run_workflow
-    from medtl.workflow import prepare_data
+    from medtl.workflow.config import load_config
+    from medtl.workflow.prepare import prepare_data
+    from medtl.workflow.run import run_workflow
 
     patients = 240 if args.quick else args.patients
     epochs = 1 if args.quick else args.epochs

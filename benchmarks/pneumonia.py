@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_arm(work: Path, root: Path, labels: Path, weights: str, args: argparse.Namespace) -> dict:
     """One `run_workflow` call; returns what the summary table needs."""
-    from medtl.config import load_config
-    from medtl.run import run_workflow
+    from medtl.workflow.config import load_config
+    from medtl.workflow.run import run_workflow
 
     tag = f"{weights}{'-quick' if args.quick else ''}{'-' + args.name if args.name else ''}"
     output = work / "runs" / f"pneumonia-{tag}"

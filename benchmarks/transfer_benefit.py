@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def combine(paths: list[str], work: Path, dataset: str) -> dict:
     """One study document from several outputs of this script (the runs' records, re-summarised by medtl)."""
-    from medtl.studies.transfer_summary import summarise
+    from medtl.studies.summaries import summarise
 
     records: dict[str, dict[str, list[dict]]] = {}
     parts = [json.loads(Path(p).read_text()) for p in paths]
@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.combine:
         return combine(args.combine, work, args.dataset)
 
-    from medtl.config import load_config
     from medtl.studies import run_transfer_benefit
+    from medtl.workflow.config import load_config
 
     workflow, overrides = _overrides(args, work)
     overrides += args.overrides

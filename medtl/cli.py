@@ -36,7 +36,7 @@ ERROR_EXIT = 2
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from medtl.data.demo import write_demo_data
+    from medtl.data.synthetic import write_demo_data
 
     summary = write_demo_data(Path(args.dir), patients=args.patients, seed=args.seed, progress=not args.quiet)
     print(
@@ -87,7 +87,7 @@ def _cmd_manifest_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from medtl.demo import run_demo
+    from medtl.workflow.demo import run_demo
 
     run_demo(Path(args.output), patients=args.patients, seed=args.seed, progress=not args.quiet,
              overrides=args.set)
@@ -95,13 +95,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from medtl.config import load_config
-    from medtl.run import run_workflow
+    from medtl.workflow.config import load_config
+    from medtl.workflow.run import run_workflow
 
     args.step = "loading the workflow config"
     cfg = load_config(Path(args.workflow), args.set)
     output = Path(args.output or Path("outputs") / cfg.name)
-    args.step = "running the workflow"  # run_workflow names its own steps (medtl.run.set_step)
+    args.step = "running the workflow"  # run_workflow names its own steps (medtl.workflow.steps.set_step)
     out = run_workflow(cfg, output, resume=args.resume, progress=not args.quiet)
     args.step = "printing the run's summary"
     if not out.run_id:  # a non-zero torchrun rank: rank 0 reports
@@ -149,7 +149,7 @@ def _audit_summary(status: str | None, passed: bool | None, audit_json: Path, re
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from medtl.run import rerender_report
+    from medtl.workflow.report import rerender_report
 
     path = rerender_report(args.run_id, Path(args.output or f"report-{args.run_id[:8]}.html"), pdf=args.pdf)
     print(f"report written to {path}" + (f" and {path.with_suffix('.pdf')}" if args.pdf else ""))
@@ -157,8 +157,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_study_transfer_benefit(args: argparse.Namespace) -> int:
-    from medtl.config import load_config
     from medtl.studies import run_transfer_benefit
+    from medtl.workflow.config import load_config
 
     cfg = load_config(Path(args.workflow), args.set)
     output = Path(args.output or Path("outputs") / f"{cfg.name}-transfer-benefit")
@@ -181,9 +181,8 @@ def _cmd_study_transfer_benefit(args: argparse.Namespace) -> int:
 
 
 def _cmd_study_few_shot(args: argparse.Namespace) -> int:
-    from medtl.adaptation import few_shot_summary
-    from medtl.config import load_config
-    from medtl.run import run_few_shot
+    from medtl.studies.few_shot import few_shot_summary, run_few_shot
+    from medtl.workflow.config import load_config
 
     cfg = load_config(Path(args.workflow), args.set)
     ks = [int(k) for k in args.k.split(",") if k.strip()] if args.k else None
@@ -339,9 +338,9 @@ def _setup_logging(debug: bool) -> None:
 
 def _failed_step(args: argparse.Namespace) -> str:
     """The step an error came from: the run's own step when a workflow was running, else the command's."""
-    run = sys.modules.get("medtl.run")  # imported only by the commands that run workflows
-    inner = run.current_step() if run is not None else None
-    return inner or getattr(args, "step", None) or "running the command"
+    from medtl.workflow.steps import current_step
+
+    return current_step() or getattr(args, "step", None) or "running the command"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return ERROR_EXIT
-    if "medtl.run" in sys.modules:  # a step left over from an earlier call in this process
-        sys.modules["medtl.run"].set_step(None)
+    from medtl.workflow.steps import set_step
+
+    set_step(None)  # a step left over from an earlier call in this process
     try:
         return int(args.func(args) or 0)
     except MedtlError as err:

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medtl.data.demo import write_demo_data
+from medtl.data.synthetic import write_demo_data
 from medtl.tracking import store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,13 +82,13 @@ def test_cli_run_killed_after_an_epoch_then_resumed_matches_an_uninterrupted_run
 
 
 def test_an_interrupted_run_tells_how_to_continue_it(tmp_path, monkeypatch, capsys):
-    import medtl.run
+    import medtl.workflow.run
     from medtl.cli import main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(medtl.run, "run_workflow", interrupted)
+    monkeypatch.setattr(medtl.workflow.run, "run_workflow", interrupted)
     root = logging.getLogger()
     saved = root.handlers[:]
     try:

@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from medtl.data.demo import write_demo_data
 from medtl.data.privacy import load_key, site_code
-from medtl.demo import run_demo
+from medtl.data.synthetic import write_demo_data
+from medtl.workflow.demo import run_demo
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from medtl.data.demo import write_demo_data
+from medtl.data.synthetic import write_demo_data
 from medtl.tracking import store
 from tests.processes import REPO, torchrun
 

@@ -28,12 +28,13 @@ import mlflow
 import pandas as pd
 import pytest
 
-from medtl.config import load_config
-from medtl.data.demo import write_demo_data
+from medtl.data.synthetic import write_demo_data
 from medtl.errors import InputError
-from medtl.run import PHILeakError, run_workflow
 from medtl.tracking import registry, store
-from medtl.workflow import prepare_data
+from medtl.workflow.config import load_config
+from medtl.workflow.prepare import prepare_data
+from medtl.workflow.record import PHILeakError
+from medtl.workflow.run import run_workflow
 from tests.exports import write_png_exports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +171,7 @@ def test_an_identifying_field_stops_the_run_before_anything_is_recorded_naming_t
 )
 def test_the_advice_after_a_late_finding_offers_resume_only_when_the_manifest_stays_the_same(tmp_path, finding,
                                                                                               resume):
-    from medtl.run import _raise_findings
+    from medtl.workflow.record import _raise_findings
 
     with pytest.raises(PHILeakError) as caught:
         _raise_findings([finding], "r1", name="m", version="", output_dir=tmp_path / "out")
@@ -189,25 +190,25 @@ def test_the_run_says_when_resume_has_no_checkpoint_and_when_it_replaces_a_finis
     table.assign(split="test").to_csv(labels, index=False)  # the run stops in prepare_data, after the notes
     cfg = load_config(WORKFLOW, _sets(workdir / "exports", workdir, "notes"))
     out = workdir / "out"
-    with caplog.at_level(logging.WARNING, logger="medtl.run"), pytest.raises(InputError):
+    with caplog.at_level(logging.WARNING, logger="medtl.workflow.run"), pytest.raises(InputError):
         run_workflow(cfg, out, resume=True, progress=False)
     assert "--resume: no checkpoint in out/checkpoints: training starts from the first epoch" in caplog.text
 
     caplog.clear()
     for name in ("metrics.json", "report.html"):
         (out / name).write_text("{}")
-    with caplog.at_level(logging.WARNING, logger="medtl.run"), pytest.raises(InputError):
+    with caplog.at_level(logging.WARNING, logger="medtl.workflow.run"), pytest.raises(InputError):
         run_workflow(cfg, out, progress=False)
     assert ("output folder out already holds a finished run's outputs (metrics.json, report.html): this run "
             "replaces them") in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="medtl.run"), pytest.raises(InputError):
+    with caplog.at_level(logging.WARNING, logger="medtl.workflow.run"), pytest.raises(InputError):
         run_workflow(cfg, out, resume=True, progress=False)  # re-recording a finished run: no warning about it
     assert "replaces them" not in caplog.text
 
 
 def test_an_interrupted_run_ends_its_mlflow_run_as_killed(workdir, monkeypatch):
-    import medtl.run
+    import medtl.workflow.run
 
     write_png_exports(workdir / "exports")
     cfg = load_config(WORKFLOW, _sets(workdir / "exports", workdir, "interrupted"))
@@ -215,7 +216,7 @@ def test_an_interrupted_run_ends_its_mlflow_run_as_killed(workdir, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C while training
 
-    monkeypatch.setattr(medtl.run, "train_for_config", interrupted)
+    monkeypatch.setattr(medtl.workflow.run, "train_for_config", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_workflow(cfg, workdir / "out", progress=False)
     store.tracking_uri()

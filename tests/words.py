@@ -13,7 +13,7 @@ from medtl.data.splits import SPLITS
 PACKAGE = Path(__file__).resolve().parents[1] / "medtl"
 # Not output templates: the synthetic demo's fake identities, the DICOM keyword list of the
 # de-identification profile, and this list itself.
-_NOT_TEMPLATES = {"data/demo.py", "data/deid.py", "vocabulary.py"}
+_NOT_TEMPLATES = {"data/synthetic.py", "data/deid.py", "vocabulary.py"}
 _HEX = re.compile(r"(?<![0-9a-z])[0-9a-f]{8,}(?![0-9a-z])")
 
 

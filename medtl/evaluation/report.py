@@ -267,7 +267,7 @@ _HIDDEN = ('<span class="suppressed" title="fewer than {k}, or withheld so that 
 
 
 def _hidden(counts: Mapping[str, Any], value: str, k_min: int) -> bool:
-    """None: hidden by medtl.report_inputs (protect); a small count is hidden here too, whoever made the inputs."""
+    """None: hidden by medtl.workflow.report (protect); a small count is hidden here too, whoever made the inputs."""
     n = counts.get(value, 0)
     return n is None or (_is_number(n) and 0 < n < k_min)
 

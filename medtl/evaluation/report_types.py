@@ -1,6 +1,6 @@
 """The report's inputs: plain, JSON-ready data that `medtl.evaluation.report.render_report` shows.
 
-The orchestration layer fills them from a finished run (`medtl.report_inputs`); the report reads
+The orchestration layer fills them from a finished run (`medtl.workflow.report`); the report reads
 named fields only, so anything else a caller leaves in a mapping is never shown.
 """
 

@@ -5,7 +5,7 @@ same epochs and optimiser) on nested, patient-level, label-stratified fractions 
 patients, with several seeds; optionally also as a linear probe on the pretrained encoder. Every
 run is evaluated on the same validation/test patients (test metric with a patient bootstrap CI,
 per-subgroup bias audit). The runs are MLflow child runs of one parent run, which gets
-`transfer_benefit.json` (see `medtl.studies.transfer_summary`) and the figures.
+`transfer_benefit.json` (see `medtl.studies.summaries`) and the figures.
 
 The study compares plain fine-tuning only: a workflow with multi-task training, domain adaptation
 or continual fine-tuning configured is refused up front (`check_plain_finetuning`), since every arm
@@ -34,23 +34,17 @@ from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from tqdm.auto import tqdm
 
-from medtl.config import WorkflowConfig
 from medtl.errors import ConfigError
 from medtl.evaluation.bootstrap import check_bootstrap_settings
-from medtl.run import AUDIT_STATUS_TAG, PHILeakError
-from medtl.run_evaluation import check_audit_setup, evaluate, run_audit
 from medtl.studies.label_fractions import check_label_fractions, fraction_key, nested_label_subsets
-from medtl.studies.transfer_summary import bias_summary, summarise, write_figures, write_html
+from medtl.studies.summaries import bias_summary, summarise, write_figures, write_html
 from medtl.tracking import phi_guard, run_records, store
 from medtl.tracking.values import MAX_TAG_LENGTH, safe_text
-from medtl.workflow import (
-    PreparedData,
-    config_dict,
-    predictions_table,
-    prepare_data,
-    publish_manifest,
-    train_model,
-)
+from medtl.workflow.config import WorkflowConfig
+from medtl.workflow.evaluate import check_audit_setup, evaluate, predictions_table, run_audit
+from medtl.workflow.prepare import PreparedData, prepare_data, publish_manifest
+from medtl.workflow.record import AUDIT_STATUS_TAG, PHILeakError, config_dict
+from medtl.workflow.train import train_model
 
 ARMS = ("pretrained", "scratch", "linear_probe")
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)

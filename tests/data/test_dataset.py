@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from medtl.data.dataset import Preprocessing, class_names, make_dataset, manifest_items
-from medtl.data.demo import write_demo_data
 from medtl.data.manifest import build_manifest
+from medtl.data.synthetic import write_demo_data
 
 
 @pytest.fixture(scope="module")

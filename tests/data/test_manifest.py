@@ -255,7 +255,7 @@ def test_rows_with_neither_label_nor_mask_are_kept_as_counted_unlabelled_studies
 
 
 def test_demo_data_build_writes_no_phi_anywhere(tmp_path, caplog, capsys):
-    from medtl.data.demo import write_demo_data
+    from medtl.data.synthetic import write_demo_data
 
     summary = write_demo_data(tmp_path / "demo", patients=16, seed=0, progress=False)
     caplog.set_level(logging.DEBUG)

@@ -288,7 +288,7 @@ def test_segmentation_side_by_side_table_keeps_overall_metrics_only(tmp_path, se
 def test_side_by_side_table_survives_the_report_inputs_json_round_trip(tmp_path, continual_inputs):
     import json
 
-    from medtl.report_inputs import inputs_from_json, inputs_to_json
+    from medtl.workflow.report import inputs_from_json, inputs_to_json
 
     saved = inputs_to_json(continual_inputs)
     again = inputs_from_json(saved)
@@ -343,7 +343,7 @@ def test_write_pdf_without_chromium_raises_a_clear_error(tmp_path, monkeypatch):
 
 def test_partition_counts_hidden_upstream_render_as_one_marker_and_sites_show_no_totals(
         tmp_path, classification_inputs):
-    # medtl.report_inputs hides counts as None (small, or withheld to protect a small one); the
+    # medtl.workflow.report hides counts as None (small, or withheld to protect a small one); the
     # report also hides any small count it is handed, and never shows per-site totals.
     splits = {s: {"n_patients": n, "n_studies": n, "site": sites}
               for s, n, sites in (("train", 90, {"SITE-a": 50, "SITE-b": None, "SITE-c": None}),

@@ -112,7 +112,7 @@ def test_invalid_plan_values_are_config_errors_naming_the_key(model, kwargs, key
 
 
 def test_frozen_schedule_names_the_groups_each_strategy_keeps_frozen_by_epoch(model):
-    from medtl.workflow import frozen_schedule
+    from medtl.workflow.train import frozen_schedule
 
     assert frozen_schedule(make_transfer_plan(model, "finetune", lr=1e-3), 3) == []
     plan = make_transfer_plan(model, "gradual_unfreeze", lr=1e-3)

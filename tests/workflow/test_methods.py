@@ -17,20 +17,17 @@ import pandas as pd
 import pytest
 import torch
 
-from medtl.adaptation import (
-    check_old_test_unseen,
-    few_shot_summary,
-    load_registered_weights,
-    prepare_old_data,
-)
-from medtl.config import load_config
-from medtl.data.demo import write_demo_data
 from medtl.data.manifest import build_manifest
+from medtl.data.synthetic import write_demo_data
 from medtl.engine.checkpoint import load_weights
 from medtl.errors import ConfigError, InputError, LeakageError
-from medtl.run import run_few_shot, run_workflow
+from medtl.studies.few_shot import few_shot_summary, run_few_shot
 from medtl.tracking import store
-from medtl.workflow import PreparedData, build_model, load_initial_state, prepare_data
+from medtl.workflow.config import load_config
+from medtl.workflow.methods import check_old_test_unseen, load_registered_weights, prepare_old_data
+from medtl.workflow.prepare import PreparedData, prepare_data
+from medtl.workflow.run import run_workflow
+from medtl.workflow.train import build_model, load_initial_state
 
 TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100"]
 RADIOGRAPHS = {"name": "xr", "data": {"modalities": ["CR", "DX"], "intensity": "xray"},
@@ -301,7 +298,7 @@ def test_starting_weights_must_fit_the_built_model():
 
 
 def test_the_old_manifest_of_a_continual_run_is_read_without_a_second_preflight(tmp_path, monkeypatch):
-    import medtl.workflow
+    import medtl.workflow.prepare
 
     old = _handmade_manifest(tmp_path / "old.csv")
     cfg = load_config(None, [f"data.manifest={old}", f"data.root={tmp_path}", "continual.from_model=models:/xr@champion",
@@ -310,6 +307,6 @@ def test_the_old_manifest_of_a_continual_run_is_read_without_a_second_preflight(
     def second_preflight(cfg):
         raise AssertionError("run_workflow's preflight already checked continual.old_manifest and old_root")
 
-    monkeypatch.setattr(medtl.workflow, "preflight", second_preflight)
+    monkeypatch.setattr(medtl.workflow.prepare, "preflight", second_preflight)
     prepared = prepare_old_data(cfg, tmp_path / "old", progress=False)
     assert (prepared.manifest["split"] == "test").any()

@@ -19,7 +19,7 @@ from skimage.filters import gaussian
 from skimage.morphology import disk, erosion
 from sklearn.metrics import roc_auc_score
 
-from medtl.data.demo import DemoSummary, write_demo_data
+from medtl.data.synthetic import DemoSummary, write_demo_data
 from medtl.errors import InputError
 
 AGE_BANDS = (0, 18, 30, 40, 50, 60, 70, 80, 90)  # 0-17, 18-29, ..., 80-89, 90+

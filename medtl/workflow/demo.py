@@ -10,8 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
-from medtl.config import load_config
-from medtl.data.demo import write_demo_data
+from medtl.data.synthetic import write_demo_data
+from medtl.workflow.config import load_config
 
 # The demo's workflow, embedded so `medtl demo` works from an installed package too; it mirrors
 # workflows/classify_2d.yaml with sizes chosen to finish in minutes on 2 CPU cores. A quarter of the
@@ -45,7 +45,7 @@ def _gap_site(cfg, summary) -> str:
 def run_demo(output: Path, *, patients: int = 600, seed: int = 0, progress: bool = True,
              overrides: list[str] | None = None):
     """Run the demo end to end and print a short summary; returns the `RunOutputs`."""
-    from medtl.run import run_workflow
+    from medtl.workflow.run import run_workflow
 
     start = time.perf_counter()
     output = Path(output)

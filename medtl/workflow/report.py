@@ -1,7 +1,4 @@
-"""Turn a finished run (config, manifest sidecar, trained model, evaluation, audit) into report inputs.
-
-Orchestration layer: it reads every layer's outputs and hands `medtl.evaluation.report` plain
-data. Only aggregates go in: counts, codes, metrics and curves — never a manifest row.
+"""Step 5 of a run: the audited evaluation report's inputs, from a run's results; re-rendering a run's report.
 """
 
 from __future__ import annotations
@@ -12,8 +9,9 @@ import platform
 from collections import Counter
 from collections.abc import Mapping
 from importlib import metadata
+from pathlib import Path
 
-from medtl.config import WorkflowConfig
+from medtl.evaluation.report import render_report
 from medtl.evaluation.report_types import (
     DataProvenance,
     EvaluationMethods,
@@ -23,7 +21,40 @@ from medtl.evaluation.report_types import (
     Results,
 )
 from medtl.evaluation.suppression import nesting_relations, protect
-from medtl.workflow import positive_class
+from medtl.tracking import store
+from medtl.workflow.config import WorkflowConfig
+from medtl.workflow.prepare import positive_class
+
+
+def rerender_report(run_id: str, out_path: Path, *, pdf: bool = False) -> Path:
+    """Render the report of an MLflow run again from its `report_inputs.json` artifact.
+
+    Raises:
+        InputError: when the run has no report inputs (it was not made by `medtl run`).
+    """
+    import tempfile
+
+    import mlflow
+
+    from medtl.errors import InputError
+    from medtl.evaluation.report import write_pdf
+
+    store.tracking_uri()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report_inputs.json", dst_path=tmp)
+        except Exception as err:  # noqa: BLE001 - MLflow raises several kinds for a missing run/artifact
+            raise InputError(
+                f"run {run_id} must have a report_inputs.json artifact (written by `medtl run`); "
+                f"check the run id in the MLflow UI ({type(err).__name__})"
+            ) from err
+        inputs = inputs_from_json(Path(local).read_text())
+    out_path = Path(out_path)
+    render_report(inputs, out_path)
+    if pdf:
+        write_pdf(out_path, out_path.with_suffix(".pdf"))
+    return out_path
+
 
 INTENDED_USE = {
     "classification": (
@@ -137,7 +168,7 @@ def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, au
         phi_scan: the result of the run's PHI scan ({"passed", "n_findings", "scope"}); None when
             no scan was made (the report then says "not recorded").
         test_sets: the evaluations beside `test` (`old_test`, `target_test`, `source_test`), as
-            `medtl.run` computes them: name -> {"test": metrics, "n_cases", "n_patients", ...}.
+            `medtl.workflow.run` computes them: name -> {"test": metrics, "n_cases", "n_patients", ...}.
             Only the metrics and the counts are carried into the report.
     """
     bundle = trained.bundle

@@ -1,53 +1,46 @@
-"""The orchestration layer: manifest -> model -> training -> evaluation -> audit -> MLflow -> report.
+"""Step 1 of a run: check everything checkable, build (or read) the manifest, keep the task's rows.
 
-This is the orchestration layer (with `medtl.run`, `medtl.adaptation`, `medtl.studies` and
-`medtl.cli`): it imports every layer. Each step is a plain function so studies (transfer benefit,
-few-shot, ...) and the transfer methods of `medtl.adaptation` can reuse them.
+`preflight` runs before any work; `prepare_data` builds the manifest into the run's output
+folder and returns the rows the task can use (`PreparedData`); `publish_manifest` copies it to
+`data.manifest_out` once the run succeeded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
-import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset
 
-from medtl.config import WorkflowConfig, to_dict
-from medtl.data.dataset import Preprocessing, class_names, label_counts, make_dataset, manifest_items
+from medtl.data.dataset import class_names
 from medtl.data.manifest import build_manifest, file_sha256
-from medtl.data.needles import looks_identifying
 from medtl.data.output_guard import replace_atomically
 from medtl.data.splits import SPLITS, check_leakage, normalise_split
-from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
-from medtl.engine.inference import predict
-from medtl.engine.loop import fit
 from medtl.errors import ConfigError, InputError, WeightsError
-from medtl.models.factory import WEIGHT_CHOICES, ModelBundle, check_input_size, create_model
-from medtl.models.multitask import MultiTaskModel, split_outputs
+from medtl.models.factory import WEIGHT_CHOICES, check_input_size, create_model
 from medtl.models.registry import get_encoder_spec
-from medtl.models.strategies import TransferPlan, make_transfer_plan, stage_group_name
-from medtl.vocabulary import MEDTL_WORDS
+from medtl.workflow.config import WorkflowConfig
+from medtl.workflow.train import train_config_for
 
 logger = logging.getLogger(__name__)
 
+
 SUBGROUP_COLUMNS = ("sex", "age_band", "site", "scanner")
+
+
 # Manifest modality of studies that carry none (NIfTI, PNG/JPEG/TIFF exports); "" for older manifests.
 NO_MODALITY = ("", "UNKNOWN")
+
+
 # Class names that say "nothing found": of two classes, the other one is the positive class
 # (compared case-insensitively, separators ignored: "No_Finding" is "no finding").
 NEGATIVE_CLASS_NAMES = ("normal", "negative", "healthy", "benign", "no finding", "none", "control", "absent")
-# What `config_dict` logs instead of a file or folder name that may identify someone.
-WITHHELD_NAME = "(name withheld: not generic)"
 
 
 @dataclass
@@ -70,20 +63,6 @@ class PreparedData:
     kept_without_modality: int = 0
     # Folder of the `data.cache: disk` files (the run's OUTPUT/cache).
     cache_dir: Path | None = None
-
-
-@dataclass
-class TrainedModel:
-    """A trained model with what it was built and trained with."""
-
-    bundle: ModelBundle
-    prep: Preprocessing
-    fit: FitResult
-    train_config: TrainConfig
-    plan_groups: list[str]
-    frozen_parameters: int
-    # Which optimizer groups were frozen in which epochs, e.g. ["epochs 1-2: encoder.stage0, ..."].
-    frozen_schedule: list[str] = field(default_factory=list)
 
 
 def preflight(cfg: WorkflowConfig) -> None:
@@ -508,406 +487,3 @@ def target_domain_rows(cfg: WorkflowConfig, manifest: pd.DataFrame, *, source: s
         raise ConfigError(f"config key 'adaptation.target' must be a value of column '{a.domain_column}' in {source}, "
                           f"not {a.target!r}; choose one of {', '.join(known[:20])}")
     return rows
-
-
-def preprocessing_for(cfg: WorkflowConfig, bundle: ModelBundle) -> Preprocessing:
-    """Network-input settings that match the encoder's weight record."""
-    record = bundle.weights
-    return Preprocessing(
-        spatial_dims=cfg.model.spatial_dims,
-        image_size=tuple(cfg.data.image_size),
-        spacing=tuple(cfg.data.spacing),
-        intensity=cfg.data.intensity,
-        ct_window=tuple(cfg.data.ct_window),  # type: ignore[arg-type]
-        normalization=record.normalization,
-        mean=tuple(record.mean or (0.0,)),
-        std=tuple(record.std or (1.0,)),
-        in_channels=cfg.model.in_channels,
-        patch=cfg.model.spatial_dims == 3 and cfg.task == "segmentation",
-    )
-
-
-def build_model(cfg: WorkflowConfig, *, weights: str | None = None) -> ModelBundle:
-    """The task model of a workflow (weights override for from-scratch arms)."""
-    return create_model(
-        cfg.task,
-        cfg.model.encoder,
-        spatial_dims=cfg.model.spatial_dims,
-        in_channels=cfg.model.in_channels,
-        num_classes=cfg.model.num_classes,
-        weights=weights or cfg.model.weights,
-        multi_label=cfg.model.multi_label,
-        dropout=cfg.model.dropout,
-    )
-
-
-def datasets_for(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing, *, progress: bool = True,
-                 train_ids: set[str] | None = None, splits: tuple[str, ...] = ("train", "val", "test")) -> dict:
-    """MONAI datasets of the given splits (train optionally restricted to `train_ids`)."""
-    out = {}
-    for split in splits:
-        items = manifest_items(data.manifest, split, cfg.task, data.classes)
-        if split == "train" and train_ids is not None:
-            items = [item for item in items if item["id"] in train_ids]
-        out[split] = make_dataset(
-            items,
-            prep,
-            data.root,
-            key_file=data.key_file,
-            train=split == "train",
-            augment=cfg.data.augment,
-            cache=cfg.data.cache,
-            cache_dir=data.cache_dir,
-            progress=progress,
-        )
-    return out
-
-
-def loss_and_metric(cfg: WorkflowConfig, class_weights: torch.Tensor | None) -> tuple[Callable, Callable, str]:
-    """The task's loss, validation metric function and the metric that picks the best epoch."""
-    if cfg.task == "segmentation":
-        from monai.losses import DiceCELoss
-        from monai.metrics import DiceMetric
-
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)
-
-        def dice(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-            num = outputs.shape[1]
-            pred = torch.nn.functional.one_hot(outputs.argmax(1), num).movedim(-1, 1)
-            ref = torch.nn.functional.one_hot(targets[:, 0].long(), num).movedim(-1, 1)
-            metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
-            value = metric(pred, ref).nanmean().item()
-            return {"dice": float(value) if np.isfinite(value) else 0.0}
-
-        return loss, dice, "dice"
-
-    ce = torch.nn.CrossEntropyLoss(weight=class_weights)
-    return (lambda o, t: ce(o, t.long())), class_auroc, "auroc"
-
-
-def class_auroc(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Validation AUROC of single-label class logits (one-vs-rest for more than two classes)."""
-    from sklearn.metrics import roc_auc_score
-
-    probs = torch.softmax(outputs.float(), dim=1).numpy()
-    y = targets.long().numpy()
-    if probs.shape[1] == 2:
-        return {"auroc": _safe_auroc(y, probs[:, 1])}
-    try:
-        return {"auroc": float(roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))}
-    except ValueError:
-        return {"auroc": 0.5}
-
-
-def _safe_auroc(y: np.ndarray, s: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    try:
-        return float(roc_auc_score(y, s))
-    except ValueError:  # a single class in a tiny validation split
-        return 0.5
-
-
-def train_config_for(cfg: WorkflowConfig, *, progress: bool, monitor: str, epochs: int | None = None) -> TrainConfig:
-    """The engine's config from the workflow's `train` section."""
-    t = cfg.train
-    val_roi = tuple(cfg.data.image_size) if (cfg.model.spatial_dims == 3 and cfg.task == "segmentation") else None
-    return TrainConfig(
-        epochs=epochs or t.epochs,
-        batch_size=t.batch_size,
-        optimizer=t.optimizer,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        warmup_epochs=float(t.warmup_epochs),
-        early_stopping_patience=t.early_stopping_patience,
-        monitor=monitor,
-        mode="max",
-        amp=t.amp,
-        compile=t.compile,
-        deterministic=t.deterministic,
-        num_threads=t.num_threads or None,
-        seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-        balance="sampler" if t.balance == "sampler" else "none",
-        val_roi_size=val_roi,
-        progress=progress,
-        drop_last=False,
-    )
-
-
-def train_model(
-    cfg: WorkflowConfig,
-    data: PreparedData,
-    *,
-    output_dir: Path,
-    weights: str | None = None,
-    strategy: str | None = None,
-    train_ids: set[str] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
-    initial_state: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[TrainedModel, dict]:
-    """Build, adapt and train the workflow's model; returns it with its datasets.
-
-    `initial_state` (e.g. a registered version's weights, for continual fine-tuning) replaces the
-    built model's weights before training.
-    """
-    torch.manual_seed(cfg.seed)
-    bundle = build_model(cfg, weights=weights)
-    load_initial_state(bundle.model, initial_state)
-    prep = preprocessing_for(cfg, bundle)
-    sets = datasets_for(cfg, data, prep, progress=progress, train_ids=train_ids)
-    class_weights = loss_class_weights(cfg, sets["train"].data)
-    loss_fn, metric_fn, monitor = loss_and_metric(cfg, class_weights)
-    trained = fit_model(
-        cfg, data, bundle, prep, model=bundle.model, train_set=sets["train"], val_set=sets["val"],
-        loss_fn=loss_fn, metric_fn=metric_fn, monitor=monitor, plan=transfer_plan_for(cfg, bundle.model, strategy),
-        output_dir=output_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end,
-    )
-    return trained, sets
-
-
-def load_initial_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:
-    """Load starting weights into a freshly built model (every key must match).
-
-    A multi-task model may start from a plain segmenter's weights: only its class head is then new.
-
-    Raises:
-        InputError: when the weights do not fit the model built from the config.
-    """
-    if state is None:
-        return
-    result = model.load_state_dict(dict(state), strict=False)
-    missing = [k for k in result.missing_keys if not (k.startswith("cls_head.") and hasattr(model, "cls_head"))]
-    if missing or result.unexpected_keys:
-        raise InputError(
-            f"the starting weights must fit the model of this workflow, not miss {len(missing)} and add "
-            f"{len(result.unexpected_keys)} tensors (e.g. {(missing or result.unexpected_keys)[0]}); use a version "
-            f"trained with the same model.encoder, task and num_classes"
-        )
-
-
-def loss_class_weights(cfg: WorkflowConfig, items: list[dict]) -> torch.Tensor | None:
-    """Inverse-frequency class weights of the training items for `train.balance: loss` (else None)."""
-    if cfg.task != "classification" or cfg.train.balance != "loss":
-        return None
-    counts = label_counts(items, cfg.model.num_classes)
-    return torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
-
-
-def transfer_plan_for(cfg: WorkflowConfig, model: torch.nn.Module, strategy: str | None = None) -> TransferPlan:
-    """The transfer strategy's plan for `model` (the workflow's `train.strategy` unless given)."""
-    return make_transfer_plan(model, strategy or cfg.train.strategy, lr=cfg.train.lr,
-                              layer_decay=cfg.train.layer_decay or None, bn=cfg.train.bn)
-
-
-def fit_model(
-    cfg: WorkflowConfig,
-    data: PreparedData,
-    bundle: ModelBundle,
-    prep: Preprocessing,
-    *,
-    model: torch.nn.Module,
-    train_set: Dataset,
-    val_set: Dataset,
-    loss_fn: Callable,
-    metric_fn: Callable,
-    monitor: str,
-    plan: TransferPlanLike,
-    output_dir: Path,
-    resume: bool = False,
-    progress: bool = True,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
-) -> TrainedModel:
-    """Run the engine on prepared pieces (the model may wrap `bundle.model`, e.g. for DANN).
-
-    Returns:
-        The trained model; `bundle.model` holds the best epoch's weights.
-    """
-    tcfg = train_config_for(cfg, progress=progress, monitor=monitor)
-    if len(train_set) % tcfg.batch_size == 1:  # type: ignore[arg-type]
-        # A last batch of one sample fails in BatchNorm layers whose input is 1 x 1 (train mode
-        # needs two values per channel), as in small 3D patches: drop that one sample per epoch.
-        tcfg = dataclasses.replace(tcfg, drop_last=True)
-    result = fit(
-        model,
-        train_set,
-        val_set,
-        loss_fn=loss_fn,
-        cfg=tcfg,
-        val_metric_fn=metric_fn,
-        plan=plan,
-        checkpoint_dir=output_dir / "checkpoints",
-        resume=resume,
-        manifest_sha256=data.manifest_sha256,
-        on_epoch_end=on_epoch_end,
-    )
-    frozen = sum(p.numel() for p in bundle.model.parameters() if not p.requires_grad)
-    return TrainedModel(
-        bundle=bundle,
-        prep=prep,
-        fit=result,
-        train_config=tcfg,
-        plan_groups=[g["name"] for g in plan.param_groups],
-        frozen_parameters=int(frozen),
-        frozen_schedule=frozen_schedule(plan, result.epochs_run),
-    )
-
-
-def frozen_schedule(plan: TransferPlanLike, epochs: int) -> list[str]:
-    """The groups a plan kept frozen, as runs of epochs (1-based), e.g. "epochs 1-3: encoder.stage0".
-
-    Epochs in which every group trains are left out; an empty list means nothing was ever frozen.
-    """
-    base = getattr(plan, "base", plan)  # DANN wraps the strategy's plan
-    if not isinstance(base, TransferPlan):
-        return []
-    # Every encoder stage, not only the optimizer's groups: a linear probe's encoder has no group.
-    names = ["head", *(stage_group_name(i) for i in range(base.num_stages))]
-    spans: list[tuple[int, int, tuple[str, ...]]] = []
-    for epoch in range(epochs):
-        trainable = set(base.trainable_groups(epoch))
-        frozen = tuple(n for n in names if n not in trainable)
-        if spans and spans[-1][2] == frozen:
-            spans[-1] = (spans[-1][0], epoch, frozen)
-        else:
-            spans.append((epoch, epoch, frozen))
-    return [(f"epoch {a + 1}" if a == b else f"epochs {a + 1}-{b + 1}") + ": " + ", ".join(frozen)
-            for a, b, frozen in spans if frozen]
-
-
-def predictions_table(cfg: WorkflowConfig, data: PreparedData, trained: TrainedModel, sets: dict, *,
-                      progress: bool = True) -> pd.DataFrame:
-    """predictions.csv for val and test: id, split, y_true, y_score(s), y_pred, subgroup columns.
-
-    Segmentation rows carry the predicted and reference masks (`_pred`, `_true`); a multi-task
-    model adds its class head's y_true (-1 = no label), y_score(s) and y_pred.
-    """
-    frames = []
-    model = trained.bundle.model
-    multitask = isinstance(model, MultiTaskModel)
-    head_classes = multitask_classes(data) if multitask else data.classes
-    roi = tuple(cfg.data.image_size) if trained.prep.patch else None
-    activation = "none" if multitask else "softmax"  # config validation refuses model.multi_label
-    by_id = data.manifest.set_index("id")
-    index = {name: i for i, name in enumerate(head_classes)}
-    for split in ("val", "test"):
-        outputs = predict(model, sets[split], activation=activation, roi_size=roi,
-                          batch_size=8 if roi is None else 1, progress=progress)
-        rows = []
-        for out in outputs:
-            row: dict = {"id": out["id"], "split": split}
-            output = out["output"]
-            if multitask:
-                segmentation, logits = split_outputs(output[None], model.num_seg_classes)
-                output = segmentation[0]
-                row["y_true"] = index.get(str(by_id.at[out["id"], "label"]).strip(), -1)
-                row.update(_score_columns(torch.softmax(logits[0], 0).numpy(), head_classes))
-            if cfg.task == "segmentation":
-                row["_pred"] = output.argmax(0).numpy().astype(np.uint8)
-                row["_true"] = out["label"][0].numpy().astype(np.uint8)
-            else:
-                row["y_true"] = int(out["label"])
-                row.update(_score_columns(output.numpy(), head_classes))
-            rows.append(row)
-        frames.append(pd.DataFrame(rows))
-    table = pd.concat(frames, ignore_index=True)
-    for column in data.subgroups:
-        table[column] = by_id.loc[table["id"], column].to_numpy()
-    return table
-
-
-def _score_columns(probs: np.ndarray, classes: list[str]) -> dict:
-    scores = {"y_score": float(probs[1])} if len(classes) == 2 else {
-        f"y_score_{c}": float(p) for c, p in zip(classes, probs, strict=True)}
-    return {**scores, "y_pred": int(np.argmax(probs))}
-
-
-def multitask_classes(data: PreparedData) -> list[str]:
-    """Class names of a multi-task model's class head: the manifest labels of the segmentation rows."""
-    return class_names(data.manifest["label"])
-
-
-def patient_ids(data: PreparedData, ids: pd.Series) -> np.ndarray:
-    """Patient pseudonyms for prediction rows (joined on the manifest `id`)."""
-    return data.manifest.set_index("id").loc[ids, "patient"].to_numpy()
-
-
-def write_outputs(output_dir: Path, predictions: pd.DataFrame, metrics: dict) -> None:
-    """metrics.json and predictions.csv (no per-voxel arrays, only pseudonymous ids)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    columns = [c for c in predictions.columns if not c.startswith("_")]
-    predictions[columns].to_csv(output_dir / "predictions.csv", index=False)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
-
-
-def config_dict(cfg: WorkflowConfig) -> dict:
-    """The config for logging: file and folder keys reduced to a generic name, or withheld.
-
-    An absolute path never leaves; a name leaves only when every part of it is generic
-    (`looks_identifying` is False: the allow-list of manifest paths, plus medtl's own words such
-    as `manifest.csv` or `medtl.key`), else `WITHHELD_NAME` stands in: a PNG export folder
-    `/data/garcia_maria_cxr` is logged as `(name withheld: not generic)`.
-    """
-    raw = to_dict(cfg)
-    for section, keys in (("data", ("root", "labels", "manifest", "manifest_out", "key_file")),
-                          ("continual", ("old_manifest", "old_root"))):
-        for key in keys:
-            if raw[section].get(key):
-                raw[section][key] = name_to_log(raw[section][key])
-    # A registry URI is no path, but "models:/" reads like one to the path redaction.
-    raw["continual"]["from_model"] = raw["continual"]["from_model"].removeprefix("models:/")
-    return raw
-
-
-def name_to_log(path: str | Path) -> str:
-    """The name of a file or folder as it may be logged: the name when generic, else `WITHHELD_NAME`.
-
-    Example:
-        >>> name_to_log("/data/garcia_maria_cxr"), name_to_log("/data/cxr/labels.csv")
-        ('(name withheld: not generic)', 'labels.csv')
-    """
-    name = Path(path).name
-    return WITHHELD_NAME if not name or looks_identifying(name, MEDTL_WORDS) else name
-
-
-def timed(func: Callable, *args, **kwargs) -> tuple[object, float]:
-    """Call `func` and return (result, seconds)."""
-    start = time.perf_counter()
-    value = func(*args, **kwargs)
-    return value, time.perf_counter() - start
-
-
-__all__ = [
-    "PreparedData",
-    "TrainedModel",
-    "preflight",
-    "prepare_data",
-    "staged_manifest",
-    "publish_manifest",
-    "build_model",
-    "preprocessing_for",
-    "datasets_for",
-    "train_config_for",
-    "train_model",
-    "fit_model",
-    "load_initial_state",
-    "loss_class_weights",
-    "transfer_plan_for",
-    "frozen_schedule",
-    "target_domain_rows",
-    "class_auroc",
-    "loss_and_metric",
-    "multitask_classes",
-    "predictions_table",
-    "patient_ids",
-    "write_outputs",
-    "config_dict",
-    "name_to_log",
-    "binary_class_order",
-    "positive_class",
-    "check_mask_labels",
-    "NEGATIVE_CLASS_NAMES",
-    "WITHHELD_NAME",
-]

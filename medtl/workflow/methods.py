@@ -1,23 +1,8 @@
-"""Workflow wiring of the transfer methods beyond fine-tuning (see docs/transfer.md).
+"""Transfer methods beyond plain fine-tuning, chosen by the workflow config.
 
-Orchestration layer beside `medtl.workflow` (it may import every layer); `medtl.run` records what
-these functions produce in MLflow.
-
-- **AdaBN** (`adaptation.method: adabn`): the target domain's rows leave train and val, the model
-  trains on the source domain, then `adapt_batchnorm` re-estimates BatchNorm statistics on the
-  target domain's training images (their labels, if any, are not used).
-- **DANN** (`adaptation.method: dann`): the target domain's training studies join training
-  unlabelled (class -1, domain 1) behind a gradient-reversal domain classifier; validation uses
-  source studies only, as no target label may be assumed.
-- **Multi-task** (`multitask.enabled`): a segmentation model with a class head on the shared
-  encoder; both losses train together.
-- **Continual fine-tuning** (`continual.from_model`): training starts from a registered version's
-  weights; the old manifest's test split is evaluated beside the new one.
-- **Few-shot** (`few_shot_study`): pooled features of the pretrained encoder, no fine-tuning;
-  prototype classifier and linear probe on k training patients per class, over several draws.
-
-Under AdaBN and DANN the test split keeps both domains; `domain_test_sets` splits it so the run
-can report `target_test` and `source_test` beside `test`.
+Domain adaptation (AdaBN, DANN), multi-task segmentation + classification, and continual
+fine-tuning from a registered version (with its old test set). `train_for_config` picks the
+method; `medtl.workflow.run` records what it did.
 """
 
 from __future__ import annotations
@@ -28,14 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from monai.data import Dataset as MonaiDataset
 from monai.transforms import ResizeWithPadOrCropd
 from torch.utils.data import DataLoader
 
-from medtl.config import AdaptationConfig, WorkflowConfig
 from medtl.data.dataset import make_dataset, manifest_items
 from medtl.engine.inference import collate_fn
 from medtl.errors import ConfigError, InputError, LeakageError
@@ -48,7 +31,6 @@ from medtl.models.domain import (
     domain_labels,
 )
 from medtl.models.factory import ModelBundle
-from medtl.models.fewshot import embed, few_shot_eval
 from medtl.models.multitask import (
     MultiTaskDataset,
     MultiTaskModel,
@@ -56,8 +38,16 @@ from medtl.models.multitask import (
     split_labels,
     split_outputs,
 )
-from medtl.workflow import (
-    PreparedData,
+from medtl.workflow.config import AdaptationConfig, WorkflowConfig
+from medtl.workflow.evaluate import (
+    evaluate,
+    multitask_classes,
+    patient_ids,
+    predictions_table,
+    scratch_reference_config,
+)
+from medtl.workflow.prepare import PreparedData, prepare_data, target_domain_rows
+from medtl.workflow.train import (
     TrainedModel,
     build_model,
     class_auroc,
@@ -66,17 +56,13 @@ from medtl.workflow import (
     load_initial_state,
     loss_and_metric,
     loss_class_weights,
-    multitask_classes,
-    patient_ids,
-    predictions_table,
-    prepare_data,
     preprocessing_for,
-    target_domain_rows,
     train_model,
     transfer_plan_for,
 )
 
 logger = logging.getLogger(__name__)
+
 
 EpochCallback = Callable[[int, dict], None]
 
@@ -429,82 +415,44 @@ def old_test_predictions(cfg: WorkflowConfig, old: PreparedData, trained: Traine
     return predictions_table(cfg, old, trained, sets, progress=progress)
 
 
-# --------------------------------------------------------------------------------------- few-shot
-def few_shot_study(cfg: WorkflowConfig, data: PreparedData, *, progress: bool = True) -> tuple[dict, ModelBundle]:
-    """Few-shot evaluation of the pretrained encoder (no fine-tuning), as configured in `fewshot`.
+def extra_evaluations(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame, trained: TrainedModel,
+                       old: PreparedData | None, *, progress: bool) -> tuple[dict[str, dict], pd.DataFrame | None]:
+    """Test metrics beside `test`: per adaptation domain, and on the old test set of a continual run.
 
-    The training split is the pool the k studies per class are drawn from (k distinct patients per
-    class, one study each); the test split is scored. Images get the evaluation preprocessing.
-
-    Returns:
-        (result mapping for few_shot.json: settings, sizes, skipped ks and per-method, per-k
-        results with string keys; the encoder bundle).
-
-    Raises:
-        ConfigError: for a segmentation or multi-label workflow.
+    The old test set is evaluated like the registered version was (threshold from the old
+    manifest's validation split), so its numbers compare with that version's test metrics.
+    Each evaluation also gets the test `n_cases` and `n_patients` it was computed on (for the report).
     """
-    if cfg.task != "classification" or cfg.model.multi_label:
-        raise ConfigError("config key 'task' must be classification with model.multi_label false for the few-shot "
-                          "study, not segmentation or multi-label; use a classification workflow")
-    f = cfg.fewshot
-    bundle = build_model(cfg)
-    prep = preprocessing_for(cfg, bundle)
-    features, labels, patients = {}, {}, {}
-    for split in ("train", "test"):
-        items = manifest_items(data.manifest, split, cfg.task, data.classes)
-        dataset = make_dataset(items, prep, data.root, key_file=data.key_file, train=False, cache="none",
-                               progress=progress)
-        features[split] = embed(bundle.model, dataset, batch_size=cfg.train.batch_size, progress=progress)
-        labels[split] = np.asarray([item["label"] for item in items])
-        patients[split] = patient_ids(data, pd.Series([item["id"] for item in items]))
-    results = few_shot_eval(
-        features["train"], labels["train"], patients["train"], features["test"], labels["test"],
-        ks=f.ks, draws=f.draws, seed=cfg.seed, methods=f.methods, normalize_embeddings=f.normalize, C=f.probe_c,
-        progress=progress,
-    )
-    done = set(results[f.methods[0]])
-    summary = {
-        "ks": list(f.ks), "draws": f.draws, "methods": list(f.methods), "classes": list(data.classes),
-        "encoder": cfg.model.encoder, "weights_origin": bundle.weights.origin,
-        "n_pool": int(len(labels["train"])), "n_pool_patients": int(len(set(patients["train"]))),
-        "n_test": int(len(labels["test"])), "skipped_ks": [k for k in f.ks if k not in done],
-        "results": {method: {str(k): entry for k, entry in by_k.items()} for method, by_k in results.items()},
-    }
-    return summary, bundle
+    extra: dict[str, dict] = {}
+    if cfg.adaptation.method != "none":
+        for name, subset in domain_test_sets(cfg, data, predictions).items():
+            extra[name] = {**evaluate(cfg, data, subset), **_test_counts(data, subset)}
+    old_table = None
+    if old is not None:
+        old_predictions = old_test_predictions(cfg, old, trained, progress=progress)
+        extra["old_test"] = {**evaluate(cfg, old, old_predictions), **_test_counts(old, old_predictions)}
+        old_table = extra["old_test"].get("cases", old_predictions)
+    for evaluation in extra.values():
+        evaluation.pop("cases", None)
+    return extra, old_table
 
 
-def few_shot_summary(result: Mapping) -> list[str]:
-    """Console lines for a few-shot result: one per method and k, AUROC mean ± SD over the draws.
+def _test_counts(data: PreparedData, predictions: pd.DataFrame) -> dict[str, int]:
+    test = predictions[predictions["split"] == "test"]
+    return {"n_cases": int(len(test)), "n_patients": int(len(set(patient_ids(data, test["id"]))))}
 
-    Example:
-        >>> for line in few_shot_summary(run_few_shot(cfg, out)): print(line)
+
+def train_scratch_reference(cfg: WorkflowConfig, data: PreparedData, *, output_dir: Path, resume: bool = False,
+                            progress: bool = True) -> tuple[TrainedModel, dict] | None:
+    """Train the from-scratch twin when `audit.reference` is scratch (else None).
+
+    Every rank calls this right after the workflow's own training, so under torchrun the twin
+    trains with DistributedDataParallel too. None as well when the model itself starts from random
+    weights (`model.weights: none`): its twin would be the same model again.
     """
-    lines = []
-    for method, by_k in result["results"].items():
-        for k, entry in by_k.items():
-            mean, sd = entry.get("auroc_mean"), entry.get("auroc_sd")
-            shown = "n/a" if mean is None or not np.isfinite(mean) else f"{mean:.3f} ± {sd or 0.0:.3f}"
-            lines.append(f"{method:>12} k={k:<3} AUROC {shown} over {len(entry['auroc'])} draws")
-    if result.get("skipped_ks"):
-        lines.append(f"skipped k (a class has fewer training patients): {result['skipped_ks']}")
-    return lines
-
-
-__all__ = [
-    "RegisteredWeights",
-    "apply_adabn",
-    "check_old_test_unseen",
-    "check_registered_fits",
-    "domain_test_sets",
-    "few_shot_study",
-    "few_shot_summary",
-    "load_registered_weights",
-    "multitask_metric",
-    "old_test_predictions",
-    "prepare_old_data",
-    "source_data",
-    "train_dann",
-    "train_for_config",
-    "train_multitask",
-    "unlabelled_items",
-]
+    if cfg.audit.reference != "scratch" or cfg.model.weights == "none":
+        return None
+    logger.info("bias-amplification reference: training the same model from scratch")
+    trained, sets, _ = train_for_config(scratch_reference_config(cfg), data, output_dir=output_dir / "reference_scratch",
+                                        resume=resume, progress=progress)
+    return trained, sets

@@ -15,10 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from medtl.config import load_config
 from medtl.errors import ConfigError, InputError
 from medtl.evaluation.report_plots import data_efficiency_plot
-from medtl.run import AUDIT_STATUS_TAG
 from medtl.studies import (
     check_label_fractions,
     nested_label_subsets,
@@ -28,10 +26,12 @@ from medtl.studies import (
     study_arms,
     summarise,
 )
-from medtl.studies.transfer_summary import bias_summary, efficiency_plot
+from medtl.studies.summaries import bias_summary, efficiency_plot
 from medtl.vocabulary import AUDIT_STATUSES
+from medtl.workflow.config import load_config
+from medtl.workflow.record import AUDIT_STATUS_TAG
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The stable interface of transfer_benefit.json: keys may be added, never renamed or removed.
 STABLE_POINT_KEYS = {"mean", "sd", "runs", "train_seconds"}
 HEADLINE_KEYS = {"matches_scratch_full_at", "scratch_full", "pretrained_at_that_fraction", "label_savings",
@@ -350,7 +350,7 @@ def test_render_section_escapes_text_and_inlines_both_figures():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The small demo data set both real-study tests train on (written once: it takes seconds)."""
-    from medtl.data.demo import write_demo_data
+    from medtl.data.synthetic import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("tb-demo") / "demo", patients=60, seed=0, progress=False)
 
@@ -368,8 +368,8 @@ def _demo_overrides(demo, experiment: str) -> list[str]:
 
 @pytest.mark.slow
 def test_transfer_benefit_study_on_demo_data_writes_json_plot_and_nested_mlflow_runs(tmp_path, monkeypatch, demo):
-    from medtl.demo import DEMO_WORKFLOW
     from medtl.tracking import store
+    from medtl.workflow.demo import DEMO_WORKFLOW
 
     monkeypatch.chdir(tmp_path)  # the default MLflow store is ./mlruns of the working directory
     cfg = load_config(None, _demo_overrides(demo, "tb-test"), base=DEMO_WORKFLOW)
@@ -447,7 +447,7 @@ def test_transfer_benefit_study_on_demo_data_writes_json_plot_and_nested_mlflow_
 @pytest.mark.slow
 def test_cli_study_transfer_benefit_writes_the_stable_json_plot_and_html(tmp_path, monkeypatch, demo, capsys):
     from medtl.cli import main
-    from medtl.demo import DEMO_WORKFLOW
+    from medtl.workflow.demo import DEMO_WORKFLOW
 
     monkeypatch.chdir(tmp_path)  # the default MLflow store is ./mlruns of the working directory
     workflow = tmp_path / "demo.yaml"

@@ -12,12 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medtl.config import load_config
-from medtl.data.demo import write_demo_data
 from medtl.data.manifest import build_manifest
+from medtl.data.synthetic import write_demo_data
 from medtl.errors import ConfigError
-from medtl.run import run_workflow
 from medtl.tracking import registry, store
+from medtl.workflow.config import load_config
+from medtl.workflow.run import run_workflow
 
 TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100"]
 RADIOGRAPHS = {"name": "xr", "data": {"modalities": ["CR", "DX"], "intensity": "xray"},
@@ -118,8 +118,8 @@ def test_second_run_compares_its_gaps_with_the_promoted_champion(studies, workdi
 
 def test_report_partition_counts_hide_what_the_audit_hides_and_nothing_follows_by_subtraction():
     from medtl.evaluation.suppression import determined, nesting_relations
-    from medtl.report_inputs import _protected_splits
-    from medtl.workflow import PreparedData
+    from medtl.workflow.prepare import PreparedData
+    from medtl.workflow.report import _protected_splits
 
     rows = []
     for split, per_scanner in (("train", {"X": 60, "Y": 8, "Z": 30, "W": 25}), ("test", {"X": 20, "Y": 12, "Z": 15, "W": 9})):
@@ -157,7 +157,7 @@ def test_docs_describe_the_console_summary_of_an_inconclusive_audit_as_printed(t
     audit_json.write_text(json.dumps({"status": "inconclusive", "unevaluated_attributes": entries}))
     lines = _audit_summary("inconclusive", False, audit_json, "registered m v1").splitlines()
     assert lines[1].startswith("  sex, age_band, site, scanner and 2 more; e.g. sex: ") and lines[2].startswith("  ward:")
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "audit.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "audit.md").read_text()
     console = " ".join(docs.split("**The console**")[1].split("\n- ")[0].split())
     assert "one line per remedy: up to four of the unevaluated attributes" in console
     assert 'then "and N more"' in console

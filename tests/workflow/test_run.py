@@ -24,33 +24,32 @@ import pytest
 import torch
 
 from medtl.cli import main
-from medtl.config import load_config
 from medtl.data.dataset import manifest_items
-from medtl.data.demo import write_demo_data
-from medtl.demo import run_demo
+from medtl.data.synthetic import write_demo_data
 from medtl.errors import ConfigError, InputError, WeightsError
 from medtl.tracking import phi_guard, registry, store
-from medtl.workflow import (
-    WITHHELD_NAME,
-    build_model,
-    config_dict,
-    datasets_for,
-    positive_class,
-    preflight,
-    prepare_data,
-    preprocessing_for,
-    publish_manifest,
-    staged_manifest,
-)
+from medtl.workflow.config import load_config
+from medtl.workflow.demo import run_demo
+from medtl.workflow.prepare import positive_class, preflight, prepare_data, publish_manifest, staged_manifest
+from medtl.workflow.record import WITHHELD_NAME, config_dict
+from medtl.workflow.train import build_model, datasets_for, preprocessing_for
 from tests.exports import write_nifti_exports, write_png_exports
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 
 TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100"]
 
 
+_DEMO_STORE: dict[str, str] = {}  # the tracking URI the demo run recorded in
+
+
+def demo_store() -> str:
+    return _DEMO_STORE["uri"]
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """A tiny demo run, once per module; tests read its store by URI, never by the current folder."""
     work = tmp_path_factory.mktemp("demo")
     import os
 
@@ -60,6 +59,7 @@ def demo_run(tmp_path_factory):
     try:
         with contextlib.redirect_stdout(printed):
             outputs = run_demo(work / "out", patients=48, seed=0, progress=False, overrides=TINY)
+        _DEMO_STORE["uri"] = store.tracking_uri()
         twin = write_demo_data(work / "twin", patients=48, seed=0, progress=False)
         (work / "printed.txt").write_text(printed.getvalue())
         yield work, outputs, twin.phi_strings | {f"date:{d}" for d in twin.phi_dates}
@@ -68,7 +68,7 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_demo_run_writes_the_stable_outputs(demo_run):
+def test_demo_run_writes_the_stable_outputs(demo_run, monkeypatch):
     work, outputs, _ = demo_run
     metrics = json.loads((outputs.output_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["auroc"] <= 1.0
@@ -86,12 +86,10 @@ def test_demo_run_writes_the_stable_outputs(demo_run):
 
 
 @pytest.mark.slow
-def test_demo_run_is_registered_with_the_documented_tags(demo_run):
+def test_demo_run_is_registered_with_the_documented_tags(demo_run, monkeypatch):
     work, outputs, _ = demo_run
-    import os
-
-    os.chdir(work)
-    store.tracking_uri()
+    monkeypatch.chdir(work)  # restored after the test
+    store.tracking_uri(demo_store())
     version = registry.get_model_version(outputs.model_name, outputs.model_version)
     for tag in ("task", "encoder", "weights_origin", "strategy", "manifest_sha256", "audit_status", "report_sha256"):
         assert tag in version.tags, tag
@@ -105,12 +103,10 @@ def test_demo_run_is_registered_with_the_documented_tags(demo_run):
 
 
 @pytest.mark.slow
-def test_the_audit_verdict_reaches_the_run_and_the_registry_version(demo_run):
+def test_the_audit_verdict_reaches_the_run_and_the_registry_version(demo_run, monkeypatch):
     work, outputs, _ = demo_run
-    import os
-
-    os.chdir(work)
-    store.tracking_uri()
+    monkeypatch.chdir(work)  # restored after the test
+    store.tracking_uri(demo_store())
     audit = json.loads((outputs.output_dir / "audit.json").read_text())
     version = registry.get_model_version(outputs.model_name, outputs.model_version)
     # The verdict of audit.json: "inconclusive" when every subgroup was suppressed (nothing measured).
@@ -129,7 +125,7 @@ def test_the_audit_verdict_reaches_the_run_and_the_registry_version(demo_run):
 
 
 @pytest.mark.slow
-def test_the_demo_compares_its_gaps_with_the_same_model_trained_from_scratch(demo_run):
+def test_the_demo_compares_its_gaps_with_the_same_model_trained_from_scratch(demo_run, monkeypatch):
     work, outputs, _ = demo_run
     audit = json.loads((outputs.output_dir / "audit.json").read_text())
     reference = audit["reference"]
@@ -150,12 +146,10 @@ def test_the_demo_compares_its_gaps_with_the_same_model_trained_from_scratch(dem
 
 
 @pytest.mark.slow
-def test_the_report_states_synthetic_data_the_phi_scan_and_the_code_version(demo_run):
+def test_the_report_states_synthetic_data_the_phi_scan_and_the_code_version(demo_run, monkeypatch):
     work, outputs, _ = demo_run
-    import os
-
-    os.chdir(work)
-    store.tracking_uri()
+    monkeypatch.chdir(work)  # restored after the test
+    store.tracking_uri(demo_store())
     html = outputs.report_path.read_text()
     data = html[html.index('id="data"'):html.index('id="partitions"')]
     assert re.search(r"Synthetic data</t[hd]>\s*<td>yes", data), "the demo's report must say its data are synthetic"
@@ -167,12 +161,10 @@ def test_the_report_states_synthetic_data_the_phi_scan_and_the_code_version(demo
 
 
 @pytest.mark.slow
-def test_nothing_identifying_reaches_mlflow_or_the_outputs(demo_run):
+def test_nothing_identifying_reaches_mlflow_or_the_outputs(demo_run, monkeypatch):
     work, outputs, phi = demo_run
-    import os
-
-    os.chdir(work)
-    store.tracking_uri()
+    monkeypatch.chdir(work)  # restored after the test
+    store.tracking_uri(demo_store())
     data_root = (work / "out" / "demo_data").resolve()
     strings = sorted(s for s in phi if not s.startswith("date:"))
     dates = sorted(s.removeprefix("date:") for s in phi if s.startswith("date:"))
@@ -194,12 +186,10 @@ def test_nothing_identifying_reaches_mlflow_or_the_outputs(demo_run):
 
 
 @pytest.mark.slow
-def test_promote_requires_a_passed_audit(demo_run, capsys):
+def test_promote_requires_a_passed_audit(demo_run, capsys, monkeypatch):
     work, outputs, _ = demo_run
-    import os
-
-    os.chdir(work)
-    store.tracking_uri()
+    monkeypatch.chdir(work)  # restored after the test
+    store.tracking_uri(demo_store())
     registry.set_audit_status(outputs.model_name, outputs.model_version, "failed", {"reason": "test"})
     assert main(["registry", "promote", outputs.model_name, outputs.model_version]) == 2
     assert "audit" in capsys.readouterr().err
@@ -215,23 +205,19 @@ def test_promote_requires_a_passed_audit(demo_run, capsys):
 
 
 @pytest.mark.slow
-def test_report_rerenders_from_the_run(demo_run, tmp_path):
+def test_report_rerenders_from_the_run(demo_run, tmp_path, monkeypatch):
     work, outputs, _ = demo_run
-    import os
-
-    os.chdir(work)
+    monkeypatch.chdir(work)  # the run's embedded MLflow store is ./mlruns there; restored after the test
     assert main(["report", outputs.run_id, "--output", str(tmp_path / "again.html")]) == 0
     html = (tmp_path / "again.html").read_text()
     assert 'id="subgroups"' in html and outputs.run_id in html
 
 
 @pytest.mark.slow
-def test_rows_left_out_of_the_run_are_counted_in_mlflow(demo_run):
+def test_rows_left_out_of_the_run_are_counted_in_mlflow(demo_run, monkeypatch):
     work, outputs, _ = demo_run
-    import os
-
-    os.chdir(work)
-    store.tracking_uri()
+    monkeypatch.chdir(work)  # restored after the test
+    store.tracking_uri(demo_store())
     params = store.client().get_run(outputs.run_id).data.params
     # The demo's CT series are not radiographs: the classify_2d run leaves them out and says so.
     assert int(params["data.rows_left_out.other_modality"]) > 0
@@ -451,17 +437,17 @@ def test_an_empty_split_whose_rows_were_left_out_names_the_key_that_keeps_them(t
 
 
 def test_publish_manifest_writes_each_file_through_the_one_atomic_writer(tmp_path, monkeypatch):
-    import medtl.workflow
+    import medtl.workflow.prepare
 
     cfg = _png_config(tmp_path)
     prepared = prepare_data(cfg, tmp_path / "out", progress=False)
     written = []
-    real = medtl.workflow.replace_atomically
+    real = medtl.workflow.prepare.replace_atomically
 
     def spy(target, data, *, mode_of=None):
         written.append(Path(target).name)
         real(target, data, mode_of=mode_of)
 
-    monkeypatch.setattr(medtl.workflow, "replace_atomically", spy)
+    monkeypatch.setattr(medtl.workflow.prepare, "replace_atomically", spy)
     publish_manifest(prepared, cfg)
     assert written == ["m.csv", "m.json"]

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from medtl.config import LIST_KEYS, load_config
 from medtl.errors import ConfigError
+from medtl.workflow.config import LIST_KEYS, load_config
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 
 
 @pytest.mark.parametrize("name", ["classify_2d", "segment_3d", "classify_3d"])
@@ -99,7 +99,7 @@ def test_transfer_method_keys_parse_from_set():
 
 
 def test_train_num_threads_reaches_the_engine_zero_meaning_measure():
-    from medtl.workflow import train_config_for
+    from medtl.workflow.train import train_config_for
 
     base: list[str] = []
     pinned = load_config(WORKFLOWS / "classify_2d.yaml", [*base, "train.num_threads=1"])
@@ -135,7 +135,7 @@ def test_every_list_key_has_an_example_and_the_readme_says_what_empty_and_null_m
     import dataclasses
     from typing import get_origin, get_type_hints
 
-    from medtl.config import WorkflowConfig
+    from medtl.workflow.config import WorkflowConfig
 
     sections = {name: cls for name, cls in get_type_hints(WorkflowConfig).items() if dataclasses.is_dataclass(cls)}
     keys = {f"{section}.{name}" for section, cls in sections.items()

@@ -1,30 +1,104 @@
-"""The evaluation and audit steps of a run: test metrics with CIs, the bias audit and its reference.
+"""Step 3 of a run: predictions on val/test, test metrics with patient-level CIs, the bias audit.
 
-Orchestration layer (beside `medtl.run`, which calls these for `medtl run`, and the studies, which
-call them per child run): it turns a workflow's predictions into `medtl.evaluation` calls with the
-workflow config's settings, and finds or trains the bias-amplification reference
-(`audit.reference`: the registered champion, or a from-scratch twin).
+The audit's reference (the current champion, or a from-scratch twin trained here) is built here
+too, and the evaluations beside `test` (adaptation domains, a continual run's old test set).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 
-from medtl.adaptation import train_for_config
-from medtl.config import ContinualConfig, WorkflowConfig
+from medtl.data.dataset import class_names
+from medtl.engine.inference import predict
 from medtl.errors import ConfigError
 from medtl.evaluation.audit import BiasAudit
 from medtl.evaluation.audit_types import AuditConfig
 from medtl.evaluation.bootstrap import bootstrap_binary, bootstrap_case_means, bootstrap_multiclass
 from medtl.evaluation.metrics import choose_threshold, classification_report_data
 from medtl.evaluation.segmentation import segmentation_case_metrics
+from medtl.models.multitask import MultiTaskModel, split_outputs
 from medtl.tracking import registry
-from medtl.workflow import SUBGROUP_COLUMNS, PreparedData, TrainedModel, patient_ids, predictions_table
+from medtl.workflow.config import ContinualConfig, WorkflowConfig
+from medtl.workflow.prepare import SUBGROUP_COLUMNS, PreparedData
+from medtl.workflow.train import TrainedModel
+
+
+def predictions_table(cfg: WorkflowConfig, data: PreparedData, trained: TrainedModel, sets: dict, *,
+                      progress: bool = True) -> pd.DataFrame:
+    """predictions.csv for val and test: id, split, y_true, y_score(s), y_pred, subgroup columns.
+
+    Segmentation rows carry the predicted and reference masks (`_pred`, `_true`); a multi-task
+    model adds its class head's y_true (-1 = no label), y_score(s) and y_pred.
+    """
+    frames = []
+    model = trained.bundle.model
+    multitask = isinstance(model, MultiTaskModel)
+    head_classes = multitask_classes(data) if multitask else data.classes
+    roi = tuple(cfg.data.image_size) if trained.prep.patch else None
+    activation = "none" if multitask else "softmax"  # config validation refuses model.multi_label
+    by_id = data.manifest.set_index("id")
+    index = {name: i for i, name in enumerate(head_classes)}
+    for split in ("val", "test"):
+        outputs = predict(model, sets[split], activation=activation, roi_size=roi,
+                          batch_size=8 if roi is None else 1, progress=progress)
+        rows = []
+        for out in outputs:
+            row: dict = {"id": out["id"], "split": split}
+            output = out["output"]
+            if multitask:
+                segmentation, logits = split_outputs(output[None], model.num_seg_classes)
+                output = segmentation[0]
+                row["y_true"] = index.get(str(by_id.at[out["id"], "label"]).strip(), -1)
+                row.update(_score_columns(torch.softmax(logits[0], 0).numpy(), head_classes))
+            if cfg.task == "segmentation":
+                row["_pred"] = output.argmax(0).numpy().astype(np.uint8)
+                row["_true"] = out["label"][0].numpy().astype(np.uint8)
+            else:
+                row["y_true"] = int(out["label"])
+                row.update(_score_columns(output.numpy(), head_classes))
+            rows.append(row)
+        frames.append(pd.DataFrame(rows))
+    table = pd.concat(frames, ignore_index=True)
+    for column in data.subgroups:
+        table[column] = by_id.loc[table["id"], column].to_numpy()
+    return table
+
+
+def _score_columns(probs: np.ndarray, classes: list[str]) -> dict:
+    scores = {"y_score": float(probs[1])} if len(classes) == 2 else {
+        f"y_score_{c}": float(p) for c, p in zip(classes, probs, strict=True)}
+    return {**scores, "y_pred": int(np.argmax(probs))}
+
+
+def multitask_classes(data: PreparedData) -> list[str]:
+    """Class names of a multi-task model's class head: the manifest labels of the segmentation rows."""
+    return class_names(data.manifest["label"])
+
+
+def patient_ids(data: PreparedData, ids: pd.Series) -> np.ndarray:
+    """Patient pseudonyms for prediction rows (joined on the manifest `id`)."""
+    return data.manifest.set_index("id").loc[ids, "patient"].to_numpy()
+
+
+def write_outputs(output_dir: Path, predictions: pd.DataFrame, metrics: dict) -> None:
+    """metrics.json and predictions.csv (no per-voxel arrays, only pseudonymous ids)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    columns = [c for c in predictions.columns if not c.startswith("_")]
+    predictions[columns].to_csv(output_dir / "predictions.csv", index=False)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+
+
+
+
+
 
 logger = logging.getLogger(__name__)
 
@@ -226,20 +300,6 @@ def scratch_reference_config(cfg: WorkflowConfig) -> WorkflowConfig:
                                continual=ContinualConfig())
 
 
-def train_scratch_reference(cfg: WorkflowConfig, data: PreparedData, *, output_dir: Path, resume: bool = False,
-                            progress: bool = True) -> tuple[TrainedModel, dict] | None:
-    """Train the from-scratch twin when `audit.reference` is scratch (else None).
-
-    Every rank calls this right after the workflow's own training, so under torchrun the twin
-    trains with DistributedDataParallel too. None as well when the model itself starts from random
-    weights (`model.weights: none`): its twin would be the same model again.
-    """
-    if cfg.audit.reference != "scratch" or cfg.model.weights == "none":
-        return None
-    logger.info("bias-amplification reference: training the same model from scratch")
-    trained, sets, _ = train_for_config(scratch_reference_config(cfg), data, output_dir=output_dir / "reference_scratch",
-                                        resume=resume, progress=progress)
-    return trained, sets
 
 
 def audit_reference(cfg: WorkflowConfig, data: PreparedData, *, name: str,

@@ -1,0 +1,353 @@
+"""`medtl run`: one workflow end to end, as a short sequence of its steps.
+
+prepare (`prepare.py`) -> train (`train.py`, `methods.py`) -> evaluate and audit (`evaluate.py`)
+-> record in MLflow and the registry (`record.py`) -> report (`report.py`). Under torchrun every
+rank runs it: rank 0 builds the manifest, records and evaluates; the others only join training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtl.engine.runtime import barrier, cleanup_distributed, init_distributed
+from medtl.evaluation.report import render_report
+from medtl.tracking import registry, run_records, store
+from medtl.tracking.torch_model import log_torch_model
+from medtl.workflow.config import WorkflowConfig
+from medtl.workflow.evaluate import (
+    audit_document,
+    audit_reference,
+    check_audit_setup,
+    evaluate,
+    gap_metrics,
+    predictions_table,
+    run_audit,
+    write_outputs,
+)
+from medtl.workflow.methods import (
+    RegisteredWeights,
+    check_old_test_unseen,
+    check_registered_fits,
+    extra_evaluations,
+    load_registered_weights,
+    prepare_old_data,
+    train_for_config,
+    train_scratch_reference,
+)
+from medtl.workflow.prepare import (
+    PreparedData,
+    positive_class,
+    preflight,
+    prepare_data,
+    publish_manifest,
+    staged_manifest,
+)
+from medtl.workflow.record import (
+    AUDIT_STATUS_TAG,
+    PHILeakError,
+    code_version,
+    config_dict,
+    flat_estimates,
+    flat_metrics,
+    key_metrics,
+    log_earlier_epochs,
+    log_epoch,
+    scan_before_logging,
+    scan_before_training,
+    scan_files_or_raise,
+    scan_or_raise,
+    version_tags,
+)
+from medtl.workflow.report import build_report_inputs, inputs_to_json
+from medtl.workflow.steps import interrupts_kept, killed_on_interrupt, set_step
+
+logger = logging.getLogger(__name__)
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """Where a workflow run left its results.
+
+    `audit_status` is the audit's verdict ("passed", "failed" or "inconclusive"; None on a non-zero
+    torchrun rank); `audit_passed` is true only for "passed".
+    """
+
+    run_id: str
+    output_dir: Path
+    metrics: dict
+    audit_passed: bool | None
+    model_name: str
+    model_version: str
+    report_path: Path | None
+    audit_status: str | None = None
+
+
+def run_workflow(
+    cfg: WorkflowConfig,
+    output_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    extra_forbidden: dict[str, str] | None = None,
+    synthetic: bool = False,
+    source: str = "",
+) -> RunOutputs:
+    """Run a workflow end to end; see the module docstring for the order of steps.
+
+    Args:
+        cfg: the validated workflow config.
+        output_dir: gets metrics.json, predictions.csv, audit.json, report.html, checkpoints/.
+        resume: continue training from output_dir/checkpoints/last.pt.
+        progress: progress bars.
+        extra_forbidden: more identifying strings the PHI scan of the run must not find.
+        synthetic: the studies are synthetic (said in the report's data section and limitations).
+        source: a short description of where the studies come from, for the report.
+
+    Returns:
+        The run id, metrics, audit verdict and registry version.
+
+    Raises:
+        PHILeakError: when the scan of the MLflow run finds an identifying value or a data path:
+            before training (nothing trained; the message names the field and how to fix it), or
+            after it (results kept on disk; the message says how to record them again).
+        KeyboardInterrupt: on Ctrl-C (SIGINT); the MLflow run, if open, ends KILLED.
+    """
+    with interrupts_kept():
+        return _run_steps(cfg, Path(output_dir), resume=resume, progress=progress,
+                          extra_forbidden=extra_forbidden, synthetic=synthetic, source=source)
+
+
+def _run_steps(cfg: WorkflowConfig, output_dir: Path, *, resume: bool, progress: bool,
+               extra_forbidden: dict[str, str] | None, synthetic: bool, source: str) -> RunOutputs:
+    """The steps of `run_workflow`, in order."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    set_step("checking the configuration")
+    preflight(cfg)  # every rank, before any work: a bad key stops all ranks alike, and nothing is built
+    set_step("building the manifest")
+    # Under torchrun every rank runs this function: rank 0 builds the manifest, owns the MLflow
+    # run and evaluates; the others read the manifest it staged and only join training (DDP).
+    dist_info = init_distributed()
+    main_rank = dist_info.rank == 0
+    if main_rank:
+        _say_what_happens_to_the_output_folder(output_dir, resume=resume)
+        data = prepare_data(cfg, output_dir, progress=progress, checked=True)
+    barrier(dist_info)
+    if not main_rank:
+        built = str(staged_manifest(cfg, output_dir))
+        data = prepare_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=built)),
+                            output_dir, progress=False, checked=True)
+    check_audit_setup(cfg, data)  # before training, not after it; on every rank, so all of them stop
+    timings["manifest_seconds"] = time.perf_counter() - start
+    store.tracking_uri()
+    name = cfg.tracking.registered_model or cfg.name
+    registered = _registered_start(cfg)
+    initial = registered.state if registered is not None else None
+    if not main_rank:
+        set_step("training")
+        train_for_config(cfg, data, output_dir=output_dir, resume=resume, progress=False, initial_state=initial)
+        train_scratch_reference(cfg, data, output_dir=output_dir, resume=resume, progress=False)
+        cleanup_distributed()
+        return RunOutputs(run_id="", output_dir=output_dir, metrics={}, audit_passed=None,
+                          model_name=name, model_version="", report_path=None)
+    old = None
+    if registered is not None:
+        old = prepare_old_data(cfg, output_dir / "old", progress=progress)
+        check_old_test_unseen(data, old)
+    run_tags = {"medtl.workflow": cfg.name}
+    if registered is not None:
+        run_tags["medtl.continual_from"] = registered.reference
+    forbidden = {**data.forbidden, **(extra_forbidden or {})}
+    roots = [data.root.resolve()] + ([old.root.resolve()] if old is not None else [])
+    params = config_dict(cfg)
+    # The names, params and tags are checked before MLflow stores any of them: a refused value
+    # must not sit in mlflow.db (a deleted run keeps its params until `mlflow gc`).
+    scan_before_logging(cfg, params, run_tags, forbidden, roots, run_name=cfg.name,
+                         model_name=name if cfg.tracking.register else None)
+    set_step("recording in MLflow")
+    with store.start_run(cfg.tracking.experiment, run_name=cfg.name, tags=run_tags) as run, \
+            killed_on_interrupt():
+        run_id = run.info.run_id
+        run_records.log_config(params)
+        environment = run_records.log_environment()
+        run_records.log_manifest(data.manifest, data.manifest_sha256)
+        run_records.log_config({"rows_left_out": {r.replace(" ", "_"): n for r, n in data.dropped.items()},
+                                "rows_kept_without_modality": data.kept_without_modality}, "data")
+        # What MLflow added by itself is in the run now too: read everything back before hours of
+        # training, not after.
+        scan_before_training(run_id, forbidden, roots)
+        set_step("training")
+        logged_epochs: set[int] = set()
+        trained, sets, method_info = train_for_config(
+            cfg, data, output_dir=output_dir, resume=resume, progress=progress, initial_state=initial,
+            on_epoch_end=lambda epoch, record: log_epoch(epoch, record, logged_epochs),
+        )
+        log_earlier_epochs(trained.fit.history, logged_epochs)
+        scratch = train_scratch_reference(cfg, data, output_dir=output_dir, resume=resume, progress=progress)
+        cleanup_distributed()
+        timings["train_seconds"] = float(trained.fit.total_train_seconds)
+        if scratch is not None:
+            timings["reference_train_seconds"] = float(scratch[0].fit.total_train_seconds)
+        timings["time_to_best_seconds"] = float(trained.fit.time_to_best_seconds)
+        bundle = trained.bundle
+        report = bundle.load_report
+        run_records.log_weights(bundle.weights.as_dict(), report.as_dict() if report is not None else None)
+        t0 = time.perf_counter()
+        set_step("evaluating")
+        predictions = predictions_table(cfg, data, trained, sets, progress=progress)
+        evaluation = evaluate(cfg, data, predictions)
+        table = evaluation.pop("cases") if cfg.task == "segmentation" else predictions
+        extra, old_table = extra_evaluations(cfg, data, predictions, trained, old, progress=progress)
+        timings["evaluate_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        set_step("auditing")
+        reference = audit_reference(cfg, data, name=name, scratch=scratch, progress=progress)
+        audit = run_audit(cfg, data, table, progress=progress, reference=reference.table,
+                          reference_audit=reference.audit, reference_label=reference.label)
+        timings["audit_seconds"] = time.perf_counter() - t0
+        audit_dict = audit_document(audit, reference)
+        passed, status = bool(audit.result_.passed), audit.result_.status
+        (output_dir / "audit.json").write_text(json.dumps(audit_dict, indent=2, default=float))
+        metrics = {
+            "test": {k: v["value"] for k, v in evaluation["test"].items()},
+            "test_ci": {k: v["ci"] for k, v in evaluation["test"].items()},
+            "val": {k: v["value"] for k, v in evaluation.get("val", {}).items()},
+            "threshold": evaluation.get("threshold"),
+            "best_epoch": trained.fit.best_epoch,
+            "epochs_run": trained.fit.epochs_run,
+            "timings": timings,
+            "run_id": run_id,
+            "audit_passed": passed,
+            "audit_status": status,
+            "positive_class": positive_class(cfg, data),
+        }
+        for key, ev in extra.items():
+            metrics[key] = {k: v["value"] for k, v in ev["test"].items()}
+            metrics[f"{key}_ci"] = {k: v["ci"] for k, v in ev["test"].items()}
+        metrics.update(_method_facts(cfg, method_info, registered, old))
+        write_outputs(output_dir, table, metrics)
+        set_step("recording in MLflow")
+        flat = flat_metrics(evaluation)
+        for key, ev in extra.items():
+            flat.update(flat_estimates(key, ev["test"]))
+        flat.update({f"adaptation.{k}": float(v) for k, v in method_info.items()})
+        if reference.test is not None:
+            flat.update(flat_estimates("reference_test", reference.test))
+        flat["audit.passed"] = float(passed)
+        flat["audit.evaluated_attributes"] = float(len(audit_dict.get("evaluated_attributes", [])))
+        flat.update(gap_metrics(audit_dict))
+        run_records.log_final_metrics(flat)
+        store.client().set_tag(run_id, AUDIT_STATUS_TAG, status)
+        artifacts = ["metrics.json", "predictions.csv", "audit.json"]
+        if old_table is not None:
+            old_table[[c for c in old_table.columns if not c.startswith("_")]].to_csv(
+                output_dir / "old_predictions.csv", index=False)
+            artifacts.append("old_predictions.csv")
+        for artifact in artifacts:
+            run_records.log_artifact(output_dir / artifact)
+        model_uri = log_torch_model(bundle.model, (cfg.model.in_channels, *cfg.data.image_size))
+        version = ""
+        if cfg.tracking.register:
+            version = registry.register_model(model_uri, name, version_tags(cfg, data, trained, run_id, registered),
+                                              key_metrics(metrics))
+            registry.set_audit_status(name, version, status, {
+                "flagged_gaps": sum(1 for g in audit_dict.get("gaps", []) if g.get("flagged")),
+                "evaluated_attributes": len(audit_dict.get("evaluated_attributes", []))})
+        # Everything but the report is in the run now: scan it, so the report can state the result
+        # truthfully; the report itself is scanned before it is logged.
+        set_step("checking the MLflow run for identifying values")
+        scan_or_raise(run_id, forbidden, roots, name=name, version=version, output_dir=output_dir)
+        set_step("writing the report")
+        inputs = build_report_inputs(cfg, data, trained, evaluation, audit_dict, run_id=run_id,
+                                     model_version=version, code_version=code_version(environment),
+                                     test_sets=extra, synthetic=synthetic, source=source,
+                                     phi_scan={"passed": True, "n_findings": 0,
+                                               "scope": "the MLflow run, its artifacts and model, and this report"})
+        report_path = output_dir / "report.html"
+        digest = render_report(inputs, report_path)
+        (output_dir / "report_inputs.json").write_text(inputs_to_json(inputs))
+        try:
+            scan_files_or_raise([report_path, output_dir / "report_inputs.json"], forbidden, roots, run_id=run_id,
+                                 name=name, version=version, output_dir=output_dir)
+        except PHILeakError:
+            # The report claims a clean scan; it must not stay on disk when it is itself the leak.
+            report_path.unlink(missing_ok=True)
+            (output_dir / "report_inputs.json").unlink(missing_ok=True)
+            raise
+        run_records.log_artifact(report_path)
+        run_records.log_artifact(output_dir / "report_inputs.json")
+        store.client().set_tag(run_id, "medtl.report_sha256", digest)
+        if version:
+            store.client().set_model_version_tag(name, version, "report_sha256", digest)
+            store.client().set_model_version_tag(name, version, "report_artifact", f"runs:/{run_id}/report.html")
+    set_step("publishing the manifest")
+    publish_manifest(data, cfg)  # only now: a run that failed anywhere before leaves data.manifest_out as it was
+    set_step(None)
+    return RunOutputs(run_id=run_id, output_dir=output_dir, metrics=metrics, audit_passed=passed,
+                      model_name=name, model_version=version, report_path=report_path, audit_status=status)
+
+
+def _registered_start(cfg: WorkflowConfig) -> RegisteredWeights | None:
+    """The registered version a continual run starts from (checked against the config), or None."""
+    if not cfg.continual.from_model:
+        return None
+    registered = load_registered_weights(cfg.continual.from_model)
+    check_registered_fits(cfg, registered)
+    return registered
+
+
+def _method_facts(cfg: WorkflowConfig, method_info: dict, registered: RegisteredWeights | None,
+                  old: PreparedData | None) -> dict:
+    """metrics.json entries that say how an adapted or continual run was made."""
+    facts: dict = {}
+    a = cfg.adaptation
+    if a.method != "none":
+        facts["adaptation"] = {"method": a.method, "domain_column": a.domain_column, "target": a.target,
+                               **method_info}
+    if registered is not None and old is not None:
+        facts["continual"] = {"from_model": registered.reference, "old_manifest_sha256": old.manifest_sha256,
+                              "old_test_studies": int((old.manifest["split"] == "test").sum())}
+    if cfg.multitask.enabled:
+        facts["multitask"] = {"cls_weight": cfg.multitask.cls_weight, "seg_weight": cfg.multitask.seg_weight}
+    return facts
+
+
+
+
+# Files a finished run leaves in its output folder.
+_FINISHED_OUTPUTS = ("metrics.json", "predictions.csv", "audit.json", "report.html")
+
+
+def _say_what_happens_to_the_output_folder(output_dir: Path, *, resume: bool) -> None:
+    """Warn before a run replaces an earlier run's outputs, or resumes from a checkpoint that is not there."""
+    checkpoint = output_dir / "checkpoints" / "last.pt"
+    if resume:
+        if not checkpoint.is_file():
+            logger.warning("--resume: no checkpoint in %s/checkpoints: training starts from the first epoch",
+                           output_dir.name)
+        return
+    finished = [name for name in _FINISHED_OUTPUTS if (output_dir / name).is_file()]
+    if finished:
+        logger.warning("output folder %s already holds a finished run's outputs (%s): this run replaces them and "
+                       "its checkpoints; use another --output to keep them", output_dir.name, ", ".join(finished))
+    elif checkpoint.is_file():
+        logger.warning("output folder %s holds the checkpoints of an unfinished run: this run starts over and "
+                       "replaces them; add --resume to continue that run instead", output_dir.name)

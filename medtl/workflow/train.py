@@ -1,0 +1,317 @@
+"""Step 2 of a run: the model, its preprocessing, datasets, loss and the engine's training loop.
+
+Each piece is a plain function so the transfer methods (`medtl.workflow.methods`) and the studies
+(`medtl.studies`) reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medtl.data.dataset import Preprocessing, label_counts, make_dataset, manifest_items
+from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
+from medtl.engine.loop import fit
+from medtl.errors import InputError
+from medtl.models.factory import ModelBundle, create_model
+from medtl.models.strategies import TransferPlan, make_transfer_plan, stage_group_name
+from medtl.workflow.config import WorkflowConfig
+
+if TYPE_CHECKING:  # prepare imports train (its preflight checks the train keys)
+    from medtl.workflow.prepare import PreparedData
+
+
+@dataclass
+class TrainedModel:
+    """A trained model with what it was built and trained with."""
+
+    bundle: ModelBundle
+    prep: Preprocessing
+    fit: FitResult
+    train_config: TrainConfig
+    plan_groups: list[str]
+    frozen_parameters: int
+    # Which optimizer groups were frozen in which epochs, e.g. ["epochs 1-2: encoder.stage0, ..."].
+    frozen_schedule: list[str] = field(default_factory=list)
+
+
+def preprocessing_for(cfg: WorkflowConfig, bundle: ModelBundle) -> Preprocessing:
+    """Network-input settings that match the encoder's weight record."""
+    record = bundle.weights
+    return Preprocessing(
+        spatial_dims=cfg.model.spatial_dims,
+        image_size=tuple(cfg.data.image_size),
+        spacing=tuple(cfg.data.spacing),
+        intensity=cfg.data.intensity,
+        ct_window=tuple(cfg.data.ct_window),  # type: ignore[arg-type]
+        normalization=record.normalization,
+        mean=tuple(record.mean or (0.0,)),
+        std=tuple(record.std or (1.0,)),
+        in_channels=cfg.model.in_channels,
+        patch=cfg.model.spatial_dims == 3 and cfg.task == "segmentation",
+    )
+
+
+def build_model(cfg: WorkflowConfig, *, weights: str | None = None) -> ModelBundle:
+    """The task model of a workflow (weights override for from-scratch arms)."""
+    return create_model(
+        cfg.task,
+        cfg.model.encoder,
+        spatial_dims=cfg.model.spatial_dims,
+        in_channels=cfg.model.in_channels,
+        num_classes=cfg.model.num_classes,
+        weights=weights or cfg.model.weights,
+        multi_label=cfg.model.multi_label,
+        dropout=cfg.model.dropout,
+    )
+
+
+def datasets_for(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing, *, progress: bool = True,
+                 train_ids: set[str] | None = None, splits: tuple[str, ...] = ("train", "val", "test")) -> dict:
+    """MONAI datasets of the given splits (train optionally restricted to `train_ids`)."""
+    out = {}
+    for split in splits:
+        items = manifest_items(data.manifest, split, cfg.task, data.classes)
+        if split == "train" and train_ids is not None:
+            items = [item for item in items if item["id"] in train_ids]
+        out[split] = make_dataset(
+            items,
+            prep,
+            data.root,
+            key_file=data.key_file,
+            train=split == "train",
+            augment=cfg.data.augment,
+            cache=cfg.data.cache,
+            cache_dir=data.cache_dir,
+            progress=progress,
+        )
+    return out
+
+
+def loss_and_metric(cfg: WorkflowConfig, class_weights: torch.Tensor | None) -> tuple[Callable, Callable, str]:
+    """The task's loss, validation metric function and the metric that picks the best epoch."""
+    if cfg.task == "segmentation":
+        from monai.losses import DiceCELoss
+        from monai.metrics import DiceMetric
+
+        loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+        def dice(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+            num = outputs.shape[1]
+            pred = torch.nn.functional.one_hot(outputs.argmax(1), num).movedim(-1, 1)
+            ref = torch.nn.functional.one_hot(targets[:, 0].long(), num).movedim(-1, 1)
+            metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
+            value = metric(pred, ref).nanmean().item()
+            return {"dice": float(value) if np.isfinite(value) else 0.0}
+
+        return loss, dice, "dice"
+
+    ce = torch.nn.CrossEntropyLoss(weight=class_weights)
+    return (lambda o, t: ce(o, t.long())), class_auroc, "auroc"
+
+
+def class_auroc(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Validation AUROC of single-label class logits (one-vs-rest for more than two classes)."""
+    from sklearn.metrics import roc_auc_score
+
+    probs = torch.softmax(outputs.float(), dim=1).numpy()
+    y = targets.long().numpy()
+    if probs.shape[1] == 2:
+        return {"auroc": _safe_auroc(y, probs[:, 1])}
+    try:
+        return {"auroc": float(roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))}
+    except ValueError:
+        return {"auroc": 0.5}
+
+
+def _safe_auroc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    try:
+        return float(roc_auc_score(y, s))
+    except ValueError:  # a single class in a tiny validation split
+        return 0.5
+
+
+def train_config_for(cfg: WorkflowConfig, *, progress: bool, monitor: str, epochs: int | None = None) -> TrainConfig:
+    """The engine's config from the workflow's `train` section."""
+    t = cfg.train
+    val_roi = tuple(cfg.data.image_size) if (cfg.model.spatial_dims == 3 and cfg.task == "segmentation") else None
+    return TrainConfig(
+        epochs=epochs or t.epochs,
+        batch_size=t.batch_size,
+        optimizer=t.optimizer,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_epochs=float(t.warmup_epochs),
+        early_stopping_patience=t.early_stopping_patience,
+        monitor=monitor,
+        mode="max",
+        amp=t.amp,
+        compile=t.compile,
+        deterministic=t.deterministic,
+        num_threads=t.num_threads or None,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        balance="sampler" if t.balance == "sampler" else "none",
+        val_roi_size=val_roi,
+        progress=progress,
+        drop_last=False,
+    )
+
+
+def train_model(
+    cfg: WorkflowConfig,
+    data: PreparedData,
+    *,
+    output_dir: Path,
+    weights: str | None = None,
+    strategy: str | None = None,
+    train_ids: set[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[TrainedModel, dict]:
+    """Build, adapt and train the workflow's model; returns it with its datasets.
+
+    `initial_state` (e.g. a registered version's weights, for continual fine-tuning) replaces the
+    built model's weights before training.
+    """
+    torch.manual_seed(cfg.seed)
+    bundle = build_model(cfg, weights=weights)
+    load_initial_state(bundle.model, initial_state)
+    prep = preprocessing_for(cfg, bundle)
+    sets = datasets_for(cfg, data, prep, progress=progress, train_ids=train_ids)
+    class_weights = loss_class_weights(cfg, sets["train"].data)
+    loss_fn, metric_fn, monitor = loss_and_metric(cfg, class_weights)
+    trained = fit_model(
+        cfg, data, bundle, prep, model=bundle.model, train_set=sets["train"], val_set=sets["val"],
+        loss_fn=loss_fn, metric_fn=metric_fn, monitor=monitor, plan=transfer_plan_for(cfg, bundle.model, strategy),
+        output_dir=output_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end,
+    )
+    return trained, sets
+
+
+def load_initial_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:
+    """Load starting weights into a freshly built model (every key must match).
+
+    A multi-task model may start from a plain segmenter's weights: only its class head is then new.
+
+    Raises:
+        InputError: when the weights do not fit the model built from the config.
+    """
+    if state is None:
+        return
+    result = model.load_state_dict(dict(state), strict=False)
+    missing = [k for k in result.missing_keys if not (k.startswith("cls_head.") and hasattr(model, "cls_head"))]
+    if missing or result.unexpected_keys:
+        raise InputError(
+            f"the starting weights must fit the model of this workflow, not miss {len(missing)} and add "
+            f"{len(result.unexpected_keys)} tensors (e.g. {(missing or result.unexpected_keys)[0]}); use a version "
+            f"trained with the same model.encoder, task and num_classes"
+        )
+
+
+def loss_class_weights(cfg: WorkflowConfig, items: list[dict]) -> torch.Tensor | None:
+    """Inverse-frequency class weights of the training items for `train.balance: loss` (else None)."""
+    if cfg.task != "classification" or cfg.train.balance != "loss":
+        return None
+    counts = label_counts(items, cfg.model.num_classes)
+    return torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
+
+
+def transfer_plan_for(cfg: WorkflowConfig, model: torch.nn.Module, strategy: str | None = None) -> TransferPlan:
+    """The transfer strategy's plan for `model` (the workflow's `train.strategy` unless given)."""
+    return make_transfer_plan(model, strategy or cfg.train.strategy, lr=cfg.train.lr,
+                              layer_decay=cfg.train.layer_decay or None, bn=cfg.train.bn)
+
+
+def fit_model(
+    cfg: WorkflowConfig,
+    data: PreparedData,
+    bundle: ModelBundle,
+    prep: Preprocessing,
+    *,
+    model: torch.nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    loss_fn: Callable,
+    metric_fn: Callable,
+    monitor: str,
+    plan: TransferPlanLike,
+    output_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> TrainedModel:
+    """Run the engine on prepared pieces (the model may wrap `bundle.model`, e.g. for DANN).
+
+    Returns:
+        The trained model; `bundle.model` holds the best epoch's weights.
+    """
+    tcfg = train_config_for(cfg, progress=progress, monitor=monitor)
+    if len(train_set) % tcfg.batch_size == 1:  # type: ignore[arg-type]
+        # A last batch of one sample fails in BatchNorm layers whose input is 1 x 1 (train mode
+        # needs two values per channel), as in small 3D patches: drop that one sample per epoch.
+        tcfg = dataclasses.replace(tcfg, drop_last=True)
+    result = fit(
+        model,
+        train_set,
+        val_set,
+        loss_fn=loss_fn,
+        cfg=tcfg,
+        val_metric_fn=metric_fn,
+        plan=plan,
+        checkpoint_dir=output_dir / "checkpoints",
+        resume=resume,
+        manifest_sha256=data.manifest_sha256,
+        on_epoch_end=on_epoch_end,
+    )
+    frozen = sum(p.numel() for p in bundle.model.parameters() if not p.requires_grad)
+    return TrainedModel(
+        bundle=bundle,
+        prep=prep,
+        fit=result,
+        train_config=tcfg,
+        plan_groups=[g["name"] for g in plan.param_groups],
+        frozen_parameters=int(frozen),
+        frozen_schedule=frozen_schedule(plan, result.epochs_run),
+    )
+
+
+def frozen_schedule(plan: TransferPlanLike, epochs: int) -> list[str]:
+    """The groups a plan kept frozen, as runs of epochs (1-based), e.g. "epochs 1-3: encoder.stage0".
+
+    Epochs in which every group trains are left out; an empty list means nothing was ever frozen.
+    """
+    base = getattr(plan, "base", plan)  # DANN wraps the strategy's plan
+    if not isinstance(base, TransferPlan):
+        return []
+    # Every encoder stage, not only the optimizer's groups: a linear probe's encoder has no group.
+    names = ["head", *(stage_group_name(i) for i in range(base.num_stages))]
+    spans: list[tuple[int, int, tuple[str, ...]]] = []
+    for epoch in range(epochs):
+        trainable = set(base.trainable_groups(epoch))
+        frozen = tuple(n for n in names if n not in trainable)
+        if spans and spans[-1][2] == frozen:
+            spans[-1] = (spans[-1][0], epoch, frozen)
+        else:
+            spans.append((epoch, epoch, frozen))
+    return [(f"epoch {a + 1}" if a == b else f"epochs {a + 1}-{b + 1}") + ": " + ", ".join(frozen)
+            for a, b, frozen in spans if frozen]
+
+
+def timed(func: Callable, *args, **kwargs) -> tuple[object, float]:
+    """Call `func` and return (result, seconds)."""
+    start = time.perf_counter()
+    value = func(*args, **kwargs)
+    return value, time.perf_counter() - start
