@@ -114,6 +114,13 @@ MEDTL_WORDS = MEDTL_WORDS | frozenset(
 # The audit's verdicts: evaluation writes them, tracking records them on registered versions.
 AUDIT_STATUSES = ("passed", "failed", "inconclusive")
 
+# Closed vocabularies of the workflow config, one source each: the config validates with them,
+# the layers that act on them import them, the docs list them (a test keeps all in sync).
+TASKS = ("classification", "segmentation")
+STRATEGIES = ("linear_probe", "finetune", "gradual_unfreeze", "lp_ft", "discriminative")
+THRESHOLD_RULES = ("youden", "sensitivity", "fpr")
+FEW_SHOT_METHODS = ("prototype", "linear_probe")
+
 # Identifiers made only of digits: from this many digits a value is an ID (aliased in paths, a
 # needle); outputs are scanned for such IDs from `MIN_SCANNED_DIGITS` digits on, since shorter
 # numbers are everywhere in them (counts, sizes, "1024x1024").

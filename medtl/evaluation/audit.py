@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from medtl.errors import ConfigError, InputError
 from medtl.evaluation.audit_types import (
     DEFAULT_GAP_METRICS,
-    AuditConfig,
     AuditResult,
+    AuditRules,
     GroupResult,
     gap_metric_applies,
     known_gap_metric,
@@ -75,7 +75,7 @@ class BiasAudit:
             predictions (sex, age_band, site, scanner and any declared extra).
         intersections: True for all pairs of attributes, False for none, or a list of tuples
             of attribute names (e.g. [("sex", "age_band")]).
-        config: pass/fail rules (AuditConfig); None for the defaults.
+        config: pass/fail rules (AuditRules); None for the defaults.
         task: "classification" (columns y_true and y_score or y_score_<class>) or
             "segmentation" (per-case columns dice_<c>, hd95_<c>, surface_dice_<c>, dice, ...).
         positive_class: the class audited one-vs-rest when predictions have y_score_<class>
@@ -107,7 +107,7 @@ class BiasAudit:
         attributes: Sequence[str] | None = None,
         *,
         intersections: bool | Sequence[Sequence[str]] = True,
-        config: AuditConfig | None = None,
+        config: AuditRules | None = None,
         task: str = "classification",
         positive_class: Any = None,
         gap_metrics: Sequence[str] | None = None,
@@ -168,10 +168,10 @@ class BiasAudit:
             InputError: missing columns, bad values, patient ids not aligned with the rows.
             LeakageError: a patient in both the validation and the audited split.
         """
-        config = self.config if self.config is not None else AuditConfig()
-        if not isinstance(config, AuditConfig):
+        config = self.config if self.config is not None else AuditRules()
+        if not isinstance(config, AuditRules):
             raise ConfigError(
-                f"config must be an AuditConfig, not {type(config).__name__}; use AuditConfig.from_mapping"
+                f"config must be an AuditRules, not {type(config).__name__}; use AuditRules.from_mapping"
             )
         if reference_predictions is not None and reference_audit is not None:
             raise ConfigError(

@@ -65,8 +65,8 @@ def known_gap_metric(name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class AuditConfig:
-    """Pass/fail rules of the audit (the workflow config's `audit` section).
+class AuditRules:
+    """Pass/fail rules of the audit: the part of the workflow config's `audit` section the audit applies.
 
     Attributes:
         tolerances: largest acceptable between-group difference (max - min) per gap metric,
@@ -114,7 +114,7 @@ class AuditConfig:
         object.__setattr__(self, "tolerances", frozen)
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> AuditConfig:
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> AuditRules:
         """Build from the YAML `audit` section; missing keys take the defaults.
 
         Raises:
@@ -193,7 +193,7 @@ class AuditResult:
     gaps: tuple[Gap, ...]
     amplification: tuple[dict[str, Any], ...]
     thresholds: dict[str, Any] | None
-    config: AuditConfig
+    config: AuditRules
     correction: dict[str, Any]
     settings: dict[str, Any]
     notes: tuple[str, ...]

@@ -20,7 +20,7 @@ from medtl.data.dataset import class_names
 from medtl.engine.inference import predict
 from medtl.errors import ConfigError
 from medtl.evaluation.audit import BiasAudit
-from medtl.evaluation.audit_types import AuditConfig
+from medtl.evaluation.audit_types import AuditRules
 from medtl.evaluation.bootstrap import bootstrap_binary, bootstrap_case_means, bootstrap_multiclass
 from medtl.evaluation.metrics import choose_threshold, classification_report_data
 from medtl.evaluation.segmentation import segmentation_case_metrics
@@ -256,7 +256,7 @@ def run_audit(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, *, p
     audit = BiasAudit(
         attributes,
         intersections=cfg.audit.intersections,
-        config=AuditConfig.from_mapping(settings),
+        config=AuditRules.from_mapping(settings),
         task=cfg.task,
         threshold_rule=ev.threshold_rule,
         threshold_target=ev.threshold_target if ev.threshold_rule != "youden" else None,

@@ -20,7 +20,7 @@ from sklearn.metrics import accuracy_score, precision_score, roc_auc_score
 
 from medtl.errors import ConfigError, InputError, LeakageError
 from medtl.evaluation.audit import BiasAudit
-from medtl.evaluation.audit_types import AuditConfig
+from medtl.evaluation.audit_types import AuditRules
 from medtl.evaluation.gaps import compare_gaps
 
 FAST = {"n_boot": 200, "progress": False}
@@ -180,7 +180,7 @@ def test_a_large_auroc_gap_is_flagged_and_fails_the_audit():
     assert gap["flagged"] is True and gap["status"] == "flagged" and gap["ci"][0] > gap["tolerance"] == 0.05
     assert gap["worst_group"] == "F" and gap["best_group"] == "M"
     assert audit.result_.passed is False and audit.result_.status == "failed"
-    lenient = AuditConfig(fail_on_flagged=False)
+    lenient = AuditRules(fail_on_flagged=False)
     assert BiasAudit(["sex"], intersections=False, config=lenient, **FAST).run(df, pid).result_.passed is True
 
 
@@ -201,7 +201,7 @@ def test_bonferroni_widens_tested_gap_intervals_over_the_number_of_tested_gaps()
     assert all(g["ci_level"] == pytest.approx(1 - 0.05 / m) for g in tested)
     assert all(g["ci_level"] == 0.95 for g in result["gaps"] if g["tolerance"] is None)
     plain = (
-        BiasAudit(["sex", "age_band"], config=AuditConfig(correction="none"), **FAST).run(df, pid).to_dict()
+        BiasAudit(["sex", "age_band"], config=AuditRules(correction="none"), **FAST).run(df, pid).to_dict()
     )
     a = next(g for g in result["gaps"] if g["tolerance"] is not None)
     b = next(
@@ -244,7 +244,7 @@ def test_an_audit_whose_groups_are_all_suppressed_is_inconclusive_not_passed():
 
 def test_an_audit_without_any_tolerance_or_measurable_gap_is_inconclusive():
     df, pid = _small_test_set(n_test=60, n_val=20)  # 30 patients per sex: reported
-    untested = BiasAudit(["sex"], intersections=False, config=AuditConfig(tolerances={}), **FAST).run(df, pid)
+    untested = BiasAudit(["sex"], intersections=False, config=AuditRules(tolerances={}), **FAST).run(df, pid)
     assert untested.result_.status == "inconclusive"
     assert "no audited gap metric has a tolerance" in untested.to_dict()["unevaluated_attributes"][0]["reason"]
     few = BiasAudit(["sex"], intersections=False, min_gap_events=20, **FAST).run(df, pid).to_dict()
@@ -268,14 +268,14 @@ def test_status_follows_the_evaluated_attributes_and_lists_the_others():
 
 
 def _sex_auroc_gap(df, pid) -> float:
-    doc = BiasAudit(["sex"], intersections=False, config=AuditConfig(tolerances={"auroc": 0.05}), **FAST).run(df, pid)
+    doc = BiasAudit(["sex"], intersections=False, config=AuditRules(tolerances={"auroc": 0.05}), **FAST).run(df, pid)
     return next(g.value for g in doc.result_.gaps if (g.metric, g.kind) == ("auroc", "difference"))
 
 
 def test_an_audit_whose_tested_gaps_are_all_inconclusive_is_inconclusive_not_passed():
     # A tolerance at the gap's own point value: its CI straddles it, so the gap is measured but undecided.
     df, pid = _predictions(n_patients=300, seed=5, gap=0.3)
-    at_gap = AuditConfig(tolerances={"auroc": _sex_auroc_gap(df, pid)})
+    at_gap = AuditRules(tolerances={"auroc": _sex_auroc_gap(df, pid)})
     doc = BiasAudit(["sex"], intersections=False, config=at_gap, **FAST).run(df, pid).to_dict()
     tested = [g for g in doc["gaps"] if g["tolerance"] is not None]
     assert tested and {g["status"] for g in tested} == {"inconclusive"}
@@ -285,7 +285,7 @@ def test_an_audit_whose_tested_gaps_are_all_inconclusive_is_inconclusive_not_pas
     assert "more test patients per group" in entry["remedy"]
     assert any(n.startswith("audit inconclusive") and "decided" in n for n in doc["notes"])
     # One gap shown within its tolerance decides the attribute: the audit passes.
-    decided = AuditConfig(tolerances={"auroc": at_gap.tolerances["auroc"], "fnr": 1.0})
+    decided = AuditRules(tolerances={"auroc": at_gap.tolerances["auroc"], "fnr": 1.0})
     doc = BiasAudit(["sex"], intersections=False, config=decided, **FAST).run(df, pid).to_dict()
     assert {g["metric"]: g["status"] for g in doc["gaps"] if g["tolerance"] is not None} == {
         "auroc": "inconclusive", "fnr": "within"}
@@ -517,14 +517,14 @@ def test_init_only_stores_arguments_and_run_validates_them():
 
 def test_audit_config_errors_name_the_bad_key():
     with pytest.raises(ConfigError, match=r"audit\.tolerances\.aurocc.*auroc"):
-        AuditConfig(tolerances={"aurocc": 0.05})
+        AuditRules(tolerances={"aurocc": 0.05})
     with pytest.raises(ConfigError, match=r"audit\.tolerances\.fnr must be a number >= 0"):
-        AuditConfig(tolerances={"fnr": -1})
+        AuditRules(tolerances={"fnr": -1})
     with pytest.raises(ConfigError, match=r"audit\.tolerance .*tolerances"):
-        AuditConfig.from_mapping({"tolerance": {"auroc": 0.05}})
+        AuditRules.from_mapping({"tolerance": {"auroc": 0.05}})
     with pytest.raises(ConfigError, match=r"audit\.correction"):
-        AuditConfig.from_mapping({"correction": "holm"})
-    cfg = AuditConfig.from_mapping({"tolerances": {"auroc": 0.03}, "alpha": 0.1})
+        AuditRules.from_mapping({"correction": "holm"})
+    cfg = AuditRules.from_mapping({"tolerances": {"auroc": 0.03}, "alpha": 0.1})
     assert dict(cfg.tolerances) == {"auroc": 0.03} and cfg.alpha == 0.1 and cfg.fail_on_flagged is True
 
 
