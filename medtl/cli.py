@@ -224,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks of errors (they may show file paths)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_data_commands, _add_run_commands, _add_study_commands, _add_registry_commands):
+        add(sub, common)
+    return parser
 
+
+def _add_data_commands(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo-data", parents=[common], help="write fully synthetic hospital-like demo studies and labels.csv")
     p.add_argument("dir", help="output folder")
     p.add_argument("--patients", type=int, default=200, help="number of synthetic patients (default 200)")
@@ -249,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--key-file", help="project key file (default: $MEDTL_KEY_FILE or the config folder)")
     v.set_defaults(func=_cmd_manifest_verify, step="verifying the manifest")
 
+
+def _add_run_commands(sub, common: argparse.ArgumentParser) -> None:
     d = sub.add_parser("demo", parents=[common], help="the main job end to end on synthetic demo studies")
     d.add_argument("--output", default="demo_output", help="output folder (default demo_output)")
     d.add_argument("--patients", type=int, default=600, help="number of synthetic patients (default 600)")
@@ -270,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--pdf", action="store_true", help="also print a PDF with headless Chromium")
     rep.set_defaults(func=_cmd_report, step="writing the report")
 
+
+def _add_study_commands(sub, common: argparse.ArgumentParser) -> None:
     st = sub.add_parser("study", help="studies built on a workflow (transfer benefit, few-shot)")
     ssub = st.add_subparsers(dest="study_command", metavar="STUDY")
     tb = ssub.add_parser("transfer-benefit", parents=[common], help="pretrained vs scratch at several label fractions and seeds")
@@ -295,13 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--output", help="output folder (default outputs/<name>-few-shot)")
     fs.set_defaults(func=_cmd_study_few_shot, step="running the few-shot study")
 
+
+def _add_registry_commands(sub, common: argparse.ArgumentParser) -> None:
     reg = sub.add_parser("registry", help="model registry actions")
     rsub = reg.add_subparsers(dest="registry_command", metavar="ACTION")
     pr = rsub.add_parser("promote", parents=[common], help="give a version the alias champion (its audit must have passed)")
     pr.add_argument("name", help="registered model name")
     pr.add_argument("version", help="version number")
     pr.set_defaults(func=_cmd_promote, step="promoting the model version")
-    return parser
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -45,26 +44,18 @@ from medtl.data.privacy import (
     scanner_code,
     site_code,
 )
+from medtl.data.sidecar import NO_LABEL_ROW, BuildFacts, sidecar, tilt_corrected
 from medtl.data.splits import SPLITS, assign_splits, check_fractions, check_leakage, normalise_split
 from medtl.errors import ConfigError, InputError
 from medtl.vocabulary import PLACEHOLDER_WORDS, words_of
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 MANIFEST_COLUMNS = (
     "id", "patient", "study", "series", "key_id", "path", "kind", "modality", "n_files", "shape", "spacing",
     "orientation", "sha256", "label", "mask", "mask_sha256", "sex", "age_band", "site", "scanner",
 )  # then the declared extra subgroup columns, then "split"
-SUBGROUPS = ("sex", "age_band", "site", "scanner")
-QUASI_IDENTIFIERS = ("sex", "age_band", "site")
 LABEL_COLUMNS = ("path", "label", "mask", "patient_id", "split", "sex", "age", "site", "scanner")
-DEID_PROFILE = (
-    "DICOM PS3.15 Annex E Basic Profile; keyed HMAC-SHA-256 pseudonyms; ages top-coded at 90; dates removed (study years kept); "
-    "site/scanner coded; identifying paths aliased"
-)
-NO_LABEL_ROW = "no row in the labels CSV"
-TILT_NOTE = "gantry tilt"  # how discovery's notes on resampled gantry-tilted stacks begin
 
 
 @dataclass(frozen=True, repr=False)
@@ -116,15 +107,6 @@ def pixel_sha256(array: np.ndarray) -> str:
     data = np.ascontiguousarray(array)
     digest = hashlib.sha256(f"{data.dtype.str}|{data.shape}|".encode())
     digest.update(data.tobytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -305,14 +287,9 @@ def build_manifest(
         ConfigError: Bad key, fractions or k_min.
         LeakageError: A given split puts a patient in two splits.
     """
-    root, out_csv = Path(root).resolve(), Path(out_csv).resolve()
-    labels_csv = Path(labels_csv).resolve()
+    root, out_csv, labels_csv = Path(root).resolve(), Path(out_csv).resolve(), Path(labels_csv).resolve()
     sidecar_json = out_csv.with_suffix(".json")
-    if not root.is_dir():
-        raise InputError("data root must be an existing folder, not missing or a file; check the path given")
-    fractions = check_fractions(fractions)
-    if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
-        raise ConfigError(f"k_min must be a positive integer, not {k_min!r}; the default is 11")
+    fractions = _check_build_settings(root, fractions, k_min)
     key = load_key(key_file)
     labels = read_labels(labels_csv, subgroup_columns)
     extras = extra_subgroups(subgroup_columns)
@@ -323,6 +300,36 @@ def build_manifest(
         rows, fate, notes = _rows(key, disk, labels, labels_csv, progress)
     allowed = _class_names(labels)
     namer = _namer(key, disk, labels, allowed)
+    records = _records_or_refuse(rows, labels, disk, labels_csv)
+    for record in records:
+        record["path"] = namer(record["path"])
+        record["mask"] = namer(record["mask"]) if record["mask"] else ""
+    groups = split_groups(records)
+    table, split_notes = _table(records, extras, seed, fractions, groups)
+    check_leakage(table)
+    facts = BuildFacts(key, disk, labels, labels_csv, rows, fate, extras, namer, seed, fractions, k_min, progress)
+    document, messages = sidecar(facts, table, [*notes, *groups.warnings, *split_notes])
+    document["leakage"] = groups.counts
+    # The label values the masks hold, so a segmentation run can check model.num_classes up front.
+    document["mask_labels"] = sorted({v for r in records if r.get("_mask_labels") for v in r["_mask_labels"]})
+    needles = _needles(disk, labels, namer, allowed)
+    _write_checked(out_csv, sidecar_json, table, document, messages, held_logs, held_warnings, needles,
+                   [r["_row"] for r in records], ("label", *extras))
+    save_aliases(key, namer.aliases)
+    for message in messages:
+        logger.warning(message)
+    forbidden = {**needles.labels, **_raw_values(disk, labels, namer, allowed), str(root): "the data folder path"}
+    return ManifestResult(
+        manifest_csv=out_csv, sidecar_json=sidecar_json, key_id=key.key_id, key_path=key.path,
+        key_created=key.created, key_message=key_created_message(key), rows=len(table),
+        patients=int(table["patient"].nunique()), counts=document["counts"],
+        split_rows={s: int((table["split"] == s).sum()) for s in SPLITS},
+        k_anonymity=document["k_anonymity"]["k"], warnings=tuple(messages), forbidden=forbidden,
+    )
+
+
+def _records_or_refuse(rows: list[dict], labels: list[LabelRow], disk: _Disk, labels_csv: Path) -> list[dict]:
+    """The manifest records among the rows; none at all is an error (nothing is written)."""
     records = [r for r in rows if "id" in r]
     if not records:
         raise InputError(
@@ -330,31 +337,16 @@ def build_manifest(
             f"{len(labels)} rows, {len(disk.files)} files seen); check that the labels CSV paths are relative to "
             f"the data root; nothing was written"
         )
-    for record in records:
-        record["path"] = namer(record["path"])
-        record["mask"] = namer(record["mask"]) if record["mask"] else ""
-    groups = split_groups(records)
-    table, split_notes = _table(records, extras, seed, fractions, groups)
-    check_leakage(table)
-    sidecar, messages = _sidecar(key, disk, labels, labels_csv, rows, fate, [*notes, *groups.warnings, *split_notes],
-                                 table, extras, namer, seed, fractions, k_min, progress)
-    sidecar["leakage"] = groups.counts
-    # The label values the masks hold, so a segmentation run can check model.num_classes up front.
-    sidecar["mask_labels"] = sorted({v for r in records if r.get("_mask_labels") for v in r["_mask_labels"]})
-    needles = _needles(disk, labels, namer, allowed)
-    _write_checked(out_csv, sidecar_json, table, sidecar, messages, held_logs, held_warnings, needles,
-                   [r["_row"] for r in records], ("label", *extras))
-    save_aliases(key, namer.aliases)
-    for message in messages:
-        logger.warning(message)
-    return ManifestResult(
-        manifest_csv=out_csv, sidecar_json=sidecar_json, key_id=key.key_id, key_path=key.path,
-        key_created=key.created, key_message=key_created_message(key), rows=len(table),
-        patients=int(table["patient"].nunique()), counts=sidecar["counts"],
-        split_rows={s: int((table["split"] == s).sum()) for s in SPLITS},
-        k_anonymity=sidecar["k_anonymity"]["k"], warnings=tuple(messages),
-        forbidden={**needles.labels, **_raw_values(disk, labels, namer, allowed), str(root): "the data folder path"},
-    )
+    return records
+
+
+def _check_build_settings(root: Path, fractions: Sequence[float], k_min: int) -> tuple[float, float, float]:
+    """The data root exists, the fractions and k_min are usable; the checked fractions."""
+    if not root.is_dir():
+        raise InputError("data root must be an existing folder, not missing or a file; check the path given")
+    if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
+        raise ConfigError(f"k_min must be a positive integer, not {k_min!r}; the default is 11")
+    return check_fractions(fractions)
 
 
 def _match(disk: _Disk, labels: list[LabelRow], labels_csv: Path):
@@ -446,17 +438,11 @@ def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path
     if per_file:
         notes.append(f"{per_file} rows had no patient_id and no DICOM PatientID: each file was treated as its own "
                      f"patient; add a patient_id column to the labels CSV if some share a patient")
-    tilted = _tilt_corrected(disk, fate)
+    tilted = tilt_corrected(disk, fate)
     if tilted:
         notes.append(f"{tilted} series had gantry tilt and were resampled onto an orthogonal grid (spacing = slice "
                      f"distance along the normal); see 'gantry_tilt_corrected' in the sidecar counts")
     return rows, fate, notes
-
-
-def _tilt_corrected(disk: _Disk, fate: dict[int, tuple[str, str]]) -> int:
-    """How many used studies discovery resampled to remove gantry tilt (from their notes)."""
-    return sum(1 for i, (state, _) in fate.items()
-               if state == "used" and any(n.startswith(TILT_NOTE) for n in disk.studies[i].notes))
 
 
 def _load_mask(disk: _Disk, index: int | None, cache: dict, shape: tuple[int, ...]):
@@ -642,109 +628,3 @@ def _needles(disk: _Disk, labels: list[LabelRow], namer: PathNamer, allowed: tup
     sources = _identifying_sources(disk, labels, namer)
     sources.extend((part, "an identifying file or folder name", "name") for part in sorted(namer.flagged))
     return identifying_needles(sources, allowed)
-
-
-def _sidecar(key, disk, labels, labels_csv, rows, fate, notes, table, extras, namer, seed, fractions, k_min,
-             progress):
-    """The sidecar dictionary and the warnings to emit."""
-    status: dict[str, tuple[str, str]] = {r: (j.status, j.reason) for r, j in disk.rejected.items()}
-    for index, study in enumerate(disk.studies):
-        status.update(dict.fromkeys((disk.rel(f) for f in study.files), fate[index]))
-    labels_rel = _inside(disk.root, labels_csv)
-    if labels_rel is not None:
-        status[labels_rel] = ("used", "labels CSV")
-    counts = Counter({"used": 0, "quarantined": 0, "skipped": 0})
-    not_used, unlabeled, unaccounted, inventory = [], [], [], []
-    for rel in tqdm(disk.files, desc="hashing files", unit="file", disable=not progress):
-        name = namer(rel)
-        # FIFOs, sockets, broken links and links out of the root are listed, never opened.
-        readable = discovery.regular_file(disk.root / rel, disk.root)
-        inventory.append({"token": key.pseudonym("path", rel), "file": name,
-                          "sha256": file_sha256(disk.root / rel) if readable else ""})
-        if rel not in status:
-            unaccounted.append(name)
-            continue
-        state, reason = status[rel]
-        counts[state] += 1
-        if state != "used":
-            not_used.append({"file": name, "status": state, "reason": reason})
-            if reason == NO_LABEL_ROW:
-                unlabeled.append(name)
-    # A row whose path is missing is named by its row number only: its path identified no study.
-    unused_rows = [{"row": r["_row"], **({"path": namer(r["_path"])} if r["_path"] else {}), "reason": r["_reason"]}
-                   for r in rows if "_reason" in r]
-    messages = list(notes)
-    if unaccounted:
-        messages.append(f"{len(unaccounted)} files under the data root were neither used nor reported by discovery "
-                        f"(see 'unaccounted_files' in the sidecar); this is a medtl bug, please report it")
-    unlabelled_rows = int(sum(1 for r in labels if not r.label and not r.mask))
-    if unlabelled_rows:
-        messages.append(f"{unlabelled_rows} labels CSV rows have neither label nor mask: they are listed as unlabelled "
-                        "studies (used only by domain adaptation; training and evaluation leave them out)")
-    if unused_rows:
-        messages.append(f"{len(unused_rows)} labels CSV rows were not used (see 'label_rows_not_used' in the sidecar)")
-    if unlabeled:
-        messages.append(f"{len(unlabeled)} image files have no row in the labels CSV (see 'unlabeled_files')")
-    quarantined = counts["quarantined"]
-    if quarantined:
-        messages.append(f"{quarantined} files were quarantined as bad input (see 'files_not_used')")
-    empty = [s for s in SPLITS if not (table["split"] == s).any()]
-    if empty:
-        messages.append(
-            f"no rows in split {' and '.join(empty)}: {table['patient'].nunique()} patients (split groups) are too few "
-            f"for the fractions {'/'.join(f'{f:g}' for f in fractions)}, or the split column names none; a workflow "
-            f"run needs train, val and test rows")
-    k_info = _k_anonymity(table, k_min)
-    if k_info["k"] is not None and k_info["k"] < k_min:
-        messages.append(
-            f"k-anonymity over ({', '.join(QUASI_IDENTIFIERS)}) is {k_info['k']}, below k_min={k_min}: "
-            f"{k_info['classes_below_k_min']} of {k_info['equivalence_classes']} classes hold fewer than {k_min} "
-            f"patients; coarsen or drop a quasi-identifier before sharing the manifest")
-    counted = {
-        "files_seen": len(disk.files), "used": counts["used"], "quarantined": counts["quarantined"],
-        "skipped": counts["skipped"], "unaccounted": len(unaccounted), "unlabeled_files": len(unlabeled),
-        "label_rows": len(labels), "label_rows_not_used": len(unused_rows), "unlabelled_rows": unlabelled_rows,
-        "manifest_rows": len(table), "aliased_paths": len(namer.aliases),
-        "gantry_tilt_corrected": _tilt_corrected(disk, fate),
-        "patients": int(table["patient"].nunique()),
-    }
-    # The books must balance: every file is used, quarantined, skipped or reported unaccounted.
-    if counted["used"] + counted["quarantined"] + counted["skipped"] + counted["unaccounted"] != len(disk.files):
-        messages.append("file counts do not add up; this is a medtl bug, please report it")
-    per_split = {}
-    for split in SPLITS:
-        part = table[table["split"] == split]
-        per_split[split] = {"rows": len(part), "patients": int(part["patient"].nunique())}
-        for column in ("label", *SUBGROUPS, *extras):
-            per_split[split][column] = dict(sorted(Counter(str(v) for v in part[column]).items()))
-    sources = Counter(r["_patient_source"] for r in rows if "_patient_source" in r)
-    years = [r["_year"] for r in rows if "id" in r and r.get("_year") is not None]
-    study_years = {"first": min(years, default=None), "last": max(years, default=None), "dated": len(years),
-                   "undated": sum(1 for r in rows if "id" in r) - len(years)}
-    sidecar = {
-        "schema_version": SCHEMA_VERSION, "key_id": key.key_id, "deidentification": DEID_PROFILE,
-        "manifest_sha256": "", "labels_csv_sha256": file_sha256(labels_csv), "columns": list(table.columns),
-        "subgroup_columns": [*SUBGROUPS, *extras], "seed": seed, "fractions": list(fractions),
-        "classes": sorted({str(v) for v in table["label"] if str(v)}, key=_class_key),
-        "counts": counted, "patient_source": dict(sorted(sources.items())), "splits": per_split,
-        "k_anonymity": k_info, "study_years": study_years, "warnings": messages,
-        "label_rows_not_used": unused_rows, "unlabeled_files": sorted(unlabeled),
-        "files_not_used": sorted(not_used, key=lambda e: e["file"]), "unaccounted_files": sorted(unaccounted),
-        "inventory": sorted(inventory, key=lambda e: e["token"]),
-    }
-    return sidecar, messages
-
-
-def _class_key(name: str) -> tuple:
-    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
-
-
-def _k_anonymity(table: pd.DataFrame, k_min: int) -> dict:
-    """Smallest number of patients sharing one (sex, age_band, site) combination."""
-    classes = table.groupby(list(QUASI_IDENTIFIERS))["patient"].nunique() if len(table) else pd.Series(dtype=int)
-    k = int(classes.min()) if len(classes) else None
-    return {
-        "quasi_identifiers": list(QUASI_IDENTIFIERS), "k": k, "k_min": k_min,
-        "equivalence_classes": len(classes), "classes_below_k_min": int((classes < k_min).sum()),
-        "ok": k is not None and k >= k_min,
-    }

@@ -21,8 +21,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from medtl.data import discover as discovery
-from medtl.data.inventory import _Disk, _inside, _row_id, _scan_disk, _series_identity
-from medtl.data.manifest import _namer, file_sha256, pixel_sha256
+from medtl.data.inventory import _Disk, _inside, _row_id, _scan_disk, _series_identity, file_sha256
+from medtl.data.manifest import _namer, pixel_sha256
 from medtl.data.privacy import ALIAS_PREFIX, legacy_key_id, load_key, resolve_alias
 from medtl.data.types import Study
 from medtl.errors import ConfigError, InputError

@@ -175,29 +175,15 @@ def run_transfer_benefit(
         >>> result["headline"]["text"]  # doctest: +SKIP
         'pretrained at 10 % of labels matches scratch at 100 % (test AUROC 0.912 vs 0.905, ...)'
     """
-    check_plain_finetuning(cfg)  # before the manifest and hours of training, not after
-    values = check_label_fractions(fractions)
-    seed_list = [cfg.seed + i for i in range(_check_seeds(seeds))]
-    chosen = study_arms(cfg, arms, linear_probe=linear_probe)
-    if n_boot is not None:
-        cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, n_boot=n_boot))
-    check_bootstrap_settings(cfg.evaluation.n_boot, 0.95)  # before hours of training, not after
+    cfg, values, seed_list, chosen = _checked_settings(cfg, fractions, seeds, arms, linear_probe, n_boot)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, output_dir, progress=progress)
     check_audit_setup(cfg, data)  # every child run audits: fail now, not after the first training
     stratify = cfg.task == "classification"
-    target_column = "label" if stratify else "mask"
-    subsets = {s: nested_label_subsets(data.manifest, values, seed=s, stratify=stratify, target_column=target_column)
-               for s in seed_list}
-    reference = values[-1]
+    subsets = {s: nested_label_subsets(data.manifest, values, seed=s, stratify=stratify,
+                                       target_column="label" if stratify else "mask") for s in seed_list}
     store.tracking_uri()
-    records: dict[str, dict[str, list[dict]]] = {a.name: {fraction_key(f): [] for f in values} for a in chosen}
-    # (arm, fraction key) -> the first seed's test predictions (segmentation: per-case table), for the
-    # paired gap comparison; one test split per fraction, so small beside the training data.
-    kept_tables: dict[tuple[str, str], pd.DataFrame] = {}
-    child_ids: list[str] = []
-    metric = "auroc" if cfg.task == "classification" else "dice"
     tags = {"medtl.workflow": cfg.name, "medtl.study": STUDY}
     with store.start_run(cfg.tracking.experiment, run_name=f"{cfg.name}-{STUDY}", tags=tags) as parent:
         run_records.log_config(config_dict(cfg))
@@ -205,29 +191,57 @@ def run_transfer_benefit(
                                           "arms": [a.name for a in chosen]}})
         run_records.log_environment()
         run_records.log_manifest(data.manifest, data.manifest_sha256)
-        jobs = list(itertools.product(seed_list, values, chosen))
-        bar = tqdm(total=len(jobs), desc=STUDY, disable=not progress)
-        for seed, fraction, arm in jobs:
-            bar.set_description(f"{STUDY} {arm.name} {fraction:g} seed {seed}")
-            with contextlib.ExitStack() as stack:
-                run_dir = _run_folder(stack, output_dir, arm, fraction, seed, keep=keep_checkpoints)
-                record, table = _child_run(dataclasses.replace(cfg, seed=seed), data, arm, fraction,
-                                           subsets[seed][fraction], run_dir, parent, bar)
-            metric = record.pop("metric")
-            child_ids.append(record["run_id"])
-            records[arm.name][fraction_key(fraction)].append(record)
-            if seed == seed_list[0] and arm.name in ("pretrained", "scratch"):
-                kept_tables[(arm.name, fraction_key(fraction))] = table
-            bar.update(1)
-        bar.close()
+        metric, records, kept_tables, child_ids = _child_runs(cfg, data, chosen, values, seed_list, subsets,
+                                                              output_dir, parent, keep_checkpoints, progress)
         by_fraction = _paired_bias(cfg, data, kept_tables, values, seed_list[0])
-        result = summarise(metric, records, target=target, bias=by_fraction.get(fraction_key(reference)),
+        result = summarise(metric, records, target=target, bias=by_fraction.get(fraction_key(values[-1])),
                            bias_by_fraction=by_fraction)
         _write_outputs(result, output_dir)
         _log_parent(result, output_dir)
     _scan([parent.info.run_id, *child_ids], data, extra_forbidden)
     publish_manifest(data, cfg)  # only after the study succeeded: a failure leaves data.manifest_out as it was
     return result
+
+
+def _checked_settings(cfg: WorkflowConfig, fractions: Sequence[float], seeds: int, arms: Sequence[str],
+                      linear_probe: bool, n_boot: int | None):
+    """Every study setting checked before the manifest and hours of training, not after."""
+    check_plain_finetuning(cfg)
+    values = check_label_fractions(fractions)
+    seed_list = [cfg.seed + i for i in range(_check_seeds(seeds))]
+    chosen = study_arms(cfg, arms, linear_probe=linear_probe)
+    if n_boot is not None:
+        cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, n_boot=n_boot))
+    check_bootstrap_settings(cfg.evaluation.n_boot, 0.95)
+    return cfg, values, seed_list, chosen
+
+
+def _child_runs(cfg: WorkflowConfig, data: PreparedData, chosen: list[Arm], values: Sequence[float],
+                seed_list: list[int], subsets: Mapping, output_dir: Path, parent, keep_checkpoints: bool,
+                progress: bool):
+    """One child run per (seed, fraction, arm); the records by arm and fraction, and the tables the
+    paired gap comparison needs (the first seed's test predictions of pretrained and scratch: one
+    test split per fraction, so small beside the training data)."""
+    records: dict[str, dict[str, list[dict]]] = {a.name: {fraction_key(f): [] for f in values} for a in chosen}
+    kept_tables: dict[tuple[str, str], pd.DataFrame] = {}
+    child_ids: list[str] = []
+    metric = "auroc" if cfg.task == "classification" else "dice"
+    jobs = list(itertools.product(seed_list, values, chosen))
+    bar = tqdm(total=len(jobs), desc=STUDY, disable=not progress)
+    for seed, fraction, arm in jobs:
+        bar.set_description(f"{STUDY} {arm.name} {fraction:g} seed {seed}")
+        with contextlib.ExitStack() as stack:
+            run_dir = _run_folder(stack, output_dir, arm, fraction, seed, keep=keep_checkpoints)
+            record, table = _child_run(dataclasses.replace(cfg, seed=seed), data, arm, fraction,
+                                       subsets[seed][fraction], run_dir, parent, bar)
+        metric = record.pop("metric")
+        child_ids.append(record["run_id"])
+        records[arm.name][fraction_key(fraction)].append(record)
+        if seed == seed_list[0] and arm.name in ("pretrained", "scratch"):
+            kept_tables[(arm.name, fraction_key(fraction))] = table
+        bar.update(1)
+    bar.close()
+    return metric, records, kept_tables, child_ids
 
 
 def _paired_bias(cfg: WorkflowConfig, data: PreparedData, tables: Mapping[tuple[str, str], pd.DataFrame],

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from medtl.data.dataset import class_names
-from medtl.data.manifest import build_manifest, file_sha256
+from medtl.data.inventory import file_sha256
+from medtl.data.manifest import build_manifest
 from medtl.data.output_guard import replace_atomically
 from medtl.data.splits import SPLITS, check_leakage, normalise_split
 from medtl.errors import ConfigError, InputError, WeightsError
@@ -173,72 +174,75 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
     """
     if not checked:
         preflight(cfg)
-    root = Path(cfg.data.root)
-    key_file = Path(cfg.data.key_file) if cfg.data.key_file else None
-    forbidden: dict[str, str] = {}
+    manifest_path, forbidden = _manifest(cfg, output_dir, progress=progress)
+    source = manifest_path.name
+    sidecar_path = manifest_path.with_suffix(".json")
+    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+    whole = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)  # every split, every row
+    check_leakage(whole, source=source)
+    check_mask_labels(cfg, sidecar, source=source)
+    manifest, dropped, kept_without_modality = _task_rows(cfg, whole, source=source)
+    for split in SPLITS:
+        if not (manifest["split"] == split).any():
+            raise InputError(_empty_split_message(cfg, split, whole, dropped, source=source))
+    classes = _classes(cfg, manifest)
+    _warn_ct_intensity(cfg, manifest, source=source)
+    extra = [c for c in cfg.data.subgroups if c in manifest.columns]
+    left_out = ", ".join(f"{n} ({reason})" for reason, n in dropped.items() if n)
+    if left_out:
+        logger.warning("manifest %s: rows left out of this %s run: %s", source, cfg.task, left_out)
+    return PreparedData(
+        manifest=manifest, manifest_path=manifest_path,
+        manifest_sha256=sidecar.get("manifest_sha256") or file_sha256(manifest_path), sidecar=sidecar,
+        root=Path(cfg.data.root), key_file=Path(cfg.data.key_file) if cfg.data.key_file else None,
+        classes=classes, subgroups=[c for c in (*SUBGROUP_COLUMNS, *extra) if c in manifest.columns],
+        dropped={k: v for k, v in dropped.items() if v}, forbidden=forbidden,
+        kept_without_modality=kept_without_modality, cache_dir=Path(output_dir) / "cache",
+    )
+
+
+def _manifest(cfg: WorkflowConfig, output_dir: Path, *, progress: bool) -> tuple[Path, dict[str, str]]:
+    """The manifest a run reads (given, or built into the output folder) and the values its scans look for."""
     manifest_path = staged_manifest(cfg, output_dir)
     if cfg.data.manifest:
         if not manifest_path.is_file():
             raise InputError(f"data.manifest {manifest_path.name} must be an existing file, not missing; build it "
                              f"with `medtl manifest build`")
-    else:
-        built = build_manifest(
-            root,
-            Path(cfg.data.labels),
-            manifest_path,
-            key_file=key_file,
-            seed=cfg.seed,
-            subgroup_columns=cfg.data.subgroups,
-            fractions=cfg.data.fractions,
-            progress=progress,
-            exclude=_published_paths(cfg),
-        )
-        forbidden = dict(built.forbidden)
-    sidecar_path = manifest_path.with_suffix(".json")
-    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
-    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
-    check_leakage(manifest, source=manifest_path.name)
-    check_mask_labels(cfg, sidecar, source=manifest_path.name)
-    whole = manifest  # every split of the manifest, before the task keeps its rows
-    manifest, dropped, kept_without_modality = _task_studies(cfg, manifest, source=manifest_path.name)
+        return manifest_path, {}
+    built = build_manifest(
+        Path(cfg.data.root), Path(cfg.data.labels), manifest_path,
+        key_file=Path(cfg.data.key_file) if cfg.data.key_file else None, seed=cfg.seed,
+        subgroup_columns=cfg.data.subgroups, fractions=cfg.data.fractions, progress=progress,
+        exclude=_published_paths(cfg),
+    )
+    return manifest_path, dict(built.forbidden)
+
+
+def _task_rows(cfg: WorkflowConfig, manifest: pd.DataFrame, *, source: str):
+    """The rows the task can use (modality, dimensionality, target), the counts left out by reason,
+    and how many rows without a modality were kept."""
+    manifest, dropped, kept_without_modality = _task_studies(cfg, manifest, source=source)
     # Domain adaptation learns from the target domain's training studies without their labels
     # (masks), so those rows stay even when unlabelled; everywhere else a row needs its target.
-    unlabelled_ok = (target_domain_rows(cfg, manifest, source=manifest_path.name) & (manifest["split"] == "train")
+    unlabelled_ok = (target_domain_rows(cfg, manifest, source=source) & (manifest["split"] == "train")
                      if cfg.adaptation.method != "none" else np.zeros(len(manifest), dtype=bool))
     column, reason = ("mask", "no mask") if cfg.task == "segmentation" else ("label", "no label")
     keep = (manifest[column].str.strip() != "") | unlabelled_ok
     dropped[reason] = int((~keep).sum())
-    manifest = manifest[keep].reset_index(drop=True)
-    left_out = ", ".join(f"{n} ({reason})" for reason, n in dropped.items() if n)
-    for split in SPLITS:
-        if not (manifest["split"] == split).any():
-            raise InputError(_empty_split_message(cfg, split, whole, dropped, source=manifest_path.name))
-    classes = class_names(manifest["label"]) if cfg.task == "classification" else []
-    if cfg.task == "classification" and len(classes) != cfg.model.num_classes:
+    return manifest[keep].reset_index(drop=True), dropped, kept_without_modality
+
+
+def _classes(cfg: WorkflowConfig, manifest: pd.DataFrame) -> list[str]:
+    """The class names, the positive class of two at index 1; they must match model.num_classes."""
+    if cfg.task != "classification":
+        return []
+    classes = class_names(manifest["label"])
+    if len(classes) != cfg.model.num_classes:
         raise ConfigError(
             f"config key 'model.num_classes' must match the manifest's {len(classes)} classes {classes}, "
             f"not {cfg.model.num_classes}"
         )
-    classes = binary_class_order(classes, cfg.audit.positive_class)
-    _warn_ct_intensity(cfg, manifest, source=manifest_path.name)
-    extra = [c for c in cfg.data.subgroups if c in manifest.columns]
-    subgroups = [c for c in (*SUBGROUP_COLUMNS, *extra) if c in manifest.columns]
-    if left_out:
-        logger.warning("manifest %s: rows left out of this %s run: %s", manifest_path.name, cfg.task, left_out)
-    return PreparedData(
-        manifest=manifest,
-        manifest_path=manifest_path,
-        manifest_sha256=sidecar.get("manifest_sha256") or file_sha256(manifest_path),
-        sidecar=sidecar,
-        root=root,
-        key_file=key_file,
-        classes=classes,
-        subgroups=subgroups,
-        dropped={k: v for k, v in dropped.items() if v},
-        forbidden=forbidden,
-        kept_without_modality=kept_without_modality,
-        cache_dir=Path(output_dir) / "cache",
-    )
+    return binary_class_order(classes, cfg.audit.positive_class)
 
 
 def _task_studies(cfg: WorkflowConfig, manifest: pd.DataFrame, *,
