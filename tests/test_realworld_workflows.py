@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from medtl.data.manifest import build_manifest
 from medtl.tracking import store
@@ -62,8 +63,9 @@ def test_classify_2d_unchanged_trains_on_png_exports_without_a_dicom_modality(tm
     manifest = pd.read_csv(output / "manifest.csv", dtype=str, keep_default_na=False)
     assert len(manifest) == 60 and set(manifest["kind"]) == {"image2d"} and set(manifest["modality"]) == {"unknown"}
     metrics = json.loads((output / "metrics.json").read_text())
-    assert 0.0 <= metrics["test"]["auroc"] <= 1.0
     predictions = pd.read_csv(output / "predictions.csv")
+    test = predictions[predictions["split"] == "test"]
+    assert metrics["test"]["auroc"] == pytest.approx(roc_auc_score(test["y_true"], test["y_score"]), abs=1e-9)
     assert predictions["split"].value_counts().to_dict() == {"val": 12, "test": 12}
     # "abnormal" is the positive class (index 1), though "normal" sorts after it; every output says so.
     label = manifest.set_index("id").loc[predictions["id"], "label"].to_numpy()
