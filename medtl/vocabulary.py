@@ -100,7 +100,7 @@ MEDTL_WORDS = frozenset(
     safetensors sched scikit scn sgd shortcut signoff softmax sqlite str summarise tbody tencent thead titlesize
     toplevel tuple urandom uri utc utf var vermillion viewport voilutsequence warmup waveform whitespace
     workspace ymwdymwd zscore backend debug stderr stdout traceback tracebacks venv byte spreadsheet
-    surrogateescape underdiagnosis""".split()
+    surrogateescape underdiagnosis ctx int keyword loc neighbouring""".split()
 )
 
 # Words of medtl's fixed outputs that person-name checks must know: split names and the nouns of
@@ -120,6 +120,9 @@ TASKS = ("classification", "segmentation")
 STRATEGIES = ("linear_probe", "finetune", "gradual_unfreeze", "lp_ft", "discriminative")
 THRESHOLD_RULES = ("youden", "sensitivity", "fpr")
 FEW_SHOT_METHODS = ("prototype", "linear_probe")
+OPTIMIZERS = ("adamw", "sgd")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+BALANCE_MODES = ("none", "sampler", "loss")
 
 # Identifiers made only of digits: from this many digits a value is an ID (aliased in paths, a
 # needle); outputs are scanned for such IDs from `MIN_SCANNED_DIGITS` digits on, since shorter

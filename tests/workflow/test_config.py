@@ -1,11 +1,17 @@
 """Workflow configuration: the stable keys, --set overrides and errors that name the bad key."""
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medtl.errors import ConfigError
-from medtl.workflow.config import LIST_KEYS, load_config
+from medtl.vocabulary import FEW_SHOT_METHODS, STRATEGIES, TASKS, THRESHOLD_RULES
+from medtl.workflow.config import config_keys, load_config, to_dict
+
+LIST_KEYS = {key: doc for key, doc in config_keys().items() if doc.kind != "value"}
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 
@@ -37,7 +43,7 @@ def test_set_overrides_take_the_stable_dotted_keys():
 
 
 def test_unknown_key_is_named_with_a_close_match():
-    with pytest.raises(ConfigError, match=r"train\.epoch.*did you mean train\.epochs"):
+    with pytest.raises(ConfigError, match=r"train\.epoch.*did you mean 'train\.epochs'"):
         load_config(WORKFLOWS / "classify_2d.yaml", ["train.epoch=3"])
 
 
@@ -67,7 +73,7 @@ def test_image_size_must_match_spatial_dims():
          r"'train\.balance' must be none or loss with adaptation\.method=dann"),
         (["adaptation.method=adabn", "adaptation.target=SITE-1", "adaptation.batch_size=1"],
          r"'adaptation\.batch_size' must be at least 2"),
-        (["adaptation.methd=adabn"], r"unknown config key 'adaptation\.methd'; did you mean adaptation\.method"),
+        (["adaptation.methd=adabn"], r"unknown config key 'adaptation\.methd'; did you mean 'adaptation\.method'"),
         (["multitask.enabled=true"], r"'multitask\.enabled' needs task segmentation"),
         (["fewshot.ks=[0, 5]"], r"'fewshot\.ks' must be at least 1"),
         (["fewshot.methods=[prototype, knn]"], r"'fewshot\.methods' must be among prototype, linear_probe"),
@@ -132,7 +138,6 @@ def test_a_wrong_type_for_a_list_key_says_what_empty_means():
 
 
 def test_every_list_key_has_an_example_and_the_readme_says_what_empty_and_null_mean():
-    import dataclasses
     from typing import get_origin, get_type_hints
 
     from medtl.workflow.config import WorkflowConfig
@@ -141,11 +146,58 @@ def test_every_list_key_has_an_example_and_the_readme_says_what_empty_and_null_m
     keys = {f"{section}.{name}" for section, cls in sections.items()
             for name, hint in get_type_hints(cls).items() if get_origin(hint) in (tuple, dict)}
     assert keys == set(LIST_KEYS)
+    assert all(spec.example for spec in LIST_KEYS.values())
     readme = (WORKFLOWS / "README.md").read_text()
     for key, spec in LIST_KEYS.items():
         if spec.empty:
             row = next(line for line in readme.splitlines() if line.startswith(f"| `{key}`"))
             assert "`null`" in row and ("`[]`" in row or "`{}`" in row), row
+    null_refused = readme.split("## List keys")[1].split("\n\n")[1]
+    assert {key for key, spec in LIST_KEYS.items() if not spec.empty} == set(
+        re.findall(r"`([a-z_]+\.[a-z_]+)`", null_refused.split("Elsewhere")[1].split(")")[0]))
+
+
+def _readme_keys() -> dict[str, tuple[str, str]]:
+    """{key: (its documented default, its row)} from the Keys table of workflows/README.md."""
+    table = (WORKFLOWS / "README.md").read_text().split("## Keys")[1].split("\n## ")[0]
+    documented = {}
+    for row in (line for line in table.splitlines() if line.startswith("| `")):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        names = re.findall(r"`([^`]+)`", cells[0])
+        defaults = re.split(r",\s*(?![^\[]*\])", cells[1]) if len(names) > 1 else [cells[1]]
+        defaults = defaults * len(names) if len(defaults) == 1 else defaults  # "—" for both keys
+        assert len(defaults) == len(names), row
+        documented.update({name: (default, row) for name, default in zip(names, defaults, strict=True)})
+    return documented
+
+
+def _as_yaml(text: str):
+    text = re.sub(r"\s*\(.*\)$", "", text.replace("`", "")).strip()  # "0 (off)" documents 0
+    value = yaml.safe_load(text)
+    try:
+        return float(value) if isinstance(value, str) else value  # YAML 1.1 reads 1e-3 as text
+    except ValueError:
+        return value
+
+
+def test_the_readme_documents_every_key_with_the_schema_default_and_choices():
+    keys, documented = config_keys(), _readme_keys()
+    assert set(documented) == set(keys)
+    for key, (default, row) in documented.items():
+        doc = keys[key]
+        schema = list(doc.default) if isinstance(doc.default, tuple) else doc.default
+        # Words ("keep", "all", "—") may describe an empty default; `name` defaults to the file name.
+        if key != "name" and doc.default not in ("", (), {}):
+            assert _as_yaml(default) == schema, f"README says {key} defaults to {default}, the schema {schema}"
+        assert all(f"`{choice}`" in row for choice in doc.choices), row
+
+
+def test_choices_come_from_the_one_vocabulary():
+    keys = config_keys()
+    assert keys["task"].choices == TASKS
+    assert keys["train.strategy"].choices == STRATEGIES
+    assert keys["evaluation.threshold_rule"].choices == THRESHOLD_RULES
+    assert keys["fewshot.methods"].choices == FEW_SHOT_METHODS
 
 
 @pytest.mark.parametrize(
@@ -186,3 +238,76 @@ def test_a_word_where_a_list_of_numbers_belongs_gets_the_list_example(word):
         load_config(WORKFLOWS / "classify_3d.yaml", [f"data.spacing={word}"])
     assert str(err.value) == (f"config key 'data.spacing' must be a list, not {word!r}; e.g. [1.5, 1.5, 2.5] "
                               f"([] or null: keep the source spacing)")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train.epochs=true", "config key 'train.epochs' must be a whole number, not true; e.g. 8"),
+        ("train.lr=.nan", "config key 'train.lr' must be a positive number, not nan; e.g. 0.001"),
+        ("model.dropout=.inf", "config key 'model.dropout' must be in [0, 1), not inf; e.g. 0.2"),
+        ("train.lr=fast", "config key 'train.lr' must be a number, not 'fast'; e.g. 0.001"),
+        ("data.augment=1", "config key 'data.augment' must be true or false, not 1"),
+        ("data.image_size=[96, x]", "config key 'data.image_size' must be a whole number, not 'x'; "
+                                    "e.g. [96, 96] (2D) or [32, 32, 16] (3D)"),
+        ("fewshot.ks=[]", "config key 'fewshot.ks' must list at least one value, not []; e.g. [1, 5, 10, 20]"),
+        ("data.fractions=[0.5, 0.5]", "config key 'data.fractions' must be three numbers summing to 1, not "
+                                      "[0.5, 0.5]; e.g. [0.7, 0.15, 0.15]"),
+        ("evaluation.n_boot=50", "config key 'evaluation.n_boot' must be at least 100, not 50; e.g. 2000"),
+        ("audit.positive_class=yes", "config key 'audit.positive_class' must be text, not true; quote it (YAML "
+                                     "reads unquoted yes, no, on and off as true/false)"),
+        ("model=resnet", "config section 'model' must be a mapping, not str"),
+        ("trian.epochs=3", "unknown config key 'trian'; did you mean 'train' or 'tracking'?"),
+        ("data.intensity=MRI", "config key 'data.intensity' must be one of auto, ct, mr, xray, not 'MRI'; "
+                               "did you mean 'mr'?"),
+    ],
+)
+def test_each_wrong_value_is_one_line_naming_the_key_never_a_pydantic_dump(setting, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(WORKFLOWS / "classify_2d.yaml", [setting])
+    assert str(err.value) == message
+
+
+def test_several_bad_keys_name_the_first_and_list_the_others():
+    with pytest.raises(ConfigError) as err:
+        load_config(WORKFLOWS / "classify_2d.yaml", ["train.lr=0", "train.batch_size=0", "audit.alpha=2"])
+    assert str(err.value) == ("config key 'train.batch_size' must be at least 1, not 0; e.g. 32 "
+                              "(also check 'train.lr', 'audit.alpha')")
+
+
+def test_text_keys_read_numbers_as_names_and_null_as_empty():
+    cfg = load_config(WORKFLOWS / "classify_2d.yaml", ["audit.positive_class=1", "data.key_file=null"])
+    assert (cfg.audit.positive_class, cfg.data.key_file) == ("1", "")
+
+
+def test_an_empty_section_in_yaml_is_all_defaults(tmp_path):
+    path = tmp_path / "w.yaml"
+    path.write_text("data:\n  root: r\n  labels: l.csv\naudit:\n")
+    cfg = load_config(path)
+    assert cfg.audit == load_config(WORKFLOWS / "classify_2d.yaml").audit
+    assert cfg.name == "w"
+
+
+def test_dataclasses_replace_keeps_working_and_validates_like_loading():
+    cfg = load_config(WORKFLOWS / "classify_2d.yaml")
+    moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest="built.csv"))
+    assert (moved.data.manifest, moved.data.root, cfg.data.manifest) == ("built.csv", cfg.data.root, "")
+    with pytest.raises(ConfigError, match=r"^config key 'fewshot\.ks' must be at least 1, not 0; e\.g\. \[1, 5"):
+        dataclasses.replace(cfg.fewshot, ks=(0, 5))
+    with pytest.raises(ConfigError, match=r"^unknown config key 'train\.epoch'; did you mean 'train\.epochs'"):
+        dataclasses.replace(cfg.train, epoch=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+
+
+def test_to_dict_is_a_plain_nested_mapping_that_loads_back():
+    cfg = load_config(WORKFLOWS / "segment_3d.yaml", ["audit.tolerances={auroc: 0.05}"])
+    plain = to_dict(cfg)
+    assert plain["train"]["lr"] == 0.001 and plain["audit"]["tolerances"] == {"auroc": 0.05}
+    assert plain["data"]["image_size"] == (32, 32, 16)
+    assert load_config(None, base=plain) == cfg
+
+
+def test_list_choices_ignore_case_and_comma_lists_parse():
+    cfg = load_config(WORKFLOWS / "classify_2d.yaml", ["fewshot.methods=Prototype", "data.modalities=CR,DX"])
+    assert (cfg.fewshot.methods, cfg.data.modalities) == (("prototype",), ("CR", "DX"))
