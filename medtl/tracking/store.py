@@ -36,6 +36,7 @@ NEUTRAL_TAGS: dict[str, str] = {
 
 _current_uri: str | None = None
 _current_registry: str | None = None
+_echoes: set[str] = set()  # every URI medtl handed to MLflow in this process
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -63,13 +64,15 @@ def tracking_uri(explicit: str | None = None) -> str:
         (folder / EMBEDDED_ARTIFACTS).mkdir(exist_ok=True)
         uri = f"sqlite:///{(folder / EMBEDDED_DB).as_posix()}"
     # MLflow exports both URIs to the environment (for subprocesses such as torchrun workers), so
-    # an MLFLOW_REGISTRY_URI equal to the one set last time is our own echo, not the user's choice.
+    # an MLFLOW_REGISTRY_URI equal to any URI medtl set earlier in this process is our own echo,
+    # not the user's choice: following it would register models in a store chosen before.
     registry = os.environ.get("MLFLOW_REGISTRY_URI")
-    if not registry or registry == _current_registry:
+    if not registry or registry in _echoes:
         registry = uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry)
     _current_uri, _current_registry = uri, registry
+    _echoes.add(uri)  # a user's MLFLOW_REGISTRY_URI is not an echo: it stays followed
     return uri
 
 

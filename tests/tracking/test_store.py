@@ -37,6 +37,26 @@ def test_mlflow_tracking_uri_from_environment_is_used_unchanged(tmp_path, monkey
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_a_registry_uri_left_in_the_environment_by_an_earlier_store_is_not_followed(tmp_path, monkeypatch):
+    """MLflow exports every URI it is given; an echo of an older store must not catch registrations."""
+    monkeypatch.chdir(tmp_path)
+    old, new = (f"sqlite:///{(tmp_path / n).as_posix()}" for n in ("old.db", "new.db"))
+    tracking.tracking_uri(old)
+    tracking.tracking_uri(f"sqlite:///{(tmp_path / 'between.db').as_posix()}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", old)  # the echo of `old`, restored by some other code
+    assert tracking.tracking_uri(new) == new
+    assert mlflow.get_registry_uri() == new
+
+
+def test_a_registry_uri_the_user_chose_is_followed_on_every_call(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    chosen = f"sqlite:///{(tmp_path / 'registry.db').as_posix()}"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", chosen)
+    for name in ("a.db", "b.db"):
+        tracking.tracking_uri(f"sqlite:///{(tmp_path / name).as_posix()}")
+        assert mlflow.get_registry_uri() == chosen
+
+
 def test_embedded_store_records_a_full_run_under_mlruns_and_registry_gates_champion(
     tmp_path, monkeypatch, tiny_model, manifest
 ):

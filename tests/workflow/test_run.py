@@ -60,20 +60,18 @@ def demo_store() -> str:
 def demo_run(tmp_path_factory):
     """A tiny demo run, once per module; tests read its store by URI, never by the current folder."""
     work = tmp_path_factory.mktemp("demo")
-    import os
-
-    old = Path.cwd()
-    os.chdir(work)  # the embedded MLflow store is ./mlruns of the working directory
     printed = io.StringIO()
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)  # the embedded MLflow store is ./mlruns of the working directory
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # no store of an earlier module
+            mp.setenv(name, "")
+            mp.delenv(name)
         with contextlib.redirect_stdout(printed):
             outputs = run_demo(work / "out", patients=48, seed=0, progress=False, overrides=TINY)
         _DEMO_STORE["uri"] = store.tracking_uri()
         twin = write_demo_data(work / "twin", patients=48, seed=0, progress=False)
         (work / "printed.txt").write_text(printed.getvalue())
         yield work, outputs, twin.phi_strings | {f"date:{d}" for d in twin.phi_dates}
-    finally:
-        os.chdir(old)
 
 
 @pytest.mark.slow
