@@ -1,33 +1,42 @@
 """Manifest rows -> MONAI datasets of dictionaries, with the preprocessing the encoder expects.
 
-The deterministic part (load, channel-first, orientation/spacing, intensity scaling, resize and
-the encoder's normalisation) is cached by MONAI (`CacheDataset` in memory or `PersistentDataset`
-on disk); augmentations run after the cache, for training only. Masks are declared as label maps:
-nearest-neighbour resampling, never intensity transforms. Items carry only the manifest's
-pseudonymous `id`: no path, no header ever reaches the batch or a cache file (the loader returns
-a fresh dict of id, label and tensors, and the pipeline ends by dropping all metadata).
+The deterministic part is MONAI transforms, cached by MONAI (`CacheDataset` in memory or
+`PersistentDataset` on disk): the row's study is resolved to its files, `LoadImaged` reads them
+with medtl's readers (`medtl.data.reader`), the intensity is scaled to 0..1 by the scheme of the
+row's modality (`IntensityByScheme`: a CT window or MONAI's percentile scaling), then
+orientation/spacing, resize and the encoder's normalisation. Augmentations (`Augmentation`) run
+after the cache, for training only. Masks are declared as label maps: nearest-neighbour
+resampling, never intensity transforms. Items carry only the manifest's pseudonymous `id`: no path,
+no header ever reaches the batch or a cache file (the readers return geometry-only metadata,
+`LoadImaged` prunes the file name it adds, and the pipeline ends by dropping all metadata).
+`preprocessing_record` gives every setting as flat run parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from monai import transforms as mt
-from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
+from monai.data import CacheDataset, Dataset, ImageReader, PersistentDataset
 
-from medtl.data.discover import load_study
+from medtl.data.reader import PRUNE_META_PATTERN, MedtlNiftiReader, MedtlStudyReader
 from medtl.data.verify import resolve_path, resolve_study
 from medtl.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The "mr" and "xray" schemes map these percentiles of an image's values to 0 and 1.
+PERCENTILES = (0.5, 99.5)
+#: The intensity schemes of `Preprocessing.intensity` ("auto" picks one by modality).
+INTENSITY_SCHEMES = ("ct", "mr", "xray")
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,62 @@ class Preprocessing:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """The random transforms of training (MONAI's; their random draws are seeded as the run is).
+
+    Each transform runs on an item with its probability. A random affine rotates by up to
+    `rotate_range` radians about each axis (one in 2D, three in 3D), scales by up to
+    `scale_range` and shifts by up to `translate_fraction` of the image size per axis (masks
+    follow with nearest neighbour); Gaussian noise of `noise_std` and a gamma in
+    `contrast_gamma` change the image only. 3D patch training crops a random patch first.
+    """
+
+    affine_prob: float = 0.5
+    rotate_range: float = 0.15
+    scale_range: float = 0.1
+    translate_fraction: float = 0.05
+    noise_prob: float = 0.2
+    noise_std: float = 0.05
+    contrast_prob: float = 0.2
+    contrast_gamma: tuple[float, float] = (0.8, 1.25)
+
+
+def preprocessing_record(prep: Preprocessing, augmentation: Augmentation | None = None) -> dict[str, str | float]:
+    """Every preprocessing and augmentation setting as flat run parameters.
+
+    Args:
+        prep: The network-input settings of the run's datasets.
+        augmentation: The training augmentations, or None when training does not augment.
+
+    Returns:
+        `preprocessing.<field>` and `augmentation.<field>` keys (`augmentation.enabled` False and
+        no other augmentation key without augmentation); tuples as JSON lists, e.g.
+        `{"preprocessing.image_size": "[96, 96]", "preprocessing.percentiles": "[0.5, 99.5]",
+        "augmentation.affine_prob": 0.5, ...}`.
+
+    Example:
+        >>> preprocessing_record(Preprocessing(), Augmentation())["augmentation.noise_std"]
+        0.05
+    """
+    record: dict[str, str | float] = {}
+    settings = {**dataclasses.asdict(prep), "percentiles": PERCENTILES}
+    for key, value in settings.items():
+        record[f"preprocessing.{key}"] = _param(value)
+    record["augmentation.enabled"] = str(augmentation is not None)
+    for key, value in (dataclasses.asdict(augmentation) if augmentation is not None else {}).items():
+        record[f"augmentation.{key}"] = _param(value)
+    return record
+
+
+def _param(value: object) -> str | float:
+    if isinstance(value, bool | str):
+        return str(value)
+    if isinstance(value, int | float):
+        return value
+    return json.dumps(list(value))  # tuples
+
+
 def class_names(labels: Sequence[object]) -> list[str]:
     """Sorted class names of a label column: integers sort numerically, names alphabetically."""
     values = sorted({str(v) for v in labels if str(v) not in ("", "nan")})
@@ -75,39 +140,101 @@ def _modality_scheme(modality: str, intensity: str) -> str:
     return "xray"
 
 
-def _scale_to_unit(array: np.ndarray, scheme: str, ct_window: tuple[float, float]) -> np.ndarray:
-    # Per-modality scaling to 0..1 before the encoder's own normalisation (see Preprocessing).
-    if scheme == "ct":
-        lo, hi = ct_window
-    else:
-        lo, hi = np.percentile(array, (0.5, 99.5)) if array.size else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    return np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+def intensity_transforms(prep: Preprocessing) -> dict[str, tuple[mt.MapTransform, ...]]:
+    """The MONAI transforms that scale "image" to 0..1, per intensity scheme.
+
+    "ct" maps `prep.ct_window` (Hounsfield units) to 0..1 and clips; "mr" and "xray" map the
+    `PERCENTILES` of each image's values to 0..1 and clip (`ScaleIntensityRangePercentilesd`).
+    """
+    lo, hi = prep.ct_window
+    hi = hi if hi > lo else lo + 1.0
+    window = mt.ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    percentiles = (
+        mt.ScaleIntensityRangePercentilesd(
+            keys="image", lower=PERCENTILES[0], upper=PERCENTILES[1], b_min=0.0, b_max=1.0, clip=True
+        ),
+        # MONAI returns an image whose two percentiles are equal shifted but unclipped (it warns
+        # "Divide by zero"); medtl always clipped to 0..1. On every other image this is the identity.
+        mt.ScaleIntensityRanged(keys="image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+    )
+    return {"ct": (window,), "mr": percentiles, "xray": percentiles}
 
 
-def _load_item(item: dict, root: Path, key_file: Path | None, prep: Preprocessing) -> dict:
-    """Load one manifest row's pixels (and mask) as channel-first MetaTensors with an affine."""
+class IntensityByScheme(mt.MapTransform):
+    """Apply the intensity transforms of the scheme an item names under `scheme_key`, and drop the key.
+
+    One dataset may mix modalities (`Preprocessing.intensity` "auto"): a CT series gets the CT
+    window, a radiograph percentile scaling. Deterministic, so MONAI caches its output.
+
+    Args:
+        schemes: Transforms per scheme name, e.g. `intensity_transforms(prep)`.
+        scheme_key: The item key that names the scheme.
+    """
+
+    def __init__(self, schemes: Mapping[str, Sequence[mt.MapTransform]], scheme_key: str = "intensity") -> None:
+        super().__init__(keys="image")
+        self.schemes = {name: tuple(steps) for name, steps in schemes.items()}
+        self.scheme_key = scheme_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        item = dict(data)
+        scheme = str(item.pop(self.scheme_key))
+        if scheme not in self.schemes:
+            raise InputError(f"intensity must be auto or one of {', '.join(self.schemes)}, not {scheme!r}; "
+                             "set data.intensity")
+        for step in self.schemes[scheme]:
+            item = step(item)
+        return item
+
+
+def study_item(item: dict, root: Path, key_file: Path | None, prep: Preprocessing) -> dict:
+    """What `LoadImaged` reads for one dataset item: the row's files, its mask file, its intensity scheme.
+
+    Returns a new dict of "id", "label" (the class index, or the mask file), "image" (the study's
+    files, a DICOM series in slice order) and "intensity"; the manifest row is left behind, so
+    nothing but pseudonyms and tensors is left once the files are read.
+
+    Raises:
+        InputError: If the row's study or mask cannot be found (naming the row id, never a path).
+    """
     row = item["row"]
     try:
-        image = load_study(resolve_study(row, root, key_file=key_file))
+        study = resolve_study(row, root, key_file=key_file)
+        mask = resolve_path(item["mask_ref"], root, key_file=key_file) if item.get("mask_ref") else None
     except InputError:
         raise
-    except Exception as err:  # noqa: BLE001 - any reader failure becomes a named, safe error
+    except Exception as err:  # noqa: BLE001 - any lookup failure becomes a named, safe error
         raise InputError(
             f"manifest row {row['id']} could not be loaded ({type(err).__name__}); "
             f"run `medtl manifest verify` to see what changed"
         ) from err
-    scheme = _modality_scheme(str(row.get("modality", "")), prep.intensity)
-    pixels = _scale_to_unit(image.array, scheme, prep.ct_window)
-    out = {"id": item["id"], "label": item["label"]}
-    out["image"] = MetaTensor(torch.from_numpy(pixels)[None], affine=torch.as_tensor(image.affine))
-    if item.get("mask_ref"):
-        mask_path = resolve_path(item["mask_ref"], root, key_file=key_file)
-        mask = mt.LoadImage(image_only=True, reader="NibabelReader")(str(mask_path))
-        # Keep only geometry: the reader's metadata carries the original file name.
-        out["label"] = MetaTensor(torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None], affine=mask.affine)
-    return out
+    return {
+        "id": item["id"],
+        "label": str(mask) if mask is not None else item["label"],
+        "image": [str(path) for path in study.files],
+        "intensity": _modality_scheme(str(row.get("modality", "")), prep.intensity),
+    }
+
+
+def load_transform(keys: str, reader: ImageReader) -> mt.LoadImaged:
+    """`LoadImaged` as medtl uses it: float32, channel first, metadata pruned to geometry.
+
+    `LoadImage` writes the file's path into the metadata (`filename_or_obj`); the pattern deletes
+    it, and any other non-geometry key, as the image is made, before any cache can hold it.
+
+    Args:
+        keys: The item key(s) holding a file or a list of files (a DICOM series in slice order).
+        reader: E.g. `MedtlStudyReader()`.
+
+    Returns:
+        The transform; it replaces the file names by a (1, *spatial) float32 `MetaTensor`.
+
+    Example:
+        >>> load_transform("image", MedtlStudyReader())({"image": files})["image"].meta.keys()  # doctest: +SKIP
+        dict_keys(['affine', 'original_affine', 'spatial_shape', 'original_channel_dim', 'space'])
+    """
+    return mt.LoadImaged(keys=keys, reader=reader, image_only=True, dtype=np.float32, ensure_channel_first=True,
+                         prune_meta_pattern=PRUNE_META_PATTERN, prune_meta_sep=" ")
 
 
 def _normalise(prep: Preprocessing) -> mt.Transform:
@@ -134,10 +261,20 @@ def _normalise(prep: Preprocessing) -> mt.Transform:
 
 
 def deterministic_transforms(prep: Preprocessing, root: Path, key_file: Path | None, has_mask: bool) -> mt.Compose:
-    """Load -> orientation/spacing (3D) -> resize (unless patching) -> normalise: the cached part."""
+    """Resolve -> load -> intensity -> orientation/spacing (3D) -> resize (unless patching) -> normalise.
+
+    This is the cached part. Images load with `MedtlStudyReader` (DICOM, NIfTI or 2D export,
+    as `discover` found it); masks with `MedtlNiftiReader` (MONAI's own readers for other files).
+    """
     keys = ["image", "label"] if has_mask else ["image"]
     modes = ["bilinear", "nearest"] if has_mask else ["bilinear"]
-    steps: list = [mt.Lambda(lambda item: _load_item(item, root, key_file, prep))]
+    steps: list = [
+        mt.Lambda(func=functools.partial(study_item, root=root, key_file=key_file, prep=prep)),
+        load_transform("image", MedtlStudyReader()),
+    ]
+    if has_mask:
+        steps.append(load_transform("label", MedtlNiftiReader()))
+    steps.append(IntensityByScheme(intensity_transforms(prep)))
     if prep.spatial_dims == 3:
         steps.append(mt.Orientationd(keys=keys, axcodes="RAS", labels=None))
         if prep.spacing:
@@ -152,8 +289,15 @@ def deterministic_transforms(prep: Preprocessing, root: Path, key_file: Path | N
     return mt.Compose(steps)
 
 
-def augmentation_transforms(prep: Preprocessing, has_mask: bool) -> mt.Compose:
-    """Random transforms for training only; masks follow spatial ones with nearest neighbour."""
+def augmentation_transforms(prep: Preprocessing, has_mask: bool, augmentation: Augmentation | None = None) -> mt.Compose:
+    """Random transforms for training only; masks follow spatial ones with nearest neighbour.
+
+    Args:
+        prep: The network-input settings (patch size, spatial dims).
+        has_mask: Whether items carry a mask under "label".
+        augmentation: The settings; default `Augmentation()`.
+    """
+    aug = augmentation or Augmentation()
     keys = ["image", "label"] if has_mask else ["image"]
     modes = ["bilinear", "nearest"] if has_mask else ["bilinear"]
     steps: list = []
@@ -162,15 +306,15 @@ def augmentation_transforms(prep: Preprocessing, has_mask: bool) -> mt.Compose:
     steps += [
         mt.RandAffined(
             keys=keys,
-            prob=0.5,
-            rotate_range=[0.15] * (1 if prep.spatial_dims == 2 else 3),
-            scale_range=[0.1] * prep.spatial_dims,
-            translate_range=[s * 0.05 for s in prep.image_size],
+            prob=aug.affine_prob,
+            rotate_range=[aug.rotate_range] * (1 if prep.spatial_dims == 2 else 3),
+            scale_range=[aug.scale_range] * prep.spatial_dims,
+            translate_range=[s * aug.translate_fraction for s in prep.image_size],
             mode=modes,
             padding_mode="zeros",
         ),
-        mt.RandGaussianNoised(keys="image", prob=0.2, std=0.05),
-        mt.RandAdjustContrastd(keys="image", prob=0.2, gamma=(0.8, 1.25)),
+        mt.RandGaussianNoised(keys="image", prob=aug.noise_prob, std=aug.noise_std),
+        mt.RandAdjustContrastd(keys="image", prob=aug.contrast_prob, gamma=aug.contrast_gamma),
     ]
     return mt.Compose(steps)
 
@@ -204,6 +348,7 @@ def make_dataset(
     key_file: Path | None = None,
     train: bool,
     augment: bool = True,
+    augmentation: Augmentation | None = None,
     cache: str = "memory",
     cache_dir: Path | None = None,
     progress: bool = True,
@@ -217,6 +362,8 @@ def make_dataset(
         key_file: project key (to resolve aliased paths); default as in `medtl.data.privacy`.
         train: apply augmentations (training split only).
         augment: allow augmentations at all.
+        augmentation: the augmentation settings (default `Augmentation()`); record them with
+            `preprocessing_record`.
         cache: "memory" (CacheDataset), "disk" (PersistentDataset under `cache_dir`) or "none".
         cache_dir: folder for the disk cache, e.g. the run's `OUTPUT/cache`. Each file holds one
             item after the deterministic transforms ({"id", "label", "image"}: plain tensors and
@@ -233,8 +380,14 @@ def make_dataset(
     """
     has_mask = any(item.get("mask_ref") for item in items)
     det = deterministic_transforms(prep, root, key_file, has_mask)
-    rand = augmentation_transforms(prep, has_mask) if (train and augment) else None
-    pipeline = det if rand is None else mt.Compose([*det.transforms, *rand.transforms])
+    rand = augmentation_transforms(prep, has_mask, augmentation) if (train and augment) else None
+    # MONAI's random spatial transforms turn plain tensors back into MetaTensors; items leave as
+    # plain tensors (no metadata to collate, cache or leak).
+    if rand is None:
+        pipeline = det
+    else:
+        keys = ["image", "label"] if has_mask else ["image"]
+        pipeline = mt.Compose([*det.transforms, *rand.transforms, mt.EnsureTyped(keys=keys, track_meta=False)])
     if cache == "none":
         return Dataset(items, transform=pipeline)
     if cache == "disk":

@@ -9,31 +9,31 @@ and mixed sizes; NIfTI and 2D exports (PNG, JPEG, TIFF, BMP) are one study each;
 folders that cannot be listed, non-images) is skipped or quarantined with a one-line reason.
 `load_study` returns MONAI-convention arrays (columns, rows[, slices]) with a voxel-to-RAS affine.
 
-NIfTI and 2D exports load through MONAI's `LoadImage` (NibabelReader, PILReader). DICOM loads
-through pydicom directly (see medtl/data/dicom.py for what MONAI's PydicomReader lacks).
+`load_study` reads through the MONAI image readers of `medtl.data.reader` (the same ones the
+datasets' `LoadImaged` uses): medtl's DICOM reader (see medtl/data/dicom.py for what MONAI's
+PydicomReader lacks), and MONAI's NibabelReader and PILReader for NIfTI and 2D exports.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from medtl.data import dicom, geometry
-from medtl.data.deid import quiet_pydicom
 from medtl.data.dicom import DicomImage
 from medtl.data.types import HeaderFacts, LoadedImage, Rejection, Study
 from medtl.errors import InputError
 
-_IMAGE2D_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+#: File name endings of the studies discover finds besides DICOM (which it recognises by content).
+IMAGE2D_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
 _DOCUMENT_SUFFIXES = frozenset(
     ".txt .csv .tsv .json .jsonl .md .rst .xml .yaml .yml .html .htm .log .ini .cfg .toml .dump .pdf .doc "
@@ -43,9 +43,6 @@ _OTHER_IMAGE_SUFFIXES = frozenset(
     ".nrrd .nhdr .mha .mhd .mgz .mnc .hdr .img .npy .npz .h5 .hdf5 .zarr".split()
 )
 _ARCHIVE_SUFFIXES = frozenset(".gz .zip .tar .tgz .bz2 .xz .7z".split())
-# PIL modes MONAI's PILReader returns as numbers we can use directly; others (palette, CMYK, YCbCr,
-# LAB, HSV) are converted to RGB first so that the luminance below sees colours, not indices.
-_PIL_DIRECT_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "RGB", "RGBA"})
 # Entries that are not regular files: opening a FIFO blocks until a writer appears, a device can
 # stream forever, a socket cannot be opened at all. Their type is read with lstat/stat only.
 _NOT_REGULAR = (
@@ -119,41 +116,47 @@ def discover(root: Path, *, progress: bool = True) -> tuple[list[Study], list[Re
 def load_study(study: Study) -> LoadedImage:
     """Load one study's pixels in MONAI's convention with its voxel-to-RAS affine.
 
-    DICOM radiographs and other single images get Modality LUT/rescale, VOI LUT/window and
-    MONOCHROME1 inversion (brighter = more attenuation); CT/MR/PT/NM keep modality units (HU for
-    CT). Colour images (DICOM RGB/YBR/palette, RGB(A) PNG/JPEG/TIFF exports) become luminance
-    with ITU-R BT.601 weights (0.299 R + 0.587 G + 0.114 B, PIL's "L"); alpha is dropped. 2D
-    exports carry no geometry: MONAI gives them an identity affine (1 mm pixels). Multi-page TIFFs
-    load their first page (PIL's behaviour).
+    Reads with the study kind's MONAI image reader (`medtl.data.reader`), the same code a
+    dataset's `LoadImaged` runs. DICOM radiographs and other single images get Modality
+    LUT/rescale, VOI LUT/window and MONOCHROME1 inversion (brighter = more attenuation);
+    CT/MR/PT/NM keep modality units (HU for CT). Colour images (DICOM RGB/YBR/palette, RGB(A)
+    PNG/JPEG/TIFF exports) become luminance with ITU-R BT.601 weights (0.299 R + 0.587 G + 0.114 B,
+    PIL's "L"); alpha is dropped. 2D exports carry no geometry: they get an identity affine
+    (1 mm pixels), as MONAI gives them. Multi-page TIFFs load their first page (PIL's behaviour).
 
     Args:
         study: A study returned by `discover`.
 
     Returns:
-        The float32 array, (columns, rows) or (columns, rows, slices), and its affine.
+        The float32 array, (columns, rows) or (columns, rows, slices), its affine and the study's
+        modality ("" for NIfTI and 2D exports).
 
     Raises:
         InputError: If the files can no longer be read (changed since discovery).
+
+    Example:
+        >>> load_study(discover(Path("data"), progress=False)[0][0]).array.shape  # doctest: +SKIP
+        (512, 512, 40)
     """
+    # Imported here: MONAI (and torch) take seconds to import, and discovery does not need them.
+    from medtl.data.reader import reader_for_kind
+
     try:
-        if study.kind == "nifti":
-            return _load_nifti(study.files[0])
-        if study.kind == "image2d":
-            return _load_image2d(study.files[0])
-        if study.kind == "dicom_image":
-            return _load_dicom_image(study.files[0])
-        if study.kind == "dicom_series":
-            if len(study.files) == 1:
-                return _load_multiframe(study.files[0])
-            return _load_series(study.files)
+        reader = reader_for_kind(study.kind)
+    except ValueError:
+        raise InputError(
+            f"study kind must be one of dicom_series, dicom_image, nifti, image2d, not {study.kind!r}"
+        ) from None
+    try:
+        array, meta = reader.get_data(reader.read([str(path) for path in study.files]))
     except Exception:
         # `from None`: the original error can quote a path or a header value (PHI).
         raise InputError(
             f"a {study.kind} study of {len(study.files)} file(s) must be readable, not failing to load; "
             "the files may have changed since discover() ran, so run it again"
         ) from None
-    raise InputError(
-        f"study kind must be one of dicom_series, dicom_image, nifti, image2d, not {study.kind!r}"
+    return LoadedImage(
+        np.ascontiguousarray(array, dtype=np.float32), np.asarray(meta["affine"], dtype=np.float64), study.modality
     )
 
 
@@ -375,9 +378,9 @@ def _inspect(path: Path, real_root: str) -> Study | Rejection | DicomImage:
             return Rejection(path, "quarantined", "empty file (0 bytes)")
         if dicom.looks_like_dicom(path):  # by content first: DICOM files come with any name
             return dicom.inspect_dicom(path)
-        if name.endswith((".nii", ".nii.gz")):
+        if name.endswith(NIFTI_SUFFIXES):
             return _inspect_nifti(path)
-        if suffix in _IMAGE2D_SUFFIXES:
+        if suffix in IMAGE2D_SUFFIXES:
             return _inspect_image2d(path)
     except OSError as err:
         return Rejection(path, "quarantined", _os_error_reason(err))
@@ -473,7 +476,7 @@ def _inspect_nifti(path: Path) -> Study | Rejection:
         data = np.asanyarray(image.dataobj)
     except Exception:
         return Rejection(path, "quarantined", "NIfTI file could not be read (truncated or corrupt)")
-    spatial = _squeeze_trailing(data.shape)
+    spatial = squeeze_trailing(data.shape)
     if len(spatial) not in (2, 3):
         return Rejection(
             path, "quarantined", "NIfTI must hold a 2D or 3D image, not a time series or multi-channel image"
@@ -497,116 +500,7 @@ def _inspect_image2d(path: Path) -> Study | Rejection:
     return Rejection(path, "quarantined", problem) if problem else Study((path,), "image2d", "", None)
 
 
-@functools.cache
-def _monai_loader(reader: str) -> Callable[[str], Any]:
-    # Imported on first use: importing MONAI (and torch) takes seconds, discovery does not need it.
-    from monai.transforms import LoadImage
-
-    if reader == "PILReader":
-        from monai.data import PILReader
-
-        return LoadImage(reader=PILReader(converter=_pil_to_usable_mode), image_only=True, dtype=np.float32)
-    return LoadImage(reader=reader, image_only=True, dtype=np.float32)
-
-
-def _pil_to_usable_mode(image: Any) -> Any:
-    """PIL image in, PIL image out: palette/CMYK/YCbCr/... become RGB, grey and RGB(A) stay."""
-    return image if image.mode in _PIL_DIRECT_MODES else image.convert("RGB")
-
-
-@quiet_pydicom()
-def _load_dicom_image(path: Path) -> LoadedImage:
-    """Load a single-frame DICOM image as (columns, rows) display values (see `frames`)."""
-    ds = dicom.read_dataset(path)
-    modality = dicom.modality_of(ds)
-    pixels = dicom.frames(ds, display=modality not in dicom.QUANTITATIVE_MODALITIES)[0]
-    orientation, positions, spacing = dicom.frame_geometry(ds, 1)
-    affine = geometry.volume_affine(
-        orientation, positions[0] if positions else None, spacing, dicom.slice_spacing(ds) or 1.0
-    )
-    return LoadedImage(np.ascontiguousarray(pixels.T), affine, modality)
-
-
-@quiet_pydicom()
-def _load_multiframe(path: Path) -> LoadedImage:
-    """Load a multi-frame DICOM file as a (columns, rows, frames) volume in modality units.
-
-    Frames are placed by their per-frame positions (a gantry-tilted stack is resampled, see
-    `geometry.correct_gantry_tilt`), else along the normal at the file's slice spacing; discovery
-    quarantines files with neither.
-    """
-    ds = dicom.read_dataset(path)
-    n = dicom.number_of_frames(ds)
-    volume = dicom.frames(ds)
-    orientation, positions, spacing = dicom.frame_geometry(ds, n)
-    origin = positions[0] if positions else None
-    step: Sequence[float] | float | None = dicom.slice_spacing(ds)
-    if orientation is not None and positions is not None and len(positions) == n:
-        stack = geometry.order_stack(orientation, positions)
-        if isinstance(stack, str):
-            raise ValueError("multi-frame positions no longer form a stack")
-        volume = volume[list(stack.order)]
-        origin, step = positions[stack.order[0]], stack.step
-    if step is None:
-        raise ValueError("multi-frame file has neither frame positions nor a slice spacing")
-    volume, step = geometry.correct_gantry_tilt(volume.transpose(2, 1, 0), orientation, spacing, step)
-    return LoadedImage(
-        np.ascontiguousarray(volume),
-        geometry.volume_affine(orientation, origin, spacing, step),
-        dicom.modality_of(ds),
-    )
-
-
-@quiet_pydicom()
-def _load_series(paths: Sequence[Path]) -> LoadedImage:
-    """Load single-frame slices, already in slice order, as a (columns, rows, slices) volume.
-
-    A gantry-tilted stack is resampled onto the orthogonal grid of its normal
-    (`geometry.correct_gantry_tilt`), so the affine has no shear and the third spacing is the
-    slice distance along the normal.
-    """
-    slices, places, modality = [], [], ""
-    for path in paths:
-        ds = dicom.read_dataset(path)
-        slices.append(dicom.frames(ds)[0])
-        places.append(dicom.frame_geometry(ds, 1))
-        modality = modality or dicom.modality_of(ds)
-    if len({s.shape for s in slices}) != 1:
-        raise ValueError("slices of one series differ in size")
-    orientation, first, spacing = places[0]
-    last = places[-1][1]
-    if orientation is None or first is None or last is None:
-        raise ValueError("series slices lack position or orientation")
-    step = (np.asarray(last[0]) - np.asarray(first[0])) / (len(paths) - 1)
-    volume, step = geometry.correct_gantry_tilt(
-        np.stack(slices, axis=-1).transpose(1, 0, 2), orientation, spacing, step
-    )
-    return LoadedImage(
-        np.ascontiguousarray(volume), geometry.volume_affine(orientation, first[0], spacing, step), modality
-    )
-
-
-def _load_nifti(path: Path) -> LoadedImage:
-    loaded = _monai_loader("NibabelReader")(str(path))
-    array = np.asarray(loaded.array, dtype=np.float32)
-    array = array.reshape(_squeeze_trailing(array.shape))
-    if array.ndim not in (2, 3):
-        raise ValueError("NIfTI is not a 2D or 3D image")
-    return LoadedImage(np.ascontiguousarray(array), np.asarray(loaded.affine, dtype=np.float64), "")
-
-
-def _load_image2d(path: Path) -> LoadedImage:
-    loaded = _monai_loader("PILReader")(str(path))
-    array = np.asarray(loaded.array, dtype=np.float32)  # (columns, rows[, channels])
-    if array.ndim == 3:
-        channels = array.shape[-1]
-        array = array[..., :3] @ dicom.LUMA_WEIGHTS if channels >= 3 else array[..., 0]
-    return LoadedImage(
-        np.ascontiguousarray(array, dtype=np.float32), np.asarray(loaded.affine, dtype=np.float64), ""
-    )
-
-
-def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
+def squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Drop trailing singleton axes beyond the second: (x, y, 1) is 2D, (x, y, z, 1) is 3D."""
     shape = tuple(shape)
     while len(shape) > 2 and shape[-1] == 1:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medtl.data.dataset import Augmentation, preprocessing_record
 from medtl.engine.runtime import barrier, cleanup_distributed, init_distributed
 from medtl.evaluation.report import render_report
 from medtl.tracking import registry, run_records, store
@@ -265,6 +266,8 @@ def _train(run: _Run, *, resume: bool, progress: bool):
     run.timings["time_to_best_seconds"] = float(trained.fit.time_to_best_seconds)
     report = trained.bundle.load_report
     run_records.log_weights(trained.bundle.weights.as_dict(), report.as_dict() if report is not None else None)
+    # What the network saw: every preprocessing and augmentation setting, so a run can be redone.
+    run_records.log_config(preprocessing_record(trained.prep, Augmentation() if run.cfg.data.augment else None))
     return trained, sets, method_info, scratch
 
 

@@ -10,6 +10,7 @@ cache) are checked on their own, on real PNG and NIfTI files, without training.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from medtl.cli import main
-from medtl.data.dataset import manifest_items
+from medtl.data.dataset import Augmentation, manifest_items
 from medtl.data.synthetic import write_demo_data
 from medtl.errors import ConfigError, InputError, WeightsError
 from medtl.tracking import phi_guard, registry, store
@@ -132,6 +133,20 @@ def test_the_audit_verdict_reaches_the_run_and_the_registry_version(demo_run, mo
         assert run.data.metrics[key] == pytest.approx(gap["value"]), key
     logged = {a.path for a in store.client().list_artifacts(outputs.run_id)}
     assert {"audit.json", "report.html", "report_inputs.json", "metrics.json", "predictions.csv"} <= logged
+
+
+@pytest.mark.slow
+def test_the_run_records_every_preprocessing_and_augmentation_setting(demo_run, monkeypatch):
+    work, outputs, _ = demo_run
+    monkeypatch.chdir(work)
+    store.tracking_uri(demo_store())
+    params = store.client().get_run(outputs.run_id).data.params
+    assert params["preprocessing.image_size"] == "[32, 32]"  # TINY's data.image_size
+    assert params["preprocessing.normalization"] == "imagenet"  # from the encoder's weight record
+    assert params["augmentation.enabled"] == "True"
+    for field, value in dataclasses.asdict(Augmentation()).items():
+        expected = json.dumps(list(value)) if isinstance(value, tuple) else str(value)
+        assert params[f"augmentation.{field}"] == expected, field
 
 
 @pytest.mark.slow
