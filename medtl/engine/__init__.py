@@ -11,7 +11,7 @@ from medtl.engine.checkpoint import load_checkpoint, load_weights
 from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
 from medtl.engine.inference import predict, sliding_window_predict
 from medtl.engine.loop import fit
-from medtl.engine.optim import build_optimizer, build_scheduler, default_param_groups, lr_factor
+from medtl.engine.optim import build_optimizer, build_scheduler, default_param_groups
 from medtl.engine.runtime import (
     DistInfo,
     cleanup_distributed,
@@ -42,7 +42,6 @@ __all__ = [
     "init_distributed",
     "load_checkpoint",
     "load_weights",
-    "lr_factor",
     "predict",
     "resolve_amp",
     "sample_weights",

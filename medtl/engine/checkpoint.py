@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 # how augmentation streams are seeded; epochs change the cosine schedule).
 _RESUME_FREE_KEYS = {"progress"}
 
-FORMAT_VERSION = 1
+# 2: the learning-rate schedule is timm's (its state, and each optimizer group's "lr_scale");
+# a format-1 file holds a torch LambdaLR state that the schedule cannot continue.
+FORMAT_VERSION = 2
 LAST_NAME = "last.pt"
 
 

@@ -138,16 +138,12 @@ def predict(
     Example:
         >>> probs = [row["output"][1].item() for row in predict(model, test_ds)]
     """
+    # Long only by its docstring (a public entry point); the body loads, runs and unpacks batches.
     if activation not in ACTIVATIONS:
         raise ConfigError(
             f"activation must be one of {list(ACTIVATIONS)}, not {activation!r}; pick one of those"
         )
-    param = next(model.parameters(), None)
-    device = (
-        torch.device(device)
-        if device is not None
-        else (param.device if param is not None else torch.device("cpu"))
-    )
+    device = _inference_device(model, device)
     model = model.to(device).eval()
     amp_dtype = resolve_amp(amp, device)
     loader = DataLoader(
@@ -158,6 +154,7 @@ def predict(
         pin_memory=device.type == "cuda",
         collate_fn=collate_fn(),
     )
+    window = {"roi_size": roi_size, "sw_batch_size": sw_batch_size, "overlap": overlap} if roi_size else None
     rows: list[dict[str, Any]] = []
     with (
         torch.no_grad(),
@@ -165,24 +162,31 @@ def predict(
     ):
         for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
             images = plain_tensor(batch["image"]).to(device, non_blocking=True)
-            if roi_size:
-                outputs = sliding_window_predict(
-                    model,
-                    images,
-                    roi_size=roi_size,
-                    sw_batch_size=sw_batch_size,
-                    overlap=overlap,
-                    output_device="cpu",
-                )
+            if window is not None:
+                outputs = sliding_window_predict(model, images, output_device="cpu", **window)
             else:
                 outputs = model(images)
-            outputs = _activate(plain_tensor(outputs).float(), activation).cpu()
-            for i in range(outputs.shape[0]):
-                row: dict[str, Any] = {"output": outputs[i]}
-                if "label" in batch:
-                    row["label"] = plain_tensor(batch["label"][i]).cpu()
-                if "id" in batch:
-                    ident = batch["id"][i]
-                    row["id"] = ident.item() if isinstance(ident, torch.Tensor) else ident
-                rows.append(row)
+            rows += _rows(batch, _activate(plain_tensor(outputs).float(), activation).cpu())
+    return rows
+
+
+def _inference_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
+    """`device` if given, else the device of the model's parameters (CPU for a model without any)."""
+    if device is not None:
+        return torch.device(device)
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _rows(batch: dict[str, Any], outputs: torch.Tensor) -> list[dict[str, Any]]:
+    """One {"output", "label", "id"} dict per sample of a batch (label and id when the batch has them)."""
+    rows = []
+    for i in range(outputs.shape[0]):
+        row: dict[str, Any] = {"output": outputs[i]}
+        if "label" in batch:
+            row["label"] = plain_tensor(batch["label"][i]).cpu()
+        if "id" in batch:
+            ident = batch["id"][i]
+            row["id"] = ident.item() if isinstance(ident, torch.Tensor) else ident
+        rows.append(row)
     return rows

@@ -1,6 +1,6 @@
 """The training loop: one `fit` for classification and segmentation, 2D and 3D, one process or
-many (torchrun), with per-step warm-up + cosine, early stopping, best-epoch selection and
-resumable checkpoints."""
+many (torchrun), with per-update warm-up + cosine (timm), early stopping, best-epoch selection
+and resumable checkpoints."""
 
 from __future__ import annotations
 
@@ -73,6 +73,30 @@ class _Runtime:
         )
 
 
+@dataclass
+class _Run:
+    """What a run carries from epoch to epoch: its trainers, sampler, progress and wrapped model."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a timm scheduler, stepped per update (see `build_scheduler`)
+    scaler: torch.amp.GradScaler
+    sampler: Any
+    steps_per_epoch: int
+    drop_last: bool
+    state: RunState
+    folder: Path | None
+    retune_threads: bool
+    first_epoch: int
+    best_in_memory: dict[str, torch.Tensor] | None = None
+    net: torch.nn.Module | None = None  # the DDP / compiled wrapper of the model, rebuilt on (un)freezing
+    trainable: tuple[bool, ...] | None = None
+
+    @property
+    def trainers(self) -> tuple:
+        """(optimizer, scheduler, grad scaler), as checkpoints store them."""
+        return self.optimizer, self.scheduler, self.scaler
+
+
 def fit(
     model: torch.nn.Module,
     train_ds: Dataset,
@@ -98,7 +122,8 @@ def fit(
     data (lr stepped per batch), validation, early-stopping bookkeeping, checkpoint. Validation
     outputs of all ranks are concatenated on CPU in dataset order and passed once per epoch to
     `val_metric_fn(outputs, targets)`; "val_loss" (`loss_fn` averaged over validation samples)
-    is always reported.
+    is always reported. A NaN monitored value (a metric undefined on this validation set) carries
+    no information: it is never an improvement and never counts towards early stopping.
 
     Args:
         model: the network (moved to the training device in place).
@@ -129,6 +154,25 @@ def fit(
         ...              val_metric_fn=lambda out, y: {"accuracy": (out.argmax(1) == y).float().mean().item()},
         ...              checkpoint_dir="runs/ckpt")
     """
+    # Long only by its docstring (the engine's public contract); the body is the run's steps.
+    _check_arguments(train_ds, val_ds, plan, resume, checkpoint_dir)
+    rt = _setup(model, train_ds, cfg)
+    run = _start_run(model, train_ds, cfg, rt, plan, checkpoint_dir, resume, manifest_sha256)
+    show = cfg.progress and rt.info.is_main
+    with tqdm(total=cfg.epochs, initial=run.state.next_epoch, desc="fit", unit="epoch", disable=not show) as bar:
+        for epoch in range(run.state.next_epoch, cfg.epochs):
+            if run.state.stopped_early:
+                break
+            record = _run_epoch(model, epoch, run, train_ds, val_ds, loss_fn, val_metric_fn, plan, cfg, rt)
+            _end_epoch(model, epoch, record, run, cfg, rt, manifest_sha256, on_epoch_end)
+            bar.set_postfix(train_loss=f"{record['train_loss']:.4f}", **{cfg.monitor: f"{record[cfg.monitor]:.4f}"})
+            bar.update(1)
+    return _finish(model, run.folder, run.state, run.best_in_memory, cfg, rt)
+
+
+def _check_arguments(
+    train_ds: Dataset, val_ds: Dataset, plan: Any, resume: bool, checkpoint_dir: Path | str | None
+) -> None:
     if plan is not None and not isinstance(plan, TransferPlanLike):
         raise TypeError(
             f"plan must have param_groups and on_epoch_start(model, epoch), not {type(plan).__name__}"
@@ -140,9 +184,20 @@ def fit(
         raise ConfigError(
             "checkpoint_dir must be set when resume=True, not None; pass the folder of the run to resume"
         )
-    rt = _setup(model, train_ds, cfg)
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
+
+def _start_run(
+    model: torch.nn.Module,
+    train_ds: Dataset,
+    cfg: TrainConfig,
+    rt: _Runtime,
+    plan: TransferPlanLike | None,
+    checkpoint_dir: Path | str | None,
+    resume: bool,
+    manifest_sha256: str,
+) -> _Run:
+    """Optimizer, schedule, sampler and progress of a run: fresh, or restored from `last.pt`."""
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     groups = plan.param_groups if plan is not None else default_param_groups(model, cfg.weight_decay)
     optimizer = build_optimizer(groups, cfg)
     sampler = train_sampler(
@@ -154,91 +209,112 @@ def fit(
     )
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    trainers = (optimizer, scheduler, scaler)
-
     state = RunState()
     if resume:
-        state = resume_run(folder / LAST_NAME, model, trainers, cfg, rt.info, manifest_sha256)  # type: ignore[operator]
-    # Threads measured per epoch unless the run must be reproducible: then once, and a resumed run
-    # keeps the count of the run it resumes (float reductions depend on it).
-    retune_threads = rt.device.type == "cpu" and cfg.num_threads is None and auto_cpu_threads()
-    if retune_threads and cfg.deterministic:
-        retune_threads = False
+        state = resume_run(
+            folder / LAST_NAME, model, (optimizer, scheduler, scaler), cfg, rt.info, manifest_sha256  # type: ignore[operator]
+        )
+    return _Run(
+        optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler, steps_per_epoch=steps_per_epoch,
+        drop_last=drop_last, state=state, folder=folder, retune_threads=_retune_threads(cfg, rt, state),
+        first_epoch=state.next_epoch,
+    )
+
+
+def _retune_threads(cfg: TrainConfig, rt: _Runtime, state: RunState) -> bool:
+    """Whether to measure the CPU thread count again at every epoch.
+
+    Measured per epoch unless the run must be reproducible: then once, and a resumed run keeps
+    the count of the run it resumes (float reductions depend on it).
+    """
+    retune = rt.device.type == "cpu" and cfg.num_threads is None and auto_cpu_threads()
+    if retune and cfg.deterministic:
         if state.history and "num_threads" in state.history[-1]:
             torch.set_num_threads(int(state.history[-1]["num_threads"]))
-    first_epoch = state.next_epoch
-    best_in_memory: dict[str, torch.Tensor] | None = None
-    net, trainable = None, None
-    epochs_bar = tqdm(
-        total=cfg.epochs,
-        initial=state.next_epoch,
-        desc="fit",
-        unit="epoch",
-        disable=not (cfg.progress and rt.info.is_main),
+        return False
+    return retune
+
+
+def _run_epoch(
+    model: torch.nn.Module,
+    epoch: int,
+    run: _Run,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    loss_fn: LossFn,
+    val_metric_fn: MetricFn | None,
+    plan: TransferPlanLike | None,
+    cfg: TrainConfig,
+    rt: _Runtime,
+) -> dict[str, float]:
+    """Train one epoch and validate; returns the epoch's record (the same on every rank)."""
+    if run.retune_threads and epoch > run.first_epoch:  # the first epoch uses the count `_setup` measured
+        pick_cpu_threads(cpu_share(rt.info))
+    started = time.perf_counter()
+    net = _prepare_epoch(model, epoch, run, plan, cfg, rt)
+    run.sampler.set_epoch(epoch)
+    loader = _loader(
+        train_ds, cfg, rt, batch_size=cfg.batch_size, sampler=run.sampler, drop_last=run.drop_last,
+        seed=_epoch_seed(cfg.seed, epoch, rt.info.rank),
     )
-    for epoch in range(state.next_epoch, cfg.epochs):
-        if state.stopped_early:
-            break
-        if retune_threads and epoch > first_epoch:  # the first epoch uses the count `_setup` measured
-            pick_cpu_threads(cpu_share(rt.info))
-        started = time.perf_counter()
-        model.train()
-        if plan is not None:
-            plan.on_epoch_start(model, epoch)
-        now_trainable = tuple(p.requires_grad for p in model.parameters())
-        if not any(now_trainable):
-            raise ConfigError(
-                f"the model must have trainable parameters at epoch {epoch}, not none; check the strategy"
-            )
-        if net is None or now_trainable != trainable:
-            # DDP registers gradient hooks for the parameters trainable at wrap time only, so a plan
-            # that (un)freezes layers needs a fresh wrapper for gradients to stay synchronised.
-            net, trainable = None, now_trainable
-            net = _wrap(model, cfg, rt)
-        sampler.set_epoch(epoch)
-        loader = _loader(
-            train_ds,
-            cfg,
-            rt,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            seed=_epoch_seed(cfg.seed, epoch, rt.info.rank),
+    desc = f"epoch {epoch + 1}/{cfg.epochs}"
+    loss_sum, seen = _train_epoch(net, loader, run, loss_fn, cfg, rt, desc, first_update=epoch * run.steps_per_epoch)
+    _sync_buffers(model, rt.info)
+    train_seconds = time.perf_counter() - started
+    loss_sum, seen = all_reduce_sum([loss_sum, float(seen)], rt.info, rt.device)
+    metrics = _evaluate(model, val_ds, loss_fn, val_metric_fn, cfg, rt)
+    record = {
+        "epoch": epoch,
+        "train_loss": loss_sum / max(seen, 1.0),
+        **metrics,
+        **_learning_rates(run.optimizer, per_group=plan is not None),
+        "epoch_seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
+        "samples_per_s": seen / max(train_seconds, 1e-9),
+        "num_threads": float(torch.get_num_threads()),
+    }
+    return broadcast_from_main(record, rt.info)  # one set of timings, so every rank decides alike
+
+
+def _prepare_epoch(
+    model: torch.nn.Module, epoch: int, run: _Run, plan: TransferPlanLike | None, cfg: TrainConfig, rt: _Runtime
+) -> torch.nn.Module:
+    """Train mode, the plan's freezing for `epoch`, and the module that trains (re-wrapped when needed)."""
+    model.train()
+    if plan is not None:
+        plan.on_epoch_start(model, epoch)
+    now_trainable = tuple(p.requires_grad for p in model.parameters())
+    if not any(now_trainable):
+        raise ConfigError(
+            f"the model must have trainable parameters at epoch {epoch}, not none; check the strategy"
         )
-        desc = f"epoch {epoch + 1}/{cfg.epochs}"
-        loss_sum, seen = _train_epoch(net, loader, trainers, loss_fn, cfg, rt, desc)
-        _sync_buffers(model, rt.info)
-        train_seconds = time.perf_counter() - started
-        loss_sum, seen = all_reduce_sum([loss_sum, float(seen)], rt.info, rt.device)
-        metrics = _evaluate(model, val_ds, loss_fn, val_metric_fn, cfg, rt)
-        record = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1.0),
-            **metrics,
-            **_learning_rates(optimizer, per_group=plan is not None),
-            "epoch_seconds": time.perf_counter() - started,
-            "train_seconds": train_seconds,
-            "samples_per_s": seen / max(train_seconds, 1e-9),
-            "num_threads": float(torch.get_num_threads()),
-        }
-        record = broadcast_from_main(record, rt.info)  # one set of timings, so every rank decides alike
-        improved = _update_state(state, record, cfg)
-        if improved:
-            best_in_memory = save_best(model, folder, epoch, cfg, rt.info, manifest_sha256)
-        if folder is not None:
-            save_last(folder / LAST_NAME, model, trainers, state, cfg, rt.info, manifest_sha256)
-        if rt.info.is_main:
-            log.info(
-                "epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
-            )
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, dict(record))
-        epochs_bar.set_postfix(
-            train_loss=f"{record['train_loss']:.4f}", **{cfg.monitor: f"{record[cfg.monitor]:.4f}"}
-        )
-        epochs_bar.update(1)
-    epochs_bar.close()
-    return _finish(model, folder, state, best_in_memory, cfg, rt)
+    if run.net is None or now_trainable != run.trainable:
+        # DDP registers gradient hooks for the parameters trainable at wrap time only, so a plan
+        # that (un)freezes layers needs a fresh wrapper for gradients to stay synchronised.
+        run.net, run.trainable = None, now_trainable
+        run.net = _wrap(model, cfg, rt)
+    return run.net
+
+
+def _end_epoch(
+    model: torch.nn.Module,
+    epoch: int,
+    record: dict[str, float],
+    run: _Run,
+    cfg: TrainConfig,
+    rt: _Runtime,
+    manifest_sha256: str,
+    on_epoch_end: EpochCallback | None,
+) -> None:
+    """Early-stopping bookkeeping, best and last checkpoints, the log line and the callback."""
+    if _update_state(run.state, record, cfg):
+        run.best_in_memory = save_best(model, run.folder, epoch, cfg, rt.info, manifest_sha256)
+    if run.folder is not None:
+        save_last(run.folder / LAST_NAME, model, run.trainers, run.state, cfg, rt.info, manifest_sha256)
+    if rt.info.is_main:
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, dict(record))
 
 
 def _setup(model: torch.nn.Module, train_ds: Dataset, cfg: TrainConfig) -> _Runtime:
@@ -326,13 +402,20 @@ def _to_device(batch: dict[str, Any], rt: _Runtime) -> tuple[torch.Tensor, torch
 def _train_epoch(
     net: torch.nn.Module,
     loader: DataLoader,
-    trainers: tuple,
+    run: _Run,
     loss_fn: LossFn,
     cfg: TrainConfig,
     rt: _Runtime,
     desc: str,
+    *,
+    first_update: int,
 ) -> tuple[float, int]:
-    optimizer, scheduler, scaler = trainers
+    """One pass over the training data; returns (loss summed over samples, samples seen).
+
+    `first_update` counts the optimizer updates of earlier epochs, so the schedule's position is
+    a function of (epoch, step) alone and a resumed run continues it exactly.
+    """
+    optimizer, scheduler, scaler = run.trainers
     params = [p for group in optimizer.param_groups for p in group["params"]]
     show = cfg.progress and rt.info.is_main
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
@@ -350,7 +433,7 @@ def _train_epoch(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            scheduler.step_update(first_update + step + 1)
             total += loss.detach().double() * images.shape[0]
             seen += images.shape[0]
             if show:
@@ -463,6 +546,11 @@ def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _update_state(state: RunState, record: dict[str, float], cfg: TrainConfig) -> bool:
+    """Book an epoch's record into the run state; returns whether it is the best epoch so far.
+
+    A NaN monitored value (e.g. AUROC or Dice undefined on this validation set) is no information:
+    never an improvement, and not a bad epoch either, so it cannot stop the run early.
+    """
     if cfg.monitor not in record:
         raise ConfigError(
             f"train.monitor must be one of {sorted(k for k in record if k != 'epoch')}, not {cfg.monitor!r}; "
@@ -477,7 +565,7 @@ def _update_state(state: RunState, record: dict[str, float], cfg: TrainConfig) -
     if improved:
         state.best_metric, state.best_epoch, state.bad_epochs = value, int(record["epoch"]), 0
         state.time_to_best = state.train_seconds
-    else:
+    elif not math.isnan(value):
         state.bad_epochs += 1
     patience = cfg.early_stopping_patience
     state.stopped_early = (

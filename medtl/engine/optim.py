@@ -1,16 +1,17 @@
-"""Optimizer and per-step learning-rate schedule (linear warm-up, then cosine or constant)."""
+"""Optimizer and per-update learning-rate schedule (timm: linear warm-up, then cosine or constant)."""
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from medtl.engine.config import TrainConfig
 from medtl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from timm.scheduler.scheduler import Scheduler
 
 
 def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -60,45 +61,47 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig) -> tor
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def lr_factor(
-    step: int, *, warmup_steps: int, total_steps: int, scheduler: str, min_lr_ratio: float
-) -> float:
-    """Multiplier of every group's base lr after `step` optimizer steps.
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Scheduler:
+    """timm's per-update schedule: linear warm-up over `cfg.warmup_epochs`, then cosine or constant.
+
+    timm schedules one multiplier (1 at the peak, `cfg.min_lr_ratio` at the end of the cosine) and
+    scales it per group by the group's `lr_scale`, set here to the group's own learning rate, so
+    every group keeps its ratio to the others through warm-up and decay (a transfer plan's
+    layer-wise rates). Warm-up starts at 1/W of the peak (W = warm-up updates) and reaches it at
+    update W; the cosine then runs over the remaining updates of `cfg.epochs`.
 
     Args:
-        step: optimizer steps taken so far.
-        warmup_steps: steps of linear warm-up (first step at 1 / warmup_steps).
-        total_steps: steps of the whole run (cosine reaches `min_lr_ratio` here).
-        scheduler: "cosine" or "constant".
-        min_lr_ratio: final multiplier of the cosine schedule.
-
-    Returns:
-        The multiplier in (0, 1].
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if scheduler == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LambdaLR:
-    """Per-step LambdaLR: linear warm-up over `cfg.warmup_epochs`, then cosine or constant.
-
-    Args:
-        optimizer: the optimizer (each group's initial lr is its peak lr).
+        optimizer: the optimizer (each group's current lr is its peak lr).
         cfg: the training config.
         steps_per_epoch: optimizer steps per epoch on one process.
 
     Returns:
-        The scheduler; call `step()` after every optimizer step.
+        The scheduler; after the n-th optimizer update of the run (n from 1, counted across
+        epochs and resumes) call `scheduler.step_update(n)`.
+
+    Example:
+        >>> scheduler = build_scheduler(optimizer, TrainConfig(epochs=10, warmup_epochs=1), steps_per_epoch=50)
+        >>> scheduler.step_update(1)  # after the first update
     """
-    factor = functools.partial(
-        lr_factor,
-        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-        total_steps=cfg.epochs * steps_per_epoch,
-        scheduler=cfg.scheduler,
-        min_lr_ratio=cfg.min_lr_ratio,
-    )
-    return LambdaLR(optimizer, factor)
+    from timm.scheduler import CosineLRScheduler, StepLRScheduler  # seconds-long import of timm
+
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+    for group in optimizer.param_groups:
+        group["lr_scale"] = group["lr"]
+        group["initial_lr"] = 1.0  # the multiplier's peak (timm's base value)
+    common = {
+        "warmup_t": warmup,
+        "warmup_lr_init": 1.0 / warmup if warmup else 0.0,
+        "warmup_prefix": True,  # the cosine starts after the warm-up, not under it
+        "t_in_epochs": False,
+    }
+    if cfg.scheduler == "constant":
+        return StepLRScheduler(optimizer, decay_t=max(1, total), decay_rate=1.0, **common)
+    timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)  # it warns about a one-update cosine: only a short run, nothing to fix
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=cfg.min_lr_ratio, **common)
+    finally:
+        timm_log.setLevel(level)

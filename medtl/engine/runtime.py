@@ -6,12 +6,10 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -211,14 +209,23 @@ def pick_cpu_threads(max_threads: int, *, reps: int = 5) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices).
+    """Seed Python, NumPy and torch (all devices) with MONAI's `set_determinism`.
+
+    `set_determinism` also switches cuDNN to deterministic mode; the switches `configure_determinism`
+    set from `TrainConfig.deterministic` are put back, so seeding never changes how a run computes.
 
     Args:
-        seed: non-negative seed.
+        seed: non-negative seed (taken modulo 2**32, as every seeded generator does).
+
+    Example:
+        >>> seed_everything(cfg.seed + info.rank)
     """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    from monai.utils import set_determinism  # seconds-long import, only needed here
+
+    cudnn = torch.backends.cudnn
+    deterministic, benchmark = cudnn.deterministic, cudnn.benchmark
+    set_determinism(seed=seed)
+    cudnn.deterministic, cudnn.benchmark = deterministic, benchmark
 
 
 def configure_determinism(deterministic: bool, *, compiled: bool = False) -> None:

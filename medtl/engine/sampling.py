@@ -126,8 +126,7 @@ def sample_weights(labels: torch.Tensor) -> torch.Tensor:
         A (N,) float64 tensor.
     """
     if labels.ndim == 1:
-        counts = torch.bincount(labels).double()
-        return 1.0 / counts[labels]
+        return 1.0 / class_counts(labels)[labels]
     positive = labels > 0.5
     inverse = 1.0 / class_counts(labels).clamp(min=1)
     weights = torch.where(positive, inverse, torch.zeros_like(inverse)).amax(1)

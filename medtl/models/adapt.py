@@ -134,6 +134,19 @@ def _adapt(name: str, src: torch.Tensor, target: torch.Tensor, first_conv: str) 
     return src, "; ".join(steps)
 
 
+@dataclass
+class _Sorted:
+    """Checkpoint tensors sorted by what happens to them (checkpoint names), and what gets loaded."""
+
+    encoder_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # encoder.net names
+    head_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # task-model names
+    matched: list[str] = dataclasses.field(default_factory=list)
+    adapted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    dropped: list[str] = dataclasses.field(default_factory=list)
+    mismatched: list[str] = dataclasses.field(default_factory=list)
+
+
 def load_encoder_weights(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -174,46 +187,79 @@ def load_encoder_weights(
         check(state)
     net = model.encoder.net
     target = {k: v for k, v in net.state_dict().items() if not k.endswith(_SKIP_SUFFIX)}
-    fc = getattr(getattr(model, "head", None), "fc", None)
-    head_target = {} if fc is None or classifier is None else {
-        f"{classifier}.weight": ("head.fc.weight", fc.weight), f"{classifier}.bias": ("head.fc.bias", fc.bias)}
+    sorted_ = _sort_tensors(state, target, _head_targets(model, classifier), classifier, first_conv)
+    filled = _check_fit(sorted_, state, target, checkpoint=checkpoint, encoder_name=encoder_name,
+                        min_matched=min_matched)
+    full = net.state_dict()
+    full.update(sorted_.encoder_state)
+    net.load_state_dict(full, strict=True)
+    with torch.no_grad():
+        for name, tensor in sorted_.head_state.items():
+            model.get_parameter(name).copy_(tensor)
+    loaded = {f"encoder.net.{k}" for k in sorted_.encoder_state} | set(sorted_.head_state)
+    fresh = tuple(k for k in model.state_dict() if not k.endswith(_SKIP_SUFFIX) and k not in loaded)
+    report = LoadReport(
+        checkpoint=checkpoint, sha256=sha256, matched=tuple(sorted_.matched), adapted=tuple(sorted_.adapted),
+        newly_initialised=fresh, unexpected=tuple(sorted_.unexpected), dropped=tuple(sorted_.dropped),
+        matched_fraction=round(filled, 6),
+    )
+    _log_report(report, encoder_name)
+    return report
 
-    new_state, head_state = {}, {}
-    matched, adapted, unexpected, dropped, mismatched = [], [], [], [], []
+
+def _head_targets(model: nn.Module, classifier: str | None) -> dict[str, tuple[str, torch.Tensor | None]]:
+    """Checkpoint classifier names -> (task-model name, tensor) of the model's `head.fc`, if it has one."""
+    fc = getattr(getattr(model, "head", None), "fc", None)
+    if fc is None or classifier is None:
+        return {}
+    return {f"{classifier}.weight": ("head.fc.weight", fc.weight), f"{classifier}.bias": ("head.fc.bias", fc.bias)}
+
+
+def _sort_tensors(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                  head_target: Mapping[str, tuple[str, torch.Tensor | None]], classifier: str | None,
+                  first_conv: str) -> _Sorted:
+    """Match, adapt, keep as head, drop or set aside every checkpoint tensor (nothing is loaded yet)."""
+    out = _Sorted()
     for name, src in state.items():
         if name.endswith(_SKIP_SUFFIX):
             continue
         if name in target:
             if src.shape == target[name].shape:
-                new_state[name] = src
-                matched.append(name)
+                out.encoder_state[name] = src
+                out.matched.append(name)
                 continue
             fitted = _adapt(name, src, target[name], first_conv)
             if fitted is None:
-                mismatched.append(name)
+                out.mismatched.append(name)
             else:
-                new_state[name] = fitted[0]
-                adapted.append((name, fitted[1]))
+                out.encoder_state[name] = fitted[0]
+                out.adapted.append((name, fitted[1]))
         elif name in head_target and head_target[name][1] is not None and src.shape == head_target[name][1].shape:
-            head_state[head_target[name][0]] = src
-            matched.append(name)
+            out.head_state[head_target[name][0]] = src
+            out.matched.append(name)
         elif classifier is not None and (name == classifier or name.startswith(f"{classifier}.")):
-            dropped.append(name)
+            out.dropped.append(name)
         else:
-            unexpected.append(name)
+            out.unexpected.append(name)
+    return out
 
-    if mismatched:
-        shown = "; ".join(
-            f"'{k}' must be {tuple(target[k].shape)}, not {tuple(state[k].shape)}" for k in mismatched[:_SHOW])
+
+def _check_fit(sorted_: _Sorted, state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], *,
+               checkpoint: str, encoder_name: str, min_matched: float) -> float:
+    """Refuse mismatched shapes and too small a share filled or used; returns the share of the encoder filled."""
+    if sorted_.mismatched:
+        shown = "; ".join(f"'{k}' must be {tuple(target[k].shape)}, not {tuple(state[k].shape)}"
+                          for k in sorted_.mismatched[:_SHOW])
         raise WeightsError(
-            f"checkpoint {checkpoint} must fit encoder '{encoder_name}' tensor by tensor, but {len(mismatched)} "
+            f"checkpoint {checkpoint} must fit encoder '{encoder_name}' tensor by tensor, but {len(sorted_.mismatched)} "
             f"tensor shape(s) differ (channel counts or kernel sizes): {shown}; "
             f"use the checkpoint made for this encoder or pick the encoder it was trained with"
         )
-    filled = len(new_state) / max(1, len(target))
-    used = len(new_state) / max(1, len(new_state) + len(unexpected))
+    loaded, unexpected = sorted_.encoder_state, sorted_.unexpected
+    filled = len(loaded) / max(1, len(target))
+    used = len(loaded) / max(1, len(loaded) + len(unexpected))
     if filled < min_matched:
-        missing = [k for k in target if k not in new_state]
+        missing = [k for k in target if k not in loaded]
         raise WeightsError(
             f"checkpoint {checkpoint} must fill at least {min_matched:.0%} of encoder '{encoder_name}', not "
             f"{filled:.0%} ({len(missing)} encoder tensors missing, e.g. {missing[:_SHOW]}); "
@@ -225,27 +271,17 @@ def load_encoder_weights(
             f"{used:.0%} ({len(unexpected)} checkpoint tensors have no place, e.g. {unexpected[:_SHOW]}); "
             f"it holds another or a larger network: pick the encoder it was trained with"
         )
+    return filled
 
-    full = net.state_dict()
-    full.update(new_state)
-    net.load_state_dict(full, strict=True)
-    with torch.no_grad():
-        for name, tensor in head_state.items():
-            model.get_parameter(name).copy_(tensor)
-    loaded = {f"encoder.net.{k}" for k in new_state} | set(head_state)
-    fresh = tuple(k for k in model.state_dict() if not k.endswith(_SKIP_SUFFIX) and k not in loaded)
-    report = LoadReport(
-        checkpoint=checkpoint, sha256=sha256, matched=tuple(matched), adapted=tuple(adapted),
-        newly_initialised=fresh, unexpected=tuple(unexpected), dropped=tuple(dropped),
-        matched_fraction=round(filled, 6),
-    )
+
+def _log_report(report: LoadReport, encoder_name: str) -> None:
     logger.info("encoder '%s': %s", encoder_name, report.summary())
-    for name, how in adapted[:_SHOW]:
+    for name, how in report.adapted[:_SHOW]:
         logger.info("adapted %s: %s", name, how)
-    encoder_fresh = [k for k in fresh if k.startswith("encoder.")]
-    if encoder_fresh or unexpected:
+    encoder_fresh = [k for k in report.newly_initialised if k.startswith("encoder.")]
+    if encoder_fresh or report.unexpected:
         logger.warning(
             "encoder '%s': %d encoder tensors left random (e.g. %s), %d checkpoint tensors unused (e.g. %s)",
-            encoder_name, len(encoder_fresh), encoder_fresh[:_SHOW], len(unexpected), unexpected[:_SHOW],
+            encoder_name, len(encoder_fresh), encoder_fresh[:_SHOW], len(report.unexpected),
+            list(report.unexpected[:_SHOW]),
         )
-    return report

@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -165,6 +166,20 @@ def adapt_batchnorm(
                          "check adaptation.target and the domain column")
     if not layers:
         return 0
+    with _reestimating(model, layers), torch.no_grad():
+        for images in tqdm(_chain(first, batches), total=_num_batches(data, batch_size), desc="adabn", unit="batch",
+                           disable=not progress, leave=False):
+            model(images.to(device, non_blocking=True))
+    return len(layers)
+
+
+@contextlib.contextmanager
+def _reestimating(model: nn.Module, layers: list[_BatchNorm]) -> Iterator[None]:
+    """Only `layers` in train mode, their statistics reset to a cumulative average over the batches.
+
+    On exit every module's train/eval mode and the layers' momenta are restored; on error also
+    the statistics they had before.
+    """
     modes = {module: module.training for module in model.modules()}
     momenta = {layer: layer.momentum for layer in layers}
     saved = {layer: [b.detach().clone() for b in layer.buffers()] for layer in layers}
@@ -174,11 +189,7 @@ def adapt_batchnorm(
             layer.reset_running_stats()
             layer.momentum = None  # cumulative moving average over the batches
             layer.train()
-        total = _num_batches(data, batch_size)
-        with torch.no_grad():
-            for images in tqdm(_chain(first, batches), total=total, desc="adabn", unit="batch",
-                               disable=not progress, leave=False):
-                model(images.to(device, non_blocking=True))
+        yield
     except BaseException:
         with torch.no_grad():
             for layer, buffers in saved.items():
@@ -190,7 +201,6 @@ def adapt_batchnorm(
             layer.momentum = momentum
         for module, mode in modes.items():
             module.training = mode
-    return len(layers)
 
 
 def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -28,10 +28,10 @@ from medtl.models.weights import (
     read_checkpoint,
     scratch_record,
 )
+from medtl.vocabulary import TASKS
 
 logger = logging.getLogger("medtl.models")
 
-TASKS = ("classification", "segmentation")
 WEIGHT_CHOICES = ("pretrained", "imagenet", "medicalnet", "none")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # MONAI FlexibleUNet's decoder widths in 2D; halved in 3D, where activations are ~100x larger.

@@ -39,8 +39,7 @@ from tqdm.auto import tqdm
 from medtl.errors import ConfigError, InputError
 from medtl.models.domain import ImageSource, _model_device, _num_batches, image_batches
 from medtl.models.encoder import Encoder
-
-FEW_SHOT_METHODS = ("prototype", "linear_probe")
+from medtl.vocabulary import FEW_SHOT_METHODS
 
 
 def _encoder_of(model: nn.Module) -> Encoder:
@@ -301,31 +300,11 @@ def few_shot_eval(
         >>> results = few_shot_eval(X_tr, y_tr, patients, X_te, y_te, ks=(1, 5), draws=10)
         >>> results["prototype"][5]["auroc_mean"]
     """
-    unknown = [m for m in methods if m not in FEW_SHOT_METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"fewshot.methods must be among {list(FEW_SHOT_METHODS)}, not {list(methods)}")
-    if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
-        raise ConfigError(f"fewshot.draws must be an integer >= 1, not {draws!r}; e.g. 5")
+    # Long only by its docstring (the study's public contract); the body is the draw loop.
     X_train, X_test = np.asarray(embeddings_train), np.asarray(embeddings_test)
     y_train_arr, y_test_arr = np.asarray(y_train), np.asarray(y_test)
-    if X_train.ndim != 2 or X_test.ndim != 2 or X_train.shape[1] != X_test.shape[1]:
-        raise InputError(f"embeddings must be (N, F) arrays of one width, not {X_train.shape} and {X_test.shape}")
-    if len(y_train_arr) != len(X_train) or len(y_test_arr) != len(X_test):
-        raise InputError("y_train and y_test must have one label per embedding row; check the inputs")
-    classes = np.unique(y_train_arr)
-    missing = sorted(set(np.unique(y_test_arr).tolist()) - set(classes.tolist()))
-    if missing:
-        raise InputError(f"test classes must occur in the training pool, not {missing}; check the splits")
-    counts = {label: len(np.unique(np.asarray(patients_train)[y_train_arr == label])) for label in classes}
-    usable = []
-    for k in ks:
-        _check_k(k)
-        if k > min(counts.values()):
-            warnings.warn(f"few-shot k={k} skipped: the smallest class has {min(counts.values())} patients in the "
-                          f"training pool", stacklevel=2)
-        else:
-            usable.append(int(k))
-
+    classes = _check_few_shot_inputs(methods, draws, X_train, X_test, y_train_arr, y_test_arr)
+    usable = _usable_ks(ks, y_train_arr, np.asarray(patients_train), classes)
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
     bar = tqdm(total=len(usable) * draws, desc="few-shot", unit="draw", disable=not progress, leave=False)
     for k in usable:
@@ -340,15 +319,52 @@ def few_shot_eval(
                 scores[method]["accuracy"].append(accuracy)
             bar.update(1)
         for method in methods:
-            auroc_mean, auroc_sd = _summary(scores[method]["auroc"])
-            acc_mean, acc_sd = _summary(scores[method]["accuracy"])
-            results[method][k] = {
-                "auroc_mean": auroc_mean, "auroc_sd": auroc_sd, "accuracy_mean": acc_mean, "accuracy_sd": acc_sd,
-                "auroc": scores[method]["auroc"], "accuracy": scores[method]["accuracy"],
-                "n_support": k * len(classes),
-            }
+            results[method][k] = _entry(scores[method], n_support=k * len(classes))
     bar.close()
     return results
+
+
+def _check_few_shot_inputs(methods: Sequence[str], draws: Any, X_train: np.ndarray, X_test: np.ndarray,
+                           y_train: np.ndarray, y_test: np.ndarray) -> np.ndarray:
+    """Refuse unknown methods, bad draws and mismatched arrays; returns the training pool's classes."""
+    unknown = [m for m in methods if m not in FEW_SHOT_METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"fewshot.methods must be among {list(FEW_SHOT_METHODS)}, not {list(methods)}")
+    if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
+        raise ConfigError(f"fewshot.draws must be an integer >= 1, not {draws!r}; e.g. 5")
+    if X_train.ndim != 2 or X_test.ndim != 2 or X_train.shape[1] != X_test.shape[1]:
+        raise InputError(f"embeddings must be (N, F) arrays of one width, not {X_train.shape} and {X_test.shape}")
+    if len(y_train) != len(X_train) or len(y_test) != len(X_test):
+        raise InputError("y_train and y_test must have one label per embedding row; check the inputs")
+    classes = np.unique(y_train)
+    missing = sorted(set(np.unique(y_test).tolist()) - set(classes.tolist()))
+    if missing:
+        raise InputError(f"test classes must occur in the training pool, not {missing}; check the splits")
+    return classes
+
+
+def _usable_ks(ks: Sequence[int], y_train: np.ndarray, patients: np.ndarray, classes: np.ndarray) -> list[int]:
+    """The ks every class can supply with distinct patients (the others skipped with a warning)."""
+    counts = {label: len(np.unique(patients[y_train == label])) for label in classes}
+    usable = []
+    for k in ks:
+        _check_k(k)
+        if k > min(counts.values()):
+            warnings.warn(f"few-shot k={k} skipped: the smallest class has {min(counts.values())} patients in the "
+                          f"training pool", stacklevel=3)
+        else:
+            usable.append(int(k))
+    return usable
+
+
+def _entry(scores: dict[str, list[float]], *, n_support: int) -> dict[str, Any]:
+    """One method's result at one k: mean and SD over the draws, and the values per draw."""
+    auroc_mean, auroc_sd = _summary(scores["auroc"])
+    acc_mean, acc_sd = _summary(scores["accuracy"])
+    return {
+        "auroc_mean": auroc_mean, "auroc_sd": auroc_sd, "accuracy_mean": acc_mean, "accuracy_sd": acc_sd,
+        "auroc": scores["auroc"], "accuracy": scores["accuracy"], "n_support": n_support,
+    }
 
 
 def flatten_results(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, float]:

@@ -6,14 +6,13 @@ imported explicitly by `medtl.models`, so importing any `medtl.models.*` module 
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, did_you_mean
 from medtl.models.encoder import Encoder
 from medtl.models.weights import WeightRecord
 
@@ -121,6 +120,4 @@ def get_encoder_spec(name: str, *, key: str = "encoder") -> EncoderSpec:
     """
     if name in _REGISTRY:
         return _REGISTRY[name]
-    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"choose one of {list_encoders()}"
-    raise ConfigError(f"{key} must be a registered encoder name, not {name!r}; {hint}")
+    raise ConfigError(f"{key} must be a registered encoder name, not {name!r}; {did_you_mean(name, list_encoders())}")

@@ -16,16 +16,15 @@ of trainable stages adapt to the new data. Frozen stages always keep their stati
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, did_you_mean
 from medtl.models.encoder import Encoder
+from medtl.vocabulary import STRATEGIES
 
-STRATEGIES = ("finetune", "linear_probe", "gradual_unfreeze", "lp_ft", "discriminative")
 BN_MODES = ("adapt", "freeze")
 DEFAULT_DISCRIMINATIVE_DECAY = 0.5
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -136,7 +135,7 @@ def make_transfer_plan(
 
     Args:
         model: a model from `create_model` (has `.encoder`; everything else is "head").
-        strategy: one of STRATEGIES (see the module docstring).
+        strategy: one of `medtl.vocabulary.STRATEGIES` (see the module docstring).
         lr: learning rate of the head (and of the encoder without layer decay).
         layer_decay: per-stage learning-rate factor in (0, 1]; None = 1 (or 0.5 for
             "discriminative").
@@ -155,22 +154,7 @@ def make_transfer_plan(
         >>> plan.trainable_groups(1)
         ('head', 'encoder.stage4')
     """
-    if strategy not in STRATEGIES:
-        close = difflib.get_close_matches(str(strategy), STRATEGIES, n=2, cutoff=0.5)
-        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"choose one of {list(STRATEGIES)}"
-        raise ConfigError(f"transfer.strategy must be a known strategy, not {strategy!r}; {hint}")
-    if bn not in BN_MODES:
-        raise ConfigError(f"transfer.bn must be one of {list(BN_MODES)}, not {bn!r}; fix the transfer config")
-    if not (isinstance(lr, int | float) and lr > 0):
-        raise ConfigError(f"transfer.lr must be a positive number, not {lr!r}; use e.g. 1e-3")
-    if layer_decay is None:
-        layer_decay = DEFAULT_DISCRIMINATIVE_DECAY if strategy == "discriminative" else 1.0
-    if not 0.0 < layer_decay <= 1.0:
-        raise ConfigError(f"transfer.layer_decay must be in (0, 1], not {layer_decay!r}; use e.g. 0.5")
-    for key, value in (("unfreeze_every", unfreeze_every), ("probe_epochs", probe_epochs)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"transfer.{key} must be an integer >= 1, not {value!r}; fix the transfer config")
-
+    layer_decay = _checked_layer_decay(strategy, lr, layer_decay, bn, unfreeze_every, probe_epochs)
     model = _task_model(model)
     stages = _stage_parameters(model.encoder)
     encoder_ids = {id(p) for stage in stages for p in stage}
@@ -184,3 +168,23 @@ def make_transfer_plan(
         ]
     return TransferPlan(strategy=strategy, param_groups=groups, num_stages=len(stages), bn=bn,
                         unfreeze_every=unfreeze_every, probe_epochs=probe_epochs)
+
+
+def _checked_layer_decay(strategy: str, lr: float, layer_decay: float | None, bn: str, unfreeze_every: int,
+                         probe_epochs: int) -> float:
+    """Check `make_transfer_plan`'s arguments; returns the layer decay to use (None resolved)."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(
+            f"transfer.strategy must be a known strategy, not {strategy!r}; {did_you_mean(strategy, STRATEGIES)}")
+    if bn not in BN_MODES:
+        raise ConfigError(f"transfer.bn must be one of {list(BN_MODES)}, not {bn!r}; fix the transfer config")
+    if not (isinstance(lr, int | float) and lr > 0):
+        raise ConfigError(f"transfer.lr must be a positive number, not {lr!r}; use e.g. 1e-3")
+    if layer_decay is None:
+        layer_decay = DEFAULT_DISCRIMINATIVE_DECAY if strategy == "discriminative" else 1.0
+    if not 0.0 < layer_decay <= 1.0:
+        raise ConfigError(f"transfer.layer_decay must be in (0, 1], not {layer_decay!r}; use e.g. 0.5")
+    for key, value in (("unfreeze_every", unfreeze_every), ("probe_epochs", probe_epochs)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"transfer.{key} must be an integer >= 1, not {value!r}; fix the transfer config")
+    return layer_decay

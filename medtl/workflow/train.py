@@ -7,19 +7,22 @@ Each piece is a plain function so the transfer methods (`medtl.workflow.methods`
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medtl.data.dataset import Preprocessing, label_counts, make_dataset, manifest_items
+from medtl.data.dataset import Preprocessing, make_dataset, manifest_items
 from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
 from medtl.engine.loop import fit
+from medtl.engine.runtime import seed_everything
+from medtl.engine.sampling import class_weights
 from medtl.errors import InputError
 from medtl.models.factory import ModelBundle, create_model
 from medtl.models.strategies import TransferPlan, make_transfer_plan, stage_group_name
@@ -96,76 +99,134 @@ def datasets_for(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing, *
     return out
 
 
-def loss_and_metric(cfg: WorkflowConfig, class_weights: torch.Tensor | None) -> tuple[Callable, Callable, str]:
-    """The task's loss, validation metric function and the metric that picks the best epoch."""
+def loss_and_metric(cfg: WorkflowConfig, weights: torch.Tensor | None) -> tuple[Callable, Callable, str]:
+    """The task's loss (classification: cross-entropy with class `weights`), validation metric function and
+    the metric that picks the best epoch."""
     if cfg.task == "segmentation":
         from monai.losses import DiceCELoss
-        from monai.metrics import DiceMetric
 
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        return DiceCELoss(to_onehot_y=True, softmax=True), validation_dice, "dice"
 
-        def dice(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-            num = outputs.shape[1]
-            pred = torch.nn.functional.one_hot(outputs.argmax(1), num).movedim(-1, 1)
-            ref = torch.nn.functional.one_hot(targets[:, 0].long(), num).movedim(-1, 1)
-            metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
-            value = metric(pred, ref).nanmean().item()
-            return {"dice": float(value) if np.isfinite(value) else 0.0}
-
-        return loss, dice, "dice"
-
-    ce = torch.nn.CrossEntropyLoss(weight=class_weights)
+    ce = torch.nn.CrossEntropyLoss(weight=weights)
     return (lambda o, t: ce(o, t.long())), class_auroc, "auroc"
 
 
+def validation_dice(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Validation Dice of segmentation logits, as `medtl.evaluation.segmentation` computes test Dice.
+
+    MONAI's `DiceMetric` on one-hot maps: per case the mean over the foreground classes present in
+    the reference (an empty reference class is NaN, `ignore_empty`), then the mean over cases; NaN
+    when no case holds any foreground (the engine then treats the epoch as no information).
+
+    Args:
+        outputs: (B, K, *spatial) logits.
+        targets: (B, 1, *spatial) label maps.
+
+    Returns:
+        {"dice": value}.
+    """
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    num_classes = outputs.shape[1]
+    metric = DiceMetric(include_background=False, reduction="mean", get_not_nans=True)
+    metric(one_hot(outputs.argmax(1, keepdim=True), num_classes), one_hot(targets.long(), num_classes))
+    value, cases = metric.aggregate()
+    return {"dice": float(value) if int(cases) > 0 else math.nan}
+
+
 def class_auroc(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Validation AUROC of single-label class logits (one-vs-rest for more than two classes)."""
-    from sklearn.metrics import roc_auc_score
+    """Validation AUROC of single-label class logits, as `medtl.evaluation.metrics` computes test AUROC.
+
+    Two classes: the AUROC of the second class's probability; more: the macro one-vs-rest AUROC
+    over the classes present. NaN where AUROC is undefined (one class in a small validation split):
+    the engine then treats the epoch as no information, never as an improvement or a bad epoch.
+
+    Args:
+        outputs: (N, K) logits.
+        targets: (N,) class indices.
+
+    Returns:
+        {"auroc": value}.
+    """
+    from medtl.evaluation.metrics import binary_metrics, multiclass_metrics
 
     probs = torch.softmax(outputs.float(), dim=1).numpy()
     y = targets.long().numpy()
+    if probs.shape[1] < 2 or not np.isfinite(probs).all():
+        return {"auroc": math.nan}
     if probs.shape[1] == 2:
-        return {"auroc": _safe_auroc(y, probs[:, 1])}
-    try:
-        return {"auroc": float(roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))}
-    except ValueError:
-        return {"auroc": 0.5}
+        return {"auroc": binary_metrics(y, probs[:, 1], 0.5, metrics=("auroc",))["auroc"]}
+    return {"auroc": multiclass_metrics(y, probs, list(range(probs.shape[1])))["auroc_macro"]}
 
 
-def _safe_auroc(y: np.ndarray, s: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+# Keys of the workflow's `train` section that shape the transfer plan, not the engine.
+TRANSFER_PLAN_KEYS = ("strategy", "layer_decay", "bn")
 
-    try:
-        return float(roc_auc_score(y, s))
-    except ValueError:  # a single class in a tiny validation split
-        return 0.5
+# Engine settings (`TrainConfig` fields) that no key of the `train` section names, and where each
+# comes from. Every other engine setting is the `train` key of the same name.
+ENGINE_SETTINGS_FROM_WORKFLOW: dict[str, str] = {
+    "seed": "the config's seed",
+    "num_workers": "data.num_workers",
+    "val_roi_size": "data.image_size for 3D segmentation (patch-trained, validated by sliding windows), else none",
+    "monitor": "the task's validation metric (loss_and_metric)",
+    "mode": "the monitor: min for val_loss, max for every validation metric (auroc, dice, dice_auroc)",
+    "progress": "the caller (the command line's --quiet)",
+}
+
+# Engine settings fixed for every workflow run: (value, why).
+FIXED_ENGINE_SETTINGS: dict[str, tuple[Any, str]] = {
+    "drop_last": (False, "every training sample counts in every epoch (fit_model drops a last batch of one)"),
+    "val_batch_size": (None, "train.batch_size, or 1 for whole volumes validated by sliding windows"),
+    "momentum": (0.9, "SGD's usual momentum (train.optimizer: sgd)"),
+    "scheduler": ("cosine", "linear warm-up over train.warmup_epochs, then cosine"),
+    "min_lr_ratio": (0.0, "the cosine decays to zero"),
+    "min_delta": (0.0, "any improvement of the monitored metric counts"),
+    "channels_last": (True, "faster convolutions on CUDA (ignored on CPU)"),
+    "sync_bn": (False, "BatchNorm statistics per process under torchrun, as nnU-Net and MONAI's recipes do"),
+    "find_unused_parameters": (False, "the engine re-wraps DDP whenever the strategy (un)freezes layers"),
+    "grad_clip": (None, "no gradient clipping"),
+    "sw_batch_size": (4, "patches per sliding-window forward pass"),
+    "sw_overlap": (0.25, "overlap of neighbouring sliding-window patches"),
+}
+
+# How a `train` value becomes the engine's: 0 threads means "measure" (the engine's None).
+_TO_ENGINE: dict[str, Callable[[Any], Any]] = {"num_threads": lambda n: n or None, "warmup_epochs": float}
 
 
 def train_config_for(cfg: WorkflowConfig, *, progress: bool, monitor: str, epochs: int | None = None) -> TrainConfig:
-    """The engine's config from the workflow's `train` section."""
-    t = cfg.train
-    val_roi = tuple(cfg.data.image_size) if (cfg.model.spatial_dims == 3 and cfg.task == "segmentation") else None
-    return TrainConfig(
-        epochs=epochs or t.epochs,
-        batch_size=t.batch_size,
-        optimizer=t.optimizer,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        warmup_epochs=float(t.warmup_epochs),
-        early_stopping_patience=t.early_stopping_patience,
-        monitor=monitor,
-        mode="max",
-        amp=t.amp,
-        compile=t.compile,
-        deterministic=t.deterministic,
-        num_threads=t.num_threads or None,
+    """The engine's config: the `train` keys of the engine's names, then `ENGINE_SETTINGS_FROM_WORKFLOW`
+    and `FIXED_ENGINE_SETTINGS` (`epochs` overrides `train.epochs`).
+
+    Raises:
+        ConfigError: when the engine refuses a value (its message names the `train.` key).
+    """
+    engine_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    section = _section_values(cfg.train)
+    values = {k: _TO_ENGINE.get(k, _unchanged)(v) for k, v in section.items() if k in engine_keys}
+    values.update({k: value for k, (value, _) in FIXED_ENGINE_SETTINGS.items()})
+    patches = cfg.model.spatial_dims == 3 and cfg.task == "segmentation"
+    values.update(
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
-        balance="sampler" if t.balance == "sampler" else "none",
-        val_roi_size=val_roi,
+        val_roi_size=tuple(cfg.data.image_size) if patches else None,
+        monitor=monitor,
+        mode="min" if monitor == "val_loss" else "max",
         progress=progress,
-        drop_last=False,
     )
+    if epochs:
+        values["epochs"] = epochs
+    return TrainConfig(**values)
+
+
+def _section_values(section: Any) -> dict[str, Any]:
+    """A config section's values by key (a dataclass or a pydantic model)."""
+    dump = getattr(section, "model_dump", None)
+    return dump() if callable(dump) else dataclasses.asdict(section)
+
+
+def _unchanged(value: Any) -> Any:
+    return value
 
 
 def train_model(
@@ -186,13 +247,12 @@ def train_model(
     `initial_state` (e.g. a registered version's weights, for continual fine-tuning) replaces the
     built model's weights before training.
     """
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     bundle = build_model(cfg, weights=weights)
     load_initial_state(bundle.model, initial_state)
     prep = preprocessing_for(cfg, bundle)
     sets = datasets_for(cfg, data, prep, progress=progress, train_ids=train_ids)
-    class_weights = loss_class_weights(cfg, sets["train"].data)
-    loss_fn, metric_fn, monitor = loss_and_metric(cfg, class_weights)
+    loss_fn, metric_fn, monitor = loss_and_metric(cfg, loss_class_weights(cfg, sets["train"].data))
     trained = fit_model(
         cfg, data, bundle, prep, model=bundle.model, train_set=sets["train"], val_set=sets["val"],
         loss_fn=loss_fn, metric_fn=metric_fn, monitor=monitor, plan=transfer_plan_for(cfg, bundle.model, strategy),
@@ -222,11 +282,18 @@ def load_initial_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
 
 
 def loss_class_weights(cfg: WorkflowConfig, items: list[dict]) -> torch.Tensor | None:
-    """Inverse-frequency class weights of the training items for `train.balance: loss` (else None)."""
+    """Balanced class weights of the training items for `train.balance: loss` (else None).
+
+    The engine's `class_weights` (scikit-learn's "balanced", N / (C x n_c)); unlabelled items
+    (label -1, e.g. DANN's target studies) do not count.
+
+    Raises:
+        InputError: when a class has no labelled training item.
+    """
     if cfg.task != "classification" or cfg.train.balance != "loss":
         return None
-    counts = label_counts(items, cfg.model.num_classes)
-    return torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
+    labels = torch.as_tensor([item["label"] for item in items if item["label"] >= 0], dtype=torch.long)
+    return class_weights(labels, cfg.model.num_classes)
 
 
 def transfer_plan_for(cfg: WorkflowConfig, model: torch.nn.Module, strategy: str | None = None) -> TransferPlan:

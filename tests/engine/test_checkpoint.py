@@ -52,7 +52,12 @@ def test_checkpoint_holds_everything_needed_to_resume(tmp_path):
     state = ckpt["state"]
     assert state["next_epoch"] == 2 and state["best_epoch"] == result.best_epoch
     assert state["best_metric"] == result.best_metric and len(state["history"]) == 2
-    assert ckpt["scheduler"]["last_epoch"] == 2 * 4  # stepped once per batch
+    # Stepped once per batch: after 2 x 4 updates the cosine has reached its end (0), and each group
+    # keeps the scale the schedule multiplies.
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [0.0] * len(groups)
+    assert [g["lr_scale"] for g in groups] == [CFG.lr] * len(groups)
+    assert ckpt["scheduler"]["t_initial"] == 2 * 4 - 4  # warm-up: 1 epoch of 4 updates
     assert ckpt["optimizer"]["state"]  # AdamW moments saved
     assert ckpt["config"]["seed"] == CFG.seed
     assert not list(tmp_path.glob(".*tmp*"))

@@ -42,9 +42,15 @@ def test_predict_returns_probabilities_labels_and_ids_in_dataset_order():
 
 
 def test_predict_segments_whole_volumes_by_sliding_window_with_sigmoid():
-    model = nn.Sequential(nn.Conv3d(1, 1, 3, padding=1))
-    rows = predict(
-        model, ToySquares(2, 12, 3, seed=0), activation="sigmoid", roi_size=(8, 8, 8), progress=False
-    )
+    model = nn.Conv3d(1, 1, 1)  # pointwise: the stitched windows give exactly the whole volume's logits
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.bias.fill_(-1.0)  # logits well outside [0, 1], so raw logits cannot pass for probabilities
+    data = ToySquares(2, 12, 3, seed=0)
+    rows = predict(model, data, activation="sigmoid", roi_size=(8, 8, 8), progress=False)
     assert [row["output"].shape for row in rows] == [(1, 12, 12, 12)] * 2
-    assert all(0 <= row["output"].min() and row["output"].max() <= 1 for row in rows)
+    with torch.no_grad():
+        for row, item in zip(rows, data, strict=True):
+            logits = model(item["image"][None])[0]
+            assert logits.min() < 0 and logits.max() > 1
+            assert torch.allclose(row["output"], torch.sigmoid(logits), atol=1e-6)

@@ -188,9 +188,24 @@ def test_plan_groups_and_epoch_hook_drive_freezing_and_learning_rates():
     assert frozen_after_epoch0[1][0] is False  # fine-tuned from epoch 1
 
 
+class RecordingImages(ToyImages):
+    """ToyImages that remember the label of every sample the training loader fetches."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fetched: list[int] = []
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.fetched.append(int(self.labels[i]))
+        return super().__getitem__(i)
+
+
 def test_balanced_sampler_and_bf16_autocast_run_end_to_end():
     torch.manual_seed(0)
     model = toy_classifier()
+    dtypes = []
+    model[5].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    train = RecordingImages(40, seed=1, classes=(0, 0, 0, 1))  # 10 of 40 in class 1
     cfg = TrainConfig(
         epochs=2,
         batch_size=8,
@@ -200,15 +215,49 @@ def test_balanced_sampler_and_bf16_autocast_run_end_to_end():
         mode="max",
         **{**FAST, "amp": "bf16"},
     )
-    result = fit(
-        model,
-        ToyImages(40, seed=1, classes=(0, 0, 0, 1)),
-        ToyImages(16, seed=2),
-        cfg=cfg,
-        loss_fn=nn.CrossEntropyLoss(),
-        val_metric_fn=accuracy,
-    )
+    result = fit(model, train, ToyImages(16, seed=2), cfg=cfg, loss_fn=nn.CrossEntropyLoss(), val_metric_fn=accuracy)
     assert result.epochs_run == 2 and torch.isfinite(torch.tensor(result.history[-1]["train_loss"]))
+    # Drawn with replacement, class-balanced: about half the draws are class 1 (exactly 1/4 unbalanced).
+    assert len(train.fetched) == 2 * 40
+    assert 0.4 <= sum(train.fetched) / len(train.fetched) <= 0.6
+    # Autocast ran the layers in bf16 (training and validation), the weights stayed fp32.
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert model[5].weight.dtype == torch.float32
+
+
+def test_nan_monitor_is_no_information_never_best_and_never_a_reason_to_stop():
+    nan = float("nan")
+    scores = iter([nan, 0.5, nan, nan, nan, 0.4, nan, 0.3])
+
+    def scripted_metric(outputs, targets):
+        return {"score": next(scores)}
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(
+        epochs=9, batch_size=8, lr=0.05, monitor="score", mode="max", early_stopping_patience=2, **FAST
+    )
+    result = fit(
+        toy_classifier(),
+        ToyImages(16, seed=1),
+        ToyImages(8, seed=2),
+        loss_fn=nn.CrossEntropyLoss(),
+        cfg=cfg,
+        val_metric_fn=scripted_metric,
+    )
+    # Three NaN epochs in a row after the best one do not stop a run with patience 2; the two worse
+    # finite epochs (0.4, 0.3) do, after the epoch of the second one (of 9).
+    assert (result.best_epoch, result.best_metric) == (1, 0.5)
+    assert result.stopped_early and result.epochs_run == 8
+
+
+def test_a_monitor_that_is_always_nan_keeps_the_last_weights_and_runs_every_epoch():
+    torch.manual_seed(0)
+    model = toy_classifier()
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, monitor="score", mode="max", early_stopping_patience=1, **FAST)
+    with pytest.warns(UserWarning, match="score was never finite"):
+        result = fit(model, ToyImages(16, seed=1), ToyImages(8, seed=2), loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
+                     val_metric_fn=lambda outputs, targets: {"score": float("nan")})
+    assert result.epochs_run == 3 and not result.stopped_early and result.best_epoch == -1
 
 
 def test_unknown_monitor_and_empty_datasets_are_refused():

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from medtl.models import TASKS, ModelBundle, create_model, get_encoder_spec, list_encoders, make_transfer_plan
+from medtl.models import ModelBundle, create_model, get_encoder_spec, list_encoders, make_transfer_plan
+from medtl.vocabulary import TASKS
 
 # Deep 3D networks take seconds to build and step on one CPU thread.
 HEAVY = {("medicalnet_resnet101", 3), ("medicalnet_resnet152", 3), ("medicalnet_resnet200", 3),

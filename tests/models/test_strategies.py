@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from medtl.errors import ConfigError
-from medtl.models import STRATEGIES, create_model, make_transfer_plan
+from medtl.models import create_model, make_transfer_plan
+from medtl.vocabulary import STRATEGIES
 
 
 @pytest.fixture
