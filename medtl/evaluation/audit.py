@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from medtl.evaluation.audit_types import (
 )
 from medtl.evaluation.bootstrap import (
     Estimate,
+    Replicates,
     check_bootstrap_settings,
     check_disjoint_patients,
     encode_patients,
@@ -43,6 +44,7 @@ from medtl.evaluation.bootstrap import (
 )
 from medtl.evaluation.gaps import (
     EQUALIZED_ODDS,
+    GapDraft,
     compare_gaps,
     draft_gaps,
     evaluability,
@@ -57,12 +59,12 @@ from medtl.evaluation.predictions import (
     align_reference,
     attribute_specs,
     column,
-    group_labels,
     read_scores,
+    without_repeating_intersections,
 )
 from medtl.evaluation.suppression import WITHHELD_NOTE, audit_suppression
+from medtl.vocabulary import TASKS
 
-TASKS: tuple[str, ...] = ("classification", "segmentation")
 # Bootstrap stream of the whole test set; starred so no subgroup column can share its name.
 _OVERALL = "*overall*"
 
@@ -138,13 +140,8 @@ class BiasAudit:
         self.progress = progress
 
     def run(
-        self,
-        predictions: pd.DataFrame,
-        patient_ids: Any,
-        *,
-        threshold: float | None = None,
-        reference_predictions: pd.DataFrame | None = None,
-        reference_audit: Mapping[str, Any] | None = None,
+        self, predictions: pd.DataFrame, patient_ids: Any, *, threshold: float | None = None,
+        reference_predictions: pd.DataFrame | None = None, reference_audit: Mapping[str, Any] | None = None,
         reference_label: str | None = None,
     ) -> BiasAudit:
         """Audit `predictions` and store the outcome in `result_`.
@@ -168,95 +165,21 @@ class BiasAudit:
             InputError: missing columns, bad values, patient ids not aligned with the rows.
             LeakageError: a patient in both the validation and the audited split.
         """
-        config = self.config if self.config is not None else AuditRules()
-        if not isinstance(config, AuditRules):
-            raise ConfigError(
-                f"config must be an AuditRules, not {type(config).__name__}; use AuditRules.from_mapping"
-            )
-        if reference_predictions is not None and reference_audit is not None:
-            raise ConfigError(
-                "reference must be reference_predictions or reference_audit, not both; pass one"
-            )
-        self._check_settings()
-        level = 1.0 - config.alpha
-        split = column(predictions, "split").astype(str).to_numpy()
-        rows, val_rows = np.flatnonzero(split == self.split), np.flatnonzero(split == "val")
-        if rows.size == 0:
-            raise InputError(
-                f"predictions must have rows with split == {self.split!r}, not none; check the split column"
-            )
-        encode_patients(patient_ids, len(predictions))  # length and completeness, before anything else
-        patients = np.asarray(patient_ids, dtype=object)
-        specs = attribute_specs(predictions, rows, self.attributes, self.intersections)
-        specs, left_out = self._without_repeating_intersections(predictions, rows, specs)
-        scores = self._read(predictions, rows, val_rows)
-        ref = (
-            self._read(align_reference(reference_predictions, predictions), rows, val_rows)
-            if reference_predictions is not None
-            else None
-        )
-        if ref is not None and scores.y is not None and not np.array_equal(ref.y, scores.y):
-            raise InputError(
-                "reference_predictions y_true must equal the model's for the same ids, not differ; "
-                "predict the reference on the same manifest"
-            )
-        ctx = _Context(scores, ref, *encode_patients(patients[rows], rows.size), level=level)
-        self._thresholds(ctx, threshold, patients, rows, val_rows)
-
-        overall_groups, _, _, _ = self._audit_attribute(
-            ctx, "overall", np.full(rows.size, "all", dtype=object), name=_OVERALL
-        )
-        hidden = audit_suppression(specs, ctx.patient, self.min_group_size)
-        groups, drafts, ref_drafts = [], [], []
-        notes = [f"{u['attribute']}: not audited, {u['reason']}" for u in left_out]
-        for attribute, labels in tqdm(specs, disable=not self.progress, desc="bias audit"):
-            found = self._audit_attribute(ctx, attribute, labels, hidden=hidden.get(attribute, {}))
-            groups += found[0]
-            drafts += found[1]
-            ref_drafts += found[2]
-            notes += found[3]
-        gaps, m = flag_gaps(drafts, config.tolerances, config.alpha, config.correction)
-        if not m:
-            notes.append("no gap was tested: no tolerance applies or no attribute has two reported groups")
-        if any(g.status == "not_estimable" for g in gaps):
-            notes.append(
-                "some gaps with a tolerance could not be estimated (undefined in most replicates); not flagged"
-            )
-        evaluated, unevaluated = evaluability(
-            [a for a, _ in specs], groups, gaps, [m for m in self._gap_metrics() if m in config.tolerances],
-            split=self.split, min_group_size=self.min_group_size, min_gap_events=self.min_gap_events)
-        if not evaluated:
-            status = "inconclusive"
-            notes.append("audit inconclusive: no attribute could be evaluated (no tested gap was decided: none "
-                         "was shown within its tolerance or beyond it); see unevaluated_attributes for why and "
-                         "what would make them evaluable")
-        else:
-            status = "failed" if config.fail_on_flagged and any(g.flagged for g in gaps) else "passed"
-        reference = None
-        if ref is not None or reference_audit is not None:
-            reference = {"label": reference_label, "paired": ref is not None}
+        config = self._checked_rules(reference_predictions, reference_audit)
+        ctx, specs, left_out = self._context(predictions, patient_ids, threshold, reference_predictions, config)
+        overall = self._audit_attribute(ctx, "overall", np.full(ctx.patient.size, "all", dtype=object), name=_OVERALL)
+        found = self._audit_attributes(ctx, specs, left_out)
+        gaps, m = flag_gaps(found.drafts, config.tolerances, config.alpha, config.correction)
+        status, evaluated, unevaluated = self._verdict([a for a, _ in specs], found, gaps, m, config)
+        paired = ctx.ref is not None
         self.result_ = AuditResult(
-            passed=status == "passed",
-            status=status,
-            task=self.task,
-            reference=reference,
-            overall=overall_groups[0],
-            groups=tuple(groups),
-            gaps=tuple(gaps),
-            amplification=tuple(paired_amplification(drafts, ref_drafts, level) if ref is not None else ()),
-            thresholds=ctx.threshold_json,
-            config=config,
-            correction={
-                "method": config.correction,
-                "alpha": config.alpha,
-                "tested": m,
-                "ci_level": 1.0 - config.alpha / m if m and config.correction == "bonferroni" else level,
-            },
-            settings=self._settings(),
-            notes=tuple(notes),
-            evaluated_attributes=tuple(evaluated),
-            unevaluated_attributes=tuple(unevaluated),
-            left_out_intersections=tuple(left_out),
+            passed=status == "passed", status=status, task=self.task,
+            reference={"label": reference_label, "paired": paired} if paired or reference_audit is not None else None,
+            overall=overall.groups[0], groups=tuple(found.groups), gaps=tuple(gaps),
+            amplification=tuple(paired_amplification(found.drafts, found.ref_drafts, ctx.level) if paired else ()),
+            thresholds=ctx.threshold_json, config=config, correction=_correction(config, m), settings=self._settings(),
+            notes=tuple(found.notes), evaluated_attributes=tuple(evaluated),
+            unevaluated_attributes=tuple(unevaluated), left_out_intersections=tuple(left_out),
         )
         if reference_audit is not None:
             amplification = tuple(compare_gaps(self.result_.to_dict(), reference_audit))
@@ -298,6 +221,73 @@ class BiasAudit:
                     f"gap metric for {self.task} must be one of {', '.join(options)}, not {metric!r}"
                 )
 
+    def _checked_rules(
+        self, reference_predictions: pd.DataFrame | None, reference_audit: Mapping[str, Any] | None
+    ) -> AuditRules:
+        """The pass/fail rules, after every setting is checked (before any data is read)."""
+        config = self.config if self.config is not None else AuditRules()
+        if not isinstance(config, AuditRules):
+            raise ConfigError(
+                f"config must be an AuditRules, not {type(config).__name__}; use AuditRules.from_mapping"
+            )
+        if reference_predictions is not None and reference_audit is not None:
+            raise ConfigError(
+                "reference must be reference_predictions or reference_audit, not both; pass one"
+            )
+        self._check_settings()
+        return config
+
+    def _context(
+        self, predictions: pd.DataFrame, patient_ids: Any, threshold: float | None,
+        reference_predictions: pd.DataFrame | None, config: AuditRules,
+    ) -> tuple[_Context, list[tuple[str, np.ndarray]], list[dict[str, str]]]:
+        """The audited rows in numeric form with their thresholds, the attributes, and the intersections left out."""
+        split = column(predictions, "split").astype(str).to_numpy()
+        rows, val_rows = np.flatnonzero(split == self.split), np.flatnonzero(split == "val")
+        if rows.size == 0:
+            raise InputError(
+                f"predictions must have rows with split == {self.split!r}, not none; check the split column"
+            )
+        encode_patients(patient_ids, len(predictions))  # length and completeness, before anything else
+        patients = np.asarray(patient_ids, dtype=object)
+        specs = attribute_specs(predictions, rows, self.attributes, self.intersections)
+        specs, left_out = without_repeating_intersections(predictions, rows, specs, self.split)
+        scores = self._read(predictions, rows, val_rows)
+        ref = (
+            self._read(align_reference(reference_predictions, predictions), rows, val_rows)
+            if reference_predictions is not None
+            else None
+        )
+        if ref is not None and scores.y is not None and not np.array_equal(ref.y, scores.y):
+            raise InputError(
+                "reference_predictions y_true must equal the model's for the same ids, not differ; "
+                "predict the reference on the same manifest"
+            )
+        ctx = _Context(scores, ref, *encode_patients(patients[rows], rows.size), level=1.0 - config.alpha)
+        self._thresholds(ctx, threshold, patients, rows, val_rows)
+        return ctx, specs, left_out
+
+    def _verdict(
+        self, attributes: list[str], found: _Findings, gaps: list, m: int, config: AuditRules
+    ) -> tuple[str, list[str], list[dict[str, str]]]:
+        """The status, and the evaluated and unevaluated attributes; notes what the status rests on."""
+        if not m:
+            found.notes.append("no gap was tested: no tolerance applies or no attribute has two reported groups")
+        if any(g.status == "not_estimable" for g in gaps):
+            found.notes.append(
+                "some gaps with a tolerance could not be estimated (undefined in most replicates); not flagged"
+            )
+        evaluated, unevaluated = evaluability(
+            attributes, found.groups, gaps, [m for m in self._gap_metrics() if m in config.tolerances],
+            split=self.split, min_group_size=self.min_group_size, min_gap_events=self.min_gap_events)
+        if not evaluated:
+            found.notes.append("audit inconclusive: no attribute could be evaluated (no tested gap was decided: "
+                               "none was shown within its tolerance or beyond it); see unevaluated_attributes for "
+                               "why and what would make them evaluable")
+            return "inconclusive", evaluated, unevaluated
+        status = "failed" if config.fail_on_flagged and any(g.flagged for g in gaps) else "passed"
+        return status, evaluated, unevaluated
+
     def _read(self, df: pd.DataFrame, rows: np.ndarray, val_rows: np.ndarray) -> Scores:
         required = self._gap_metrics() if self.task == "segmentation" else ()
         return read_scores(
@@ -326,13 +316,7 @@ class BiasAudit:
         if threshold is not None:
             t = float(threshold)
             ctx.threshold, ctx.ref_threshold = t, t
-            ctx.threshold_json = {
-                "source": "fixed",
-                "rule": None,
-                "target": None,
-                "value": _finite(t),
-                "ci": None,
-            }
+            ctx.threshold_json = {"source": "fixed", "rule": None, "target": None, "value": _finite(t), "ci": None}
             return
         if ctx.scores.y_val is None:
             raise InputError(
@@ -346,41 +330,8 @@ class BiasAudit:
             ctx.ref_threshold = choose_threshold(ctx.ref.y_val, ctx.ref.s_val, rule, target)
         ctx.val_patient, n_val = encode_patients(patients[val_rows], val_rows.size)
         ctx.val_strata = patient_strata(ctx.val_patient, n_val, ctx.scores.y_val)
-        ctx.threshold_json = {
-            "source": "validation",
-            "rule": rule,
-            "target": target,
-            "value": _finite(ctx.threshold),
-            "ci": None,
-            "reference_value": _finite(ctx.ref_threshold),
-        }
-
-    def _without_repeating_intersections(
-        self, predictions: pd.DataFrame, rows: np.ndarray, specs: list[tuple[str, np.ndarray]]
-    ) -> tuple[list[tuple[str, np.ndarray]], list[dict[str, str]]]:
-        """The specs without intersections that repeat another attribute, and those left out with why.
-
-        An intersection with an attribute of a single value in the audited split ("sex&age_band"
-        when every test patient is 0-17) has the other attribute's groups under longer names. Its
-        gaps would be tested twice and widen every tested CI through the Bonferroni correction.
-        """
-        kept, left_out = [], []
-        for name, labels in specs:
-            parts = name.split("&")
-            if name in predictions.columns or len(parts) < 2 or not all(p in predictions.columns for p in parts):
-                kept.append((name, labels))
-                continue
-            single = [p for p in parts if len(set(group_labels(predictions, p, rows).tolist())) == 1]
-            if not single:
-                kept.append((name, labels))
-                continue
-            others = [p for p in parts if p not in single]
-            repeated = f"those of {'&'.join(others)}" if others else f"the whole {self.split} split"
-            left_out.append({"attribute": name, "reason": (
-                f"{' and '.join(single)} {'has' if len(single) == 1 else 'have'} one value for every {self.split} "
-                f"patient, so its groups are {repeated}; left out of the tested gaps and the multiple-testing "
-                "correction")})
-        return kept, left_out
+        ctx.threshold_json = {"source": "validation", "rule": rule, "target": target, "value": _finite(ctx.threshold),
+                              "ci": None, "reference_value": _finite(ctx.ref_threshold)}
 
     # -- computation ------------------------------------------------------------------------
 
@@ -414,14 +365,20 @@ class BiasAudit:
             "imprecise": min(pos, n - pos) < self.min_events,
         }
 
+    def _audit_attributes(
+        self, ctx: _Context, specs: list[tuple[str, np.ndarray]], left_out: list[dict[str, str]]
+    ) -> _Findings:
+        """Every audited attribute's findings, with the suppression and withholding of small groups applied."""
+        found = _Findings(notes=[f"{u['attribute']}: not audited, {u['reason']}" for u in left_out])
+        hidden = audit_suppression(specs, ctx.patient, self.min_group_size)
+        for attribute, labels in tqdm(specs, disable=not self.progress, desc="bias audit"):
+            found.extend(self._audit_attribute(ctx, attribute, labels, hidden=hidden.get(attribute, {})))
+        return found
+
     def _audit_attribute(
-        self,
-        ctx: _Context,
-        attribute: str,
-        labels: np.ndarray,
-        name: str | None = None,
+        self, ctx: _Context, attribute: str, labels: np.ndarray, name: str | None = None,
         hidden: Mapping[str, str] | None = None,
-    ) -> tuple[list[GroupResult], list, list, list[str]]:
+    ) -> _Findings:
         """Group results, gap drafts (model, reference) and notes for one attribute.
 
         `hidden` maps the groups to suppress, or whose counts to withhold, to their note (from
@@ -434,73 +391,75 @@ class BiasAudit:
                 f"attribute {attribute} must be categorical (at most {MAX_GROUPS} groups), not "
                 f"{len(names)} distinct values; bin it first (e.g. age -> age_band)"
             )
+        hidden = hidden or {}
         rows_of = {g: np.flatnonzero(labels == g) for g in names}
-        facts = {g: self._describe(ctx, rows_of[g], (hidden or {}).get(str(g))) for g in names}
+        facts = {g: self._describe(ctx, rows_of[g], hidden.get(str(g))) for g in names}
         shown = [g for g in names if not facts[g]["suppressed"]]
         gap_metrics = self._gap_metrics() if name is None else ()
         needed = [m for m in gap_metrics if m != EQUALIZED_ODDS]
         needed += [m for m in ("tpr", "fpr") if EQUALIZED_ODDS in gap_metrics and m not in needed]
-        codes = pd.factorize(labels)[0]
-        keys = (ctx.scores.y, codes) if ctx.scores.y is not None else (codes,)
-        strata = patient_strata(ctx.patient, ctx.n_patients, *keys)
-        reps = _Replicates(shown, needed, with_ref=ctx.ref is not None and bool(needed))
+        reps = Replicates(shown, needed, with_ref=ctx.ref is not None and bool(needed))
         if shown:
-            self._bootstrap(ctx, name or attribute, strata, rows_of, reps)
+            codes = pd.factorize(labels)[0]
+            keys = (ctx.scores.y, codes) if ctx.scores.y is not None else (codes,)  # strata: label and group
+            self._bootstrap(ctx, name or attribute, patient_strata(ctx.patient, ctx.n_patients, *keys), rows_of, reps)
         point = {g: ctx.scores.point(rows_of[g], ctx.threshold, ctx.scores.columns) for g in shown}
-        groups = []
-        for g in names:
-            f = facts[g]
-            if f["suppressed"]:
-                groups.append(GroupResult(attribute, g, None, None, None, None, True, None, {}, f["note"]))
-                continue
-            metrics = {
-                m: Estimate(point[g][m], percentile_ci(reps.get(g, m), ctx.level)) for m in ctx.scores.columns
-            }
-            withheld = (hidden or {}).get(str(g)) == WITHHELD_NOTE
-            counts = (None,) * 4 if withheld else (f["n"], f["n_patients"], f["n_positive"], f["n_negative"])
-            groups.append(GroupResult(attribute, g, *counts, False, f["imprecise"], metrics,
-                                      WITHHELD_NOTE if withheld else None))
-        notes = []
+        withheld = [g for g in shown if hidden.get(str(g)) == WITHHELD_NOTE]
+        found = _Findings(groups=[self._group_result(ctx, attribute, g, facts[g], point.get(g), reps, g in withheld)
+                                  for g in names])
         if len(shown) < len(names):
-            notes.append(
+            found.notes.append(
                 f"{attribute}: {len(names) - len(shown)} group(s) suppressed (patients <= {self.min_group_size})"
             )
-        withheld_groups = [g for g in shown if (hidden or {}).get(str(g)) == WITHHELD_NOTE]
-        if withheld_groups:
-            notes.append(f"{attribute}: counts of {len(withheld_groups)} group(s) withheld, so that no suppressed "
-                         "group's size follows by subtraction (their metrics are shown)")
-        if not needed:
-            return groups, [], [], notes
-        if len(shown) < 2:
-            notes.append(f"{attribute}: fewer than two reported groups, no gaps")
-            return groups, [], [], notes
-        all_rows = np.arange(ctx.patient.size)
+        if withheld:
+            found.notes.append(f"{attribute}: counts of {len(withheld)} group(s) withheld, so that no suppressed "
+                               "group's size follows by subtraction (their metrics are shown)")
+        if needed and len(shown) < 2:
+            found.notes.append(f"{attribute}: fewer than two reported groups, no gaps")
+        elif needed:
+            self._draft_gaps(ctx, attribute, facts, rows_of, point, reps, gap_metrics, found)
+        return found
+
+    def _group_result(
+        self, ctx: _Context, attribute: str, group: str, facts: dict[str, Any], point: dict[str, float] | None,
+        reps: Replicates, withheld: bool,
+    ) -> GroupResult:
+        """One group's audit.json entry: no numbers when suppressed, no counts when withheld."""
+        if facts["suppressed"]:
+            return GroupResult(attribute, group, None, None, None, None, True, None, {}, facts["note"])
+        metrics = {m: Estimate(point[m], percentile_ci(reps.get(group, m), ctx.level)) for m in ctx.scores.columns}
+        counts = (None,) * 4 if withheld else (facts["n"], facts["n_patients"], facts["n_positive"],
+                                               facts["n_negative"])
+        return GroupResult(attribute, group, *counts, False, facts["imprecise"], metrics,
+                           WITHHELD_NOTE if withheld else None)
+
+    def _draft_gaps(
+        self, ctx: _Context, attribute: str, facts: Mapping[str, dict], rows_of: dict, point: dict,
+        reps: Replicates, gap_metrics: Sequence[str], found: _Findings,
+    ) -> None:
+        """Add the gap drafts of the model (and the reference) over the reported groups to `found`."""
+        shown, needed = reps.groups, reps.needed
         few = self._few_events(facts, shown, needed)
         for metric, groups_out in few.items():
-            notes.append(f"{attribute}: {', '.join(map(str, groups_out))} left out of the {metric} gaps "
-                         f"(fewer than {self.min_gap_events} {_EVENTS[metric]})")
-        drafts = draft_gaps(
-            attribute,
-            shown,
-            {m: _masked(np.array([point[g][m] for g in shown]), shown, few.get(m)) for m in needed},
-            {m: _masked(reps.stack(m), shown, few.get(m)) for m in needed},
-            ctx.scores.point(all_rows, ctx.threshold, needed),
-            {m: reps.get("*overall*", m) for m in needed},
-            gap_metrics,
-        )
-        ref_drafts = []
-        if ctx.ref is not None:
-            ref_point = {g: ctx.ref.point(rows_of[g], ctx.ref_threshold, needed) for g in shown}
-            ref_drafts = draft_gaps(
+            found.notes.append(f"{attribute}: {', '.join(map(str, groups_out))} left out of the {metric} gaps "
+                               f"(fewer than {self.min_gap_events} {_EVENTS[metric]})")
+        all_rows = np.arange(ctx.patient.size)
+
+        def drafts(scores: Scores, threshold: float | None, group_point: dict, ref: bool) -> list:
+            return draft_gaps(
                 attribute,
                 shown,
-                {m: _masked(np.array([ref_point[g][m] for g in shown]), shown, few.get(m)) for m in needed},
-                {m: _masked(reps.stack(m, ref=True), shown, few.get(m)) for m in needed},
-                ctx.ref.point(all_rows, ctx.ref_threshold, needed),
-                {m: reps.get("*overall*", m, ref=True) for m in needed},
+                {m: _masked(np.array([group_point[g][m] for g in shown]), shown, few.get(m)) for m in needed},
+                {m: _masked(reps.stack(m, ref=ref), shown, few.get(m)) for m in needed},
+                scores.point(all_rows, threshold, needed),
+                {m: reps.get("*overall*", m, ref=ref) for m in needed},
                 gap_metrics,
             )
-        return groups, drafts, ref_drafts, notes
+
+        found.drafts += drafts(ctx.scores, ctx.threshold, point, False)
+        if ctx.ref is not None:
+            ref_point = {g: ctx.ref.point(rows_of[g], ctx.ref_threshold, needed) for g in shown}
+            found.ref_drafts += drafts(ctx.ref, ctx.ref_threshold, ref_point, True)
 
     def _few_events(self, facts: Mapping[str, dict], shown: Sequence[str], needed: Sequence[str]) -> dict:
         """Metric -> reported groups with too few of the metric's events to enter its gaps."""
@@ -519,7 +478,7 @@ class BiasAudit:
         return out
 
     def _bootstrap(
-        self, ctx: _Context, name: str, strata: np.ndarray, rows_of: dict, reps: _Replicates
+        self, ctx: _Context, name: str, strata: np.ndarray, rows_of: dict, reps: Replicates
     ) -> None:
         """Fill `reps` block by block: every group, the whole set and the reference, from the same draws."""
         blocks = iter_bootstrap_counts(strata, self.n_boot, make_rng(self.seed, name))
@@ -576,26 +535,21 @@ class _Context:
     threshold_json: dict[str, Any] | None = None
 
 
-class _Replicates:
-    """Collects replicate blocks per (group, metric, model/reference) and stacks them at the end."""
+@dataclass
+class _Findings:
+    """What the attribute audits found: group results, gap drafts of the model and the reference, notes."""
 
-    def __init__(self, groups: Sequence[str], needed: Sequence[str], with_ref: bool) -> None:
-        self.groups = list(groups)  # reported groups: every metric, for their CIs
-        self.needed = list(needed)  # gap metrics: also on the whole set and for the reference
-        self.with_ref = with_ref
-        self._blocks: dict[tuple[str, str, bool], list[np.ndarray]] = {}
+    groups: list[GroupResult] = field(default_factory=list)
+    drafts: list[GapDraft] = field(default_factory=list)
+    ref_drafts: list[GapDraft] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    def add(self, group: str, values: Mapping[str, np.ndarray], ref: bool = False) -> None:
-        for metric, v in values.items():
-            self._blocks.setdefault((group, metric, ref), []).append(np.asarray(v, dtype=np.float64))
-
-    def get(self, group: str, metric: str, ref: bool = False) -> np.ndarray:
-        blocks = self._blocks.get((group, metric, ref))
-        return np.concatenate(blocks) if blocks else np.zeros(0)
-
-    def stack(self, metric: str, ref: bool = False) -> np.ndarray:
-        """Replicates of every group side by side, shape (n_boot, n_groups)."""
-        return np.stack([self.get(g, metric, ref) for g in self.groups], axis=1)
+    def extend(self, other: _Findings) -> None:
+        """Append another attribute's findings."""
+        self.groups += other.groups
+        self.drafts += other.drafts
+        self.ref_drafts += other.ref_drafts
+        self.notes += other.notes
 
 
 #: Which events a metric's estimate rests on (see `BiasAudit.min_gap_events`).
@@ -612,6 +566,12 @@ def _masked(values: np.ndarray, shown: Sequence[str], out: Sequence[str] | None)
     values = np.array(values, dtype=np.float64)
     values[..., [shown.index(g) for g in out]] = np.nan
     return values
+
+
+def _correction(config: AuditRules, m: int) -> dict[str, Any]:
+    """audit.json's "correction": the method, alpha, the number of tested gaps and their CI level."""
+    level = 1.0 - config.alpha / m if m and config.correction == "bonferroni" else 1.0 - config.alpha
+    return {"method": config.correction, "alpha": config.alpha, "tested": m, "ci_level": level}
 
 
 def _finite(value: float | None) -> float | None:

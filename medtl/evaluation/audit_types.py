@@ -7,16 +7,15 @@ describes every key.
 
 from __future__ import annotations
 
-import difflib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import pandas as pd
 
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, did_you_mean
 from medtl.evaluation.bootstrap import Estimate
 from medtl.evaluation.gaps import CORRECTIONS, EQUALIZED_ODDS, Gap
 from medtl.evaluation.metrics import BINARY_METRICS
@@ -45,12 +44,6 @@ DEFAULT_GAP_METRICS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "segmentation": SEGMENTATION_METRICS,
     }
 )
-
-
-def suggest(name: str, options: Sequence[str]) -> str:
-    """A hint for an error message: close matches of `name`, else the options."""
-    close = difflib.get_close_matches(name, list(options), n=3)
-    return f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(options)}"
 
 
 def gap_metric_applies(metric: str, task: str) -> bool:
@@ -90,7 +83,7 @@ class AuditRules:
             if not known_gap_metric(str(key)):
                 options = [*BINARY_METRICS, EQUALIZED_ODDS, *SEGMENTATION_METRICS]
                 raise ConfigError(
-                    f"audit.tolerances.{key} must name a gap metric, not {key!r}; {suggest(str(key), options)}"
+                    f"audit.tolerances.{key} must name a gap metric, not {key!r}; {did_you_mean(key, options)}"
                 )
             if (
                 isinstance(value, bool)
@@ -124,9 +117,8 @@ class AuditRules:
         allowed = ("tolerances", "alpha", "correction", "fail_on_flagged")
         for key in mapping:
             if key not in allowed:
-                raise ConfigError(
-                    f"audit.{key} must be one of audit.{', audit.'.join(allowed)}, not {key!r}; {suggest(key, allowed)}"
-                )
+                raise ConfigError(f"audit.{key} must be one of audit.{', audit.'.join(allowed)}, not {key!r}; "
+                                  f"{did_you_mean(key, allowed, prefix='audit.')}")
         return cls(**mapping)
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,9 +15,10 @@ replicate from a resample of the validation patients.
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,17 +27,16 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medtl.errors import ConfigError, InputError, LeakageError
+from medtl.evaluation.calibration import calibration_slope_intercept, expected_calibration_error
 from medtl.evaluation.metrics import (
     BINARY_METRICS,
     THRESHOLD_METRICS,
     binary_metrics,
-    calibration_slope_intercept,
     check_binary,
     check_metric_names,
     check_threshold_rule,
     choose_threshold,
     confusion_rates,
-    expected_calibration_error,
     multiclass_metrics,
     operating_point_index,
 )
@@ -174,6 +174,36 @@ def check_disjoint_patients(a: np.ndarray, b: np.ndarray, what: str) -> None:
         )
 
 
+class Replicates:
+    """Collects replicate blocks per (group, metric, model or reference) and stacks them at the end.
+
+    Args:
+        groups: the reported groups (every metric is collected for their CIs).
+        needed: the gap metrics (also collected on the whole set and for the reference).
+        with_ref: whether a reference model's replicates are collected too.
+    """
+
+    def __init__(self, groups: Sequence[str], needed: Sequence[str], with_ref: bool) -> None:
+        self.groups = list(groups)
+        self.needed = list(needed)
+        self.with_ref = with_ref
+        self._blocks: dict[tuple[str, str, bool], list[np.ndarray]] = {}
+
+    def add(self, group: str, values: Mapping[str, np.ndarray], ref: bool = False) -> None:
+        """Append one block of replicates per metric."""
+        for metric, v in values.items():
+            self._blocks.setdefault((group, metric, ref), []).append(np.asarray(v, dtype=np.float64))
+
+    def get(self, group: str, metric: str, ref: bool = False) -> np.ndarray:
+        """Every replicate of one group and metric, in draw order (empty when none were added)."""
+        blocks = self._blocks.get((group, metric, ref))
+        return np.concatenate(blocks) if blocks else np.zeros(0)
+
+    def stack(self, metric: str, ref: bool = False) -> np.ndarray:
+        """Replicates of every group side by side, shape (n_boot, n_groups)."""
+        return np.stack([self.get(g, metric, ref) for g in self.groups], axis=1)
+
+
 # --- vectorised kernels: w has shape (b, n), one weighting per replicate -------------------
 
 
@@ -283,20 +313,10 @@ def weighted_nanmean(values: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_binary(
-    y_true: Any,
-    y_score: Any,
-    patient_ids: Any,
-    *,
-    threshold: float | None = None,
-    validation: tuple[Any, Any, Any] | None = None,
-    rule: str = "youden",
-    target: float | None = None,
-    metrics: Sequence[str] = BINARY_METRICS,
-    n_boot: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-    n_bins: int = 10,
-    progress: bool = False,
+    y_true: Any, y_score: Any, patient_ids: Any, *, threshold: float | None = None,
+    validation: tuple[Any, Any, Any] | None = None, rule: str = "youden", target: float | None = None,
+    metrics: Sequence[str] = BINARY_METRICS, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+    n_bins: int = 10, progress: bool = False,
 ) -> dict[str, Estimate]:
     """Binary metrics with patient-level bootstrap CIs, stratified by label.
 
@@ -333,30 +353,16 @@ def bootstrap_binary(
     check_bootstrap_settings(n_boot, level)
     y, s = check_binary(y_true, y_score)
     row_patient, n_patients = encode_patients(patient_ids, y.size)
-    strata = patient_strata(row_patient, n_patients, y)
     derived = threshold is None
     if derived:
-        if validation is None:
-            raise InputError(
-                "validation must be (y_true, y_score, patient_ids) when threshold is None; pass one of them"
-            )
-        check_threshold_rule(rule, target)
-        yv, sv = check_binary(validation[0], validation[1], name="validation y_score")
-        check_disjoint_patients(validation[2], patient_ids, "validation and test data")
-        val_patient, n_val = encode_patients(validation[2], yv.size)
-        threshold = choose_threshold(yv, sv, rule, target)
-        val_blocks = iter_bootstrap_counts(
-            patient_strata(val_patient, n_val, yv), n_boot, make_rng(seed, "validation")
-        )
+        threshold, thresholds = _validation_thresholds(validation, patient_ids, rule, target, n_boot, seed)
+    else:
+        thresholds = itertools.repeat(threshold)
     point = binary_metrics(y, s, threshold, metrics=metrics, n_bins=n_bins)
+    blocks = iter_bootstrap_counts(patient_strata(row_patient, n_patients, y), n_boot, make_rng(seed, "overall"))
+    blocks = tqdm(blocks, total=math.ceil(n_boot / BLOCK), disable=not progress, desc="bootstrap")
     reps: dict[str, list[np.ndarray]] = {m: [] for m in [*metrics, "threshold"]}
-    blocks = iter_bootstrap_counts(strata, n_boot, make_rng(seed, "overall"))
-    for counts in tqdm(blocks, total=math.ceil(n_boot / BLOCK), disable=not progress, desc="bootstrap"):
-        t_rep = (
-            weighted_thresholds(yv, sv, next(val_blocks)[:, val_patient], rule, target)
-            if derived
-            else threshold
-        )
+    for counts, t_rep in zip(blocks, thresholds, strict=False):
         for m, v in weighted_binary_metrics(y, s, counts[:, row_patient], t_rep, metrics, n_bins).items():
             reps[m].append(v)
         reps["threshold"].append(np.broadcast_to(np.asarray(t_rep, dtype=np.float64), (counts.shape[0],)))
@@ -365,6 +371,28 @@ def bootstrap_binary(
         float(threshold), percentile_ci(np.concatenate(reps["threshold"]), level) if derived else None
     )
     return out
+
+
+def _validation_thresholds(
+    validation: tuple[Any, Any, Any] | None, test_patients: Any, rule: str, target: float | None, n_boot: int,
+    seed: int,
+) -> tuple[float, Iterator[np.ndarray]]:
+    """The threshold chosen on the validation split, and per block of replicates its re-derived values.
+
+    Each block's thresholds come from a resample of the validation patients (stratified by
+    label) with the seed's "validation" stream, one per replicate.
+    """
+    if validation is None:
+        raise InputError(
+            "validation must be (y_true, y_score, patient_ids) when threshold is None; pass one of them"
+        )
+    check_threshold_rule(rule, target)
+    yv, sv = check_binary(validation[0], validation[1], name="validation y_score")
+    check_disjoint_patients(validation[2], test_patients, "validation and test data")
+    val_patient, n_val = encode_patients(validation[2], yv.size)
+    threshold = choose_threshold(yv, sv, rule, target)
+    blocks = iter_bootstrap_counts(patient_strata(val_patient, n_val, yv), n_boot, make_rng(seed, "validation"))
+    return threshold, (weighted_thresholds(yv, sv, counts[:, val_patient], rule, target) for counts in blocks)
 
 
 #: The multi-class metrics bootstrap_multiclass gives CIs for (keys of multiclass_metrics).
@@ -412,38 +440,62 @@ def bootstrap_multiclass(
     check_bootstrap_settings(n_boot, level)
     classes = list(classes)
     point = multiclass_metrics(y_true, y_score, classes, n_bins=n_bins)  # validates shapes and labels
-    y = np.asarray(y_true)
-    s = np.asarray(y_score, dtype=np.float64)
     index = {c: k for k, c in enumerate(classes)}
-    code = np.array([index[v] for v in y.tolist()], dtype=np.int64)
-    onehot = np.eye(len(classes))[code]
-    correct = (s.argmax(axis=1) == code).astype(np.float64)
-    row_patient, n_patients = encode_patients(patient_ids, y.size)
-    strata = patient_strata(row_patient, n_patients, code)
+    code = np.array([index[v] for v in np.asarray(y_true).tolist()], dtype=np.int64)
+    row_patient, n_patients = encode_patients(patient_ids, code.size)
     names = [*MULTICLASS_METRICS, *(f"auroc_{c}" for c in classes)]
     reps: dict[str, list[np.ndarray]] = {m: [] for m in names}
-    squared = ((s - onehot) ** 2).sum(axis=1)
-    # Macro averages run over the classes the test data hold (as multiclass_metrics does);
-    # stratification by label keeps every such class in every replicate.
-    present = [k for k in range(len(classes)) if (code == k).any()]
+    kernel = _MulticlassKernel.of(code, np.asarray(y_score, dtype=np.float64), n_bins)
+    strata = patient_strata(row_patient, n_patients, code)
     for counts in iter_bootstrap_counts(strata, n_boot, make_rng(seed, "overall")):
-        w = counts[:, row_patient].astype(np.float64)
-        total = w.sum(axis=1)
-        aurocs = [weighted_auroc(onehot[:, k], s[:, k], w) for k in range(len(classes))]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            recalls = [(w[:, code == k] @ correct[code == k]) / w[:, code == k].sum(axis=1) for k in present]
-            reps["accuracy"].append(w @ correct / total)
-            reps["brier"].append(w @ squared / total)
-        reps["auroc_macro"].append(np.mean([aurocs[k] for k in present], axis=0))
-        reps["auprc_macro"].append(np.mean([weighted_average_precision(onehot[:, k], s[:, k], w)
-                                            for k in present], axis=0))
-        reps["balanced_accuracy"].append(np.mean(recalls, axis=0))
-        reps["ece"].append(expected_calibration_error(correct, s.max(axis=1), n_bins, w))
-        for c, a in zip(classes, aurocs, strict=True):
+        block = kernel(counts[:, row_patient].astype(np.float64))
+        for m in MULTICLASS_METRICS:
+            reps[m].append(block[m])
+        for c, a in zip(classes, block["per_class_auroc"], strict=True):
             reps[f"auroc_{c}"].append(a)
     values = {m: point[m] for m in MULTICLASS_METRICS}
     values.update({f"auroc_{c}": point["per_class"][str(c)]["auroc"] for c in classes})
     return {m: Estimate(float(values[m]), percentile_ci(np.concatenate(reps[m]), level)) for m in names}
+
+
+@dataclass(frozen=True)
+class _MulticlassKernel:
+    """The multi-class metrics of a block of weight rows (see bootstrap_multiclass)."""
+
+    code: np.ndarray  # class index per row
+    s: np.ndarray  # class probabilities, (n, k)
+    onehot: np.ndarray  # one-hot labels, (n, k)
+    correct: np.ndarray  # 1.0 where the argmax is the label
+    squared: np.ndarray  # per row: squared distance of the probabilities to the one-hot label
+    present: tuple[int, ...]  # classes the test data hold
+    n_bins: int
+
+    @classmethod
+    def of(cls, code: np.ndarray, s: np.ndarray, n_bins: int) -> _MulticlassKernel:
+        onehot = np.eye(s.shape[1])[code]
+        # Macro averages run over the classes the test data hold (as multiclass_metrics does);
+        # stratification by label keeps every such class in every replicate.
+        present = tuple(k for k in range(s.shape[1]) if (code == k).any())
+        return cls(code, s, onehot, (s.argmax(axis=1) == code).astype(np.float64), ((s - onehot) ** 2).sum(axis=1),
+                   present, n_bins)
+
+    def __call__(self, w: np.ndarray) -> dict[str, Any]:
+        total = w.sum(axis=1)
+        aurocs = [weighted_auroc(self.onehot[:, k], self.s[:, k], w) for k in range(self.s.shape[1])]
+        rows = [self.code == k for k in self.present]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recalls = [(w[:, r] @ self.correct[r]) / w[:, r].sum(axis=1) for r in rows]
+            accuracy, brier = w @ self.correct / total, w @ self.squared / total
+        precision = [weighted_average_precision(self.onehot[:, k], self.s[:, k], w) for k in self.present]
+        return {
+            "auroc_macro": np.mean([aurocs[k] for k in self.present], axis=0),
+            "auprc_macro": np.mean(precision, axis=0),
+            "accuracy": accuracy,
+            "balanced_accuracy": np.mean(recalls, axis=0),
+            "brier": brier,
+            "ece": expected_calibration_error(self.correct, self.s.max(axis=1), self.n_bins, w),
+            "per_class_auroc": aurocs,
+        }
 
 
 def check_bootstrap_settings(n_boot: Any, level: Any) -> None:

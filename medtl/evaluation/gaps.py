@@ -413,49 +413,57 @@ def evaluability(
         The evaluated attribute names, and {"attribute", "reason", "remedy"} for each other one.
     """
     evaluated, unevaluated = [], []
-    k = min_group_size
     for attribute in attributes:
         members = [g for g in groups if g.attribute == attribute]
-        reported = [g for g in members if not g.suppressed]
         tested = [g for g in gaps if g.attribute == attribute and g.tolerance is not None]
         if any(g.status in DECIDED for g in tested):
             evaluated.append(attribute)
             continue
-        if len(members) < 2 and members and str(members[0].group).casefold() in _UNKNOWN_LABELS:
-            reason = (f"it is unknown for every {split} patient (every row reads {members[0].group!r}), so "
-                      "there are no groups to compare")
-            remedy = (f"provide it: {_SOURCES.get(attribute, f'a filled {attribute} column in the labels CSV')}"
-                      "; then build the manifest and run again, or leave it out of audit.attributes")
-        elif len(members) < 2:
-            reason = f"only one group in the {split} split: there is nothing to compare it with"
-            remedy = f"add {split} patients from the attribute's other groups, or leave it out of audit.attributes"
-        elif len(reported) < 2:
-            hidden = (f"all {len(members)} of its groups were" if not reported
-                      else f"{len(members) - 1} of its {len(members)} groups were")
-            reason = (f"{hidden} suppressed (at most {k} patients each), so fewer than two groups have "
-                      "numbers and no gap can be measured")
-            remedy = (f"more {split} patients per group (more than {k} in at least two groups), or a lower "
-                      "audit.min_group_size (smaller groups' numbers are then shown: weigh the "
-                      "re-identification risk)")
-        elif not tested_metrics:
-            reason = "no audited gap metric has a tolerance, so no gap is tested"
-            remedy = "set a tolerance for a gap metric, e.g. audit.tolerances.auroc: 0.05"
-        elif not any(math.isfinite(g.value) for g in tested):
-            reason = (f"fewer than two of its reported groups have a value of the tested metrics "
-                      f"({', '.join(tested_metrics)}) with at least {min_gap_events} of the events each "
-                      "metric counts (positives, negatives)")
-            remedy = f"more {split} patients with and without the finding per group, or a lower audit.min_gap_events"
-        elif not any(g.status == "inconclusive" for g in tested):
-            reason = "its tested gaps have no confidence interval (undefined in most bootstrap replicates)"
-            remedy = f"more {split} patients per group, with and without the finding"
-        else:
-            n = sum(g.status == "inconclusive" for g in tested)
-            reason = (f"the confidence intervals of its {n} measured gap(s) all contain the tolerance, so the "
-                      f"{split} split cannot tell whether its groups differ by more than tolerated")
-            remedy = (f"more {split} patients per group (narrower intervals); fewer tested gaps (attributes, "
-                      "intersections, tolerances) also narrow them through a milder multiple-testing correction")
+        reason, remedy = _why_unevaluated(attribute, members, tested, tested_metrics, split=split,
+                                          min_group_size=min_group_size, min_gap_events=min_gap_events)
         unevaluated.append({"attribute": attribute, "reason": reason, "remedy": remedy})
     return evaluated, unevaluated
+
+
+def _why_unevaluated(
+    attribute: str, members: Sequence[Any], tested: Sequence[Gap], tested_metrics: Sequence[str], *, split: str,
+    min_group_size: int, min_gap_events: int,
+) -> tuple[str, str]:
+    """(reason, remedy) for an attribute none of whose tested gaps was decided; the first cause that applies."""
+    k = min_group_size
+    reported = [g for g in members if not g.suppressed]
+    if len(members) < 2 and members and str(members[0].group).casefold() in _UNKNOWN_LABELS:
+        return (f"it is unknown for every {split} patient (every row reads {members[0].group!r}), so "
+                "there are no groups to compare",
+                f"provide it: {_SOURCES.get(attribute, f'a filled {attribute} column in the labels CSV')}"
+                "; then build the manifest and run again, or leave it out of audit.attributes")
+    if len(members) < 2:
+        return (f"only one group in the {split} split: there is nothing to compare it with",
+                f"add {split} patients from the attribute's other groups, or leave it out of audit.attributes")
+    if len(reported) < 2:
+        hidden = (f"all {len(members)} of its groups were" if not reported
+                  else f"{len(members) - 1} of its {len(members)} groups were")
+        return (f"{hidden} suppressed (at most {k} patients each), so fewer than two groups have "
+                "numbers and no gap can be measured",
+                f"more {split} patients per group (more than {k} in at least two groups), or a lower "
+                "audit.min_group_size (smaller groups' numbers are then shown: weigh the "
+                "re-identification risk)")
+    if not tested_metrics:
+        return ("no audited gap metric has a tolerance, so no gap is tested",
+                "set a tolerance for a gap metric, e.g. audit.tolerances.auroc: 0.05")
+    if not any(math.isfinite(g.value) for g in tested):
+        return (f"fewer than two of its reported groups have a value of the tested metrics "
+                f"({', '.join(tested_metrics)}) with at least {min_gap_events} of the events each "
+                "metric counts (positives, negatives)",
+                f"more {split} patients with and without the finding per group, or a lower audit.min_gap_events")
+    if not any(g.status == "inconclusive" for g in tested):
+        return ("its tested gaps have no confidence interval (undefined in most bootstrap replicates)",
+                f"more {split} patients per group, with and without the finding")
+    n = sum(g.status == "inconclusive" for g in tested)
+    return (f"the confidence intervals of its {n} measured gap(s) all contain the tolerance, so the "
+            f"{split} split cannot tell whether its groups differ by more than tolerated",
+            f"more {split} patients per group (narrower intervals); fewer tested gaps (attributes, "
+            "intersections, tolerances) also narrow them through a milder multiple-testing correction")
 
 
 #: Group labels that mean "not recorded": medtl's manifest writes U (sex) and unknown (age band,

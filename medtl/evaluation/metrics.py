@@ -2,10 +2,10 @@
 
 Functions take plain arrays (one row per image) and return floats or JSON-ready dicts; they
 know nothing of models, manifests or patients. Discrimination and operating-point metrics come
-from `sklearn.metrics`; scikit-learn has no calibration slope/intercept or expected calibration
-error, so those two are written here, in a form that also accepts a stack of bootstrap weights
-(see medtl/evaluation/bootstrap.py). A metric that is undefined on the data (AUROC with one
-class, PPV with no positive predictions, ...) is NaN, never 0.
+from `sklearn.metrics`; the calibration slope/intercept and the expected calibration error, which
+scikit-learn lacks, from medtl/evaluation/calibration.py. A metric that is undefined on the data
+(AUROC with one class, PPV with no positive predictions, ...) is NaN, never 0 or 0.5; JSON
+writes it as null.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.special import expit
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     accuracy_score,
@@ -31,49 +30,23 @@ from sklearn.metrics import (
 from sklearn.preprocessing import label_binarize
 
 from medtl.errors import ConfigError, InputError
+from medtl.evaluation.calibration import calibration_slope_intercept, expected_calibration_error, uniform_bins
+from medtl.vocabulary import THRESHOLD_RULES
 
 #: Every binary metric medtl reports, in report order. Sensitivity is `tpr`, specificity `tnr`.
 BINARY_METRICS: tuple[str, ...] = (
-    "auroc",
-    "auprc",
-    "accuracy",
-    "tpr",
-    "tnr",
-    "fpr",
-    "fnr",
-    "ppv",
-    "npv",
-    "brier",
-    "calibration_slope",
-    "calibration_intercept",
-    "ece",
+    "auroc", "auprc", "accuracy", "tpr", "tnr", "fpr", "fnr", "ppv", "npv", "brier",
+    "calibration_slope", "calibration_intercept", "ece",
 )
 #: Metrics that need an operating threshold (the rest use the scores only).
 THRESHOLD_METRICS: tuple[str, ...] = ("accuracy", "tpr", "tnr", "fpr", "fnr", "ppv", "npv")
 #: Direction of "better": +1 higher is better, -1 lower is better. Calibration slope and
 #: intercept have an ideal value instead (see CALIBRATION_IDEAL).
 METRIC_DIRECTION: dict[str, int] = {
-    "auroc": 1,
-    "auprc": 1,
-    "accuracy": 1,
-    "tpr": 1,
-    "tnr": 1,
-    "fpr": -1,
-    "fnr": -1,
-    "ppv": 1,
-    "npv": 1,
-    "brier": -1,
-    "ece": -1,
+    "auroc": 1, "auprc": 1, "accuracy": 1, "tpr": 1, "tnr": 1, "fpr": -1, "fnr": -1, "ppv": 1, "npv": 1,
+    "brier": -1, "ece": -1,
 }
 CALIBRATION_IDEAL: dict[str, float] = {"calibration_slope": 1.0, "calibration_intercept": 0.0}
-THRESHOLD_RULES: tuple[str, ...] = ("youden", "sensitivity", "fpr")
-
-# Scores of exactly 0 or 1 have infinite logits; clipping keeps the recalibration fit finite
-# (logit(1e-7) = -16.1) without moving any realistic probability.
-_LOGIT_EPS = 1e-7
-_NEWTON_MAX_ITER = 50
-_NEWTON_TOL = 1e-10
-_NEWTON_MAX_STEP = 5.0
 
 
 def check_binary(y_true: Any, y_score: Any, *, name: str = "y_score") -> tuple[np.ndarray, np.ndarray]:
@@ -218,117 +191,6 @@ def confusion_rates(tp: Any, fp: Any, tn: Any, fn: Any) -> dict[str, Any]:
     return {k: (float(v) if v.ndim == 0 else v) for k, v in out.items()}
 
 
-def _as_weights(weights: Any, n: int) -> tuple[np.ndarray, bool]:
-    """Weights as a (b, n) float array, and whether the caller passed a single row."""
-    if weights is None:
-        return np.ones((1, n)), True
-    w = np.asarray(weights, dtype=np.float64)
-    return (w[None, :], True) if w.ndim == 1 else (w, False)
-
-
-def _unstack(value: np.ndarray, single: bool) -> Any:
-    return float(value[0]) if single else value
-
-
-def calibration_slope_intercept(y_true: Any, y_score: Any, sample_weight: Any = None) -> tuple[Any, Any]:
-    """Logistic recalibration: slope and intercept of the outcome on the score's logit.
-
-    Slope `b` comes from fitting `logit P(y=1) = a + b * logit(p)`; the intercept
-    ("calibration-in-the-large") from `logit P(y=1) = a + logit(p)` with the slope fixed at 1
-    (Van Calster et al. 2016). Ideal values are 1 and 0. Written here because scikit-learn
-    cannot fit a logistic model with an offset; the slope agrees with an unpenalised
-    `LogisticRegression` (tested). Newton-Raphson runs on all weight rows at once so bootstrap
-    replicates cost one pass; a fit that does not converge (e.g. separable data) gives NaN.
-
-    Args:
-        y_true: labels (0/1), shape (n,).
-        y_score: probabilities, shape (n,); clipped to [1e-7, 1 - 1e-7] before the logit.
-        sample_weight: None, shape (n,), or (b, n) for b weightings at once.
-
-    Returns:
-        `(slope, intercept)`: floats, or arrays of shape (b,) for 2-D weights.
-    """
-    y = np.asarray(y_true, dtype=np.float64)
-    p = np.clip(np.asarray(y_score, dtype=np.float64), _LOGIT_EPS, 1.0 - _LOGIT_EPS)
-    x = np.log(p) - np.log1p(-p)
-    w, single = _as_weights(sample_weight, y.size)
-    out = []
-    for fit_slope in (True, False):
-        start = (0.0, 1.0)
-        if w.shape[0] > 1:  # bootstrap rows: start from the unweighted fit, a few Newton steps away
-            a0, b0 = _fit_recalibration(x, y, np.ones((1, y.size)), fit_slope=fit_slope, start=start)[:, 0]
-            start = (a0, b0) if np.isfinite(a0) and np.isfinite(b0) else start
-        out.append(_fit_recalibration(x, y, w, fit_slope=fit_slope, start=start))
-    return _unstack(out[0][1], single), _unstack(out[1][0], single)
-
-
-def _fit_recalibration(
-    x: np.ndarray, y: np.ndarray, w: np.ndarray, *, fit_slope: bool, start: tuple[float, float] = (0.0, 1.0)
-) -> np.ndarray:
-    """Newton-Raphson for `a + b*x` (or `a + x`) on each weight row; returns (a, b) of shape (2, b)."""
-    a = np.full(w.shape[0], float(start[0]))
-    b = np.full(w.shape[0], float(start[1]) if fit_slope else 1.0)
-    done = np.zeros(w.shape[0], dtype=bool)
-    todo = np.arange(w.shape[0])  # rows still iterating: converged or failed rows drop out
-    with np.errstate(all="ignore"):
-        for _ in range(_NEWTON_MAX_ITER):
-            wt = w[todo]
-            mu = expit(a[todo, None] + b[todo, None] * x)
-            r = wt * (y - mu)
-            h = wt * mu * (1.0 - mu)
-            g0, h00 = r.sum(axis=1), h.sum(axis=1)
-            if fit_slope:
-                g1, h01, h11 = r @ x, h @ x, h @ (x * x)
-                det = h00 * h11 - h01 * h01
-                da = (h11 * g0 - h01 * g1) / det
-                db = (h00 * g1 - h01 * g0) / det
-            else:
-                da, db = g0 / h00, np.zeros(todo.size)
-            step = np.maximum(np.abs(da), np.abs(db))
-            # Capping the step keeps plain Newton from overshooting into overflow on near-separable
-            # replicates; a capped fit that keeps moving ends as "not converged" (NaN).
-            scale = np.where(step > _NEWTON_MAX_STEP, _NEWTON_MAX_STEP / step, 1.0)
-            a[todo] += scale * da
-            b[todo] += scale * db
-            done[todo] = step < _NEWTON_TOL
-            todo = todo[np.isfinite(step) & (step >= _NEWTON_TOL)]
-            if todo.size == 0:
-                break
-    ok = done & np.isfinite(a) & np.isfinite(b)
-    return np.stack([np.where(ok, a, np.nan), np.where(ok, b, np.nan)])
-
-
-def _bin_ids(p: np.ndarray, n_bins: int) -> np.ndarray:
-    # Same equal-width binning as sklearn.calibration.calibration_curve(strategy="uniform").
-    return np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], p)
-
-
-def expected_calibration_error(y_true: Any, y_score: Any, n_bins: int = 10, sample_weight: Any = None) -> Any:
-    """Expected calibration error of positive-class probabilities over equal-width bins.
-
-    `ECE = sum_b (n_b / n) * |mean(y)_b - mean(p)_b|` with the bins of scikit-learn's
-    `calibration_curve(strategy="uniform")`. scikit-learn has no ECE; this is it.
-
-    Args:
-        y_true: labels (0/1), shape (n,).
-        y_score: probabilities, shape (n,).
-        n_bins: number of equal-width bins on [0, 1].
-        sample_weight: None, (n,) or (b, n).
-
-    Returns:
-        ECE as a float, or an array (b,) for 2-D weights.
-    """
-    y = np.asarray(y_true, dtype=np.float64)
-    p = np.asarray(y_score, dtype=np.float64)
-    w, single = _as_weights(sample_weight, y.size)
-    onehot = np.zeros((y.size, n_bins))
-    onehot[np.arange(y.size), _bin_ids(p, n_bins)] = 1.0
-    gap = w @ (onehot * (y - p)[:, None])  # per bin: sum of w * (outcome - probability)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ece = np.abs(gap).sum(axis=1) / w.sum(axis=1)
-    return _unstack(ece, single)
-
-
 def reliability_curve(y_true: Any, y_score: Any, n_bins: int = 10) -> dict[str, list]:
     """Reliability diagram data: per equal-width bin, count, mean score and observed rate.
 
@@ -343,7 +205,7 @@ def reliability_curve(y_true: Any, y_score: Any, n_bins: int = 10) -> dict[str, 
     """
     y, s = check_binary(y_true, y_score)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    counts = np.bincount(_bin_ids(s, n_bins), minlength=n_bins)
+    counts = np.bincount(uniform_bins(s, n_bins), minlength=n_bins)
     mean_pred: list[float | None] = [None] * n_bins
     frac_pos: list[float | None] = [None] * n_bins
     if y.size and y.min() != y.max():
@@ -352,7 +214,7 @@ def reliability_curve(y_true: Any, y_score: Any, n_bins: int = 10) -> dict[str, 
             frac_pos[i], mean_pred[i] = float(prob_true[k]), float(prob_pred[k])
     else:  # calibration_curve refuses one-class input; the rates are still well defined
         for i in np.flatnonzero(counts):
-            in_bin = _bin_ids(s, n_bins) == i
+            in_bin = uniform_bins(s, n_bins) == i
             frac_pos[i], mean_pred[i] = float(y[in_bin].mean()), float(s[in_bin].mean())
     return {
         "bin_lower": edges[:-1].tolist(),
@@ -371,6 +233,23 @@ def _quiet(fn, *args, **kwargs) -> float:
             return float(fn(*args, **kwargs))
         except ValueError:
             return math.nan
+
+
+def binary_auroc(y_true: Any, y_score: Any) -> float:
+    """AUROC of positive-class probabilities (scikit-learn), NaN when a class is missing.
+
+    medtl's one rule for an undefined AUROC: NaN in computation, `null` in JSON
+    (`Estimate.to_dict`), never 0.5 or 0.
+
+    Raises:
+        InputError: on invalid labels/scores.
+
+    Example:
+        >>> binary_auroc([0, 0, 1], [0.1, 0.4, 0.8]), binary_auroc([1, 1], [0.2, 0.9])
+        (1.0, nan)
+    """
+    y, s = check_binary(y_true, y_score)
+    return _quiet(roc_auc_score, y, s)
 
 
 def binary_metrics(
@@ -406,7 +285,7 @@ def binary_metrics(
     y, s = check_binary(y_true, y_score)
     out: dict[str, float] = {}
     if "auroc" in metrics:
-        out["auroc"] = _quiet(roc_auc_score, y, s)
+        out["auroc"] = binary_auroc(y, s)
     if "auprc" in metrics:
         out["auprc"] = _quiet(average_precision_score, y, s) if y.any() else math.nan
     if any(m in metrics for m in THRESHOLD_METRICS):

@@ -131,6 +131,43 @@ def attribute_specs(
     return specs
 
 
+def without_repeating_intersections(
+    df: pd.DataFrame, rows: np.ndarray, specs: list[tuple[str, np.ndarray]], split: str
+) -> tuple[list[tuple[str, np.ndarray]], list[dict[str, str]]]:
+    """The specs without intersections that repeat another attribute, and those left out with why.
+
+    An intersection with an attribute of a single value in the audited split ("sex&age_band"
+    when every test patient is 0-17) has the other attribute's groups under longer names. Its
+    gaps would be tested twice and widen every tested CI through the Bonferroni correction.
+
+    Args:
+        df: the predictions.
+        rows: positions of the audited rows.
+        specs: from `attribute_specs`.
+        split: the audited split's name, for the reasons ("test").
+
+    Returns:
+        The kept specs, and {"attribute", "reason"} for each intersection left out.
+    """
+    kept, left_out = [], []
+    for name, labels in specs:
+        parts = name.split("&")
+        if name in df.columns or len(parts) < 2 or not all(p in df.columns for p in parts):
+            kept.append((name, labels))
+            continue
+        single = [p for p in parts if len(set(group_labels(df, p, rows).tolist())) == 1]
+        if not single:
+            kept.append((name, labels))
+            continue
+        others = [p for p in parts if p not in single]
+        repeated = f"those of {'&'.join(others)}" if others else f"the whole {split} split"
+        left_out.append({"attribute": name, "reason": (
+            f"{' and '.join(single)} {'has' if len(single) == 1 else 'have'} one value for every {split} "
+            f"patient, so its groups are {repeated}; left out of the tested gaps and the multiple-testing "
+            "correction")})
+    return kept, left_out
+
+
 def read_scores(
     df: pd.DataFrame,
     rows: np.ndarray,

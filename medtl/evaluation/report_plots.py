@@ -369,30 +369,8 @@ def data_efficiency_plot(benefit: Mapping[str, Mapping[Any, Mapping[str, Any]]],
     with matplotlib.rc_context(_RC):
         fig = _new_figure(5.6, 3.8)
         ax = fig.add_subplot()
-        described = []
-        for colour, (arm, points) in zip(SERIES * 4, benefit.items(), strict=False):
-            fractions = sorted(points, key=float)
-            x = np.array([float(f) for f in fractions])
-            mean = np.array([float(points[f]["mean"]) for f in fractions])
-            if with_ci:
-                # NaN leaves a gap in the band: no interval is drawn where there is none.
-                cis = [points[f].get("ci") or (math.nan, math.nan) for f in fractions]
-                low, high = (np.array([float(c[i]) for c in cis]) for i in (0, 1))
-                has = np.isfinite(low) & np.isfinite(high)
-                # Error bars too, so that an interval between two points without one still shows
-                # (clipped: matplotlib refuses a negative error, as an interval not around its mean gives).
-                yerr = np.clip([mean[has] - low[has], high[has] - mean[has]], 0.0, None)
-                ax.errorbar(x[has], mean[has], yerr=yerr, fmt="none", ecolor=colour, elinewidth=1.0, capsize=3,
-                            alpha=0.8)
-            else:
-                sd = np.array([float(points[f].get("sd") or 0.0) for f in fractions])
-                low, high = mean - sd, mean + sd
-                has = np.zeros(len(x), dtype=bool)  # nothing to spell out in the alt text
-            ax.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
-            ax.plot(x, mean, color=colour, marker="o", markersize=4, linewidth=1.6, label=str(arm))
-            described.append(f"{arm}: " + ", ".join(
-                f"{_fmt(xi, 2)} -> {_fmt(mi)}" + (f" [{_fmt(lo)}, {_fmt(hi)}]" if ok else "")
-                for xi, mi, lo, hi, ok in zip(x, mean, low, high, has, strict=True)))
+        described = [_efficiency_line(ax, str(arm), points, colour, with_ci)
+                     for colour, (arm, points) in zip(SERIES * 4, benefit.items(), strict=False)]
         ax.fill_between([], [], [], color=GREY, alpha=0.25, linewidth=0, label=f"band: {band}")
         ax.set_xscale("log")
         ticks = sorted({float(f) for points in benefit.values() for f in points})
@@ -408,6 +386,30 @@ def data_efficiency_plot(benefit: Mapping[str, Mapping[Any, Mapping[str, Any]]],
             else "band: mean ± sd")
     return _encode(fig, f"Data-efficiency curve of {metric} by training fraction, {note} ({'; '.join(described)}).")
 
+
+def _efficiency_line(ax: Any, arm: str, points: Mapping[Any, Mapping[str, Any]], colour: str, with_ci: bool) -> str:
+    """Draw one arm's mean line and band (95 % CI over seeds, or ± sd); return its alt-text description."""
+    fractions = sorted(points, key=float)
+    x = np.array([float(f) for f in fractions])
+    mean = np.array([float(points[f]["mean"]) for f in fractions])
+    if with_ci:
+        # NaN leaves a gap in the band: no interval is drawn where there is none.
+        cis = [points[f].get("ci") or (math.nan, math.nan) for f in fractions]
+        low, high = (np.array([float(c[i]) for c in cis]) for i in (0, 1))
+        has = np.isfinite(low) & np.isfinite(high)
+        # Error bars too, so that an interval between two points without one still shows
+        # (clipped: matplotlib refuses a negative error, as an interval not around its mean gives).
+        yerr = np.clip([mean[has] - low[has], high[has] - mean[has]], 0.0, None)
+        ax.errorbar(x[has], mean[has], yerr=yerr, fmt="none", ecolor=colour, elinewidth=1.0, capsize=3, alpha=0.8)
+    else:
+        sd = np.array([float(points[f].get("sd") or 0.0) for f in fractions])
+        low, high = mean - sd, mean + sd
+        has = np.zeros(len(x), dtype=bool)  # nothing to spell out in the alt text
+    ax.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
+    ax.plot(x, mean, color=colour, marker="o", markersize=4, linewidth=1.6, label=arm)
+    return f"{arm}: " + ", ".join(
+        f"{_fmt(xi, 2)} -> {_fmt(mi)}" + (f" [{_fmt(lo)}, {_fmt(hi)}]" if ok else "")
+        for xi, mi, lo, hi, ok in zip(x, mean, low, high, has, strict=True))
 
 
 # ------------------------------------------------------------ figures composed from report data

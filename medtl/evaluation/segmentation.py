@@ -79,9 +79,32 @@ def segmentation_case_metrics(
     """
     n = len(y_true)
     if len(y_pred) != n or (ids is not None and len(ids) != n):
-        raise InputError(
-            "y_pred, y_true and ids must have one entry per case, not different lengths; align them"
-        )
+        raise InputError("y_pred, y_true and ids must have one entry per case, not different lengths; align them")
+    names, tol = _class_names_and_tolerances(num_classes, class_names, tolerance_mm)
+    spacings = _per_case_spacing(spacing, n)
+    # Imported here: torch + MONAI take seconds to import, and the audit (which only needs the
+    # column names above) must stay light for classification runs.
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric
+
+    metrics = {
+        "dice": DiceMetric(include_background=False, reduction="none"),
+        "hd95": HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none"),
+        "surface_dice": SurfaceDiceMetric(class_thresholds=tol, include_background=False, reduction="none"),
+    }
+    rows = [_case_values(i, y_pred[i], y_true[i], num_classes, spacings[i], metrics, names) for i in range(n)]
+    table = pd.DataFrame(rows, columns=[f"{m}_{c}" for m in SEGMENTATION_METRICS for c in names])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows give NaN means
+        for m in SEGMENTATION_METRICS:
+            table[m] = np.nanmean(table[[f"{m}_{c}" for c in names]].to_numpy(dtype=np.float64), axis=1)
+    table.insert(0, "id", [str(v) for v in ids] if ids is not None else [str(i) for i in range(n)])
+    return table
+
+
+def _class_names_and_tolerances(
+    num_classes: int, class_names: Sequence[str] | None, tolerance_mm: float | Sequence[float]
+) -> tuple[list[str], list[float]]:
+    """The foreground class names (column suffixes) and one surface-Dice tolerance per class, checked."""
     names = [str(c) for c in (class_names or range(1, num_classes))]
     if len(names) != num_classes - 1:
         raise InputError(
@@ -94,42 +117,31 @@ def segmentation_case_metrics(
         raise InputError(
             f"tolerance_mm must have one value per foreground class ({len(names)}), not {len(tol)}"
         )
-    spacings = _per_case_spacing(spacing, n)
-    # Imported here: torch + MONAI take seconds to import, and the audit (which only needs the
-    # column names above) must stay light for classification runs.
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric
+    return names, tol
 
-    dice = DiceMetric(include_background=False, reduction="none")
-    hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
-    nsd = SurfaceDiceMetric(class_thresholds=tol, include_background=False, reduction="none")
-    rows = []
-    for i in range(n):
-        pred, true = np.asarray(y_pred[i]), np.asarray(y_true[i])
-        if pred.shape != true.shape:
-            raise InputError(
-                f"prediction of case {i} must have the reference's shape {true.shape}, not {pred.shape}"
-            )
-        p, t = _one_hot(pred, num_classes, f"y_pred[{i}]"), _one_hot(true, num_classes, f"y_true[{i}]")
-        sp = spacings[i] if spacings[i] is not None else (1.0,) * pred.ndim
-        with warnings.catch_warnings():
-            # MONAI warns for every empty class ("may result in nan/inf distance") and about its
-            # own deprecated internals; NaN is the documented, intended outcome here.
-            warnings.simplefilter("ignore")
-            values = {
-                "dice": dice(p, t)[0],
-                "hd95": hd95(p, t, spacing=sp)[0],
-                "surface_dice": nsd(p, t, spacing=sp)[0],
-            }
-        rows.append(
-            {f"{m}_{c}": float(values[m][k]) for m in SEGMENTATION_METRICS for k, c in enumerate(names)}
+
+def _case_values(
+    i: int, y_pred: Any, y_true: Any, num_classes: int, spacing: tuple[float, ...] | None, metrics: dict[str, Any],
+    names: Sequence[str],
+) -> dict[str, float]:
+    """One case's row: every metric family per foreground class (`dice_<c>`, `hd95_<c>`, ...)."""
+    pred, true = np.asarray(y_pred), np.asarray(y_true)
+    if pred.shape != true.shape:
+        raise InputError(
+            f"prediction of case {i} must have the reference's shape {true.shape}, not {pred.shape}"
         )
-    table = pd.DataFrame(rows, columns=[f"{m}_{c}" for m in SEGMENTATION_METRICS for c in names])
+    p, t = _one_hot(pred, num_classes, f"y_pred[{i}]"), _one_hot(true, num_classes, f"y_true[{i}]")
+    sp = spacing if spacing is not None else (1.0,) * pred.ndim
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows give NaN means
-        for m in SEGMENTATION_METRICS:
-            table[m] = np.nanmean(table[[f"{m}_{c}" for c in names]].to_numpy(dtype=np.float64), axis=1)
-    table.insert(0, "id", [str(v) for v in ids] if ids is not None else [str(i) for i in range(n)])
-    return table
+        # MONAI warns for every empty class ("may result in nan/inf distance") and about its
+        # own deprecated internals; NaN is the documented, intended outcome here.
+        warnings.simplefilter("ignore")
+        values = {
+            "dice": metrics["dice"](p, t)[0],
+            "hd95": metrics["hd95"](p, t, spacing=sp)[0],
+            "surface_dice": metrics["surface_dice"](p, t, spacing=sp)[0],
+        }
+    return {f"{m}_{c}": float(values[m][k]) for m in SEGMENTATION_METRICS for k, c in enumerate(names)}
 
 
 def _per_case_spacing(spacing: Any, n: int) -> list[tuple[float, ...] | None]:

@@ -141,8 +141,32 @@ def audit_suppression(
         metrics but not their counts.
     """
     labels = {a: np.asarray([str(v) for v in g], dtype=object) for a, g in specs}
-    # One cell per distinct set of rows: an intersection cell that equals a group (site&scanner
-    # "S1&X" is scanner "X" when scanners nest in sites) is the same count, shown or hidden together.
+    canonical, sizes, primary = _audit_cells(labels, patient, k)
+
+    def cell(attribute: str, group: str) -> bytes:
+        return canonical[(attribute, group)]
+
+    # The whole audited set is public, unless it is itself small (then the audit suppresses it too).
+    whole = b"*whole*"
+    sizes[whole] = int(np.unique(patient).size)
+    if sizes[whole] <= k:
+        primary[whole] = f"suppressed, patients <= {k}"
+    hidden = protect(sizes, primary, _audit_relations(labels, cell, whole if whole in primary else None))
+    out: dict[str, dict[str, str]] = {}
+    for (attribute, group), key in canonical.items():
+        if key in hidden:
+            out.setdefault(attribute, {})[group] = primary.get(key, WITHHELD_NOTE)
+    return out
+
+
+def _audit_cells(
+    labels: Mapping[str, np.ndarray], patient: np.ndarray, k: int
+) -> tuple[dict[tuple[str, str], bytes], dict[bytes, int], dict[bytes, str]]:
+    """Every group's cell key, the cells' patient counts, and the notes of the cells suppressed (<= k patients).
+
+    One cell per distinct set of rows: an intersection cell that equals a group (site&scanner
+    "S1&X" is scanner "X" when scanners nest in sites) is the same count, shown or hidden together.
+    """
     canonical: dict[tuple[str, str], bytes] = {}
     sizes: dict[bytes, int] = {}
     primary: dict[bytes, str] = {}
@@ -154,16 +178,12 @@ def audit_suppression(
             sizes[key] = n_patients
             if n_patients <= k:  # patients <= images, so this also covers n <= k
                 primary[key] = f"suppressed, n <= {k}" if rows.size <= k else f"suppressed, patients <= {k}"
+    return canonical, sizes, primary
 
-    def cell(attribute: str, group: str) -> bytes:
-        return canonical[(attribute, group)]
 
-    # The whole audited set is public, unless it is itself small (then the audit suppresses it too).
-    whole = b"*whole*"
-    sizes[whole] = int(np.unique(patient).size)
-    if sizes[whole] <= k:
-        primary[whole] = f"suppressed, patients <= {k}"
-    total = whole if whole in primary else None
+def _audit_relations(labels: Mapping[str, np.ndarray], cell, total: Hashable | None) -> list[Relation]:
+    """The sums audit.json publishes: each attribute's groups make the whole set (`total`, None when
+    public), an intersection's cells make the groups of both sides, nested attributes their outer groups."""
     relations: list[Relation] = [(total, [cell(a, g) for g in sorted(set(groups))]) for a, groups in labels.items()]
     for attribute, joined in labels.items():
         sides = attribute.split("&")
@@ -175,10 +195,4 @@ def audit_suppression(
                 relations.append((cell(side, value), [cell(attribute, c) for c in cells]))
     singles = {a: g for a, g in labels.items() if "&" not in a}
     relations += nesting_relations(singles, cell)
-    relations = [(t, ps) for t, ps in relations if [t] != list(ps)]  # a group equal to its one part says nothing
-    hidden = protect(sizes, primary, relations)
-    out: dict[str, dict[str, str]] = {}
-    for (attribute, group), key in canonical.items():
-        if key in hidden:
-            out.setdefault(attribute, {})[group] = primary.get(key, WITHHELD_NOTE)
-    return out
+    return [(t, ps) for t, ps in relations if [t] != list(ps)]  # a group equal to its one part says nothing

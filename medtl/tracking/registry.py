@@ -203,6 +203,48 @@ def champion_audit(name: str) -> tuple[str, dict[str, Any]] | None:
     return str(version.version), document
 
 
+def resolve_model_uri(uri: str, *, what: str = "model URI") -> tuple[str, ModelVersion | None]:
+    """The model a `models:/` URI names, as MLflow resolves it.
+
+    MLflow parses the URI and resolves `models:/<name>@<alias>`, `models:/<name>/<version>`,
+    `models:/<name>/latest` and a logged model's `models:/<model id>`
+    (`ModelsArtifactRepository`); the reference names the version it resolved to, so loading it
+    later gives these weights even when the alias has moved on meanwhile.
+
+    Args:
+        uri: A models:/ URI, e.g. `models:/classify_2d@champion`.
+        what: What the URI is, for the error message, e.g. "config key 'continual.from_model'".
+
+    Returns:
+        `("<name>/<version>", that version with its tags)` for a registered version, or
+        `("<model id>", None)` for a logged model.
+
+    Raises:
+        InputError: naming the URI and MLflow's reason (not a models:/ URI, unknown model, alias
+            or version).
+
+    Example:
+        >>> resolve_model_uri("models:/classify_2d@champion")  # doctest: +SKIP
+        ('classify_2d/3', <ModelVersion: name='classify_2d', version='3', ...>)
+    """
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    client()  # MLflow resolves through the registry of medtl's tracking store
+    try:
+        resolved = ModelsArtifactRepository(uri)
+    except MlflowException as err:
+        reason = err.message.split(". ")[0].strip().rstrip(".")[:200]  # MLflow's first sentence names the problem
+        raise InputError(
+            f"{what} must name a registered version or a logged model, not {uri!r} ({reason}); use "
+            "models:/<name>@<alias>, models:/<name>/<version> or models:/<model id> and check the name, alias "
+            "or version in the MLflow UI"
+        ) from err
+    if resolved.is_logged_model_uri:
+        return uri.removeprefix("models:/"), None
+    version = get_model_version(resolved.model_name, resolved.model_version)
+    return f"{version.name}/{version.version}", version
+
+
 def get_model_version(name: str, version: str | int) -> ModelVersion:
     """The registry entry of one version (with its tags and aliases).
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,8 +23,8 @@ from medtl.engine.inference import predict
 from medtl.errors import ConfigError
 from medtl.evaluation.audit import BiasAudit
 from medtl.evaluation.audit_types import AuditRules
-from medtl.evaluation.bootstrap import bootstrap_binary, bootstrap_case_means, bootstrap_multiclass
-from medtl.evaluation.metrics import choose_threshold, classification_report_data
+from medtl.evaluation.bootstrap import Estimate, bootstrap_binary, bootstrap_case_means, bootstrap_multiclass
+from medtl.evaluation.metrics import binary_auroc, classification_report_data
 from medtl.evaluation.segmentation import segmentation_case_metrics
 from medtl.models.multitask import MultiTaskModel, split_outputs
 from medtl.tracking import registry
@@ -89,15 +91,28 @@ def patient_ids(data: PreparedData, ids: pd.Series) -> np.ndarray:
 
 
 def write_outputs(output_dir: Path, predictions: pd.DataFrame, metrics: dict) -> None:
-    """metrics.json and predictions.csv (no per-voxel arrays, only pseudonymous ids)."""
+    """metrics.json and predictions.csv (no per-voxel arrays, only pseudonymous ids).
+
+    metrics.json is strict JSON: an undefined metric (NaN) and an infinite threshold are null.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     columns = [c for c in predictions.columns if not c.startswith("_")]
     predictions[columns].to_csv(output_dir / "predictions.csv", index=False)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+    text = json.dumps(strict_json(metrics), indent=2, sort_keys=True, allow_nan=False)
+    (output_dir / "metrics.json").write_text(text)
 
 
-
-
+def strict_json(value: Any) -> Any:
+    """`value` as strict JSON data, recursively: NaN and infinities become None, numpy scalars Python numbers."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 logger = logging.getLogger(__name__)
@@ -122,12 +137,10 @@ def evaluate(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame)
             validation=(val["y_true"].to_numpy(), val["y_score"].to_numpy(), patient_ids(data, val["id"])),
             rule=ev.threshold_rule, target=target, n_boot=ev.n_boot, seed=cfg.seed,
         )
-        threshold = choose_threshold(val["y_true"], val["y_score"], ev.threshold_rule, target)
+        threshold = estimates["threshold"].value  # chosen on the validation patients
         curves = classification_report_data(test["y_true"], test["y_score"], threshold)
-        test_metrics = {k: e.to_dict() for k, e in estimates.items()}
-        val_auroc = _auroc(val["y_true"], val["y_score"])
-        return {"test": test_metrics, "val": {"auroc": {"value": val_auroc, "ci": None}},
-                "threshold": float(threshold), "curves": curves}
+        return {"test": {k: e.to_dict() for k, e in estimates.items()}, "val": _val_auroc(val),
+                "threshold": threshold, "curves": curves}
     columns = [f"y_score_{c}" for c in data.classes]
     labels = test["y_true"].map(lambda i: data.classes[int(i)])
     estimates = bootstrap_multiclass(labels, test[columns].to_numpy(), data.classes, patient_ids(data, test["id"]),
@@ -136,13 +149,9 @@ def evaluate(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame)
     return {"test": {k: e.to_dict() for k, e in estimates.items()}, "val": {}, "threshold": None, "curves": curves}
 
 
-def _auroc(y: pd.Series, s: pd.Series) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    try:
-        return float(roc_auc_score(y, s))
-    except ValueError:
-        return None
+def _val_auroc(val: pd.DataFrame) -> dict[str, dict]:
+    # NaN when the validation studies hold one class; Estimate.to_dict writes it as null.
+    return {"auroc": Estimate(binary_auroc(val["y_true"].to_numpy(), val["y_score"].to_numpy()), None).to_dict()}
 
 
 def _evaluate_segmentation(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame) -> dict:
@@ -188,7 +197,7 @@ def _add_class_head_metrics(cfg: WorkflowConfig, data: PreparedData, table: pd.D
         )
         out["threshold"] = estimates.pop("threshold").value
         out["test"].update({k: e.to_dict() for k, e in estimates.items()})
-        out["val"]["auroc"] = {"value": _auroc(val["y_true"], val["y_score"]), "ci": None}
+        out["val"].update(_val_auroc(val))
         return
     classes = [c.removeprefix("y_score_") for c in table.columns if c.startswith("y_score_")]
     estimates = bootstrap_multiclass(test["y_true"].map(lambda i: classes[int(i)]),
@@ -298,8 +307,6 @@ def scratch_reference_config(cfg: WorkflowConfig) -> WorkflowConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="none"),
                                train=dataclasses.replace(cfg.train, strategy="finetune"),
                                continual=ContinualConfig())
-
-
 
 
 def audit_reference(cfg: WorkflowConfig, data: PreparedData, *, name: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from medtl.models.multitask import (
     split_labels,
     split_outputs,
 )
+from medtl.tracking import registry
 from medtl.workflow.config import AdaptationConfig, WorkflowConfig
 from medtl.workflow.evaluate import (
     evaluate,
@@ -268,15 +270,21 @@ def train_multitask(
 
 
 def multitask_metric(num_seg_classes: int, dice: Callable) -> Callable[[torch.Tensor, torch.Tensor], dict]:
-    """Validation metric of packed multi-task outputs: "dice", class "auroc" and their mean "dice_auroc"."""
+    """Validation metric of packed multi-task outputs: "dice", class "auroc" and their mean "dice_auroc".
+
+    The class AUROC is NaN when it is undefined (no validation study with a class label, or one
+    class only), never 0.5; "dice_auroc" is then the mean of what is defined, Dice alone, so the
+    best epoch still follows the masks.
+    """
 
     def metric(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         segmentation, logits = split_outputs(outputs, num_seg_classes)
         mask, classes = split_labels(targets)
         values = dice(segmentation, mask)
         known = classes >= 0
-        values["auroc"] = class_auroc(logits[known], classes[known])["auroc"] if bool(known.any()) else 0.5
-        values["dice_auroc"] = (values["dice"] + values["auroc"]) / 2
+        values["auroc"] = class_auroc(logits[known], classes[known])["auroc"] if bool(known.any()) else math.nan
+        defined = [v for v in (values["dice"], values["auroc"]) if math.isfinite(v)]
+        values["dice_auroc"] = sum(defined) / len(defined) if defined else math.nan
         return values
 
     return metric
@@ -320,35 +328,25 @@ class RegisteredWeights:
 def load_registered_weights(uri: str) -> RegisteredWeights:
     """Load a registered version (`models:/name@alias`, `models:/name/version` or `models:/m-<id>`).
 
-    medtl logs models in MLflow's `pt2` format (`torch.export`); the loaded program keeps the
-    original module's parameter and buffer names, so its state_dict loads into a freshly built
-    model of the same config.
+    MLflow resolves the URI (`medtl.tracking.registry.resolve_model_uri`); the weights are then
+    loaded from the exact version it resolved to. medtl logs models in MLflow's `pt2` format
+    (`torch.export`); the loaded program keeps the original module's parameter and buffer names, so
+    its state_dict loads into a freshly built model of the same config.
 
     Raises:
-        InputError: when the version does not exist or cannot be loaded.
+        InputError: when the URI names no existing version (the message says why), or the
+            version cannot be loaded.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from medtl.tracking import store
-
-    target = uri.removeprefix("models:/")
-    client = store.client()
+    reference, version = registry.resolve_model_uri(uri, what="config key 'continual.from_model'")
     try:
-        if "@" in target:
-            name, alias = target.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        elif "/" in target:
-            name, number = target.rsplit("/", 1)
-            version = client.get_model_version(name, number)
-        else:
-            name, version = "", None
-        reference = f"{name}/{version.version}" if version is not None else target
-        module = mlflow.pytorch.load_model(f"models:/{reference}" if version is not None else uri)
+        module = mlflow.pytorch.load_model(f"models:/{reference}")
     except (MlflowException, OSError) as err:
         raise InputError(
-            f"config key 'continual.from_model' must name a registered version, not {uri!r}; check the model name "
-            f"and alias or version in the MLflow UI ({type(err).__name__})"
+            f"config key 'continual.from_model' must name a version whose model loads, not {uri!r} "
+            f"({reference}: {type(err).__name__}); register the model again through `medtl run`"
         ) from err
     state = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
     tags = dict(version.tags) if version is not None else {}

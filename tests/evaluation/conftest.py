@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from scipy.special import expit
 
 from medtl.evaluation.metrics import binary_metrics, classification_report_data
 from medtl.evaluation.report import find_chromium
@@ -26,6 +27,14 @@ from medtl.evaluation.report_types import (
 PLANTED_PATIENT = "P-PLANTED9f3ac1d2e"
 PLANTED_FOLDER = "dr_jane_doe_1961"
 APT_TIMEOUT_S = 600
+
+
+def binary_risks(n: int = 400, seed: int = 0, slope: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Outcomes drawn from known risks; scores are the risks' logits times 1/slope."""
+    rng = np.random.default_rng(seed)
+    true_logit = rng.normal(-0.3, 1.5, n)
+    y = (rng.random(n) < expit(true_logit)).astype(int)
+    return y, expit(true_logit / slope)
 
 
 def _estimate(value: float, half_width: float) -> dict:

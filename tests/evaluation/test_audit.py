@@ -212,6 +212,21 @@ def test_bonferroni_widens_tested_gap_intervals_over_the_number_of_tested_gaps()
     assert b["ci_level"] == 0.95 and b["ci"][1] - b["ci"][0] < a["ci"][1] - a["ci"][0]
 
 
+
+def test_audit_intervals_for_a_seed_are_pinned_to_the_values_recorded_before_the_audit_was_split_into_steps():
+    # Recorded with the single-method BiasAudit.run/_audit_attribute: same data and seed, same CIs.
+    df, pid = _predictions(seed=6)
+    result = BiasAudit(["sex", "age_band"], intersections=True, **FAST).run(df, pid).to_dict()
+    gaps = {(g["attribute"], g["metric"], g["kind"]): g for g in result["gaps"]}
+    assert gaps["sex", "auroc", "difference"]["ci"] == pytest.approx([-0.016666098001733777, 0.03066067716390194],
+                                                                     rel=1e-9)
+    assert gaps["sex", "fnr", "difference"]["ci"] == pytest.approx([-0.08885667187750526, 0.15609184622981254],
+                                                                   rel=1e-9)
+    assert result["thresholds"]["ci"] == pytest.approx([0.4232376702799718, 0.6271072870003846], rel=1e-9)
+    group_f = next(g for g in result["groups"] if g["attribute"] == "sex" and g["group"] == "F")
+    assert group_f["metrics"]["auroc"]["ci"] == pytest.approx([0.962286410435838, 0.9894016906407622], rel=1e-9)
+    assert group_f["metrics"]["fnr"]["ci"] == pytest.approx([0.01, 0.2315906708595388], rel=1e-9)
+
 # -- status: passed, failed, inconclusive --------------------------------------------------
 
 
@@ -347,6 +362,27 @@ def test_the_audit_statuses_have_one_source():
                 if set(vocabulary.AUDIT_STATUSES) <= words:
                     spelled.append(path.relative_to(package).as_posix())
     assert spelled == ["vocabulary.py"], "spell the audit statuses only in medtl.vocabulary"
+
+
+def test_the_evaluation_layer_reads_tasks_and_threshold_rules_from_the_vocabulary_and_the_docs_name_them():
+    import ast
+    from pathlib import Path
+
+    from medtl import vocabulary
+    from medtl.evaluation import audit, metrics
+
+    assert audit.TASKS is vocabulary.TASKS and metrics.THRESHOLD_RULES is vocabulary.THRESHOLD_RULES
+    package = Path(audit.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set):
+                words = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                for name in ("TASKS", "THRESHOLD_RULES"):
+                    assert not set(getattr(vocabulary, name)) <= words, f"{path.name} spells {name} again"
+    docs = (package.parents[1] / "docs" / "audit.md").read_text()
+    rules = docs.split("## The operating threshold")[1].split("\n## ")[0]
+    for rule in vocabulary.THRESHOLD_RULES:
+        assert f"- `{rule}`:" in rules, rule
 
 
 # -- bias amplification --------------------------------------------------------------------
@@ -516,11 +552,12 @@ def test_init_only_stores_arguments_and_run_validates_them():
 
 
 def test_audit_config_errors_name_the_bad_key():
-    with pytest.raises(ConfigError, match=r"audit\.tolerances\.aurocc.*auroc"):
+    # The close matches come from medtl.errors.did_you_mean, the one "did you mean" helper.
+    with pytest.raises(ConfigError, match=r"audit\.tolerances\.aurocc must name a gap metric.*did you mean 'auroc'"):
         AuditRules(tolerances={"aurocc": 0.05})
     with pytest.raises(ConfigError, match=r"audit\.tolerances\.fnr must be a number >= 0"):
         AuditRules(tolerances={"fnr": -1})
-    with pytest.raises(ConfigError, match=r"audit\.tolerance .*tolerances"):
+    with pytest.raises(ConfigError, match=r"audit\.tolerance .*did you mean 'audit\.tolerances'\?"):
         AuditRules.from_mapping({"tolerance": {"auroc": 0.05}})
     with pytest.raises(ConfigError, match=r"audit\.correction"):
         AuditRules.from_mapping({"correction": "holm"})

@@ -239,3 +239,33 @@ def test_bootstrap_multiclass_averages_over_the_classes_the_test_set_holds():
         np.mean([average_precision_score(y_code == k, probs[:, k]) for k in (0, 1)]))
     for name in ("auroc_macro", "auprc_macro", "balanced_accuracy"):
         assert est[name].ci is not None and est[name].ci[0] <= est[name].value <= est[name].ci[1], name
+
+
+def test_intervals_for_a_seed_are_pinned_to_the_values_recorded_before_the_bootstrap_was_split_into_steps():
+    # Recorded with the single-function bootstrap_binary / bootstrap_multiclass: a refactor that
+    # changes the draws, their order or a kernel moves these numbers.
+    y, s, patients = _data(seed=4)
+    yv, sv, pv = _data(n_patients=120, seed=5)
+    pv = np.array([p.replace("pseudo", "val") for p in pv])
+    est = bootstrap_binary(y, s, patients, validation=(yv, sv, pv), n_boot=300, seed=3)
+    pinned = {"auroc": (0.9182789371373328, 0.9731713891417445), "tpr": (0.6473694779116467, 0.9662921348314607),
+              "fpr": (0.020052287976787785, 0.2057517866959868), "ece": (0.12914426957223568, 0.1804128835133627),
+              "calibration_slope": (1.780113970482904, 3.0898524617817005), "threshold": (0.41, 0.69)}
+    for name, ci in pinned.items():
+        assert est[name].ci == pytest.approx(ci, rel=1e-9), name
+    fixed = bootstrap_binary(y, s, patients, threshold=0.5, n_boot=250, seed=1)
+    assert fixed["tpr"].ci == pytest.approx((0.8150412087912088, 0.9747808441558441), rel=1e-9)
+
+    from medtl.evaluation.bootstrap import bootstrap_multiclass
+
+    rng = np.random.default_rng(3)
+    patient = np.repeat(np.arange(90), rng.integers(1, 3, 90))
+    code = rng.integers(0, 3, 90)[patient]
+    logits = rng.normal(size=(patient.size, 3))
+    logits[np.arange(patient.size), code] += 1.2
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    multi = bootstrap_multiclass(np.array(["e", "n", "p"], dtype=object)[code], probs, ["e", "n", "p"],
+                                 np.array([f"q{p}" for p in patient]), n_boot=300, seed=1)
+    assert multi["auroc_macro"].ci == pytest.approx((0.7682097901906367, 0.8676083304136009), rel=1e-9)
+    assert multi["balanced_accuracy"].ci == pytest.approx((0.5230661072300354, 0.7031348443225758), rel=1e-9)
+    assert multi["auroc_e"].ci == pytest.approx((0.7595532468281906, 0.8995518481069542), rel=1e-9)

@@ -6,9 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from scipy.special import expit, logit
-from sklearn.calibration import calibration_curve
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     average_precision_score,
     brier_score_loss,
@@ -22,30 +19,20 @@ from medtl.errors import ConfigError, InputError
 from medtl.evaluation.metrics import (
     BINARY_METRICS,
     binary_metrics,
-    calibration_slope_intercept,
     choose_threshold,
     classification_report_data,
-    expected_calibration_error,
     multiclass_metrics,
     multilabel_metrics,
     reliability_curve,
 )
 from medtl.evaluation.segmentation import segmentation_case_metrics, segmentation_summary
-
-
-def _binary(n: int = 400, seed: int = 0, slope: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Outcomes drawn from known risks; scores are the risks' logits times 1/slope."""
-    rng = np.random.default_rng(seed)
-    true_logit = rng.normal(-0.3, 1.5, n)
-    y = (rng.random(n) < expit(true_logit)).astype(int)
-    return y, expit(true_logit / slope)
-
+from tests.evaluation.conftest import binary_risks
 
 # -- thresholds ----------------------------------------------------------------------------
 
 
 def test_choose_threshold_youden_maximises_tpr_minus_fpr_on_the_roc_curve():
-    y, s = _binary()
+    y, s = binary_risks()
     t = choose_threshold(y, s, "youden")
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
     assert t == thr[np.argmax(tpr - fpr)]
@@ -53,7 +40,7 @@ def test_choose_threshold_youden_maximises_tpr_minus_fpr_on_the_roc_curve():
 
 
 def test_choose_threshold_fixed_sensitivity_reaches_the_target_with_the_lowest_fpr():
-    y, s = _binary(seed=1)
+    y, s = binary_risks(seed=1)
     t = choose_threshold(y, s, "sensitivity", 0.9)
     pred = s >= t
     assert recall_score(y, pred) >= 0.9
@@ -63,7 +50,7 @@ def test_choose_threshold_fixed_sensitivity_reaches_the_target_with_the_lowest_f
 
 
 def test_choose_threshold_fixed_fpr_stays_under_the_target_with_the_highest_tpr():
-    y, s = _binary(seed=2)
+    y, s = binary_risks(seed=2)
     t = choose_threshold(y, s, "fpr", 0.1)
 
     def rates(th):
@@ -97,7 +84,7 @@ def test_choose_threshold_needs_both_classes_in_validation():
 
 
 def test_binary_metrics_equal_scikit_learn():
-    y, s = _binary(seed=3)
+    y, s = binary_risks(seed=3)
     t = 0.4
     m = binary_metrics(y, s, t)
     pred = (s >= t).astype(int)
@@ -128,49 +115,7 @@ def test_binary_metrics_rejects_scores_outside_0_1_and_non_binary_labels():
         binary_metrics([0, 1], [0.1, 0.2], 0.5, metrics=["aucroc"])
 
 
-# -- calibration ---------------------------------------------------------------------------
-
-
-def test_calibration_slope_equals_unpenalised_logistic_regression_on_the_logit():
-    y, s = _binary(n=600, seed=4, slope=0.6)
-    slope, _ = calibration_slope_intercept(y, s)
-    lr = LogisticRegression(penalty=None, tol=1e-12, max_iter=10_000).fit(logit(s)[:, None], y)
-    assert slope == pytest.approx(lr.coef_[0, 0], rel=1e-5)
-
-
-def test_calibration_slope_and_intercept_recover_known_miscalibration():
-    y, s = _binary(n=20_000, seed=5, slope=1.0)
-    slope, intercept = calibration_slope_intercept(y, s)
-    assert slope == pytest.approx(1.0, abs=0.05) and intercept == pytest.approx(0.0, abs=0.05)
-    y, s = _binary(n=20_000, seed=5, slope=0.5)  # overconfident: logits doubled
-    slope, _ = calibration_slope_intercept(y, s)
-    assert slope == pytest.approx(0.5, abs=0.03)
-
-
-def test_calibration_with_weight_rows_equals_calibration_of_the_repeated_rows():
-    y, s = _binary(n=200, seed=6)
-    w = np.random.default_rng(0).integers(0, 3, size=(3, y.size))
-    slopes, intercepts = calibration_slope_intercept(y, s, w)
-    for k in range(3):
-        idx = np.repeat(np.arange(y.size), w[k])
-        slope, intercept = calibration_slope_intercept(y[idx], s[idx])
-        assert slopes[k] == pytest.approx(slope, rel=1e-9) and intercepts[k] == pytest.approx(
-            intercept, abs=1e-9
-        )
-
-
-def test_calibration_on_separable_data_is_nan_not_a_huge_number():
-    slope, _ = calibration_slope_intercept([0, 0, 1, 1], [0.2, 0.3, 0.7, 0.8])
-    assert np.isnan(slope)
-
-
-def test_expected_calibration_error_matches_calibration_curve_bins():
-    y, s = _binary(seed=7, slope=0.7)
-    prob_true, prob_pred = calibration_curve(y, s, n_bins=10)
-    counts = np.bincount(np.searchsorted(np.linspace(0, 1, 11)[1:-1], s), minlength=10)
-    expected = np.sum(counts[counts > 0] / y.size * np.abs(prob_true - prob_pred))
-    assert expected_calibration_error(y, s, 10) == pytest.approx(expected, abs=1e-12)
-    assert expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0
+# -- report data ---------------------------------------------------------------------------
 
 
 def test_reliability_curve_has_one_entry_per_bin_and_none_for_empty_bins():
@@ -216,7 +161,7 @@ def test_multilabel_metrics_per_label_equal_binary_metrics():
 
 
 def test_classification_report_data_is_strict_json_with_curves_and_confusion_matrix():
-    y, s = _binary(seed=10)
+    y, s = binary_risks(seed=10)
     data = classification_report_data(y, s, threshold=0.5)
     json.dumps(data, allow_nan=False)
     tn = int(((s < 0.5) & (y == 0)).sum())
