@@ -119,6 +119,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from medtl.workflow.external import run_external_validation
+
+    output = Path(args.output or "external_validation")
+    out = run_external_validation(args.model, Path(args.root), Path(args.labels), output,
+                                  train_manifest=Path(args.train_manifest) if args.train_manifest else None,
+                                  overrides=args.set, key_file=Path(args.key_file) if args.key_file else None,
+                                  progress=not args.quiet)
+    values = ", ".join(f"{k} {v:.3f}" for k, v in out.metrics["test"].items() if isinstance(v, float) and k != "threshold")
+    print(f"external validation run {out.run_id}: {values}")
+    print(f"operating threshold {out.metrics['threshold']} (frozen at training); "
+          f"{out.metrics['counts']['studies']} studies of {out.metrics['counts']['patients']} patients evaluated")
+    for reason, n in out.left_out.items():
+        print(f"left out: {n} studies ({reason})")
+    print(f"outputs in {out.output_dir} (metrics.json, predictions.csv, audit.json, report.html)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from medtl.workflow.predict import run_predict
+
+    out = run_predict(args.model, Path(args.root), Path(args.output),
+                      labels=Path(args.labels) if args.labels else None,
+                      key_file=Path(args.key_file) if args.key_file else None, progress=not args.quiet)
+    print(f"{out.predicted} studies predicted: {out.predictions_csv}")
+    for reason, n in out.skipped.items():
+        print(f"left out: {n} studies ({reason})")
+    if out.masks:
+        print(f"{out.masks} masks in {out.output_dir / 'masks'}")
+    if out.dicom_segs:
+        print(f"{out.dicom_segs} DICOM SEG objects in {out.output_dir / 'dicom_seg'}: they carry the source's patient "
+              f"and study identifiers (DICOM requires them); keep them local")
+    return 0
+
+
 def _audit_summary(status: str | None, passed: bool | None, audit_json: Path, registered: str) -> str:
     """"audit passed; registered ...", "audit FAILED: ...; ..." or "audit INCONCLUSIVE: ..." with why and what helps."""
     status = status or ("passed" if passed else "failed")
@@ -270,6 +305,26 @@ def _add_run_commands(sub, common: argparse.ArgumentParser) -> None:
     r.add_argument("--output", help="output folder (default outputs/<workflow name>)")
     r.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
     r.set_defaults(func=_cmd_run, step="loading the workflow config")
+
+    ev = sub.add_parser("evaluate", parents=[common],
+                        help="external validation of a registered model on new labelled studies (frozen threshold)")
+    ev.add_argument("model", metavar="MODEL", help="models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow run id")
+    ev.add_argument("--root", required=True, help="folder of the external studies")
+    ev.add_argument("--labels", required=True, help="their labels CSV (path, label and/or mask, ...)")
+    ev.add_argument("--output", help="output folder (default external_validation)")
+    ev.add_argument("--train-manifest", help="the model's training manifest (default: where this machine recorded it)")
+    ev.add_argument("--key-file", help="project key file (default: $MEDTL_KEY_FILE or the config folder)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an evaluation or audit key, e.g. --set evaluation.n_boot=500 (repeatable)")
+    ev.set_defaults(func=_cmd_evaluate, step="validating the model on external data")
+
+    pr = sub.add_parser("predict", parents=[common], help="a registered model on new studies (no labels needed)")
+    pr.add_argument("model", metavar="MODEL", help="models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow run id")
+    pr.add_argument("--root", required=True, help="folder of the studies")
+    pr.add_argument("--labels", help="optional CSV whose 'path' column picks the studies")
+    pr.add_argument("--output", required=True, help="output folder (predictions.csv, masks/, dicom_seg/)")
+    pr.add_argument("--key-file", help="project key file (default: $MEDTL_KEY_FILE or the config folder)")
+    pr.set_defaults(func=_cmd_predict, step="predicting")
 
     rep = sub.add_parser("report", parents=[common], help="render the audited evaluation report of an MLflow run again")
     rep.add_argument("run_id", help="MLflow run id (printed by `medtl run`)")

@@ -289,6 +289,30 @@ def deterministic_transforms(prep: Preprocessing, root: Path, key_file: Path | N
     return mt.Compose(steps)
 
 
+def scoring_item(study_id: str, files: Sequence[Path], modality: str, prep: Preprocessing) -> dict:
+    """What `scoring_transforms` reads for one study given by its files (no manifest row, no key).
+
+    Args:
+        study_id: The id the prediction is reported under (a row pseudonym, or an index).
+        files: The study's files as `discover` found them (a DICOM series in slice order).
+        modality: The DICOM modality ("" for NIfTI and 2D exports): it picks the intensity scheme.
+        prep: The frozen network-input settings.
+    """
+    return {"id": study_id, "image": [str(f) for f in files], "intensity": _modality_scheme(modality, prep.intensity)}
+
+
+def scoring_transforms(prep: Preprocessing) -> mt.Compose:
+    """The deterministic transforms of training for `scoring_item`s, keeping the image's metadata.
+
+    The same load -> intensity -> orientation/spacing -> resize/pad -> normalise steps (so scores
+    equal the training run's), but the output stays a `MetaTensor` that records every spatial
+    step, so `mt.Invertd` can bring a predicted mask back onto the input's grid and affine. The
+    metadata holds geometry only (no file name: see `load_transform`).
+    """
+    steps = deterministic_transforms(prep, Path("."), None, has_mask=False).transforms
+    return mt.Compose(list(steps[1:-1]))  # neither the manifest lookup nor the metadata drop
+
+
 def augmentation_transforms(prep: Preprocessing, has_mask: bool, augmentation: Augmentation | None = None) -> mt.Compose:
     """Random transforms for training only; masks follow spatial ones with nearest neighbour.
 

@@ -15,6 +15,7 @@ Two leaks MLflow leaves open are closed here:
 from __future__ import annotations
 
 import copy
+import shutil
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ def log_torch_model(
     name: str = "model",
     serialization_format: Literal["pt2", "pickle"] = "pt2",
     step: int = 0,
+    pyfunc: tuple[str, Path] | None = None,
 ) -> str:
     """Log a model into the active run; inputs are float32 `(batch, *input_shape)`.
 
@@ -56,6 +58,10 @@ def log_torch_model(
         serialization_format: "pt2" (default; `torch.export`, loads without unpickling) or
             "pickle" (for networks `torch.export` cannot trace; loading needs their classes).
         step: Training step the model belongs to; MLflow links the run's metrics at that step.
+        pyfunc: `(loader_module, folder)`: the model's `python_function` flavor becomes that
+            module's `_load_pyfunc` over a copy of `folder` (the pytorch flavor stays as it is,
+            for `mlflow.pytorch.load_model`). Its input is then a DataFrame, so the tensor
+            signature is dropped (MLflow would enforce it on the DataFrame).
 
     Returns:
         The model URI, `models:/<model_id>`; pass it to `register_model`.
@@ -99,6 +105,7 @@ def log_torch_model(
             # Explicit requirements: inference would import the model in a subprocess (slow) and
             # may write an editable install's local path into requirements.txt.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            **({"medtl_pyfunc": pyfunc} if pyfunc is not None else {}),
         )
     except Exception as err:
         mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
@@ -145,7 +152,10 @@ def _signature(model: torch.nn.Module, example: np.ndarray) -> ModelSignature:
 
 def _save_model_without_stack_traces(path: str, mlflow_model: Model, **kwargs: Any) -> None:
     """`mlflow.pytorch.save_model`, then remove source file paths from the exported graph."""
+    pyfunc = kwargs.pop("medtl_pyfunc", None)
     mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+    if pyfunc is not None:
+        _own_pyfunc_flavor(path, mlflow_model, *pyfunc)
     archive = Path(path, "data", "model.pt2")
     if not archive.is_file():
         return
@@ -159,6 +169,21 @@ def _save_model_without_stack_traces(path: str, mlflow_model: Model, **kwargs: A
     if mlflow_model.model_size_bytes is not None:
         mlflow_model.model_size_bytes += archive.stat().st_size - before
         mlflow_model.save(str(Path(path, "MLmodel")))
+
+
+PYFUNC_DATA = "medtl_package"
+
+
+def _own_pyfunc_flavor(path: str, mlflow_model: Model, loader_module: str, folder: Path) -> None:
+    """Point the `python_function` flavor at `loader_module` over a copy of `folder` (no pickle)."""
+    shutil.copytree(folder, Path(path, PYFUNC_DATA))
+    flavor = dict(mlflow_model.flavors.get("python_function", {}))
+    flavor.update({"loader_module": loader_module, "data": PYFUNC_DATA})
+    for key in ("model_path", "pickle_module_name", "model_config"):  # mlflow.pytorch's, not ours
+        flavor.pop(key, None)
+    mlflow_model.flavors["python_function"] = flavor
+    mlflow_model.signature = None  # the pyfunc takes a DataFrame of paths or images, not the tensor
+    mlflow_model.save(str(Path(path, "MLmodel")))
 
 
 # `Model.log` accepts any flavor object with `save_model`; the name keeps MLflow's flavor label.

@@ -80,6 +80,20 @@ def _score_columns(probs: np.ndarray, classes: list[str]) -> dict:
     return {**scores, "y_pred": int(np.argmax(probs))}
 
 
+def at_operating_threshold(predictions: pd.DataFrame, threshold: float | None) -> pd.DataFrame:
+    """`y_pred` as the class at the operating threshold (`y_score >= threshold`) for binary tables.
+
+    The table is built before the threshold is chosen (on validation), so `y_pred` starts as the
+    argmax (a 0.5 cut); once chosen, the threshold decides, as in metrics.json. Multi-class tables
+    (no `y_score` column) and runs without a threshold keep the argmax.
+    """
+    if threshold is None or "y_score" not in predictions.columns:
+        return predictions
+    out = predictions.copy()
+    out["y_pred"] = (out["y_score"].to_numpy() >= threshold).astype(int)
+    return out
+
+
 def multitask_classes(data: PreparedData) -> list[str]:
     """Class names of a multi-task model's class head: the manifest labels of the segmentation rows."""
     return class_names(data.manifest["label"])
@@ -118,12 +132,14 @@ def strict_json(value: Any) -> Any:
 logger = logging.getLogger(__name__)
 
 
-def evaluate(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame) -> dict:
+def evaluate(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame, *,
+             threshold: float | None = None) -> dict:
     """Test metrics with CIs (and report data) from the val/test predictions table.
 
     Binary classification: threshold chosen on validation patients by the configured rule and
-    re-derived inside each bootstrap replicate. Segmentation: per-case Dice / HD95 / surface Dice
-    (MONAI metrics) with patient-level bootstrap CIs of the means.
+    re-derived inside each bootstrap replicate, or the given frozen `threshold` (external
+    validation: never re-derived on the new data). Segmentation: per-case Dice / HD95 / surface
+    Dice (MONAI metrics) with patient-level bootstrap CIs of the means.
     """
     val = predictions[predictions["split"] == "val"]
     test = predictions[predictions["split"] == "test"]
@@ -132,12 +148,14 @@ def evaluate(cfg: WorkflowConfig, data: PreparedData, predictions: pd.DataFrame)
     if cfg.task == "segmentation":
         return _evaluate_segmentation(cfg, data, predictions)
     if len(data.classes) == 2:
+        validation = None if threshold is not None else (
+            val["y_true"].to_numpy(), val["y_score"].to_numpy(), patient_ids(data, val["id"]))
         estimates = bootstrap_binary(
             test["y_true"].to_numpy(), test["y_score"].to_numpy(), patient_ids(data, test["id"]),
-            validation=(val["y_true"].to_numpy(), val["y_score"].to_numpy(), patient_ids(data, val["id"])),
-            rule=ev.threshold_rule, target=target, n_boot=ev.n_boot, seed=cfg.seed,
+            threshold=threshold, validation=validation, rule=ev.threshold_rule, target=target, n_boot=ev.n_boot,
+            seed=cfg.seed,
         )
-        threshold = estimates["threshold"].value  # chosen on the validation patients
+        threshold = estimates["threshold"].value  # chosen on the validation patients, or the frozen one
         curves = classification_report_data(test["y_true"], test["y_score"], threshold)
         return {"test": {k: e.to_dict() for k, e in estimates.items()}, "val": _val_auroc(val),
                 "threshold": threshold, "curves": curves}
@@ -244,7 +262,7 @@ def _class_labels(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame |
 
 def run_audit(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, *, progress: bool = True,
               reference: pd.DataFrame | None = None, reference_audit: dict | None = None,
-              reference_label: str | None = None) -> BiasAudit:
+              reference_label: str | None = None, threshold: float | None = None) -> BiasAudit:
     """Per-subgroup bias audit of the val/test predictions (threshold from validation).
 
     Args:
@@ -255,6 +273,7 @@ def run_audit(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, *, p
         reference: a reference model's table on the same ids (paired bias amplification).
         reference_audit: instead, a reference's audit.json (e.g. the champion's; unpaired).
         reference_label: the reference's name in audit.json.
+        threshold: a frozen operating threshold (external validation); None chooses it on `val`.
     """
     attributes = audit_attributes(cfg, data)
     settings = {"alpha": cfg.audit.alpha, "correction": cfg.audit.correction,
@@ -276,7 +295,7 @@ def run_audit(cfg: WorkflowConfig, data: PreparedData, table: pd.DataFrame, *, p
         positive_class=cfg.audit.positive_class if cfg.task == "classification" and len(data.classes) > 2 else None,
         progress=progress,
     )
-    return audit.run(_class_labels(cfg, data, table), patient_ids(data, table["id"]),
+    return audit.run(_class_labels(cfg, data, table), patient_ids(data, table["id"]), threshold=threshold,
                      reference_predictions=_class_labels(cfg, data, reference), reference_audit=reference_audit,
                      reference_label=reference_label)
 

@@ -21,6 +21,7 @@ from medtl.tracking import registry, run_records, store
 from medtl.tracking.torch_model import log_torch_model
 from medtl.workflow.config import WorkflowConfig
 from medtl.workflow.evaluate import (
+    at_operating_threshold,
     audit_document,
     audit_reference,
     check_audit_setup,
@@ -40,6 +41,7 @@ from medtl.workflow.methods import (
     train_for_config,
     train_scratch_reference,
 )
+from medtl.workflow.package import PACKAGE_DIR, packable, package_for_run, remember_run, write_package
 from medtl.workflow.prepare import (
     PreparedData,
     positive_class,
@@ -69,6 +71,8 @@ from medtl.workflow.steps import interrupts_kept, killed_on_interrupt, set_step
 from medtl.workflow.train import TrainedModel
 
 logger = logging.getLogger(__name__)
+
+SERVE_MODULE = "medtl.workflow.serve"  # the pyfunc loader module of registered models
 
 
 
@@ -142,6 +146,7 @@ class _Run:
     roots: list[Path] = dataclasses.field(default_factory=list, repr=False)
     run_id: str = ""
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    package_dir: Path | None = None  # OUTPUT/package once written
 
 
 def _run_steps(cfg: WorkflowConfig, output_dir: Path, *, resume: bool, progress: bool,
@@ -172,6 +177,7 @@ def _run_steps(cfg: WorkflowConfig, output_dir: Path, *, resume: bool, progress:
         evaluation, table, extra, old_table = _evaluate(run, trained, sets, progress=progress)
         audit_dict, reference = _audit(run, table, scratch, progress=progress)
         metrics = _write_results(run, trained, evaluation, extra, method_info, audit_dict, table)
+        _package(run, trained, evaluation, table, progress=progress)
         version = _record_results(run, trained, evaluation, extra, method_info, reference, audit_dict, metrics,
                                   old_table)
         report_path = _report(run, trained, evaluation, audit_dict, extra, version=version, environment=environment,
@@ -277,6 +283,8 @@ def _evaluate(run: _Run, trained: TrainedModel, sets: dict, *, progress: bool):
     t0 = time.perf_counter()
     predictions = predictions_table(run.cfg, run.data, trained, sets, progress=progress)
     evaluation = evaluate(run.cfg, run.data, predictions)
+    if run.cfg.task != "segmentation":
+        predictions = at_operating_threshold(predictions, evaluation.get("threshold"))
     table = evaluation.pop("cases") if run.cfg.task == "segmentation" else predictions
     extra, old_table = extra_evaluations(run.cfg, run.data, predictions, trained, run.old, progress=progress)
     run.timings["evaluate_seconds"] = time.perf_counter() - t0
@@ -321,6 +329,23 @@ def _write_results(run: _Run, trained: TrainedModel, evaluation: dict, extra: di
     return metrics
 
 
+def _package(run: _Run, trained: TrainedModel, evaluation: dict, table, *, progress: bool) -> None:
+    """OUTPUT/package (frozen settings, weights, reference profile), logged to the run's `package/`;
+    where the training manifest lies is remembered on this machine only."""
+    set_step("packaging the model")
+    package = package_for_run(run.cfg, run.data, trained.prep, evaluation.get("threshold"), table,
+                              run_id=run.run_id, progress=progress)
+    if not packable(package, trained.bundle.model):
+        logger.warning("the model is not packaged for `medtl predict`/`medtl evaluate`: the %s method adds heads "
+                       "that only its training code builds", run.cfg.adaptation.method)
+        return
+    folder = write_package(package, trained.bundle.model, run.output_dir / PACKAGE_DIR)
+    for path in sorted(folder.iterdir()):
+        run_records.log_artifact(path, PACKAGE_DIR)
+    remember_run(run.run_id, run.data.manifest_path)
+    run.package_dir = folder
+
+
 def _record_results(run: _Run, trained: TrainedModel, evaluation: dict, extra: dict, method_info: dict, reference,
                     audit_dict: dict, metrics: dict, old_table) -> str:
     """Metrics, artifacts, the model and its registry version (with the audit's verdict); then a scan.
@@ -342,7 +367,9 @@ def _record_results(run: _Run, trained: TrainedModel, evaluation: dict, extra: d
     run_records.log_final_metrics(flat)
     store.client().set_tag(run.run_id, AUDIT_STATUS_TAG, status)
     _log_artifacts(run, old_table)
-    model_uri = log_torch_model(trained.bundle.model, (cfg.model.in_channels, *cfg.data.image_size))
+    # With a package, the model's python_function flavor takes raw images (medtl.workflow.serve).
+    pyfunc = (SERVE_MODULE, run.package_dir) if run.package_dir is not None else None
+    model_uri = log_torch_model(trained.bundle.model, (cfg.model.in_channels, *cfg.data.image_size), pyfunc=pyfunc)
     version = ""
     if cfg.tracking.register:
         version = registry.register_model(model_uri, run.name, version_tags(cfg, run.data, trained, run.run_id,

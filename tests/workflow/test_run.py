@@ -9,9 +9,7 @@ cache) are checked on their own, on real PNG and NIfTI files, without training.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import logging
 import re
@@ -26,19 +24,16 @@ import torch
 
 from medtl.cli import main
 from medtl.data.dataset import Augmentation, manifest_items
-from medtl.data.synthetic import write_demo_data
 from medtl.errors import ConfigError, InputError, WeightsError
 from medtl.tracking import phi_guard, registry, store
 from medtl.workflow.config import load_config
-from medtl.workflow.demo import run_demo
 from medtl.workflow.prepare import positive_class, preflight, prepare_data, publish_manifest, staged_manifest
 from medtl.workflow.record import WITHHELD_NAME, config_dict
 from medtl.workflow.train import build_model, datasets_for, preprocessing_for
 from tests.exports import write_nifti_exports, write_png_exports
+from tests.workflow.conftest import DEMO_STORE
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
-
-TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100"]
 
 
 def _test_auroc(predictions_csv: Path) -> float:
@@ -50,29 +45,8 @@ def _test_auroc(predictions_csv: Path) -> float:
     return float(roc_auc_score(test["y_true"], test["y_score"]))
 
 
-_DEMO_STORE: dict[str, str] = {}  # the tracking URI the demo run recorded in
-
-
 def demo_store() -> str:
-    return _DEMO_STORE["uri"]
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """A tiny demo run, once per module; tests read its store by URI, never by the current folder."""
-    work = tmp_path_factory.mktemp("demo")
-    printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)  # the embedded MLflow store is ./mlruns of the working directory
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # no store of an earlier module
-            mp.setenv(name, "")
-            mp.delenv(name)
-        with contextlib.redirect_stdout(printed):
-            outputs = run_demo(work / "out", patients=48, seed=0, progress=False, overrides=TINY)
-        _DEMO_STORE["uri"] = store.tracking_uri()
-        twin = write_demo_data(work / "twin", patients=48, seed=0, progress=False)
-        (work / "printed.txt").write_text(printed.getvalue())
-        yield work, outputs, twin.phi_strings | {f"date:{d}" for d in twin.phi_dates}
+    return DEMO_STORE["uri"]
 
 
 @pytest.mark.slow
@@ -87,6 +61,9 @@ def test_demo_run_writes_the_stable_outputs(demo_run, monkeypatch):
     assert list(predictions.columns) == ["id", "split", "y_true", "y_score", "y_pred", "sex", "age_band", "site", "scanner"]
     assert set(predictions["split"]) == {"val", "test"}
     assert predictions["id"].str.startswith("R-").all()
+    # y_pred is the class at metrics.json's operating threshold (chosen on validation), not the argmax.
+    expected = (predictions["y_score"] >= metrics["threshold"]).astype(int)
+    assert (predictions["y_pred"] == expected).all() and metrics["threshold"] != 0.5
     audit = json.loads((outputs.output_dir / "audit.json").read_text())
     assert isinstance(audit["passed"], bool) and audit["groups"] and "gaps" in audit
     assert (work / "mlruns" / "mlflow.db").is_file()
