@@ -41,7 +41,14 @@ from medtl.workflow.methods import (
     train_for_config,
     train_scratch_reference,
 )
-from medtl.workflow.package import PACKAGE_DIR, packable, package_for_run, remember_run, write_package
+from medtl.workflow.package import (
+    PACKAGE_DIR,
+    PROFILE_FILE,
+    packable,
+    package_for_run,
+    remember_run,
+    write_package,
+)
 from medtl.workflow.prepare import (
     PreparedData,
     positive_class,
@@ -336,8 +343,9 @@ def _package(run: _Run, trained: TrainedModel, evaluation: dict, table, *, progr
     package = package_for_run(run.cfg, run.data, trained.prep, evaluation.get("threshold"), table,
                               run_id=run.run_id, progress=progress)
     if not packable(package, trained.bundle.model):
-        logger.warning("the model is not packaged for `medtl predict`/`medtl evaluate`: the %s method adds heads "
-                       "that only its training code builds", run.cfg.adaptation.method)
+        logger.warning("the model is not packaged for `medtl predict`/`medtl evaluate`: its method adds heads "
+                       "that only its training code builds (multi-task or DANN)")
+        run_records.log_json(package.profile, f"{PACKAGE_DIR}/{PROFILE_FILE}")  # the profile still goes with the run
         return
     folder = write_package(package, trained.bundle.model, run.output_dir / PACKAGE_DIR)
     for path in sorted(folder.iterdir()):
