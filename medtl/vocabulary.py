@@ -100,7 +100,8 @@ MEDTL_WORDS = frozenset(
     safetensors sched scikit scn sgd shortcut signoff softmax sqlite str summarise tbody tencent thead titlesize
     toplevel tuple urandom uri utc utf var vermillion viewport voilutsequence warmup waveform whitespace
     workspace ymwdymwd zscore backend debug stderr stdout traceback tracebacks venv byte spreadsheet
-    surrogateescape underdiagnosis ctx int keyword loc neighbouring""".split()
+    surrogateescape underdiagnosis ctx int keyword loc neighbouring highdicom pyfunc tvd smd psi std stats
+    quantiles numeric preprocess mappings download backslashes""".split()
 )
 
 # Words of medtl's fixed outputs that person-name checks must know: split names and the nouns of

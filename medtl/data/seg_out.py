@@ -127,7 +127,7 @@ def _label_map(mask: np.ndarray, n_classes: int) -> np.ndarray:
     if values.ndim not in (2, 3) or values.size == 0:
         raise InputError(f"the mask must be a 2D or 3D label map, not an array of {values.ndim} dimensions "
                          "or an empty one; drop channel and batch axes first")
-    if values.dtype.kind not in "biuf" or (values.dtype.kind == "f" and not np.all(np.isfinite(values))):
+    if values.dtype.kind not in ("b", "i", "u", "f") or (values.dtype.kind == "f" and not np.all(np.isfinite(values))):
         raise InputError("the mask must hold integer labels, not another data type or NaN; take the argmax "
                          "of the model output first")
     if np.any(values != np.round(values)) or values.min() < 0 or values.max() > n_classes:

@@ -105,7 +105,9 @@ def log_torch_model(
             # Explicit requirements: inference would import the model in a subprocess (slow) and
             # may write an editable install's local path into requirements.txt.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            **({"medtl_pyfunc": pyfunc} if pyfunc is not None else {}),
+            # MLflow would check the tensor input example against the pyfunc, which takes a
+            # DataFrame of paths or images: a guaranteed, slow failure and a confusing warning.
+            **({"medtl_pyfunc": pyfunc, "validate_serving_input": False} if pyfunc is not None else {}),
         )
     except Exception as err:
         mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
@@ -153,6 +155,7 @@ def _signature(model: torch.nn.Module, example: np.ndarray) -> ModelSignature:
 def _save_model_without_stack_traces(path: str, mlflow_model: Model, **kwargs: Any) -> None:
     """`mlflow.pytorch.save_model`, then remove source file paths from the exported graph."""
     pyfunc = kwargs.pop("medtl_pyfunc", None)
+    kwargs.pop("validate_serving_input", None)  # Model.log's option, not save_model's
     mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
     if pyfunc is not None:
         _own_pyfunc_flavor(path, mlflow_model, *pyfunc)

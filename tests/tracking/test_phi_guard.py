@@ -234,3 +234,18 @@ def test_scan_fields_checks_params_and_names_before_they_are_logged(tmp_path, mo
     assert tracking.phi_guard.scan_fields({"experiment": "chest-xray"}, NORMALISED, [data_root]) == []
     with pytest.raises(InputError, match="fields must be a mapping"):
         tracking.phi_guard.scan_fields(["data.root"], NORMALISED, [])
+
+
+def test_a_safetensors_file_is_scanned_in_its_header_not_its_weights(tmp_path):
+    """Metadata and tensor names can hold text; the weights are numbers whose bytes may spell anything."""
+    from safetensors.torch import save_file
+
+    needle = b"KOWALSKI"
+    weights = torch.frombuffer(bytearray(needle * 4), dtype=torch.float32).clone()  # bytes spelling the name
+    clean, named, padded = tmp_path / "clean.safetensors", tmp_path / "named.safetensors", tmp_path / "padded.safetensors"
+    save_file({"w": weights}, str(clean))
+    save_file({"w": weights}, str(named), metadata={"owner": "kowalski"})
+    padded.write_bytes(clean.read_bytes() + b" kowalski")  # bytes beyond the tensors: not well-formed, all scanned
+    findings = tracking.phi_guard.scan_files([clean, named, padded], ["kowalski"], [])
+    assert not any("clean.safetensors" in f for f in findings)
+    assert any("named.safetensors" in f for f in findings) and any("padded.safetensors" in f for f in findings)
