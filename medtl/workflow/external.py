@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 
 from medtl.data.inventory import file_sha256
 from medtl.data.manifest import build_manifest
 from medtl.data.verify import resolve_study
 from medtl.errors import InputError
-from medtl.evaluation.metrics import classification_report_data
 from medtl.evaluation.report_external import render_external_report
 from medtl.evaluation.shift import build_profile, compare_profiles
 from medtl.tracking import registry, run_records, store
@@ -68,6 +66,9 @@ def run_external_validation(model_ref: str, root: Path, labels: Path, output_dir
     """
     set_step("loading the model")
     package, network, resolved = fetch_package(model_ref)
+    if package.task != "classification":
+        raise InputError("medtl evaluate must be given a classification model, not a segmentation model (not "
+                         "supported yet); run `medtl predict` on the external studies and compare its masks")
     check_key(package, key_file)
     cfg = external_config(package, root, labels, overrides or [])
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -132,8 +133,6 @@ def leave_out_training_patients(manifest: pd.DataFrame, training: pd.DataFrame) 
 
 def _labelled(rows: list[dict], package: ModelPackage) -> tuple[list[dict], int]:
     """Rows with a label of the model's classes; rows without a label are counted; others refused."""
-    if package.task != "classification":
-        return [r for r in rows if str(r.get("mask", "")).strip()], sum(not str(r.get("mask", "")).strip() for r in rows)
     kept = [r for r in rows if str(r.get("label", "")).strip()]
     unknown = sorted({str(r["label"]) for r in kept} - set(package.classes))
     if unknown:
@@ -248,5 +247,3 @@ def _tag_version(resolved: str, run_id: str) -> None:
     runs = [r for r in current.split(",") if r] + [run_id]
     store.client().set_model_version_tag(name, version, EXTERNAL_TAG, ",".join(runs))
 
-
-__all__ = ["ExternalOutputs", "run_external_validation", "np", "classification_report_data"]
