@@ -277,3 +277,6 @@ def test_segmentation_predict_writes_masks_on_the_input_grid_and_dicom_seg_over_
     # The SEG objects carry identifiers by design: they stay in their own folder, named by pseudonym only.
     assert {p.stem for p in (tmp_path / "pred" / "dicom_seg").iterdir()} <= set(manifest.index)
     shutil.rmtree(tmp_path / "pred" / "dicom_seg")
+    with pytest.raises(InputError, match="must be given a classification model"):
+        run_external_validation(f"models:/seg/{trained.model_version}", root, root / "labels.csv", tmp_path / "x",
+                                progress=False)
