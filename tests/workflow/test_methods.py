@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -106,6 +107,14 @@ def _mlflow_run(run_id: str):
     return store.client().get_run(run_id).data
 
 
+def _auroc(table: pd.DataFrame, rows) -> float:
+    """AUROC of the given rows of a predictions table, recomputed with scikit-learn."""
+    from sklearn.metrics import roc_auc_score
+
+    part = table[rows]
+    return float(roc_auc_score(part["y_true"], part["y_score"]))
+
+
 def _side_by_side(report: Path) -> str:
     """The HTML of the report's "Test sets side by side" table (fails when it is missing)."""
     match = re.search(r'<h3 id="test-sets">.*?</table>', report.read_text(encoding="utf-8"), flags=re.DOTALL)
@@ -120,10 +129,12 @@ def test_adabn_run_reports_target_and_source_test_and_changes_only_batchnorm_sta
     out = run_workflow(cfg, tmp_path / "run", progress=False, extra_forbidden=demo.phi)
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("test", "target_test", "source_test"):
-        assert 0.0 <= metrics[key]["auroc"] <= 1.0, key
     assert metrics["adaptation"]["bn_layers"] > 0 and metrics["adaptation"]["target_images"] >= 2
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    test, target = predictions["split"] == "test", predictions["site"] == demo.target
+    # Each test set's AUROC is the one of its own rows: all test rows, the target site's, the others'.
+    for key, rows in (("test", test), ("target_test", test & target), ("source_test", test & ~target)):
+        assert metrics[key]["auroc"] == pytest.approx(_auroc(predictions, rows), abs=1e-9), key
     assert demo.target not in set(predictions.loc[predictions["split"] == "val", "site"]), "target rows left val"
     assert demo.target in set(predictions.loc[predictions["split"] == "test", "site"])
     logged = _mlflow_run(out.run_id).metrics
@@ -152,7 +163,9 @@ def test_dann_run_trains_with_unlabelled_target_studies_and_registers_a_plain_cl
     out = run_workflow(cfg, tmp_path / "run", progress=False, extra_forbidden=demo.phi)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["adaptation"]["target_images"] == unlabelled
-    assert 0.0 <= metrics["target_test"]["auroc"] <= 1.0
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    on_target = (predictions["split"] == "test") & (predictions["site"] == demo.target)
+    assert metrics["target_test"]["auroc"] == pytest.approx(_auroc(predictions, on_target), abs=1e-9)
     checkpoint = load_weights(next((tmp_path / "run" / "checkpoints").glob("best-*.pt")))
     assert any(k.startswith("domain_head.") for k in checkpoint), "the domain classifier trained with the model"
     registered = load_registered_weights(f"models:/xr_dann/{out.model_version}").state
@@ -171,10 +184,15 @@ def test_continual_run_records_both_test_sets_and_starts_from_the_registered_ver
     out = run_workflow(cfg, tmp_path / "second", progress=False, extra_forbidden=demo.phi)
 
     metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
-    assert 0.0 <= metrics["old_test"]["auroc"] <= 1.0 and 0.0 <= metrics["test"]["auroc"] <= 1.0
     assert metrics["continual"]["from_model"] == f"xr_continual/{first.model_version}"
     old_ids = set(pd.read_csv(demo.manifests["old"]).query("split == 'test' and modality != 'CT'")["id"])
     old_predictions = pd.read_csv(tmp_path / "second" / "old_predictions.csv")
+    new_predictions = pd.read_csv(tmp_path / "second" / "predictions.csv")
+    # Both test sets are scored by the new model, each on its own rows.
+    assert metrics["old_test"]["auroc"] == pytest.approx(
+        _auroc(old_predictions, old_predictions["split"] == "test"), abs=1e-9)
+    assert metrics["test"]["auroc"] == pytest.approx(
+        _auroc(new_predictions, new_predictions["split"] == "test"), abs=1e-9)
     assert set(old_predictions.loc[old_predictions["split"] == "test", "id"]) == old_ids
     run = _mlflow_run(out.run_id)
     assert {"old_test.auroc", "test.auroc", "old_test.auroc.ci_lo"} <= set(run.metrics)
@@ -224,12 +242,19 @@ def test_multitask_run_reports_dice_and_class_auroc(demo, tmp_path):
     out = run_workflow(cfg, tmp_path / "run", progress=False, extra_forbidden=demo.phi)
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert 0.0 <= metrics["test"]["dice"] <= 1.0
-    assert metrics["test"]["auroc"] is None or 0.0 <= metrics["test"]["auroc"] <= 1.0
     assert "auroc" in metrics["test_ci"]
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
     assert {"y_true", "y_score", "y_pred", "dice"} <= set(predictions.columns)
-    assert set(predictions["y_true"]) <= {0, 1}
+    assert set(predictions["y_true"]) <= {-1, 0, 1}
+    test = predictions["split"] == "test"
+    # The mask metric is the mean of the test cases' Dice; the class head's AUROC is over the test
+    # studies that carry a class label (null when they hold one class only).
+    assert metrics["test"]["dice"] == pytest.approx(float(np.nanmean(predictions.loc[test, "dice"])), abs=1e-9)
+    labelled = test & (predictions["y_true"] >= 0)
+    if predictions.loc[labelled, "y_true"].nunique() == 2:
+        assert metrics["test"]["auroc"] == pytest.approx(_auroc(predictions, labelled), abs=1e-9)
+    else:
+        assert metrics["test"]["auroc"] is None
     assert store.client().get_model_version("ct_mt", out.model_version).tags["multitask"].startswith("outputs 3")
 
 
