@@ -148,6 +148,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"left out: {n} studies ({reason})")
     if out.masks:
         print(f"{out.masks} masks in {out.output_dir / 'masks'}")
+    if out.skipped_segs:
+        print(f"{out.skipped_segs} DICOM inputs got no DICOM SEG (their NIfTI masks were written; the warnings say why)")
     if out.dicom_segs:
         print(f"{out.dicom_segs} DICOM SEG objects in {out.output_dir / 'dicom_seg'}: they carry the source's patient "
               f"and study identifiers (DICOM requires them); keep them local")

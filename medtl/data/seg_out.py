@@ -157,6 +157,10 @@ def _read_headers(source_files: Sequence[Path]) -> list[Dataset]:
         for keyword in _TYPE2_KEYWORDS:
             if keyword not in ds:
                 setattr(ds, keyword, "")  # in memory only, as a conforming file would have it
+        # An empty SpecificCharacterSet means the default repertoire (PS3.3 C.12.1.1.2); highdicom
+        # refuses the empty value that real scanners write, so it is removed, in memory only.
+        if "SpecificCharacterSet" in ds and not str(ds.SpecificCharacterSet or "").strip():
+            del ds.SpecificCharacterSet
     return datasets
 
 

@@ -54,6 +54,10 @@ QUANTILES = {"p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p
 CATEGORICAL = ("modality", "scanner", "site", "sex", "age_band")
 #: Pseudonymised attributes: a new study's value may hide in "other", so "other" counts as seen.
 PSEUDONYMISED = ("scanner", "site")
+# Small cells are merged for the attributes that, combined, can single a patient out. The modality
+# is a property of the examination, not of the person: its shares stay exact, or a set of 45 DX and
+# 3 CR studies would become all "other" and every DX study would look unseen to the checks.
+QUASI_IDENTIFIERS = ("scanner", "site", "sex", "age_band")
 INTENSITY_STATS = ("mean", "std", "p01", "p50", "p99")
 MAX_AXES = 3
 OTHER = "other"
@@ -148,7 +152,7 @@ def build_profile(
         "schema_version": SCHEMA_VERSION,
         "n_studies": len(rows),
         "min_count": min_count,
-        "categorical": {a: _shares(text[a], min_count) for a in CATEGORICAL},
+        "categorical": {a: _shares(text[a], min_count if a in QUASI_IDENTIFIERS else 1) for a in CATEGORICAL},
         "numeric": numeric,
         "scores": None if scores is None else _score_profile(scores, min_count),
     }
@@ -221,7 +225,8 @@ def within_distribution(
 
     Args:
         reference: `build_profile` of the training data.
-        row: The study's manifest row (str values; missing keys count as empty).
+        row: The study's manifest row (str values; an empty value is a missing one; a key the row
+            lacks is not checked).
         intensity: `intensity_stats` of the study's image, or None.
         score: The model's score for the study, or None.
 
@@ -238,6 +243,8 @@ def within_distribution(
     reasons: list[str] = []
     categorical, numeric = reference["categorical"], reference["numeric"]
     for attribute, reason in (("modality", REASON_MODALITY), ("scanner", REASON_SCANNER)):
+        if attribute not in row:  # not known for this study (a served image has no scanner pseudonym)
+            continue
         seen = categorical.get(attribute) or {}
         value = str(row.get(attribute) or "") or MISSING
         if value not in seen and not (attribute in PSEUDONYMISED and OTHER in seen):

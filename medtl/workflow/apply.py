@@ -32,6 +32,7 @@ class Scored:
     mask: np.ndarray | None = None  # integer label map, the input's spatial shape
     affine: np.ndarray | None = None  # the mask's voxel-to-RAS affine (the input's)
     intensity: dict[str, float] | None = None  # raw-image statistics for the shift checks
+    input_shape: tuple[int, ...] = ()  # the loaded image's spatial shape (the manifest's `shape`)
 
 
 def device_for(network: torch.nn.Module) -> torch.device:
@@ -88,7 +89,8 @@ def score_loaded(package: ModelPackage, network: torch.nn.Module, items: Iterabl
     roi = tuple(prep.image_size) if prep.patch else None
     outputs = predict(network, dataset, activation=activation, batch_size=batch_size if roi is None else 1,
                       roi_size=roi, amp="auto", progress=progress)
-    return [Scored(out["id"], probs=out["output"].numpy().astype(np.float64), intensity=item["stats"])
+    return [Scored(out["id"], probs=out["output"].numpy().astype(np.float64), intensity=item["stats"],
+                   input_shape=item["input_shape"])
             for out, (item, _) in zip(outputs, loaded, strict=True)]
 
 
@@ -100,8 +102,9 @@ def _preprocessed(package: ModelPackage, items: Iterable[dict], total: int | Non
     out = []
     for item in tqdm(items, total=total, desc="preprocess", unit="study", disable=not progress):
         stats = intensity_stats(np.asarray(item["image"].as_tensor()))
+        shape = tuple(int(n) for n in item["image"].shape[1:])
         item = rest(item)
-        item["stats"] = stats
+        item["stats"], item["input_shape"] = stats, shape
         out.append((item, pipeline))
     return out
 
@@ -119,7 +122,7 @@ def _segment(package: ModelPackage, network: torch.nn.Module, item: dict, pipeli
         {"image": image, "pred": pred})["pred"]
     mask = np.rint(np.asarray(inverted.as_tensor()[0])).astype(np.uint8)
     return Scored(item["id"], mask=mask, affine=np.asarray(inverted.affine, dtype=np.float64),
-                  intensity=item["stats"])
+                  intensity=item["stats"], input_shape=item["input_shape"])
 
 
 def decide(package: ModelPackage, probs: np.ndarray) -> int:

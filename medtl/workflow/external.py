@@ -21,7 +21,7 @@ import pandas as pd
 from medtl.data.inventory import file_sha256
 from medtl.data.manifest import build_manifest
 from medtl.data.verify import resolve_study
-from medtl.errors import InputError
+from medtl.errors import ConfigError, InputError
 from medtl.evaluation.report_external import render_external_report
 from medtl.evaluation.shift import build_profile, compare_profiles
 from medtl.tracking import registry, run_records, store
@@ -36,6 +36,7 @@ from medtl.workflow.record import flat_estimates, scan_files_or_raise
 from medtl.workflow.steps import set_step
 
 EXTERNAL_TAG = "external_validations"  # on the model version: the validation runs, comma-separated
+OVERRIDABLE = ("evaluation.", "audit.", "seed")  # what `--set` may change; the rest is frozen with the model
 
 
 @dataclass
@@ -65,7 +66,7 @@ def run_external_validation(model_ref: str, root: Path, labels: Path, output_dir
         progress: Show progress bars.
     """
     set_step("loading the model")
-    package, network, resolved = fetch_package(model_ref)
+    package, network, resolved = fetch_package(model_ref, progress=progress)
     if package.task != "classification":
         raise InputError("medtl evaluate must be given a classification model, not a segmentation model (not "
                          "supported yet); run `medtl predict` on the external studies and compare its masks")
@@ -97,6 +98,10 @@ def external_config(package: ModelPackage, root: Path, labels: Path, overrides: 
         raise InputError("the model package must record its workflow settings, not lack them; it was logged by an "
                          "older medtl: run the workflow again")
     base["data"] = {**base["data"], "root": str(root), "labels": str(labels)}
+    frozen = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(OVERRIDABLE)]
+    if frozen:
+        raise ConfigError(f"--set may change evaluation.*, audit.* or seed only, not {frozen[0].split('=', 1)[0]!r}: "
+                          "the model's data and model settings are frozen at training")
     return load_config(None, overrides, base=base)
 
 
@@ -235,9 +240,15 @@ def _record(package, resolved, cfg, evaluation, audit, metrics, shift, output_di
         run_records.log_final_metrics(flat_estimates("external_test", evaluation["test"]))
         for path in outputs:
             run_records.log_artifact(path)
-    if resolved:
-        _tag_version(resolved, run_id)
+    for version in [resolved] if resolved else _versions_of_run(package.run_id):
+        _tag_version(version, run_id)
     return ExternalOutputs(output_dir, run_id, metrics, metrics["counts"]["left_out"], report)
+
+
+def _versions_of_run(training_run_id: str) -> list[str]:
+    """`NAME/VERSION` of every registered version made from a training run (MODEL given as a run id)."""
+    found = store.client().search_model_versions(f"run_id = '{training_run_id}'")
+    return [f"{v.name}/{v.version}" for v in found]
 
 
 def _tag_version(resolved: str, run_id: str) -> None:

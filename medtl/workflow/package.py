@@ -18,10 +18,12 @@ patients.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +139,7 @@ def read_package(folder: Path) -> tuple[ModelPackage, torch.nn.Module]:
     return package, network.eval()
 
 
-def fetch_package(model_ref: str) -> tuple[ModelPackage, torch.nn.Module, str]:
+def fetch_package(model_ref: str, *, progress: bool = True) -> tuple[ModelPackage, torch.nn.Module, str]:
     """Download and read the package of a registered version or a run.
 
     Args:
@@ -159,7 +161,7 @@ def fetch_package(model_ref: str) -> tuple[ModelPackage, torch.nn.Module, str]:
             raise InputError(f"MODEL must be a registered version or a run id, not the logged model {model_ref!r}; "
                              "use models:/<name>@<alias> or models:/<name>/<version>")
         run_id = str(version.run_id)
-    with tempfile.TemporaryDirectory(prefix="medtl-package-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="medtl-package-") as tmp, _download_bar(progress):
         try:
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PACKAGE_DIR, dst_path=tmp)
         except Exception as err:  # noqa: BLE001 - MLflow raises several types for a missing run/artifact
@@ -233,6 +235,22 @@ def training_profile(data: PreparedData, table: pd.DataFrame, *, seed: int = 0, 
     except InputError as err:  # e.g. fewer training studies than any aggregate may describe
         logger.warning("no reference profile recorded (%s): shift checks will be skipped for this model", err)
         return {}
+
+
+@contextlib.contextmanager
+def _download_bar(progress: bool):
+    """MLflow's artifact download bar only when progress bars are wanted (`medtl -q` hides it)."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(name)
+    if not progress:
+        os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 # --- where the training manifest lies: this machine only -----------------------------------------------------

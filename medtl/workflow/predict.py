@@ -29,10 +29,9 @@ from medtl.evaluation.shift import within_distribution
 from medtl.tracking import phi_guard
 from medtl.workflow.apply import Scored, decide, score_columns, score_studies
 from medtl.workflow.package import ModelPackage, fetch_package
+from medtl.workflow.prepare import fitting_studies
 
 logger = logging.getLogger(__name__)
-
-KIND_PATHS_AS_FOLDER = ("dicom_series",)  # a series is named by its folder in a labels CSV
 
 
 @dataclass
@@ -45,6 +44,7 @@ class PredictOutputs:
     skipped: dict[str, int] = field(default_factory=dict)
     masks: int = 0
     dicom_segs: int = 0
+    skipped_segs: int = 0  # DICOM inputs whose SEG could not be written (their NIfTI mask was)
 
 
 def run_predict(model_ref: str, root: Path, output_dir: Path, *, labels: Path | None = None,
@@ -59,7 +59,7 @@ def run_predict(model_ref: str, root: Path, output_dir: Path, *, labels: Path | 
         key_file: The project key (default as for manifests); it must be the model's.
         progress: Show progress bars.
     """
-    package, network, _ = fetch_package(model_ref)
+    package, network, _ = fetch_package(model_ref, progress=progress)
     check_key(package, key_file)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest, built = intake_manifest(root, labels, output_dir / "manifest.csv", key_file=key_file, progress=progress)
@@ -72,7 +72,9 @@ def run_predict(model_ref: str, root: Path, output_dir: Path, *, labels: Path | 
         table.append(_prediction_row(package, row, result))
         if result.mask is not None:
             out.masks += 1
-            out.dicom_segs += _write_masks(package, row, result, output_dir, root, key_file)
+            written = _write_masks(package, row, result, output_dir, root, key_file)
+            out.dicom_segs += written
+            out.skipped_segs += int(str(row.get("kind", "")).startswith("dicom") and not written)
     pd.DataFrame(table).to_csv(out.predictions_csv, index=False)
     findings = phi_guard.scan_files([out.predictions_csv], dict(built.forbidden).keys(), [Path(root).resolve()])
     if findings:  # only pseudonyms and numbers are written: a finding is a medtl bug, never shown with its value
@@ -98,7 +100,8 @@ def intake_manifest(root: Path, labels: Path | None, out_csv: Path, *, key_file:
     `discover` in a temporary folder (it holds original paths, so it never lands in the output).
     """
     with tempfile.TemporaryDirectory(prefix="medtl-predict-") as tmp:
-        listing = Path(tmp) / "studies.csv"
+        # Messages name this file and its rows: the user's own file name, rows in the user's order.
+        listing = Path(tmp) / (Path(labels).name if labels is not None else "studies found under the root.csv")
         if labels is None:
             paths = study_paths(root, progress=progress)
             if not paths:
@@ -116,36 +119,28 @@ def intake_manifest(root: Path, labels: Path | None, out_csv: Path, *, key_file:
 
 
 def study_paths(root: Path, *, progress: bool) -> list[str]:
-    """Every study `discover` finds under `root`, as a labels CSV `path` (a series by its folder)."""
+    """Every study `discover` finds under `root`, as a labels CSV `path` (a series by its first file)."""
     root = Path(root).resolve()
     found, _ = discover(root, progress=progress)
     paths = []
     for study in found:
-        first = study.files[0]
-        target = first.parent if study.kind in KIND_PATHS_AS_FOLDER else first
-        rel = target.relative_to(root).as_posix() if target != root else "."
+        # Any file of a series names the whole series (the manifest maps every file to its study);
+        # its folder could also hold other studies, so the first file names it.
+        rel = study.files[0].relative_to(root).as_posix()
         if rel not in paths:
             paths.append(rel)
     return paths
 
 
 def fitting_rows(manifest: pd.DataFrame, package: ModelPackage) -> tuple[list[dict], dict[str, int]]:
-    """The rows the model can take (its dimensionality; its modalities, or none recorded), and counts
-    of the others by reason."""
-    rows, skipped = [], {}
-    wanted = {m.upper() for m in package.modalities}
-    for row in manifest.to_dict("records"):
-        dims = len([d for d in str(row.get("shape", "")).split("x") if d])
-        if dims != package.spatial_dims:
-            skipped[f"{dims}D, the model is {package.spatial_dims}D"] = skipped.get(
-                f"{dims}D, the model is {package.spatial_dims}D", 0) + 1
-        elif wanted and row.get("modality") and str(row["modality"]).upper() not in wanted:
-            skipped["another modality"] = skipped.get("another modality", 0) + 1
-        else:
-            rows.append(row)
+    """The rows the model takes, by the rule of training (`prepare.fitting_studies`: its modalities,
+    exports without a DICOM modality of its dimensionality), and counts of the others by reason."""
+    kept, dropped, _ = fitting_studies(manifest, package.modalities, package.spatial_dims)
+    skipped = {reason: n for reason, n in dropped.items() if n}
     for reason, n in skipped.items():
-        logger.warning("%d studies left out: %s", n, reason)
-    return rows, skipped
+        logger.warning("%d studies left out: %s (the model takes %dD studies%s)", n, reason, package.spatial_dims,
+                       f" of {', '.join(package.modalities)} or without a DICOM modality" if package.modalities else "")
+    return kept.to_dict("records"), skipped
 
 
 def _prediction_row(package: ModelPackage, row: dict, result: Scored) -> dict:
@@ -176,5 +171,9 @@ def _write_masks(package: ModelPackage, row: dict, result: Scored, output_dir: P
 
     study = resolve_study(row, root, key_file=key_file)
     names = [f"label {k}" for k in range(1, package.num_classes)]
-    write_dicom_seg(result.mask, result.affine, study.files, output_dir / "dicom_seg" / f"{row['id']}.dcm", names)
+    try:
+        write_dicom_seg(result.mask, result.affine, study.files, output_dir / "dicom_seg" / f"{row['id']}.dcm", names)
+    except InputError as err:  # one study's SEG must not cost every prediction: the mask is written, say why
+        logger.warning("row %s: DICOM SEG not written (%s); its NIfTI mask is in masks/", row["id"], err)
+        return 0
     return 1

@@ -11,7 +11,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,23 +255,36 @@ def _task_studies(cfg: WorkflowConfig, manifest: pd.DataFrame, *,
     manifest's `shape`) equals `model.spatial_dims`. Every row of another dimensionality is left
     out, since the network could not take it.
     """
-    dropped: dict[str, int] = {}
-    modality = manifest["modality"].astype(str).str.strip().str.upper()
-    no_modality = modality.isin(NO_MODALITY)
-    if cfg.data.modalities:
-        keep = modality.isin({m.strip().upper() for m in cfg.data.modalities}) | no_modality
-        dropped["other modality"] = int((~keep).sum())
-        manifest, no_modality = manifest[keep], no_modality[keep]
-    axes = manifest["shape"].astype(str).map(lambda s: len(s.split("x")) if s.strip() else 0) \
-        if "shape" in manifest.columns else pd.Series(0, index=manifest.index)
-    fits = (axes == cfg.model.spatial_dims) | (axes == 0)  # an unknown shape is left for the loader to judge
-    dropped["other dimensionality"] = int((~fits).sum())
-    kept = int((no_modality & fits).sum()) if cfg.data.modalities else 0
+    manifest, dropped, kept = fitting_studies(manifest, cfg.data.modalities, cfg.model.spatial_dims)
     if kept:
         logger.warning(
             "manifest %s: %d studies have no DICOM modality (PNG/JPEG/TIFF/NIfTI exports), so data.modalities %s "
             "cannot filter them; they were kept because they are %dD like model.spatial_dims",
             source, kept, list(cfg.data.modalities), cfg.model.spatial_dims)
+    return manifest, dropped, kept
+
+
+def fitting_studies(manifest: pd.DataFrame, modalities: Sequence[str],
+                    spatial_dims: int) -> tuple[pd.DataFrame, dict[str, int], int]:
+    """The rows a model of these modalities and dimensionality takes; training, `medtl predict` and
+    `medtl evaluate` all use this one rule.
+
+    Returns:
+        The kept rows, the counts left out ("other modality", "other dimensionality") and how many
+        kept rows have no DICOM modality (exports: the modality filter cannot judge them).
+    """
+    dropped: dict[str, int] = {}
+    modality = manifest["modality"].astype(str).str.strip().str.upper()
+    no_modality = modality.isin(NO_MODALITY)
+    if modalities:
+        keep = modality.isin({m.strip().upper() for m in modalities}) | no_modality
+        dropped["other modality"] = int((~keep).sum())
+        manifest, no_modality = manifest[keep], no_modality[keep]
+    axes = manifest["shape"].astype(str).map(lambda s: len(s.split("x")) if s.strip() else 0) \
+        if "shape" in manifest.columns else pd.Series(0, index=manifest.index)
+    fits = (axes == spatial_dims) | (axes == 0)  # an unknown shape is left for the loader to judge
+    dropped["other dimensionality"] = int((~fits).sum())
+    kept = int((no_modality & fits).sum()) if modalities else 0
     return manifest[fits].reset_index(drop=True), dropped, kept
 
 

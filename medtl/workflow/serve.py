@@ -25,6 +25,7 @@ import torch
 
 from medtl.data.discover import discover
 from medtl.errors import InputError
+from medtl.evaluation.shift import within_distribution
 from medtl.workflow.apply import decide, loaded_array, score_columns, score_loaded, score_studies
 from medtl.workflow.package import ModelPackage, read_package
 
@@ -39,22 +40,35 @@ class MedtlModel:
         """Score every row of `model_input` (see the module docstring)."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "path" in frame.columns:
-            scored = score_studies(self.package, self.network, [_study(str(i), p) for i, p in enumerate(frame["path"])],
-                                   progress=False)
+            studies = [_study(str(i), p) for i, p in enumerate(frame["path"])]
+            scored = score_studies(self.package, self.network, studies, progress=False)
+            modalities = [modality for _, _, modality in studies]
         elif "image" in frame.columns:
-            modalities = frame["modality"] if "modality" in frame.columns else [""] * len(frame)
-            items = [loaded_array(str(i), np.asarray(image), str(m or ""), self.package)
+            modalities = [str(m or "") for m in (frame["modality"] if "modality" in frame.columns else [""] * len(frame))]
+            items = [loaded_array(str(i), np.asarray(image), m, self.package)
                      for i, (image, m) in enumerate(zip(frame["image"], modalities, strict=True))]
             scored = score_loaded(self.package, self.network, items, total=len(items), progress=False)
         else:
             raise InputError(f"the input must have a 'path' or an 'image' column, not only {list(frame.columns)}; "
                              "send one study per row")
-        return pd.DataFrame([self._row(s) for s in scored])
+        return pd.DataFrame([self._row(s, {"modality": m or "unknown", "shape": _shape(s)})
+                             for s, m in zip(scored, modalities, strict=True)])
 
-    def _row(self, scored) -> dict:
-        if scored.mask is not None:
-            return {"mask": scored.mask.tolist()}
-        return {**score_columns(self.package, scored.probs), "y_pred": decide(self.package, scored.probs)}
+    def _row(self, scored, facts: dict[str, str]) -> dict:
+        """The scores (or mask) and the training-distribution check of `medtl predict` (without the
+        scanner, whose pseudonym needs the project key)."""
+        out = {"mask": scored.mask.tolist()} if scored.mask is not None else {
+            **score_columns(self.package, scored.probs), "y_pred": decide(self.package, scored.probs)}
+        within, reasons = True, []
+        if self.package.profile:
+            score = float(scored.probs[1]) if scored.probs is not None and len(self.package.classes) == 2 else None
+            within, reasons = within_distribution(self.package.profile, facts, scored.intensity, score)
+        return {**out, "within_training_distribution": bool(within), "distribution_notes": "; ".join(reasons)}
+
+
+def _shape(scored) -> str:
+    """The manifest's `shape` text of a scored study ("128x128"), from what was loaded."""
+    return "x".join(str(n) for n in scored.input_shape) if scored.input_shape else ""
 
 
 def _study(index: str, path: str) -> tuple[str, tuple[Path, ...], str]:

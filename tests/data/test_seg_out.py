@@ -187,3 +187,33 @@ def test_mismatched_masks_raise_input_errors_that_name_no_path_or_header_value(t
         assert str(tmp_path) not in message and "DOE" not in message and factory.PATIENT_ID not in message
         assert refused.value.__cause__ is None
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_a_series_with_an_empty_character_set_gets_its_seg(tmp_path):
+    """Real scanners write SpecificCharacterSet empty (the default repertoire); highdicom refused it."""
+    paths = factory.write_series(tmp_path / "ct", np.arange(6 * 20 * 24, dtype=np.int16).reshape(6, 20, 24))
+    _add_frame_of_reference(paths)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = ""
+        ds.save_as(path)
+    study = _only_study(tmp_path / "ct")
+    loaded = load_study(study)
+    mask = _two_boxes(loaded.array.shape)
+    seg = hd.seg.segread(write_dicom_seg(mask, loaded.affine, study.files, tmp_path / "seg.dcm", ["a", "b"]))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(paths[0]).SeriesInstanceUID
+    assert "SpecificCharacterSet" in pydicom.dcmread(paths[0])  # the source files are left as they were
+
+
+def test_the_shared_real_ct_series_gets_its_seg(shared_data, tmp_path):
+    found, _ = discover(shared_data / "dicom" / "ct_liver_3slice", progress=False)
+    series = [s for s in found if s.kind == "dicom_series"]
+    assert series, "the shared CT series must be found"
+    loaded = load_study(series[0])
+    mask = np.zeros(loaded.array.shape, np.uint8)
+    mask[100:200, 150:300, :] = 1
+    seg = hd.seg.segread(write_dicom_seg(mask, loaded.affine, series[0].files, tmp_path / "seg.dcm", ["liver"]))
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in series[0].files],
+        segment_numbers=[1], combine_segments=True)
+    np.testing.assert_array_equal(frames, mask.transpose(2, 1, 0))

@@ -246,15 +246,20 @@ def test_spacing_scanner_and_score_outside_each_give_their_reason(training):
     assert within_distribution(profile, row, intensity, 0.999) == (False, [REASON_SCORE])
 
 
-def test_other_counts_as_seen_for_a_pseudonymised_scanner_but_not_for_a_modality():
+def test_other_counts_as_seen_for_a_pseudonymised_scanner_and_rare_modalities_stay_exact():
     rows, intensities, scores = _dataset(n=100)
     rows.loc[:5, "scanner"] = ["SCN-r1", "SCN-r2", "SCN-r3", "SCN-r4", "SCN-r5", "SCN-r6"]
     rows.loc[:5, "modality"] = ["CR", "CR", "CT", "CT", "MG", "MG"]
     profile = build_profile(rows, intensities, scores)
-    assert "other" in profile["categorical"]["scanner"] and "other" in profile["categorical"]["modality"]
+    assert "other" in profile["categorical"]["scanner"]  # rare scanners (quasi-identifiers) are merged
+    # A modality identifies no one: 2 CR studies stay "CR", so the common modality is never swallowed.
+    assert profile["categorical"]["modality"]["CR"] == pytest.approx(0.02) and "other" not in profile["categorical"]["modality"]
     row = {**rows.iloc[50].to_dict(), "scanner": "SCN-unknown"}
     assert within_distribution(profile, row, intensities[50], None) == (True, [])
-    assert within_distribution(profile, {**row, "modality": "CR"}, None, None) == (False, [REASON_MODALITY])
+    assert within_distribution(profile, {**row, "modality": "CR"}, None, None) == (True, [])
+    assert within_distribution(profile, {**row, "modality": "MR"}, None, None) == (False, [REASON_MODALITY])
+    del row["scanner"]  # a served image has no scanner pseudonym: not checked
+    assert within_distribution(profile, row, intensities[50], None) == (True, [])
 
 
 def test_reasons_are_fixed_strings_never_values(training):

@@ -23,18 +23,20 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from PIL import Image
 
 from medtl.cli import main
 from medtl.data.discover import load_study
 from medtl.data.synthetic import write_demo_data
 from medtl.data.verify import resolve_study
-from medtl.errors import InputError
+from medtl.errors import ConfigError, InputError
 from medtl.tracking import registry, store
 from medtl.workflow.config import load_config
 from medtl.workflow.external import run_external_validation
 from medtl.workflow.package import PACKAGE_FILE, remembered_manifest
 from medtl.workflow.predict import run_predict
 from medtl.workflow.run import run_workflow
+from tests.data import dicom_factory as factory
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100",
@@ -90,7 +92,9 @@ def test_predict_gives_the_training_runs_probabilities_and_the_class_at_the_froz
     np.testing.assert_allclose(both["y_score_new"], both["y_score_run"], atol=1e-5, rtol=0)
     threshold = json.loads((env["outputs"].output_dir / "metrics.json").read_text())["threshold"]
     assert (predicted["y_pred"] == (predicted["y_score"] >= threshold).astype(int)).all()
-    assert set(out.skipped) == {"3D, the model is 2D"}  # the demo's CT/MR series are left out, and counted
+    # The demo's CT/MR series are left out (by modality, or by dimensionality), and counted.
+    shapes = pd.read_csv(out.output_dir / "manifest.csv", dtype=str)["shape"]
+    assert sum(out.skipped.values()) == int((shapes.str.count("x") == 2).sum()) > 0
     # Studies of the training sites lie within the training distribution; the held-out site's
     # scanners were never seen in training, and every one of its studies says so.
     sites = pd.read_csv(out.output_dir / "manifest.csv", dtype=str).set_index("id").loc[predicted["id"], "site"]
@@ -115,6 +119,32 @@ def test_predict_flags_a_study_far_outside_the_training_distribution(env, tmp_pa
     out = run_predict(_model(env), odd, tmp_path / "pred", progress=False)
     row = pd.read_csv(out.predictions_csv).iloc[0]
     assert not row["within_training_distribution"] and "image size outside the training range" in row["distribution_notes"]
+
+
+@pytest.mark.slow
+def test_predict_takes_a_flat_folder_of_a_series_beside_exports_by_the_training_rule(env, tmp_path):
+    """A CT series and a PNG export in one folder: the series is one study named by its first file
+    (not the whole folder); the PNG, which has no DICOM modality, is taken by a [CR, DX] model of its
+    dimensionality, as training took such exports; the 3D series is left out and counted."""
+    flat = tmp_path / "flat"
+    factory.write_series(flat, np.arange(3 * 20 * 24, dtype=np.int16).reshape(3, 20, 24),
+                         names=["a.dcm", "b.dcm", "c.dcm"])
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8)).save(flat / "x.png")
+    out = run_predict(_model(env), flat, tmp_path / "pred", progress=False)
+    assert out.predicted == 1 and out.skipped == {"other modality": 1}  # CT is not CR/DX
+    assert len(pd.read_csv(out.predictions_csv)) == 1
+
+
+@pytest.mark.slow
+def test_external_validation_by_run_id_tags_the_version_and_refuses_frozen_keys(env, tmp_path):
+    run_id = env["outputs"].run_id
+    with pytest.raises(ConfigError, match="may change evaluation"):
+        run_external_validation(run_id, env["root"], env["work"] / "external.csv", tmp_path / "x",
+                                overrides=["data.modalities=[]"], progress=False)
+    out = run_external_validation(run_id, env["root"], env["work"] / "external.csv", tmp_path / "ext",
+                                  overrides=["evaluation.n_boot=100"], progress=False)
+    version = registry.get_model_version(env["outputs"].model_name, env["outputs"].model_version)
+    assert out.run_id in version.tags["external_validations"].split(",")
 
 
 @pytest.mark.slow
@@ -189,6 +219,8 @@ def test_the_pyfunc_model_takes_raw_files_and_arrays_and_gives_the_runs_scores(e
     model = mlflow.pyfunc.load_model(_model(env))
     by_path = model.predict(pd.DataFrame({"path": paths}))
     np.testing.assert_allclose(by_path["y_score"], run["y_score"], atol=1e-5, rtol=0)
+    # The same training-distribution check as medtl predict (training-site studies: inside).
+    assert by_path["within_training_distribution"].all() and (by_path["distribution_notes"] == "").all()
     arrays = [load_study(resolve_study(*_row(env, i))).array for i in run["id"]]
     by_array = model.predict(pd.DataFrame({"image": arrays, "modality": ["DX"] * len(arrays)}))
     np.testing.assert_allclose(by_array["y_score"], run["y_score"], atol=1e-5, rtol=0)
@@ -258,8 +290,12 @@ def test_segmentation_predict_writes_masks_on_the_input_grid_and_dicom_seg_over_
                                                       "evaluation.n_boot=100", "audit.reference=none",
                                                       "data.manifest_out=", "tracking.registered_model=seg"])
     trained = run_workflow(cfg, tmp_path / "run", progress=False)
-    out = run_predict(f"models:/seg/{trained.model_version}", root, tmp_path / "pred", progress=False)
-    assert out.masks == out.dicom_segs == out.predicted > 3
+    # The demo folder also holds the NIfTI masks themselves: a CSV of the image paths picks the CTs.
+    labels = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
+    labels.loc[labels["mask"] != "", ["path"]].to_csv(tmp_path / "cts.csv", index=False)
+    out = run_predict(f"models:/seg/{trained.model_version}", root, tmp_path / "pred", labels=tmp_path / "cts.csv",
+                      progress=False)
+    assert out.masks == out.dicom_segs == out.predicted == int((labels["mask"] != "").sum())
     manifest = pd.read_csv(tmp_path / "pred" / "manifest.csv", dtype=str, keep_default_na=False).set_index("id")
     for path in sorted((tmp_path / "pred" / "masks").glob("*.nii.gz"))[:3]:
         row_id = path.name.removesuffix(".nii.gz")
