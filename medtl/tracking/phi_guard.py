@@ -322,9 +322,39 @@ def _file_hits(file: Path, needles: _Needles) -> list[str]:
         # could be) followed by raw numbers. Scanning megabytes of weights as text finds nothing
         # but chance byte patterns and took most of a run's scan time.
         return needles.hits(header)
+    if _is_torch_export(file):
+        return _export_hits(file, needles)
     # A memory map lets the patterns run over model files of any size without loading them.
     with file.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
         return needles.hits(data)
+
+
+_EXPORT_WEIGHTS = "/data/weights/"  # torch.export (.pt2): raw tensor storage, one member per weight
+
+
+def _is_torch_export(file: Path) -> bool:
+    """A torch.export archive (`model.pt2`): a zip with an `archive_format` member."""
+    if file.suffix != ".pt2" or not zipfile.is_zipfile(file):
+        return False
+    with zipfile.ZipFile(file) as archive:
+        return any(name.endswith("/archive_format") or name == "archive_format" for name in archive.namelist())
+
+
+def _export_hits(file: Path, needles: _Needles) -> list[str]:
+    """Every member of a .pt2 archive except its weight storage: the graph (model.json, where stack
+    traces held paths), constants, sample inputs. The weights are numbers; scanning tens of MB of
+    them as text found only chance byte patterns and took most of a run's scan. Member names are
+    scanned by `_zip_hits`."""
+    hits: list[str] = []
+    with zipfile.ZipFile(file) as archive:
+        for info in archive.infolist():
+            if _EXPORT_WEIGHTS in f"/{info.filename}":
+                continue
+            if info.file_size > _MAX_MEMBER_BYTES:
+                hits.append("archive member too large to scan")
+                continue
+            hits.extend(needles.hits(archive.read(info)))
+    return list(dict.fromkeys(hits))
 
 
 def _safetensors_header(file: Path) -> bytes | None:

@@ -249,3 +249,22 @@ def test_a_safetensors_file_is_scanned_in_its_header_not_its_weights(tmp_path):
     findings = tracking.phi_guard.scan_files([clean, named, padded], ["kowalski"], [])
     assert not any("clean.safetensors" in f for f in findings)
     assert any("named.safetensors" in f for f in findings) and any("padded.safetensors" in f for f in findings)
+
+
+def test_a_torch_export_archive_is_scanned_except_its_weight_storage(tmp_path):
+    """The graph of a .pt2 can hold paths and names (stack traces); its weights are numbers."""
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.frombuffer(bytearray(b"KOWALSKI" * 2), dtype=torch.float32).reshape(2, 2))
+    clean, named = tmp_path / "clean.pt2", tmp_path / "named.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 2),)), clean)
+    assert b"KOWALSKI" in clean.read_bytes()  # the weight storage spells the name byte for byte
+    with zipfile.ZipFile(clean) as source, zipfile.ZipFile(named, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("models/model.json"):
+                data = data.replace(b'"', b'" kowalski ', 1)  # a name in the graph's text
+            target.writestr(info, data)
+    findings = tracking.phi_guard.scan_files([clean, named], ["kowalski"], [])
+    assert not any("clean.pt2" in f for f in findings)
+    assert any("named.pt2" in f for f in findings)
