@@ -54,6 +54,7 @@ QUANTILES = {"p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p
 CATEGORICAL = ("modality", "scanner", "site", "sex", "age_band")
 #: Pseudonymised attributes: a new study's value may hide in "other", so "other" counts as seen.
 PSEUDONYMISED = ("scanner", "site")
+UNKNOWN_VALUE = "unknown"  # the manifest's code for an absent institution or scanner
 # Small cells are merged for the attributes that, combined, can single a patient out. The modality
 # is a property of the examination, not of the person: its shares stay exact, or a set of 45 DX and
 # 3 CR studies would become all "other" and every DX study would look unseen to the checks.
@@ -153,6 +154,9 @@ def build_profile(
         "n_studies": len(rows),
         "min_count": min_count,
         "categorical": {a: _shares(text[a], min_count if a in QUASI_IDENTIFIERS else 1) for a in CATEGORICAL},
+        # Which keyed pseudonyms training saw, without counts: the per-study check needs membership,
+        # and "other" (rare values merged) would otherwise hide every unseen scanner or site.
+        "seen": {a: sorted({v for v in text[a] if v and v != UNKNOWN_VALUE}) for a in PSEUDONYMISED},
         "numeric": numeric,
         "scores": None if scores is None else _score_profile(scores, min_count),
     }
@@ -247,7 +251,12 @@ def within_distribution(
             continue
         seen = categorical.get(attribute) or {}
         value = str(row.get(attribute) or "") or MISSING
-        if value not in seen and not (attribute in PSEUDONYMISED and OTHER in seen):
+        listed = (reference.get("seen") or {}).get(attribute)
+        if listed is not None and value not in (MISSING, UNKNOWN_VALUE):
+            unseen = value not in listed  # the pseudonyms training saw (profiles from now on)
+        else:
+            unseen = value not in seen and not (attribute in PSEUDONYMISED and OTHER in seen)
+        if unseen:
             reasons.append(reason)
     shape = _dims(str(row.get("shape") or ""), "shape")
     if shape and numeric.get("size.voxels") is not None:

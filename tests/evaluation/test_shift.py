@@ -97,7 +97,9 @@ def test_a_scanner_seen_in_three_studies_is_merged_into_other():
     rows.loc[:2, "scanner"] = "SCN-rare01"
     profile = build_profile(rows, intensities, scores)
     shares = profile["categorical"]["scanner"]
-    assert "SCN-rare01" not in json.dumps(profile)
+    # No share or count of the rare scanner anywhere; only the list of pseudonyms training saw names it.
+    assert "SCN-rare01" not in json.dumps({k: v for k, v in profile.items() if k != "seen"})
+    assert "SCN-rare01" in profile["seen"]["scanner"]
     # "other" of 3 studies would itself be a small cell: the smaller kept scanner joins it.
     kept = rows["scanner"].value_counts().drop("SCN-rare01")
     larger, smaller = kept.idxmax(), kept.idxmin()
@@ -246,7 +248,7 @@ def test_spacing_scanner_and_score_outside_each_give_their_reason(training):
     assert within_distribution(profile, row, intensity, 0.999) == (False, [REASON_SCORE])
 
 
-def test_other_counts_as_seen_for_a_pseudonymised_scanner_and_rare_modalities_stay_exact():
+def test_unseen_scanners_are_flagged_even_beside_an_other_bucket_and_rare_modalities_stay_exact():
     rows, intensities, scores = _dataset(n=100)
     rows.loc[:5, "scanner"] = ["SCN-r1", "SCN-r2", "SCN-r3", "SCN-r4", "SCN-r5", "SCN-r6"]
     rows.loc[:5, "modality"] = ["CR", "CR", "CT", "CT", "MG", "MG"]
@@ -254,8 +256,12 @@ def test_other_counts_as_seen_for_a_pseudonymised_scanner_and_rare_modalities_st
     assert "other" in profile["categorical"]["scanner"]  # rare scanners (quasi-identifiers) are merged
     # A modality identifies no one: 2 CR studies stay "CR", so the common modality is never swallowed.
     assert profile["categorical"]["modality"]["CR"] == pytest.approx(0.02) and "other" not in profile["categorical"]["modality"]
-    row = {**rows.iloc[50].to_dict(), "scanner": "SCN-unknown"}
+    row = rows.iloc[50].to_dict()
     assert within_distribution(profile, row, intensities[50], None) == (True, [])
+    assert within_distribution(profile, {**row, "scanner": "SCN-r1"}, None, None) == (True, [])  # rare, but seen
+    assert within_distribution(profile, {**row, "scanner": "SCN-new"}, None, None) == (False, [REASON_SCANNER])
+    legacy = {k: v for k, v in profile.items() if k != "seen"}  # a profile without the list: "other" may hide it
+    assert within_distribution(legacy, {**row, "scanner": "SCN-new"}, None, None) == (True, [])
     assert within_distribution(profile, {**row, "modality": "CR"}, None, None) == (True, [])
     assert within_distribution(profile, {**row, "modality": "MR"}, None, None) == (False, [REASON_MODALITY])
     del row["scanner"]  # a served image has no scanner pseudonym: not checked
