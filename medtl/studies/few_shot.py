@@ -20,9 +20,9 @@ from medtl.models.factory import ModelBundle
 from medtl.models.fewshot import embed, few_shot_eval, flatten_results
 from medtl.tracking import run_records, store
 from medtl.workflow.config import WorkflowConfig, validate
-from medtl.workflow.evaluate import patient_ids
+from medtl.workflow.evaluate import patient_ids, strict_json
 from medtl.workflow.prepare import PreparedData, prepare_data, publish_manifest
-from medtl.workflow.record import config_dict, json_safe, scan_before_logging, scan_or_raise
+from medtl.workflow.record import config_dict, scan_before_logging, scan_or_raise
 from medtl.workflow.steps import killed_on_interrupt
 from medtl.workflow.train import build_model, preprocessing_for
 
@@ -86,11 +86,11 @@ def run_few_shot(
         numbers = flatten_results({m: {int(k): e for k, e in by_k.items()} for m, by_k in result["results"].items()})
         run_records.log_final_metrics({k: v for k, v in numbers.items() if np.isfinite(v)})
         path = output_dir / "few_shot.json"
-        path.write_text(json.dumps(json_safe(result), indent=2, sort_keys=True))
+        path.write_text(json.dumps(strict_json(result), indent=2, sort_keys=True))
         run_records.log_artifact(path)
     scan_or_raise(result["run_id"], forbidden, [data.root.resolve()], name="", version="")
     publish_manifest(data, cfg)  # only after the study succeeded
-    return json_safe(result)
+    return strict_json(result)
 
 
 # --------------------------------------------------------------------------------------- few-shot

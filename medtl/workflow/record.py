@@ -257,16 +257,3 @@ def _fix(finding: str) -> tuple[str, bool]:
         return ("remove identifying text from the labels CSV (class names, extra subgroup values); if there is "
                 "none, report a medtl bug"), True
     return "remove the identifying value from that field; if medtl wrote it, report a medtl bug", False
-
-
-def json_safe(value):
-    """NaN/inf -> None (strict JSON), numpy scalars -> Python, recursively."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
