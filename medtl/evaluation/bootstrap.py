@@ -31,6 +31,7 @@ from medtl.evaluation.calibration import calibration_slope_intercept, expected_c
 from medtl.evaluation.metrics import (
     BINARY_METRICS,
     THRESHOLD_METRICS,
+    above_every_score,
     binary_metrics,
     check_binary,
     check_metric_names,
@@ -257,7 +258,7 @@ def weighted_thresholds(
     )
     with np.errstate(invalid="ignore", divide="ignore"):
         tpr, fpr = tp / tp[:, -1:], fp / fp[:, -1:]
-    return np.r_[np.inf, values][operating_point_index(tpr, fpr, rule, target)]
+    return np.r_[above_every_score(s), values][operating_point_index(tpr, fpr, rule, target)]
 
 
 def weighted_binary_metrics(

@@ -141,7 +141,8 @@ def choose_threshold(y_true: Any, y_score: Any, rule: str = "youden", target: fl
     """Choose the operating threshold on validation predictions.
 
     A case is predicted positive when `y_score >= threshold` (scikit-learn's convention);
-    candidate thresholds are the observed scores plus +inf (nothing positive).
+    candidate thresholds are the observed scores plus "nothing positive", which is returned as
+    `above_every_score` (finite, so it survives strict JSON and reads back the same everywhere).
 
     Args:
         y_true: validation labels (0/1).
@@ -150,7 +151,9 @@ def choose_threshold(y_true: Any, y_score: Any, rule: str = "youden", target: fl
         target: required sensitivity or FPR for the fixed rules, e.g. 0.9 or 0.1.
 
     Returns:
-        The threshold (may be +inf when no finite threshold satisfies a "fpr" rule).
+        The threshold; above every score in [0, 1] when no score threshold does better than
+        predicting every case negative (a model no better than chance on validation, or a "fpr"
+        rule no observed score satisfies). A warning says so.
 
     Raises:
         InputError: when the validation labels lack a class.
@@ -168,7 +171,27 @@ def choose_threshold(y_true: Any, y_score: Any, rule: str = "youden", target: fl
             "add validation cases of both classes or pass a fixed threshold"
         )
     fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
-    return float(thresholds[int(operating_point_index(tpr, fpr, rule, target))])
+    threshold = float(thresholds[int(operating_point_index(tpr, fpr, rule, target))])
+    if math.isfinite(threshold):
+        return threshold
+    warnings.warn(f"threshold rule {rule!r}: no score threshold on validation does better than predicting every "
+                  "case negative, so the operating point predicts no positive case; check the labels, train longer "
+                  "or choose another threshold rule", UserWarning, stacklevel=2)
+    return above_every_score(s)
+
+
+def above_every_score(y_score: Any) -> float:
+    """The smallest float32 above 1 and every score: the finite threshold that predicts nothing positive.
+
+    scikit-learn's ROC curve starts at +inf; infinity is not JSON, and the frozen threshold of a
+    registered model travels in JSON files, so medtl uses this finite equivalent instead. It is a
+    float32 step above, because NumPy compares float32 scores with a Python float in float32.
+    """
+    top = max(1.0, float(np.max(y_score, initial=1.0)))
+    above = np.nextafter(np.float32(top), np.float32(np.inf))
+    while float(above) <= top:  # float32 rounding of a score above 1 can land below it
+        above = np.nextafter(above, np.float32(np.inf))
+    return float(above)
 
 
 def confusion_rates(tp: Any, fp: Any, tn: Any, fn: Any) -> dict[str, Any]:

@@ -75,6 +75,17 @@ def test_choose_threshold_rejects_bad_rules_and_targets_with_config_error(rule, 
         choose_threshold([0, 1], [0.2, 0.8], rule, target)
 
 
+@pytest.mark.parametrize(("rule", "target"), [("youden", None), ("fpr", 0.01)])
+def test_a_threshold_that_predicts_nothing_positive_is_finite_and_survives_strict_json(rule, target):
+    # Scores that rank every negative above every positive: no threshold beats "all negative".
+    y, s = np.array([0, 0, 0, 1, 1, 1]), np.array([0.9, 0.8, 1.0, 0.1, 0.2, 0.3], dtype=np.float32)
+    with pytest.warns(UserWarning, match="predicts no positive case"):
+        threshold = choose_threshold(y, s, rule, target)
+    assert np.isfinite(threshold) and threshold > 1.0 and not (s >= threshold).any()
+    assert json.loads(json.dumps(threshold, allow_nan=False)) == threshold
+    assert binary_metrics(y, s, threshold)["tpr"] == 0.0
+
+
 def test_choose_threshold_needs_both_classes_in_validation():
     with pytest.raises(InputError, match="both classes"):
         choose_threshold([1, 1, 1], [0.2, 0.5, 0.8])
