@@ -50,27 +50,37 @@ def export_pneumonia(work: Path, *, limit: int | None = None) -> tuple[Path, Pat
         limit: keep only `limit` images of each split, half of each class (for --quick runs).
 
     Returns:
-        (data root, labels CSV); the CSV's `split` column keeps the published split.
+        (data root, labels CSV); the CSV's `split` column keeps the published split, less the val/test
+        images whose pixels repeat an image of an earlier split (PneumoniaMNIST holds 3 val copies of
+        train images: medtl links identical pixels into one group, so a split given across them is
+        refused as leakage; the copies are left out, and counted, rather than moved).
     """
     from PIL import Image
 
     require(PNEUMONIA_NPZ, "PneumoniaMNIST (pneumoniamnist/pneumoniamnist.npz)")
-    root = work / ("pneumoniamnist_png" if limit is None else f"pneumoniamnist_png_{limit}")
+    root = work / ("pneumoniamnist_png_dedup" if limit is None else f"pneumoniamnist_png_dedup_{limit}")
     labels_csv = root / "labels.csv"
     if labels_csv.is_file():
         return root, labels_csv
     data = np.load(PNEUMONIA_NPZ)
     lines = ["path,label,patient_id,split"]
+    earlier: set[bytes] = set()  # pixels of the images of earlier splits
+    copies = 0
     for split in SPLITS:
         images, labels = data[f"{split}_images"], data[f"{split}_labels"].reshape(-1)
         keep = range(len(images))
         if limit is not None:  # the arrays are sorted by class: take the first of each class
             keep = sorted(i for c in (0, 1) for i in np.flatnonzero(labels == c)[: limit // 2])
         (root / split).mkdir(parents=True, exist_ok=True)
+        pixels = [np.asarray(image, dtype=np.uint8).tobytes() for image in images]
+        copies += sum(1 for i in keep if pixels[i] in earlier)
+        keep = [i for i in keep if pixels[i] not in earlier]
+        earlier.update(pixels)
         for i in keep:
             rel = f"{split}/{split}_{i:05d}.png"
             Image.fromarray(np.asarray(images[i], dtype=np.uint8), mode="L").save(root / rel)
             lines.append(f"{rel},{int(labels[i])},pneumo-{split}-{i:05d},{split}")
+    print(f"PneumoniaMNIST export: {copies} val/test images left out (pixel copies of an earlier split's image)")
     labels_csv.write_text("\n".join(lines) + "\n")  # written last: its presence marks a complete export
     return root, labels_csv
 

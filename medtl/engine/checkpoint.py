@@ -220,6 +220,8 @@ def save_last(
     cfg: TrainConfig,
     info: DistInfo,
     manifest_sha256: str,
+    *,
+    ema: torch.nn.Module | None = None,
 ) -> None:
     """Write `last.pt` after an epoch (rank 0), then drop best files it no longer refers to.
 
@@ -233,6 +235,7 @@ def save_last(
         cfg: the training config (stored to warn about changes on resume).
         info: this process's position in the run.
         manifest_sha256: sha256 of the training manifest.
+        ema: the moving average of the weights (train.ema_decay), or None.
     """
     optimizer, scheduler, scaler = trainers
     rng = gather_to_main(capture_rng(), info)  # each rank's own streams (dropout differs per rank)
@@ -249,6 +252,8 @@ def save_last(
             "config": dataclasses.asdict(cfg),
             "state": dataclasses.asdict(state),
         }
+        if ema is not None:
+            ckpt["ema"] = cpu_state(ema)
         atomic_save(ckpt, path)
         # Only now is an older best file unreferenced; deleting it earlier could strand last.pt.
         remove_stale_best(path.parent, best_name(state.best_epoch) if state.best_epoch >= 0 else None)
@@ -262,8 +267,11 @@ def resume_run(
     cfg: TrainConfig,
     info: DistInfo,
     manifest_sha256: str,
+    *,
+    ema: torch.nn.Module | None = None,
 ) -> RunState:
-    """Restore model, optimizer, scheduler, scaler and this rank's RNG from `last.pt`.
+    """Restore model, optimizer, scheduler, scaler, this rank's RNG and `ema` (the moving average of
+    the weights, when the run keeps one) from `last.pt`.
 
     Returns:
         The saved progress, or a fresh `RunState` when there is no checkpoint yet.
@@ -291,6 +299,11 @@ def resume_run(
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        if "ema" not in ckpt:
+            raise InputError(f"{path.name} must hold the moving average of the weights to resume with train.ema_decay "
+                             "set, not lack it; resume with train.ema_decay=0 (as the run started) or start afresh")
+        ema.load_state_dict(ckpt["ema"])
     state = RunState(**ckpt["state"])
     if len(ckpt["rng"]) == info.world_size:
         restore_rng(ckpt["rng"][info.rank])

@@ -89,6 +89,9 @@ class TrainConfig:
         balance: "none", "sampler" (WeightedRandomSampler from label counts) or "loss" (the
             caller builds its loss with `class_weights(train_ds)`; the engine samples plainly).
         grad_clip: clip the global gradient norm to this value; None = no clipping.
+        ema_decay: keep an exponential moving average of the weights (timm `ModelEmaV3`, with its
+            warm-up, so the decay grows from 0 towards this value over the first updates) and
+            validate, select and return the averaged weights; 0 = off.
         drop_last: drop the last incomplete training batch (when at least one full batch exists).
         val_roi_size: patch size for sliding-window validation of volumes larger than the patch.
         sw_batch_size: patches per forward pass in sliding-window inference.
@@ -121,6 +124,7 @@ class TrainConfig:
     num_threads: int | None = None
     balance: str = "none"
     grad_clip: float | None = None
+    ema_decay: float = 0.0
     drop_last: bool = True
     val_roi_size: tuple[int, ...] | None = None
     sw_batch_size: int = 4
@@ -155,6 +159,8 @@ class TrainConfig:
         _choice("balance", self.balance, BALANCE_MODES)
         if self.grad_clip is not None:
             _positive("grad_clip", self.grad_clip, integer=False)
+        if not isinstance(self.ema_decay, int | float) or not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), not {self.ema_decay!r}; e.g. 0.999, or 0 for off")
         if self.val_roi_size is not None:
             roi = tuple(self.val_roi_size) if isinstance(self.val_roi_size, Sequence) else None
             if roi is None or len(roi) not in (2, 3):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -90,6 +91,11 @@ class _Run:
     best_in_memory: dict[str, torch.Tensor] | None = None
     net: torch.nn.Module | None = None  # the DDP / compiled wrapper of the model, rebuilt on (un)freezing
     trainable: tuple[bool, ...] | None = None
+    ema: ModelEmaV3 | None = None  # the averaged weights (train.ema_decay), validated and kept instead
+
+    def kept(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module whose weights are validated, selected and returned: the average when there is one."""
+        return self.ema.module if self.ema is not None else model
 
     @property
     def trainers(self) -> tuple:
@@ -167,6 +173,8 @@ def fit(
             _end_epoch(model, epoch, record, run, cfg, rt, manifest_sha256, on_epoch_end)
             bar.set_postfix(train_loss=f"{record['train_loss']:.4f}", **{cfg.monitor: f"{record[cfg.monitor]:.4f}"})
             bar.update(1)
+    if run.ema is not None:  # what `_finish` keeps when no epoch was best: the average, as validated
+        model.load_state_dict(run.ema.module.state_dict())
     return _finish(model, run.folder, run.state, run.best_in_memory, cfg, rt)
 
 
@@ -209,15 +217,19 @@ def _start_run(
     )
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    # timm's warm-up (decay 1 - (1 + step)^-2/3, capped at ema_decay) scales the averaging horizon
+    # with the run: early updates are not averaged with the starting weights for long.
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     state = RunState()
     if resume:
         state = resume_run(
-            folder / LAST_NAME, model, (optimizer, scheduler, scaler), cfg, rt.info, manifest_sha256  # type: ignore[operator]
+            folder / LAST_NAME, model, (optimizer, scheduler, scaler), cfg, rt.info, manifest_sha256,  # type: ignore[operator]
+            ema=None if ema is None else ema.module,
         )
     return _Run(
         optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler, steps_per_epoch=steps_per_epoch,
         drop_last=drop_last, state=state, folder=folder, retune_threads=_retune_threads(cfg, rt, state),
-        first_epoch=state.next_epoch,
+        first_epoch=state.next_epoch, ema=ema,
     )
 
 
@@ -260,9 +272,11 @@ def _run_epoch(
     desc = f"epoch {epoch + 1}/{cfg.epochs}"
     loss_sum, seen = _train_epoch(net, loader, run, loss_fn, cfg, rt, desc, first_update=epoch * run.steps_per_epoch)
     _sync_buffers(model, rt.info)
+    if run.ema is not None:  # the average of rank 0's buffers, like the model's (parameters agree on every rank)
+        _sync_buffers(run.ema.module, rt.info)
     train_seconds = time.perf_counter() - started
     loss_sum, seen = all_reduce_sum([loss_sum, float(seen)], rt.info, rt.device)
-    metrics = _evaluate(model, val_ds, loss_fn, val_metric_fn, cfg, rt)
+    metrics = _evaluate(run.kept(model), val_ds, loss_fn, val_metric_fn, cfg, rt)
     record = {
         "epoch": epoch,
         "train_loss": loss_sum / max(seen, 1.0),
@@ -308,9 +322,10 @@ def _end_epoch(
 ) -> None:
     """Early-stopping bookkeeping, best and last checkpoints, the log line and the callback."""
     if _update_state(run.state, record, cfg):
-        run.best_in_memory = save_best(model, run.folder, epoch, cfg, rt.info, manifest_sha256)
+        run.best_in_memory = save_best(run.kept(model), run.folder, epoch, cfg, rt.info, manifest_sha256)
     if run.folder is not None:
-        save_last(run.folder / LAST_NAME, model, run.trainers, run.state, cfg, rt.info, manifest_sha256)
+        save_last(run.folder / LAST_NAME, model, run.trainers, run.state, cfg, rt.info, manifest_sha256,
+                  ema=None if run.ema is None else run.ema.module)
     if rt.info.is_main:
         log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         if on_epoch_end is not None:
@@ -434,6 +449,8 @@ def _train_epoch(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step_update(first_update + step + 1)
+            if run.ema is not None:
+                run.ema.update(_unwrapped(net), step=first_update + step + 1)
             total += loss.detach().double() * images.shape[0]
             seen += images.shape[0]
             if show:
@@ -448,6 +465,13 @@ def _train_epoch(
             "or check the labels"
         )
     return value, seen
+
+
+def _unwrapped(net: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP and/or torch.compile wrapper (whose state-dict keys the average follows)."""
+    while isinstance(net, DistributedDataParallel) or hasattr(net, "_orig_mod"):
+        net = net.module if isinstance(net, DistributedDataParallel) else net._orig_mod
+    return net
 
 
 def _sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:

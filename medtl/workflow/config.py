@@ -224,6 +224,8 @@ class TrainConfigSection:
     layer_decay: Number = Field(0.0, ge=0, le=1, description="learning-rate decay per encoder stage; 0: off",
                                 examples=["0.5 (0 turns layer-wise decay off)"])
     warmup_epochs: Whole = Field(1, ge=0, description="linear warm-up epochs", examples=["1"])
+    ema_decay: Number = Field(0.0, ge=0, lt=1, description="moving average of the weights, validated and kept; 0: off",
+                              examples=["0.999 (0 turns the average off)"])
     early_stopping_patience: Whole = Field(5, ge=1, description="epochs without improvement", examples=["4"])
     bn: Annotated[Literal["adapt", "freeze"], ANY_CASE] = Field(
         "adapt", description="adapt: BatchNorm statistics follow the new data; freeze: keep the encoder's")
