@@ -120,6 +120,9 @@ AUDIT_STATUSES = ("passed", "failed", "inconclusive")
 TASKS = ("classification", "segmentation")
 STRATEGIES = ("linear_probe", "finetune", "gradual_unfreeze", "lp_ft", "discriminative")
 THRESHOLD_RULES = ("youden", "sensitivity", "fpr")
+#: Test-time augmentation: "flip" averages the outputs of the image and its mirror image along the
+#: last spatial axis (left-right in a radiograph: the column axis).
+TTA_MODES = ("none", "flip")
 FEW_SHOT_METHODS = ("prototype", "linear_probe")
 OPTIMIZERS = ("adamw", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")

@@ -9,7 +9,7 @@ Example:
 
 from medtl.engine.checkpoint import load_checkpoint, load_weights
 from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
-from medtl.engine.inference import predict, sliding_window_predict
+from medtl.engine.inference import predict, sliding_window_predict, tta_flips
 from medtl.engine.loop import fit
 from medtl.engine.optim import build_optimizer, build_scheduler, default_param_groups
 from medtl.engine.runtime import (
@@ -47,4 +47,5 @@ __all__ = [
     "sample_weights",
     "seed_everything",
     "sliding_window_predict",
+    "tta_flips",
 ]

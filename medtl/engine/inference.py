@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from medtl.engine.runtime import resolve_amp
 from medtl.errors import ConfigError, InputError
+from medtl.vocabulary import TTA_MODES
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 
@@ -111,6 +112,7 @@ def predict(
     amp: str = "off",
     device: torch.device | str | None = None,
     progress: bool = True,
+    flips: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """Per-sample model outputs for a dataset, in dataset order (single process).
 
@@ -127,6 +129,9 @@ def predict(
         amp: "off", "bf16", "fp16" or "auto" (see `TrainConfig.amp`).
         device: where to run; None = the model's device.
         progress: show a tqdm bar.
+        flips: test-time augmentation: spatial axes (0 = the first after the channel) along which
+            the mirrored image is also scored; the outputs are averaged after the activation (dense
+            outputs mirrored back first). () = the image alone.
 
     Returns:
         One dict per sample: "output" (float32 CPU tensor, K x spatial: probabilities unless
@@ -162,12 +167,36 @@ def predict(
     ):
         for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
             images = plain_tensor(batch["image"]).to(device, non_blocking=True)
-            if window is not None:
-                outputs = sliding_window_predict(model, images, output_device="cpu", **window)
-            else:
-                outputs = model(images)
-            rows += _rows(batch, _activate(plain_tensor(outputs).float(), activation).cpu())
+            views = [_forward(model, images, window, activation)]
+            for axis in flips:
+                dim = 2 + int(axis)  # batch and channel axes first
+                out = _forward(model, images.flip(dim), window, activation)
+                views.append(out.flip(dim) if out.ndim == images.ndim else out)
+            rows += _rows(batch, torch.stack(views).mean(0) if len(views) > 1 else views[0])
     return rows
+
+
+def tta_flips(mode: str, spatial_dims: int) -> tuple[int, ...]:
+    """The `flips` of `predict` for a test-time augmentation mode (`medtl.vocabulary.TTA_MODES`).
+
+    "flip" mirrors the last spatial axis: the columns of a 2D image (left-right in a radiograph).
+
+    Raises:
+        ConfigError: for an unknown mode.
+    """
+    if mode not in TTA_MODES:
+        raise ConfigError(f"test-time augmentation must be one of {', '.join(TTA_MODES)}, not {mode!r}; "
+                          "set evaluation.tta")
+    return (spatial_dims - 1,) if mode == "flip" else ()
+
+
+def _forward(model: torch.nn.Module, images: torch.Tensor, window: dict | None, activation: str) -> torch.Tensor:
+    """One activated forward pass (sliding-window when `window` is set), on the CPU as float32."""
+    if window is not None:
+        outputs = sliding_window_predict(model, images, output_device="cpu", **window)
+    else:
+        outputs = model(images)
+    return _activate(plain_tensor(outputs).float(), activation).cpu()
 
 
 def _inference_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:

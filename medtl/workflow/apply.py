@@ -88,7 +88,7 @@ def score_loaded(package: ModelPackage, network: torch.nn.Module, items: Iterabl
     activation = "sigmoid" if package.multi_label else "softmax"
     roi = tuple(prep.image_size) if prep.patch else None
     outputs = predict(network, dataset, activation=activation, batch_size=batch_size if roi is None else 1,
-                      roi_size=roi, amp="auto", progress=progress)
+                      roi_size=roi, amp="auto", progress=progress, flips=package.flips())
     return [Scored(out["id"], probs=out["output"].numpy().astype(np.float64), intensity=item["stats"],
                    input_shape=item["input_shape"])
             for out, (item, _) in zip(outputs, loaded, strict=True)]
@@ -115,7 +115,7 @@ def _segment(package: ModelPackage, network: torch.nn.Module, item: dict, pipeli
     roi = tuple(prep.image_size) if prep.patch else None
     image: MetaTensor = item["image"]
     (out,) = predict(network, Dataset([{"id": item["id"], "image": image.as_tensor()}]), activation="softmax",
-                     batch_size=1, roi_size=roi, amp="auto", progress=False)
+                     batch_size=1, roi_size=roi, amp="auto", progress=False, flips=package.flips())
     label = out["output"].argmax(0, keepdim=True).to(torch.float32)
     pred = MetaTensor(label, meta=dict(image.meta), applied_operations=list(image.applied_operations))
     inverted = mt.Invertd(keys="pred", transform=pipeline, orig_keys="image", nearest_interp=True)(

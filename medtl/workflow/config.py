@@ -34,6 +34,7 @@ from medtl.vocabulary import (
     STRATEGIES,
     TASKS,
     THRESHOLD_RULES,
+    TTA_MODES,
 )
 
 _Cls = TypeVar("_Cls", bound=type)
@@ -250,6 +251,9 @@ class EvaluationConfig:
         "youden", description="how the operating threshold is chosen on the validation split")
     threshold_target: Number = Field(0.9, gt=0, lt=1, description="target of sensitivity/fpr", examples=["0.9"])
     n_boot: Whole = Field(2000, ge=100, description="bootstrap replicates (patients resampled)", examples=["2000"])
+    # Part of the registered model: `medtl predict`, `medtl evaluate` and the served model average alike.
+    tta: Annotated[Literal[TTA_MODES], ANY_CASE] = Field(
+        "none", description="test-time augmentation: flip averages the image and its left-right mirror")
 
 
 @_section

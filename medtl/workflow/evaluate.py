@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from medtl.data.dataset import class_names
-from medtl.engine.inference import predict
+from medtl.engine.inference import predict, tta_flips
 from medtl.errors import ConfigError
 from medtl.evaluation.audit import BiasAudit
 from medtl.evaluation.audit_types import AuditRules
@@ -46,11 +46,13 @@ def predictions_table(cfg: WorkflowConfig, data: PreparedData, trained: TrainedM
     head_classes = multitask_classes(data) if multitask else data.classes
     roi = tuple(cfg.data.image_size) if trained.prep.patch else None
     activation = "none" if multitask else "softmax"  # config validation refuses model.multi_label
+    # A multi-task output holds segmentation and class logits in one tensor: not averaged over flips.
+    flips = () if multitask else tta_flips(cfg.evaluation.tta, cfg.model.spatial_dims)
     by_id = data.manifest.set_index("id")
     index = {name: i for i, name in enumerate(head_classes)}
     for split in ("val", "test"):
         outputs = predict(model, sets[split], activation=activation, roi_size=roi,
-                          batch_size=8 if roi is None else 1, progress=progress)
+                          batch_size=8 if roi is None else 1, progress=progress, flips=flips)
         rows = []
         for out in outputs:
             row: dict = {"id": out["id"], "split": split}

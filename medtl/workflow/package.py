@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from medtl.data.dataset import Preprocessing
 from medtl.data.privacy import config_dir
+from medtl.engine.inference import tta_flips
 from medtl.errors import InputError
 from medtl.models.factory import create_model
 
@@ -71,6 +72,7 @@ class ModelPackage:
     run_id: str = ""
     multi_label: bool = False
     dropout: float = 0.2
+    tta: str = "none"  # test-time augmentation (evaluation.tta), applied wherever the model scores
     # The settings `medtl evaluate` reuses (task, model, evaluation, audit, seed, experiment,
     # data's intensity/size keys and subgroups): no path, no data value.
     workflow_config: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +83,10 @@ class ModelPackage:
         """The frozen preprocessing as the data layer's `Preprocessing`."""
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.preprocessing.items()}
         return Preprocessing(**values)
+
+    def flips(self) -> tuple[int, ...]:
+        """The spatial axes `predict` mirrors for the frozen test-time augmentation."""
+        return tta_flips(self.tta, self.spatial_dims)
 
     def input_shape(self) -> tuple[int, ...]:
         """One network input without the batch axis, `(channels, *spatial)`."""
@@ -196,7 +202,7 @@ def package_for_run(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing
         preprocessing=json.loads(json.dumps(dataclasses.asdict(prep))), modalities=list(cfg.data.modalities),
         key_id=str(data.manifest["key_id"].iloc[0]) if len(data.manifest) else "",
         manifest_sha256=data.manifest_sha256, run_id=run_id, multi_label=cfg.model.multi_label,
-        dropout=cfg.model.dropout, workflow_config=reusable_config(cfg), profile=training_profile(data, table, seed=cfg.seed, progress=progress),
+        dropout=cfg.model.dropout, tta=cfg.evaluation.tta, workflow_config=reusable_config(cfg), profile=training_profile(data, table, seed=cfg.seed, progress=progress),
     )
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from medtl.engine import predict, sliding_window_predict
-from medtl.errors import InputError
+from medtl.engine import predict, sliding_window_predict, tta_flips
+from medtl.errors import ConfigError, InputError
 from tests.engine.run_toy import ToyImages, toy_classifier
 from tests.engine.test_loop import ToySquares, toy_segmenter
 
@@ -54,3 +54,40 @@ def test_predict_segments_whole_volumes_by_sliding_window_with_sigmoid():
             logits = model(item["image"][None])[0]
             assert logits.min() < 0 and logits.max() > 1
             assert torch.allclose(row["output"], torch.sigmoid(logits), atol=1e-6)
+
+
+def test_flip_tta_averages_the_probabilities_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval()  # a left-right asymmetric classifier
+    data = ToyImages(6, seed=3)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    with torch.no_grad():
+        expected = (torch.softmax(model(images), 1) + torch.softmax(model(images.flip(-1)), 1)) / 2
+        plain = torch.softmax(model(images), 1)
+    flipped = torch.stack([r["output"] for r in predict(model, data, flips=tta_flips("flip", 2), progress=False)])
+    torch.testing.assert_close(flipped, expected)
+    assert not torch.allclose(flipped, plain)  # the mirror changed the scores of this model
+    alone = torch.stack([r["output"] for r in predict(model, data, flips=tta_flips("none", 2), progress=False)])
+    torch.testing.assert_close(alone, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("roi", [None, (8, 8)])
+def test_flip_tta_mirrors_a_dense_output_back_before_averaging(roi):
+    torch.manual_seed(0)
+    model = nn.Conv2d(1, 2, (1, 3), padding=(0, 1)).eval()  # a kernel that looks left-right asymmetrically
+    data = ToySquares(3, 16, 2, seed=4)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+
+    def run(x):  # windows see their own borders, so the reference runs through the same windows
+        return model(x) if roi is None else sliding_window_predict(model, x, roi_size=roi, sw_batch_size=1, overlap=0.0)
+
+    with torch.no_grad():
+        mirrored = torch.softmax(run(images.flip(-1)), 1).flip(-1)
+        expected = (torch.softmax(run(images), 1) + mirrored) / 2
+    rows = predict(model, data, flips=(1,), roi_size=roi, sw_batch_size=1, overlap=0.0, progress=False)
+    torch.testing.assert_close(torch.stack([r["output"] for r in rows]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_tta_mode_is_refused_with_the_config_key():
+    with pytest.raises(ConfigError, match="evaluation.tta"):
+        tta_flips("rotate", 2)

@@ -63,7 +63,7 @@ def trained(tmp_path_factory):
         external.to_csv(work / "external.csv", index=False)
         cfg = load_config(WORKFLOWS / "classify_2d.yaml",
                           [f"data.root={root}", f"data.labels={work / 'train.csv'}", "tracking.registered_model=cxr",
-                           *TINY])
+                           "evaluation.tta=flip", *TINY])
         outputs = run_workflow(cfg, work / "run", progress=False)
         uri = store.tracking_uri()
         yield {"work": work, "root": root, "outputs": outputs, "uri": uri, "config": work / "config"}
@@ -92,6 +92,9 @@ def test_predict_gives_the_training_runs_probabilities_and_the_class_at_the_froz
     np.testing.assert_allclose(both["y_score_new"], both["y_score_run"], atol=1e-5, rtol=0)
     threshold = json.loads((env["outputs"].output_dir / "metrics.json").read_text())["threshold"]
     assert (predicted["y_pred"] == (predicted["y_score"] >= threshold).astype(int)).all()
+    # Both averaged the image with its mirror image (the run's evaluation.tta, frozen in the package).
+    package = json.loads((env["outputs"].output_dir / "package" / PACKAGE_FILE).read_text())
+    assert package["tta"] == "flip"
     # The demo's CT/MR series are left out (by modality, or by dimensionality), and counted.
     shapes = pd.read_csv(out.output_dir / "manifest.csv", dtype=str)["shape"]
     assert sum(out.skipped.values()) == int((shapes.str.count("x") == 2).sum()) > 0
