@@ -315,3 +315,131 @@ def write_reencoded(source: Path, path: Path, transfer_syntax: str, **encoding: 
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# --- masks over a series: DICOM SEG (highdicom) and RTSTRUCT (pydicom) -----------------------------
+
+
+def write_referenced_series(folder: Path, volume: np.ndarray, **series: object) -> list[Path]:
+    """`write_series` plus what a mask object needs of its source: FrameOfReferenceUID and the Type 2
+    attributes highdicom copies (StudyID, ReferringPhysicianName)."""
+    paths = write_series(folder, volume, **series)
+    frame_of_reference = uid(f"for/{folder}")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.FrameOfReferenceUID = frame_of_reference
+        ds.StudyID, ds.ReferringPhysicianName, ds.StudyTime = "1", "", "101500"
+        ds.save_as(path, enforce_file_format=True)
+    return paths
+
+
+def write_seg(
+    path: Path, source_paths: Sequence[Path], segments: np.ndarray, names: Sequence[str], *, fractional: bool = False
+) -> Path:
+    """A DICOM SEG written by highdicom: `segments` is (slices, rows, columns, segments), slice k drawn
+    on `source_paths[k]`; values 0/1, or 0.0-1.0 with `fractional`."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.AlgorithmIdentificationSequence(name="test", family=codes.cid7162.ArtificialIntelligence,
+                                                   version="1")
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name, segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, name in enumerate(names, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=[pydicom.dcmread(p) for p in source_paths],
+        pixel_array=segments.astype(np.float32 if fractional else np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test", manufacturer_model_name="test",
+        software_versions="1", device_serial_number="0",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path)
+    return path
+
+
+def edit_seg_frames(path: Path, *, order: Sequence[int] | None = None, shift: Sequence[float] | None = None) -> Path:
+    """Rewrite a SEG in place with its frames stored in `order` and/or every frame's
+    ImagePositionPatient moved by `shift` (LPS mm), pixels and per-frame items kept together."""
+    from pydicom.pixels import pack_bits
+
+    ds = pydicom.dcmread(path)
+    items = list(ds.PerFrameFunctionalGroupsSequence)
+    if order is not None:
+        frames = ds.pixel_array.reshape(len(items), ds.Rows, ds.Columns)[list(order)]
+        ds.PerFrameFunctionalGroupsSequence = DicomSequence([items[i] for i in order])
+        ds.PixelData = pack_bits(frames) if ds.BitsAllocated == 1 else frames.tobytes()
+    if shift is not None:
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            plane = item.PlanePositionSequence[0]
+            plane.ImagePositionPatient = [float(v) + float(s) for v, s in zip(plane.ImagePositionPatient, shift, strict=True)]
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_rtstruct(path: Path, source_paths: Sequence[Path], rois: dict[str, np.ndarray]) -> Path:
+    """An RTSTRUCT whose ROIs are the outlines of `rois` (name -> (slices, rows, columns) masks, slice k on
+    `source_paths[k]`): `skimage.measure.find_contours` at 0.5 per slice (holes give inner contours),
+    pixel (row, column) -> patient LPS mm through each source slice's position, orientation and spacing."""
+    from skimage.measure import find_contours
+
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_paths]
+    first = sources[0]
+    ds = base_dataset(sop_class="1.2.840.10008.5.1.4.1.1.481.3", series_uid=uid(f"rt-series/{path}"),
+                      study_uid=first.StudyInstanceUID, modality="RTSTRUCT", instance=uid(f"rt/{path}"))
+    ds.StructureSetLabel, ds.StructureSetDate, ds.StructureSetTime = "test", STUDY_DATE, "101500"
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    images = [_contour_image(s) for s in sources]
+    series, study, frame = Dataset(), Dataset(), Dataset()
+    series.SeriesInstanceUID, series.ContourImageSequence = first.SeriesInstanceUID, DicomSequence(images)
+    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    study.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    study.RTReferencedSeriesSequence = DicomSequence([series])
+    frame.FrameOfReferenceUID, frame.RTReferencedStudySequence = first.FrameOfReferenceUID, DicomSequence([study])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame])
+    structure, outlines, observations = [], [], []
+    for number, (name, mask) in enumerate(rois.items(), start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = number, first.FrameOfReferenceUID, name
+        roi.ROIGenerationAlgorithm = "MANUAL"
+        structure.append(roi)
+        contours = []
+        for k, source in enumerate(sources):
+            origin = np.asarray(source.ImagePositionPatient, dtype=float)
+            row_dir = np.asarray(source.ImageOrientationPatient[:3], dtype=float)
+            col_dir = np.asarray(source.ImageOrientationPatient[3:], dtype=float)
+            row_mm, col_mm = (float(v) for v in source.PixelSpacing)
+            for line in find_contours(np.pad(mask[k], 1).astype(float), 0.5):
+                rows, cols = line[:, 0] - 1, line[:, 1] - 1
+                points = origin + np.outer(cols * col_mm, row_dir) + np.outer(rows * row_mm, col_dir)
+                contour = Dataset()
+                contour.ContourImageSequence = DicomSequence([_contour_image(source)])
+                contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
+                contour.ContourData = [round(float(v), 4) for v in points.ravel()]
+                contours.append(contour)
+        outline = Dataset()
+        outline.ReferencedROINumber, outline.ROIDisplayColor = number, [255, 0, 0]
+        outline.ContourSequence = DicomSequence(contours)
+        outlines.append(outline)
+        observation = Dataset()
+        observation.ObservationNumber, observation.ReferencedROINumber = number, number
+        observation.RTROIInterpretedType, observation.ROIInterpreter = "ORGAN", ""
+        observations.append(observation)
+    ds.StructureSetROISequence = DicomSequence(structure)
+    ds.ROIContourSequence = DicomSequence(outlines)
+    ds.RTROIObservationsSequence = DicomSequence(observations)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _contour_image(source: Dataset) -> Dataset:
+    image = Dataset()
+    image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    return image
