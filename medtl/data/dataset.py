@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from monai import transforms as mt
-from monai.data import CacheDataset, Dataset, ImageReader, PersistentDataset
+from monai.data import CacheDataset, Dataset, ImageReader, PersistentDataset, get_track_meta, set_track_meta
 
 from medtl.data.reader import PRUNE_META_PATTERN, MedtlNiftiReader, MedtlStudyReader
 from medtl.data.verify import resolve_path, resolve_study
@@ -343,6 +343,39 @@ def augmentation_transforms(prep: Preprocessing, has_mask: bool, augmentation: A
     return mt.Compose(steps)
 
 
+class TrainingPipeline(mt.Compose):
+    """The transforms of a training dataset: its random ones run on plain tensors, without MONAI's metadata.
+
+    The random transforms come after the cache and work on plain tensors (the deterministic part
+    ends by dropping the metadata), but MONAI's random spatial transforms wrap every item as a
+    `MetaTensor` again and record its affine and applied operations, which costs more than the
+    augmentation itself on small items (about half of a cached epoch's data time at 64 px), and
+    the items leave as plain tensors anyway. So from the first random transform to the end of a
+    call MONAI's metadata tracking is off (`set_track_meta(False)`), and restored after. The
+    transforms, their random draws (`set_random_state` as `mt.Compose`'s) and the values they
+    return are unchanged; the deterministic part before them keeps its metadata (orientation and
+    spacing need the affine), also when a dataset without cache runs all of it in one call.
+
+    MONAI's switch is per process: a dataset is read by one thread at a time (torch's DataLoader
+    reads in the main process or in worker processes).
+    """
+
+    def __call__(self, input_, start: int = 0, end: int | None = None, threading: bool = False,
+                 lazy: bool | None = None):
+        first_random = self.get_index_of_first(lambda t: isinstance(t, mt.RandomizableTrait))
+        if first_random is None or (end is not None and end <= first_random):
+            return super().__call__(input_, start, end, threading, lazy)
+        if start < first_random:
+            input_ = super().__call__(input_, start, first_random, threading, lazy)
+            start = first_random
+        tracking = get_track_meta()
+        set_track_meta(False)
+        try:
+            return super().__call__(input_, start, end, threading, lazy)
+        finally:
+            set_track_meta(tracking)
+
+
 def manifest_items(manifest: pd.DataFrame, split: str, task: str, classes: Sequence[str]) -> list[dict]:
     """Dataset items of one split: pseudonymous id, the manifest row, the target."""
     rows = manifest[manifest["split"] == split]
@@ -411,7 +444,7 @@ def make_dataset(
         pipeline = det
     else:
         keys = ["image", "label"] if has_mask else ["image"]
-        pipeline = mt.Compose([*det.transforms, *rand.transforms, mt.EnsureTyped(keys=keys, track_meta=False)])
+        pipeline = TrainingPipeline([*det.transforms, *rand.transforms, mt.EnsureTyped(keys=keys, track_meta=False)])
     if cache == "none":
         return Dataset(items, transform=pipeline)
     if cache == "disk":

@@ -6,8 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from monai import transforms as mt
+from monai.data import get_track_meta
 
-from medtl.data.dataset import Preprocessing, class_names, make_dataset, manifest_items
+from medtl.data.dataset import (
+    Augmentation,
+    Preprocessing,
+    TrainingPipeline,
+    class_names,
+    make_dataset,
+    manifest_items,
+)
 from medtl.data.manifest import build_manifest
 from medtl.data.synthetic import write_demo_data
 
@@ -115,3 +124,26 @@ def test_disk_cache_files_hold_tensors_and_pseudonyms_only_and_serve_later_epoch
     train = make_dataset(items, prep, gone, key_file=_key(root), train=True, cache="disk", cache_dir=cache)
     assert tuple(train[0]["image"].shape) == (1, 32, 32)
     assert len(list(cache.glob("*.pt"))) == len(items)
+
+
+def test_training_augmentations_run_without_metadata_tracking_and_give_the_same_values(demo_manifest):
+    root, manifest = demo_manifest
+    ct = manifest[manifest["modality"] == "CT"]
+    items = manifest_items(ct, ct["split"].iloc[0], "segmentation", [])
+    prep = Preprocessing(spatial_dims=3, image_size=(24, 24, 12), spacing=(1.5, 1.5, 2.5), intensity="ct",
+                         ct_window=(-200.0, 300.0), normalization="zscore_nonzero", patch=False)
+    always = Augmentation(affine_prob=1.0, noise_prob=1.0, contrast_prob=1.0)  # every draw changes the values
+    ds = make_dataset(items, prep, root, key_file=_key(root), train=True, augmentation=always, cache="none")
+    assert isinstance(ds.transform, TrainingPipeline)
+    tracked = mt.Compose(list(ds.transform.transforms))  # the same transform objects, MONAI's metadata on
+    for seed in (0, 1):
+        ds.transform.set_random_state(seed)
+        untracked = ds[0]
+        assert get_track_meta(), "the switch must be restored after the random transforms"
+        tracked.set_random_state(seed)
+        reference = tracked(dict(ds.data[0]))
+        for key in ("image", "label"):
+            assert type(untracked[key]) is torch.Tensor
+            assert torch.equal(untracked[key], reference[key].as_subclass(torch.Tensor))
+    unaugmented = make_dataset(items, prep, root, key_file=_key(root), train=False, cache="none")[0]
+    assert not torch.equal(untracked["image"], unaugmented["image"])
