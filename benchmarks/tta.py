@@ -6,7 +6,9 @@ path (`medtl.workflow.apply.score_studies`, what `medtl predict` and the served 
 test-time augmentation mode, and the test AUROC of each mode is printed, then the mean ± sd over runs.
 
 Usage:
-    .venv/bin/python benchmarks/tta.py --root DATA_ROOT RUN_DIR [RUN_DIR ...]
+    .venv/bin/python benchmarks/tta.py --work WORK --root DATA_ROOT RUN_DIR [RUN_DIR ...]
+
+WORK is the training benchmark's work folder (its project key under WORK/config resolves the rows).
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ def test_auroc(run: Path, root: Path, mode: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", required=True, help="the work folder of the benchmark that trained the runs")
     parser.add_argument("--root", required=True, help="the data root the runs were trained on")
     parser.add_argument("runs", nargs="+", help="run output folders")
     args = parser.parse_args(argv)
+    _data.setup(args.work)
     print("machine:", _data.machine())
     results = {mode: [] for mode in TTA_MODES}
     for run in map(Path, args.runs):
