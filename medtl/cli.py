@@ -23,9 +23,10 @@ EPILOG = """examples:
   medtl demo-data demo_data --patients 200 --seed 0
   medtl manifest build demo_data --labels demo_data/labels.csv --out data_manifests/demo.csv
   medtl manifest verify data_manifests/demo.csv --root demo_data
+  medtl pull --dicomweb https://pacs.hospital.example/dicom-web --query 'Modality=CR&StudyDate=20240101-20241231' --out pulled
   medtl demo --output demo_output
 
-exit status: 0 done; 1 `manifest verify` found differences;
+exit status: 0 done; 1 `manifest verify` found differences, or `pull` could not fetch some instances;
 2 an error, e.g. a labels CSV that matches no study (one line on stderr; `--debug` adds the
 traceback, which may show file paths);
 130 interrupted.
@@ -84,6 +85,23 @@ def _cmd_manifest_verify(args: argparse.Namespace) -> int:
     verdict = "OK" if result.ok else "DIFFERS"
     print(f"verify {verdict}: {result.files_checked} files and {result.rows_checked} rows checked")
     return 0 if result.ok else 1
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from medtl.data.pacs import parse_query, pull
+
+    query = parse_query(args.query)
+    result = pull(args.dicomweb, query, Path(args.out), progress=not args.quiet,
+                  auth_file=Path(args.netrc) if args.netrc else None)
+    # Counts only: the server's UIDs and header values are never printed.
+    print(f"pulled {result.studies} studies ({result.series} series) into {args.out}: {result.fetched} instances "
+          f"fetched, {result.skipped} already present, {result.n_failed} failed")
+    for reason, n in sorted(result.failed.items()):
+        print(f"failed: {n} ({reason})")
+    if result.n_failed:
+        print("run the same command again to retry them; files already written are kept")
+        return 1
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -291,6 +309,18 @@ def _add_data_commands(sub, common: argparse.ArgumentParser) -> None:
     v.add_argument("--key-file", help="project key file (default: $MEDTL_KEY_FILE or the config folder)")
     v.set_defaults(func=_cmd_manifest_verify, step="verifying the manifest")
 
+    pl = sub.add_parser("pull", parents=[common],
+                        help="copy the studies matching a query from a PACS (DICOMweb) into a folder; resumable")
+    pl.add_argument("--dicomweb", required=True, metavar="URL",
+                    help="DICOMweb root, e.g. https://pacs.hospital.example/dicom-web")
+    pl.add_argument("--query", required=True,
+                    help="study filters joined by '&', e.g. 'Modality=CR,DX&StudyDate=20240101-20241231'")
+    pl.add_argument("--out", required=True, help="folder for <study hash>/<instance hash>.dcm; run again to continue")
+    pl.add_argument("--netrc", metavar="FILE",
+                    help="netrc file with the PACS credentials (default ~/.netrc); the environment's "
+                         "MEDTL_DICOMWEB_USER/MEDTL_DICOMWEB_PASSWORD or MEDTL_DICOMWEB_TOKEN come first")
+    pl.set_defaults(func=_cmd_pull, step="pulling studies from the PACS")
+
 
 def _add_run_commands(sub, common: argparse.ArgumentParser) -> None:
     d = sub.add_parser("demo", parents=[common], help="the main job end to end on synthetic demo studies")
@@ -437,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         resume = ("; the checkpoints of finished epochs are kept: run the same command with --resume to continue"
                   if args.command == "run" else "")
+        if args.command == "pull":
+            resume = "; the instances written are kept: run the same command again to continue"
         print(f"medtl: interrupted while {_failed_step(args)}{resume}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the one place any other error becomes a path-free line

@@ -1,0 +1,344 @@
+"""`medtl.data.pacs` and `medtl pull` against a real Orthanc with its DICOMweb plugin.
+
+The session fixture installs `orthanc` and `orthanc-dicomweb` with apt-get when they are missing
+(skipping, with the reason, only when that is impossible), starts Orthanc on free ports of
+127.0.0.1 with authentication on, and uploads synthetic demo studies to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+import requests
+
+from medtl.cli import main
+from medtl.data import pacs
+from medtl.data.manifest import build_manifest
+from medtl.data.pacs import PASSWORD_ENV, TOKEN_ENV, USER_ENV, parse_query, pull, uid_hash
+from medtl.data.synthetic import DemoSummary, write_demo_data
+from medtl.errors import InputError
+
+ORTHANC_USER = "medtl-tester"
+#: Distinctive, so a search of messages and logs for it cannot hit anything else.
+ORTHANC_PASSWORD = "pw-" + secrets.token_hex(12)
+PACKAGES = ("orthanc", "orthanc-dicomweb")
+HASHED_FILE = re.compile(r"^[0-9a-f]{16}/[0-9a-f]{16}\.dcm$")
+#: Columns that must agree between a manifest of the pulled files and one of the originals.
+SAME_COLUMNS = ("patient", "study", "series", "kind", "modality", "n_files", "shape", "spacing", "orientation",
+                "sha256", "label", "sex", "age_band", "site", "scanner")
+
+
+@dataclass(frozen=True)
+class Pacs:
+    url: str
+    host: str
+    demo: DemoSummary
+    sop_files: dict[str, Path]  # SOPInstanceUID -> original demo file, for what Orthanc accepted
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthanc
+
+
+def _orthanc_paths() -> tuple[str | None, str | None]:
+    """(the Orthanc binary, the DICOMweb plugin .so) when installed."""
+    binary = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+                                              if os.access(p, os.X_OK)), None)
+    listed = subprocess.run(["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, check=False)
+    plugins = [line for line in listed.stdout.splitlines() if re.search(r"\.so(\.\d+)*$", line)]
+    plugin = next((p for p in plugins if p.endswith(".so")), plugins[0] if plugins else None)
+    return binary, plugin
+
+
+def _install_orthanc() -> tuple[str, str]:
+    binary, plugin = _orthanc_paths() if shutil.which("dpkg") else (None, None)
+    if binary and plugin:
+        return binary, plugin
+    if not shutil.which("apt-get"):
+        pytest.skip("Orthanc is not installed and this machine has no apt-get to install orthanc orthanc-dicomweb")
+    if os.geteuid() != 0:
+        pytest.skip("Orthanc is not installed and installing orthanc orthanc-dicomweb with apt-get needs root")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=900)
+        if done.returncode != 0:
+            pytest.skip(f"could not install {' '.join(PACKAGES)} ({' '.join(command[:2])} exited "
+                        f"{done.returncode}): {done.stderr.strip()[-300:]}")
+    binary, plugin = _orthanc_paths()
+    if not (binary and plugin):
+        pytest.skip("orthanc and orthanc-dicomweb were installed but the Orthanc binary or the plugin is missing")
+    return binary, plugin
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(binary: str, plugin: str, folder: Path) -> tuple[subprocess.Popen, str, Path]:
+    http_port, dicom_port = _free_port(), _free_port()
+    config = folder / "orthanc.json"
+    config.write_text(pd.Series({
+        "Name": "medtl-test", "HttpPort": http_port, "DicomPort": dicom_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True, "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
+        "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
+        "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }).to_json())
+    log = folder / "orthanc.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([binary, str(config)], stdout=out, stderr=subprocess.STDOUT, cwd=folder)
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"Orthanc exited with {process.returncode}: {log.read_text()[-1500:]}")
+        try:
+            if requests.get(f"{base}/system", auth=(ORTHANC_USER, ORTHANC_PASSWORD), timeout=2).ok:
+                return process, base, log
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"Orthanc did not answer /system within 30 s: {log.read_text()[-1500:]}")
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory) -> Iterator[Pacs]:
+    """A running Orthanc (DICOMweb at `url`) holding the demo studies of 10 patients."""
+    binary, plugin = _install_orthanc()
+    process, base, _ = _start(binary, plugin, tmp_path_factory.mktemp("orthanc"))
+    try:
+        demo = write_demo_data(tmp_path_factory.mktemp("pacs-demo") / "demo", patients=10, seed=0, progress=False)
+        sop_files: dict[str, Path] = {}
+        with requests.Session() as session:
+            session.auth = (ORTHANC_USER, ORTHANC_PASSWORD)
+            for path in sorted(demo.root.rglob("*.dcm")):
+                answer = session.post(f"{base}/instances", data=path.read_bytes(), timeout=30)
+                if answer.ok:
+                    sop_files[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = path
+                else:  # only the demo's truncated file is refused
+                    assert path.name == "partial_transfer.dcm", f"Orthanc refused {path.name}: {answer.status_code}"
+        yield Pacs(url=f"{base}/dicom-web", host="127.0.0.1", demo=demo, sop_files=sop_files)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@pytest.fixture
+def credentials(monkeypatch) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.setenv(USER_ENV, ORTHANC_USER)
+    monkeypatch.setenv(PASSWORD_ENV, ORTHANC_PASSWORD)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _key(folder: Path) -> Path:
+    key = folder / "project.key"
+    key.write_text(secrets.token_hex(32))
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Pulling
+
+
+@pytest.mark.slow
+def test_pulled_cr_dx_studies_give_the_manifest_of_the_originals(orthanc, credentials, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    out = tmp_path / "pulled"
+    result = pull(orthanc.url, parse_query("Modality=CR,DX"), out, progress=False)
+
+    labels = pd.read_csv(orthanc.demo.labels_csv, dtype=str, keep_default_na=False)
+    radiographs = labels[labels["path"].str.endswith(".dcm")]
+    assert (result.studies, result.series, result.fetched, result.skipped, result.failed) == (
+        len(radiographs), len(radiographs), len(radiographs), 0, {})
+    pulled = _files(out)
+    assert all(HASHED_FILE.match(rel) for rel in pulled), "names must be UID hashes only"
+    origin: dict[str, Path] = {}  # pulled relative path -> the demo file it came from
+    for rel, data in pulled.items():
+        ds = pydicom.dcmread(out / rel, stop_before_pixels=True)
+        assert rel == f"{uid_hash(ds.StudyInstanceUID)}/{uid_hash(ds.SOPInstanceUID)}.dcm"
+        assert ds.Modality in ("CR", "DX")  # the report (SR) of a CR/DX study is left out
+        origin[rel] = orthanc.sop_files[str(ds.SOPInstanceUID)]
+        assert data == origin[rel].read_bytes(), "the PACS's DICOM must be written as is"
+    # No UID, name or other identifying value of the demo reached a log record (hashes only).
+    assert not [s for s in orthanc.demo.phi_strings if s in caplog.text]
+
+    # The same studies, labelled the same, from both folders, pseudonymised with one key.
+    by_origin = {orthanc.demo.root / p: row for p, row in zip(labels["path"], labels.to_dict("records"),
+                                                               strict=True)}
+    pulled_labels = pd.DataFrame([{"path": rel, "label": by_origin[src]["label"]} for rel, src in origin.items()])
+    original_labels = pd.DataFrame([by_origin[src] for src in origin.values()])
+    pulled_labels.to_csv(tmp_path / "pulled_labels.csv", index=False)
+    original_labels.to_csv(tmp_path / "original_labels.csv", index=False)
+    key = _key(tmp_path)
+    built = {}
+    for name, root in (("pulled", out), ("original", orthanc.demo.root)):
+        made = build_manifest(root, tmp_path / f"{name}_labels.csv", tmp_path / f"{name}.csv", key_file=key,
+                              progress=False, workers=1)
+        built[name] = pd.read_csv(made.manifest_csv, dtype=str, keep_default_na=False)
+    assert len(built["pulled"]) == len(built["original"]) == len(radiographs)
+    columns = list(SAME_COLUMNS)
+    mine = built["pulled"][columns].sort_values("series").reset_index(drop=True)
+    theirs = built["original"][columns].sort_values("series").reset_index(drop=True)
+    assert mine["sha256"].str.fullmatch("[0-9a-f]{64}").all() and mine["patient"].str.len().gt(0).all()
+    pd.testing.assert_frame_equal(mine, theirs)
+
+
+@pytest.mark.slow
+def test_an_interrupted_pull_continues_and_ends_like_a_one_shot_pull(orthanc, credentials, tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    write = pacs._write_atomic
+    written: list[Path] = []
+
+    def write_then_stop(path, dataset):
+        write(path, dataset)
+        written.append(path)
+        if len(written) == 4:
+            raise Stop
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(pacs, "_write_atomic", write_then_stop)
+    with pytest.raises(Stop):
+        pull(orthanc.url, {}, out, progress=False)
+    monkeypatch.setattr(pacs, "_write_atomic", write)
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(written)
+    stale = written[0].parent / "0000000000000000.dcm.part"  # as left by a pull killed mid-write
+    stale.write_bytes(b"half a file")
+
+    resumed = pull(orthanc.url, {}, out, progress=False)
+    total = len(orthanc.sop_files)
+    assert (resumed.skipped, resumed.fetched, resumed.failed) == (4, total - 4, {})
+    assert not stale.exists()
+    once = pull(orthanc.url, {}, tmp_path / "once", progress=False)
+    assert (once.fetched, once.skipped) == (total, 0)
+    assert _files(out) == _files(tmp_path / "once")
+    again = pull(orthanc.url, {}, out, progress=False)
+    assert (again.fetched, again.skipped, again.studies) == (0, total, once.studies)
+
+
+@pytest.mark.slow
+def test_the_cli_prints_counts_only(orthanc, credentials, tmp_path, capsys):
+    status = main(["-q", "pull", "--dicomweb", orthanc.url, "--query", "Modality=CR&StudyDate=20180101-",
+                   "--out", str(tmp_path / "cr")])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    n = len(list((tmp_path / "cr").rglob("*.dcm")))
+    assert 0 < n < len(orthanc.sop_files)
+    assert f"{n} instances fetched, 0 already present, 0 failed" in printed.out
+    assert not [s for s in orthanc.demo.phi_strings if s in printed.out + printed.err]
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials
+
+
+@pytest.mark.slow
+def test_a_refused_password_is_named_without_the_password(orthanc, tmp_path, monkeypatch, caplog, capsys):
+    wrong = "wrong-" + secrets.token_hex(12)
+    monkeypatch.setenv(USER_ENV, ORTHANC_USER)
+    monkeypatch.setenv(PASSWORD_ENV, wrong)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(InputError) as err:
+        pull(orthanc.url, {"Modality": "CR"}, tmp_path / "refused", progress=False)
+    message = str(err.value)
+    assert message.startswith(f"the PACS refused the credentials for {orthanc.host} (HTTP 401); set {USER_ENV}")
+    assert f"netrc entry for {orthanc.host}" in message
+    printed = capsys.readouterr()
+    for secret in (wrong, ORTHANC_USER, ORTHANC_PASSWORD):
+        assert secret not in message + caplog.text + printed.out + printed.err
+    assert not list((tmp_path / "refused").rglob("*.dcm"))
+
+    status = main(["-q", "pull", "--dicomweb", orthanc.url, "--query", "Modality=CR", "--out", str(tmp_path / "x")])
+    printed = capsys.readouterr()
+    assert status == 2
+    assert "medtl: error: the PACS refused the credentials for 127.0.0.1 (HTTP 401)" in printed.err
+    assert wrong not in printed.out + printed.err and ORTHANC_USER not in printed.out + printed.err
+
+
+@pytest.mark.slow
+def test_credentials_come_from_a_netrc_entry_for_the_host(orthanc, tmp_path, monkeypatch):
+    for name in (USER_ENV, PASSWORD_ENV, TOKEN_ENV):
+        monkeypatch.delenv(name, raising=False)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text(f"machine {orthanc.host} login {ORTHANC_USER} password {ORTHANC_PASSWORD}\n")
+    netrc_file.chmod(0o600)
+    result = pull(orthanc.url, {"Modality": "CR"}, tmp_path / "cr", progress=False, auth_file=netrc_file)
+    assert result.fetched > 0 and not result.failed
+
+    netrc_file.write_text(f"machine pacs.example.org login {ORTHANC_USER} password {ORTHANC_PASSWORD}\n")
+    with pytest.raises(InputError, match=r"asked for credentials \(HTTP 401\) and none were found"):
+        pull(orthanc.url, {"Modality": "CR"}, tmp_path / "cr", progress=False, auth_file=netrc_file)
+    monkeypatch.setenv(TOKEN_ENV, "not-a-token-" + secrets.token_hex(8))  # Orthanc takes no bearer tokens
+    with pytest.raises(InputError, match=r"refused the credentials for 127\.0\.0\.1 \(HTTP 401\)") as err:
+        pull(orthanc.url, {"Modality": "CR"}, tmp_path / "cr", progress=False)
+    assert "not-a-token" not in str(err.value)
+
+
+def test_unusable_urls_and_unreachable_servers_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(USER_ENV, ORTHANC_USER)
+    monkeypatch.setenv(PASSWORD_ENV, ORTHANC_PASSWORD)
+    with pytest.raises(InputError, match="must not carry a user name or password") as err:
+        pull(f"http://u:{ORTHANC_PASSWORD}@127.0.0.1:8042/dicom-web", {"Modality": "CR"}, tmp_path)
+    assert ORTHANC_PASSWORD not in str(err.value)
+    with pytest.raises(InputError, match="must be http"):
+        pull("ftp://pacs.example.org/dicom-web", {"Modality": "CR"}, tmp_path)
+    port = _free_port()
+    with pytest.raises(InputError, match=rf"could not reach the PACS at 127\.0\.0\.1:{port} .*check the URL"):
+        pull(f"http://127.0.0.1:{port}/dicom-web", {"Modality": "CR"}, tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The query
+
+
+def test_the_query_parser_reads_pairs_and_percent_encoding():
+    assert parse_query("Modality=CR,DX&StudyDate=20240101-20241231&StudyDescription=XR%20CHEST") == {
+        "Modality": "CR,DX", "StudyDate": "20240101-20241231", "StudyDescription": "XR CHEST"}
+    assert parse_query("StudyDate=-20241231") == {"StudyDate": "-20241231"}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", "not empty"),
+    ("Modality CR", "part 1 must be KEY=VALUE, not text without '='"),
+    ("Modality=CR&&StudyDate=20240101", "part 2 must be KEY=VALUE"),
+    ("Modalty=CR", "did you mean 'Modality'"),
+    ("Modality=CR&Modality=DX", "must appear once"),
+    ("Modality=", "must have a value"),
+    ("StudyDate=2024", "must be a date (8 digits"),
+    ("StudyDate=20240101to20241231", "must be a date (8 digits"),
+    ("limit=10", "must not be given"),
+])
+def test_the_query_parser_refuses_malformed_queries(text, expected):
+    with pytest.raises(InputError, match=re.escape(expected)):
+        parse_query(text)
+
+
+def test_query_messages_do_not_quote_values():
+    with pytest.raises(InputError) as err:
+        parse_query("PatientID=NGH4334960&PatientBirthDate=1957")
+    assert "PatientBirthDate" in str(err.value) and "NGH4334960" not in str(err.value)
+    assert "1957" not in str(err.value)
