@@ -75,38 +75,63 @@ def loaded_array(item_id: str, array: np.ndarray, modality: str, package: ModelP
     return {"id": item_id, "image": image, "intensity": scoring_item(item_id, [], modality, package.prep())["intensity"]}
 
 
+#: Studies preprocessed and held in memory at a time: memory stays flat however many are scored.
+CHUNK = 64
+
+
 def score_loaded(package: ModelPackage, network: torch.nn.Module, items: Iterable[dict], *, total: int | None = None,
                  progress: bool = True, batch_size: int = 8) -> list[Scored]:
-    """Score items already loaded (`LoadImaged` output or `loaded_array`) with the frozen preprocessing."""
-    prep = package.prep()
+    """Score items already loaded (`LoadImaged` output or `loaded_array`) with the frozen preprocessing.
+
+    Items are preprocessed and scored `CHUNK` at a time (segmentation: one at a time), so only the
+    results, not every preprocessed image, accumulate.
+    """
     device_for(network)
-    loaded = _preprocessed(package, items, total, progress)
-    if package.task == "segmentation":
-        return [_segment(package, network, item, pipeline) for item, pipeline in
-                tqdm(loaded, desc="segment", unit="study", disable=not progress)]
-    dataset = Dataset([{"id": item["id"], "image": item["image"].as_tensor()} for item, _ in loaded])
+    pipeline = scoring_transforms(package.prep())
+    rest = mt.Compose(list(pipeline.transforms[1:]))
+    scored: list[Scored] = []
+    with tqdm(total=total, desc="score", unit="study", disable=not progress) as bar:
+        for chunk in _chunks(items, 1 if package.task == "segmentation" else CHUNK):
+            loaded = [_preprocessed(item, rest) for item in chunk]
+            if package.task == "segmentation":
+                scored += [_segment(package, network, item, pipeline) for item in loaded]
+            else:
+                scored += _classify(package, network, loaded, batch_size)
+            bar.update(len(chunk))
+    return scored
+
+
+def _chunks(items: Iterable[dict], size: int) -> Iterable[list[dict]]:
+    chunk: list[dict] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _classify(package: ModelPackage, network: torch.nn.Module, loaded: list[dict], batch_size: int) -> list[Scored]:
+    """Class probabilities of preprocessed items (sliding windows for patch-trained 3D models)."""
+    prep = package.prep()
+    dataset = Dataset([{"id": item["id"], "image": item["image"].as_tensor()} for item in loaded])
     activation = "sigmoid" if package.multi_label else "softmax"
     roi = tuple(prep.image_size) if prep.patch else None
     outputs = predict(network, dataset, activation=activation, batch_size=batch_size if roi is None else 1,
-                      roi_size=roi, amp="auto", progress=progress, flips=package.flips())
+                      roi_size=roi, amp="auto", progress=False, flips=package.flips())
     return [Scored(out["id"], probs=out["output"].numpy().astype(np.float64), intensity=item["stats"],
                    input_shape=item["input_shape"])
-            for out, (item, _) in zip(outputs, loaded, strict=True)]
+            for out, item in zip(outputs, loaded, strict=True)]
 
 
-def _preprocessed(package: ModelPackage, items: Iterable[dict], total: int | None,
-                  progress: bool) -> list[tuple[dict, mt.Compose]]:
-    """Each loaded item's raw statistics, then the frozen transforms after loading, metadata kept."""
-    pipeline = scoring_transforms(package.prep())
-    rest = mt.Compose(list(pipeline.transforms[1:]))
-    out = []
-    for item in tqdm(items, total=total, desc="preprocess", unit="study", disable=not progress):
-        stats = intensity_stats(np.asarray(item["image"].as_tensor()))
-        shape = tuple(int(n) for n in item["image"].shape[1:])
-        item = rest(item)
-        item["stats"], item["input_shape"] = stats, shape
-        out.append((item, pipeline))
-    return out
+def _preprocessed(item: dict, rest: mt.Compose) -> dict:
+    """A loaded item's raw statistics, then the frozen transforms after loading, metadata kept."""
+    stats = intensity_stats(np.asarray(item["image"].as_tensor()))
+    shape = tuple(int(n) for n in item["image"].shape[1:])
+    item = rest(item)
+    item["stats"], item["input_shape"] = stats, shape
+    return item
 
 
 def _segment(package: ModelPackage, network: torch.nn.Module, item: dict, pipeline: mt.Compose) -> Scored:

@@ -331,3 +331,35 @@ def test_segmentation_predict_writes_masks_on_the_input_grid_and_dicom_seg_over_
     with pytest.raises(InputError, match="must be given a classification model"):
         run_external_validation(f"models:/seg/{trained.model_version}", root, root / "labels.csv", tmp_path / "x",
                                 progress=False)
+
+
+@pytest.mark.slow
+def test_scoring_holds_one_chunk_of_preprocessed_studies_and_gives_the_same_scores(env, monkeypatch):
+    from medtl.workflow import apply
+    from medtl.workflow.package import read_package
+
+    package, network = read_package(env["outputs"].output_dir / "package")
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 4096, (40, 48)).astype(np.float32) for _ in range(apply.CHUNK * 2 + 5)]
+    pulled, held = [0], []
+
+    def items():
+        for i, array in enumerate(arrays):
+            pulled[0] += 1
+            yield apply.loaded_array(f"s{i}", array, "DX", package)
+
+    real_predict = apply.predict
+
+    def predict(*args, **kwargs):
+        held.append(pulled[0] - sum(held_scored))  # studies read but not yet scored when a chunk is scored
+        out = real_predict(*args, **kwargs)
+        held_scored.append(len(out))
+        return out
+
+    held_scored: list[int] = []
+    monkeypatch.setattr(apply, "predict", predict)
+    chunked = apply.score_loaded(package, network, items(), total=len(arrays), progress=False)
+    assert max(held) == apply.CHUNK and len(held) == 3  # 64 + 64 + 5: never more than one chunk in memory
+    monkeypatch.setattr(apply, "CHUNK", len(arrays))
+    whole = apply.score_loaded(package, network, items(), total=len(arrays), progress=False)
+    np.testing.assert_array_equal(np.stack([s.probs for s in chunked]), np.stack([s.probs for s in whole]))
