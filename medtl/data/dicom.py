@@ -48,7 +48,7 @@ from pydicom.uid import (
 from medtl.data import geometry
 from medtl.data.deid import identifying_values, quiet_pydicom
 from medtl.data.geometry import Point
-from medtl.data.types import HeaderFacts, Rejection
+from medtl.data.types import HeaderFacts, LoadedImage, Rejection
 
 # Pixel values of these modalities are physical quantities (HU, activity, signal) kept as such;
 # other single images (radiographs, secondary captures) get their VOI LUT or window.
@@ -122,6 +122,39 @@ class DicomImage:
     transfer_syntax: str = ""
     pixel_digest: str = ""  # SHA-256 of the PixelData bytes as stored (encoded)
     thumbnail: tuple[float, ...] = ()  # block means of the first decoded frame
+    # The pixels of the file as a study of its own (see `own_study_pixels`), None for a slice of a stack.
+    pixels: PixelSummary | None = None
+
+
+@dataclass(frozen=True)
+class PixelSummary:
+    """What a manifest row needs of a study's loaded pixels (`load_study`), without the pixels.
+
+    Computed where a file is decoded anyway (a discovery worker), so that a build neither keeps
+    the arrays in memory nor reads the file again to hash them.
+    """
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    orientation: str
+    sha256: str  # `pixel_sha256` of the array
+    finite: bool  # no NaN or Inf
+    constant: bool  # finite and every value equal (a blank image)
+
+    @classmethod
+    def of(cls, image: LoadedImage) -> PixelSummary:
+        """The summary of a loaded study."""
+        finite = bool(np.isfinite(image.array).all())
+        return cls(tuple(int(n) for n in image.array.shape), image.spacing, image.orientation,
+                   pixel_sha256(image.array), finite, finite and bool(image.array.min() == image.array.max()))
+
+
+def pixel_sha256(array: np.ndarray) -> str:
+    """SHA-256 of decoded pixels: dtype (with byte order), shape and C-order bytes."""
+    data = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{data.dtype.str}|{data.shape}|".encode())
+    digest.update(data.tobytes())
+    return digest.hexdigest()
 
 
 def looks_like_dicom(path: Path) -> bool:
@@ -218,6 +251,7 @@ def inspect_dicom(path: Path) -> DicomImage | Rejection:
         rejection = _multiframe_rejection(path, ds, orientation, positions)
         if rejection is not None:
             return rejection
+    thumbnail = _thumbnail(values[0])
     return DicomImage(
         path=path,
         series_uid=_text(ds, "SeriesInstanceUID"),
@@ -233,8 +267,68 @@ def inspect_dicom(path: Path) -> DicomImage | Rejection:
         sop_uid=_text(ds, "SOPInstanceUID"),
         transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         pixel_digest=hashlib.sha256(ds.PixelData).hexdigest(),
-        thumbnail=_thumbnail(values[0]),
+        thumbnail=thumbnail,
+        pixels=own_study_pixels(ds, n_frames, modality or "OT", orientation, positions),
     )
+
+
+def own_study_pixels(
+    ds: Dataset, n_frames: int, modality: str, orientation: Orientation | None, positions: tuple[Point, ...] | None
+) -> PixelSummary | None:
+    """The summary of `load_study` for a file that is a study of its own, from its decoded dataset.
+
+    Multi-frame files, projection images and images without position or orientation are always
+    studies of their own (`medtl.data.discover.assemble_series`); a positioned slice usually
+    belongs to a stack and gets None, as does a file whose pixels do not load: `load_study`
+    reads those when they are needed.
+    """
+    if n_frames == 1 and orientation and positions and modality not in PROJECTION_MODALITIES:
+        return None
+    try:
+        array, affine = multiframe_volume(ds) if n_frames > 1 else single_image(ds)
+    except Exception:  # noqa: BLE001 - load_study meets the same error later and reports it
+        return None
+    # As `load_study` returns it: C-order float32 pixels, float64 affine.
+    image = LoadedImage(np.ascontiguousarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64), "")
+    return PixelSummary.of(image)
+
+
+def single_image(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """A single-frame image as (columns, rows) values and its affine, as `MedtlDicomReader` loads it.
+
+    Display values (see `frames`) unless the modality is quantitative. Here rather than in the
+    reader's module, which imports MONAI: discovery workers decode with it too, without MONAI.
+    """
+    pixels = frames(ds, display=modality_of(ds) not in QUANTITATIVE_MODALITIES)[0]
+    orientation, positions, spacing = frame_geometry(ds, 1)
+    affine = geometry.volume_affine(orientation, positions[0] if positions else None, spacing, slice_spacing(ds) or 1.0)
+    return np.ascontiguousarray(pixels.T), affine
+
+
+def multiframe_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-frame file as a (columns, rows, frames) volume in modality units, as `MedtlDicomReader` loads it.
+
+    Frames are placed by their per-frame positions (a gantry-tilted stack is resampled, see
+    `geometry.correct_gantry_tilt`), else along the normal at the file's slice spacing.
+
+    Raises:
+        ValueError: If the frames have neither positions that form a stack nor a slice spacing.
+    """
+    n = number_of_frames(ds)
+    volume = frames(ds)
+    orientation, positions, spacing = frame_geometry(ds, n)
+    origin = positions[0] if positions else None
+    step: Sequence[float] | float | None = slice_spacing(ds)
+    if orientation is not None and positions is not None and len(positions) == n:
+        stack = geometry.order_stack(orientation, positions)
+        if isinstance(stack, str):
+            raise ValueError("multi-frame positions no longer form a stack")
+        volume = volume[list(stack.order)]
+        origin, step = positions[stack.order[0]], stack.step
+    if step is None:
+        raise ValueError("multi-frame file has neither frame positions nor a slice spacing")
+    volume, step = geometry.correct_gantry_tilt(volume.transpose(2, 1, 0), orientation, spacing, step)
+    return np.ascontiguousarray(volume), geometry.volume_affine(orientation, origin, spacing, step)
 
 
 def _multiframe_rejection(

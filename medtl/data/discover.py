@@ -8,6 +8,8 @@ and mixed sizes; NIfTI and 2D exports (PNG, JPEG, TIFF, BMP) are one study each;
 (links that are broken, loop or leave the root, FIFOs, sockets, devices, paths beyond PATH_MAX,
 folders that cannot be listed, non-images) is skipped or quarantined with a one-line reason.
 `load_study` returns MONAI-convention arrays (columns, rows[, slices]) with a voxel-to-RAS affine.
+Files are inspected in worker processes when there are many (`workers`, `map_in_workers`), with the
+same result, order included, as in one process.
 
 `load_study` reads through the MONAI image readers of `medtl.data.reader` (the same ones the
 datasets' `LoadImaged` uses): medtl's DICOM reader (see medtl/data/dicom.py for what MONAI's
@@ -17,17 +19,22 @@ PydicomReader lacks), and MONAI's NibabelReader and PILReader for NIfTI and 2D e
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import stat
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from medtl.data import dicom, geometry
-from medtl.data.dicom import DicomImage
+from medtl.data.dicom import DicomImage, PixelSummary
 from medtl.data.types import HeaderFacts, LoadedImage, Rejection, Study
 from medtl.errors import InputError
 
@@ -53,12 +60,19 @@ _NOT_REGULAR = (
 )
 _UNLISTABLE_FOLDER = ("folder could not be listed (permission denied?): the files in it were not seen; make it "
                       "readable and run again")
+#: Fewer files than this are inspected in this process: starting worker processes costs about a second.
+PARALLEL_MIN_FILES = 200
+_MAX_DEFAULT_WORKERS = 8  # beyond this, reading the disk, not decoding, limits intake
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 # Lossy copies of one image differ by a little: fingerprints within this fraction of the image's
 # range are one image; other images sharing a SOPInstanceUID (bad anonymisers) differ by far more.
 _COPY_RTOL = 0.02
 
 
-def discover(root: Path, *, progress: bool = True) -> tuple[list[Study], list[Rejection]]:
+def discover(
+    root: Path, *, progress: bool = True, workers: int | None = None
+) -> tuple[list[Study], list[Rejection]]:
     """Find the studies under `root`; every entry `walk` lists ends in one Study or one Rejection.
 
     DICOM images are decoded once here, so every returned study loads with `load_study`. Only
@@ -70,9 +84,13 @@ def discover(root: Path, *, progress: bool = True) -> tuple[list[Study], list[Re
     DICOM whose frames are time points (cine) is skipped, and multi-frame DICOM with neither
     per-frame positions nor a slice spacing is quarantined rather than given 1 mm slices.
 
+    Files are read, parsed and decoded in `workers` processes when there are at least
+    `PARALLEL_MIN_FILES` of them; the result is the same as with one process, order included.
+
     Args:
         root: The data folder, searched recursively.
         progress: Show a tqdm progress bar over the files.
+        workers: Processes that inspect files; default `default_workers()`, 1 for none.
 
     Returns:
         (studies, rejections): studies sorted by their first file path, DICOM series files in
@@ -82,11 +100,34 @@ def discover(root: Path, *, progress: bool = True) -> tuple[list[Study], list[Re
 
     Raises:
         InputError: If `root` is not an existing folder or cannot be listed.
+        ValueError: If `workers` is not a positive integer.
 
     Example:
         >>> studies, rejections = discover(Path("data"), progress=False)  # doctest: +SKIP
         >>> image = load_study(studies[0])  # doctest: +SKIP
     """
+    studies, rejections, _ = discover_with_pixels(root, progress=progress, workers=workers)
+    return studies, rejections
+
+
+def discover_with_pixels(
+    root: Path, *, progress: bool = True, workers: int | None = None
+) -> tuple[list[Study], list[Rejection], dict[Path, PixelSummary]]:
+    """`discover`, plus what `load_study` would give of the studies that are one DICOM file.
+
+    Multi-frame files, radiographs and other unpositioned images are decoded during discovery
+    anyway; their `PixelSummary` (shape, spacing, orientation, pixel hash) is kept, so a manifest
+    build need not read them again. Other studies (series of slices, NIfTI, 2D exports) are not
+    in the mapping.
+
+    Returns:
+        (studies, rejections, pixels): as `discover`, and the summary by the study's one file.
+
+    Raises:
+        InputError: If `root` is not an existing folder or cannot be listed.
+        ValueError: If `workers` is not a positive integer.
+    """
+    count = check_workers(workers)
     root = Path(root).absolute()  # Study.files are absolute; symlinks are kept, not resolved
     if not root.is_dir():
         raise InputError(
@@ -97,8 +138,9 @@ def discover(root: Path, *, progress: bool = True) -> tuple[list[Study], list[Re
     studies: list[Study] = []
     rejections: list[Rejection] = []
     images: list[DicomImage] = []
-    for path in tqdm(files, desc="Scanning files", unit="file", disable=not progress):
-        outcome = _inspect(path, real_root)
+    outcomes = tqdm(_inspected(files, real_root, count), total=len(files), desc="Scanning files", unit="file",
+                    disable=not progress)
+    for outcome in outcomes:
         if isinstance(outcome, Study):
             studies.append(outcome)
         elif isinstance(outcome, Rejection):
@@ -106,11 +148,85 @@ def discover(root: Path, *, progress: bool = True) -> tuple[list[Study], list[Re
         else:
             images.append(outcome)
     series_studies, series_rejections = assemble_series(images)
+    known = {image.path: image.pixels for image in images if image.pixels is not None}
     studies.extend(series_studies)
     rejections.extend(series_rejections)
     studies.sort(key=lambda s: min(s.files))
     rejections.sort(key=lambda r: r.path)
-    return studies, rejections
+    pixels = {s.files[0]: known[s.files[0]] for s in studies if len(s.files) == 1 and s.files[0] in known}
+    return studies, rejections, pixels
+
+
+def default_workers() -> int:
+    """Worker processes intake uses by default: the CPUs this process may run on, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, _MAX_DEFAULT_WORKERS))
+
+
+def check_workers(workers: int | None) -> int:
+    """The number of worker processes to use: `workers`, or `default_workers()` for None.
+
+    Raises:
+        ValueError: If `workers` is not a positive integer.
+    """
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer (1 = no worker processes), not {workers!r}; "
+                         f"omit it to use {default_workers()}")
+    return workers
+
+
+def _inspected(files: list[Path], real_root: str, workers: int) -> Iterator[Study | Rejection | DicomImage]:
+    """`_inspect` of every file, in order: in this process, or in `workers` worker processes."""
+    if workers == 1 or len(files) < PARALLEL_MIN_FILES:
+        return (_inspect(path, real_root) for path in files)
+    return map_in_workers(partial(_inspect, real_root=real_root), files, workers)
+
+
+def map_in_workers(function: Callable[[_T], _R], items: Sequence[_T], workers: int) -> Iterator[_R]:
+    """`function(item)` for every item, in order, computed in `workers` worker processes.
+
+    Workers are forked where the platform allows it: a caller's script then needs no
+    `if __name__ == "__main__"` guard and nothing is imported again. Intake runs pydicom,
+    nibabel, PIL, numpy and MONAI's readers there, never torch operations (forking a process
+    that may hold torch's threads is safe for them). Python warnings raised in a worker are
+    raised again here, in item order, so the caller's warning filters and recorders see them as
+    they would without workers; an exception raised in a worker is raised here.
+
+    Args:
+        function: A module-level function (or a `functools.partial` of one) of one item.
+        items: Its arguments; small, picklable values.
+        workers: Worker processes (2 or more).
+
+    Returns:
+        The results, lazily, in the order of `items`.
+    """
+    # Chunks amortise the round trip; several per worker keep all of them busy until the end.
+    chunk = max(1, min(64, len(items) // (workers * 8)))
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for result, caught in pool.map(partial(_recording, function), items, chunksize=chunk):
+            for message, category, filename, lineno in caught:
+                warnings.warn_explicit(message, category, filename, lineno)
+            yield result
+
+
+def _recording(function: Callable[[_T], _R], item: _T) -> tuple[_R, list[tuple]]:
+    """`function(item)` in a worker, with the warnings it raised (message, category, file, line)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = function(item)
+    return result, [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
+
+
+def study_pixels(study: Study) -> PixelSummary | str:
+    """The `PixelSummary` of `load_study(study)`, or the name of the error it raised (for a worker)."""
+    try:
+        image = load_study(study)
+    except Exception as err:  # noqa: BLE001 - the caller quarantines the study, naming the error type
+        return type(err).__name__
+    return PixelSummary.of(image)
 
 
 def load_study(study: Study) -> LoadedImage:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from medtl.data import discover as discovery
+from medtl.data.dicom import PixelSummary
 from medtl.data.privacy import ProjectKey
 from medtl.data.types import Rejection, Study
 
@@ -26,6 +27,7 @@ class _Disk:
     study_of: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, Rejection] = field(default_factory=dict)
     below: dict[str, set[int]] = field(default_factory=dict)  # folder -> studies under it
+    pixels: dict[int, PixelSummary] = field(default_factory=dict)  # study -> pixels known from discovery
 
     def rel(self, path: Path) -> str:
         path = Path(path)
@@ -56,8 +58,8 @@ class _Disk:
             return False
 
 
-def _scan_disk(root: Path, exclude: set[str], progress: bool) -> _Disk:
-    studies, rejections = discovery.discover(root, progress=progress)
+def _scan_disk(root: Path, exclude: set[str], progress: bool, workers: int | None = None) -> _Disk:
+    studies, rejections, pixels = discovery.discover_with_pixels(root, progress=progress, workers=workers)
     # The same walk as discover's, so every entry it counts has a study or a rejection.
     files = [path.relative_to(root).as_posix() for path in discovery.walk(root)]
     disk = _Disk(root, [], [], [rel for rel in files if rel not in exclude])
@@ -67,6 +69,8 @@ def _scan_disk(root: Path, exclude: set[str], progress: bool) -> _Disk:
             continue
         index = len(disk.studies)
         disk.studies.append(study)
+        if study.files[0] in pixels:
+            disk.pixels[index] = pixels[study.files[0]]
         for rel in rels:
             disk.study_of[rel] = index
             for parent in PurePosixPath(rel).parents:

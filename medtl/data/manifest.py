@@ -17,9 +17,9 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from medtl.data import discover as discovery
 from medtl.data.deid import attribute_kind
+from medtl.data.dicom import PixelSummary, pixel_sha256
 from medtl.data.inventory import _Disk, _inside, _row_id, _scan_disk, _series_identity
 from medtl.data.leakage import SplitGroups, check_given_splits, split_groups
 from medtl.data.needles import Needles, PathNamer, identifying_needles, looks_identifying, needles_of
@@ -100,14 +101,6 @@ class ManifestResult:
     # Identifying value -> kind, in memory only, so later steps (MLflow, report) can be scanned
     # for the same values; never written, never shown in repr.
     forbidden: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-
-
-def pixel_sha256(array: np.ndarray) -> str:
-    """SHA-256 of decoded pixels: dtype (with byte order), shape and C-order bytes."""
-    data = np.ascontiguousarray(array)
-    digest = hashlib.sha256(f"{data.dtype.str}|{data.shape}|".encode())
-    digest.update(data.tobytes())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +256,7 @@ def build_manifest(
     k_min: int = 11,
     progress: bool = True,
     exclude: Sequence[Path] = (),
+    workers: int | None = None,
 ) -> ManifestResult:
     """Build the manifest CSV and its sidecar `out_csv.with_suffix(".json")`.
 
@@ -278,6 +272,8 @@ def build_manifest(
         progress: Show progress bars.
         exclude: More files under `root` that are not data (a published copy of this manifest
             and its sidecar); the outputs themselves are always left out.
+        workers: Processes that read and decode the files (`medtl.data.discover.discover`);
+            default `default_workers()`, 1 for none. The outputs do not depend on it.
 
     Returns:
         A `ManifestResult`.
@@ -286,7 +282,9 @@ def build_manifest(
         InputError: Unusable root or labels CSV, or identifying values found in the outputs.
         ConfigError: Bad key, fractions or k_min.
         LeakageError: A given split puts a patient in two splits.
+        ValueError: If `workers` is not a positive integer.
     """
+    workers = discovery.check_workers(workers)
     root, out_csv, labels_csv = Path(root).resolve(), Path(out_csv).resolve(), Path(labels_csv).resolve()
     sidecar_json = out_csv.with_suffix(".json")
     fractions = _check_build_settings(root, fractions, k_min)
@@ -296,8 +294,8 @@ def build_manifest(
     extra = [Path(p).resolve() for p in exclude]
     outputs = {_inside(root, p) for p in (out_csv, sidecar_json, *extra)} - {None}
     with _held_messages() as (held_logs, held_warnings):
-        disk = _scan_disk(root, outputs, progress)
-        rows, fate, notes = _rows(key, disk, labels, labels_csv, progress)
+        disk = _scan_disk(root, outputs, progress, workers)
+        rows, fate, notes = _rows(key, disk, labels, labels_csv, progress, workers)
     allowed = _class_names(labels)
     namer = _namer(key, disk, labels, allowed)
     records = _records_or_refuse(rows, labels, disk, labels_csv)
@@ -391,32 +389,33 @@ def _match(disk: _Disk, labels: list[LabelRow], labels_csv: Path):
     return targeted, masks, problems
 
 
-def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path, progress: bool):
+def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path, progress: bool, workers: int):
     """Manifest records (and unused label rows), each study's (status, reason), and notes."""
     targeted, masks, problems = _match(disk, labels, labels_csv)
     fate: dict[int, tuple[str, str]] = {}
     mask_cache: dict[int, tuple[str, tuple[int, ...], tuple[int, ...]] | str] = {}
     rows: list[dict] = []
     work = [(row, i) for row in labels if row.number not in problems for i in targeted[row.number]]
+    loaded = _loaded(disk, [index for _, index in work if index not in disk.pixels], workers)
     for row, index in tqdm(work, desc="hashing studies", unit="study", disable=not progress):
-        try:
-            image = discovery.load_study(disk.studies[index])
-        except Exception as err:  # noqa: BLE001 - bad input is accounted for, never crashes the build
-            fate[index] = ("quarantined", f"pixels could not be decoded ({type(err).__name__})")
+        # Known from discovery (the file is not read again), else loaded now.
+        pixels = disk.pixels[index] if index in disk.pixels else next(loaded)
+        if isinstance(pixels, str):  # the name of the error load_study raised
+            fate[index] = ("quarantined", f"pixels could not be decoded ({pixels})")
             problems.setdefault(row.number, "its images could not be decoded")
             continue
-        if not np.isfinite(image.array).all():
+        if not pixels.finite:
             fate[index] = ("quarantined", "non-finite pixel values (NaN or Inf)")
             problems.setdefault(row.number, "its pixels hold NaN or Inf values")
             continue
-        mask = _load_mask(disk, masks.get(row.number), mask_cache, image.array.shape)
+        mask = _load_mask(disk, masks.get(row.number), mask_cache, pixels.shape)
         if isinstance(mask, str):
             problems.setdefault(row.number, mask)
             continue
         fate[index] = ("used", "")
         if mask:
             fate[masks[row.number]] = ("used", "mask")
-        rows.append(_record(key, disk, row, index, image, mask))
+        rows.append(_record(key, disk, row, index, pixels, mask))
     used = {r["_row"] for r in rows}
     for row in labels:
         if row.number in used:
@@ -445,6 +444,17 @@ def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path
     return rows, fate, notes
 
 
+def _loaded(disk: _Disk, indexes: list[int], workers: int) -> Iterator[PixelSummary | str]:
+    """`study_pixels` of these studies, in order: in worker processes when they hold enough files."""
+    studies = [disk.studies[i] for i in indexes]
+    if workers == 1 or sum(len(s.files) for s in studies) < discovery.PARALLEL_MIN_FILES:
+        return (discovery.study_pixels(study) for study in studies)
+    # Imported before the workers are forked, so that they inherit MONAI instead of importing it each.
+    import medtl.data.reader  # noqa: F401
+
+    return discovery.map_in_workers(discovery.study_pixels, studies, workers)
+
+
 def _load_mask(disk: _Disk, index: int | None, cache: dict, shape: tuple[int, ...]):
     """(sha256, shape, label values) of a mask, None without one, or the reason it cannot be used.
 
@@ -467,7 +477,7 @@ def _load_mask(disk: _Disk, index: int | None, cache: dict, shape: tuple[int, ..
     return cache[index]
 
 
-def _record(key: ProjectKey, disk: _Disk, row: LabelRow, index: int, image, mask) -> dict:
+def _record(key: ProjectKey, disk: _Disk, row: LabelRow, index: int, pixels: PixelSummary, mask) -> dict:
     """One manifest row (plus `_`-prefixed working fields) for a study of a label row."""
     study, h = disk.studies[index], disk.studies[index].header
     identity = _series_identity(study, disk)
@@ -490,15 +500,15 @@ def _record(key: ProjectKey, disk: _Disk, row: LabelRow, index: int, image, mask
         "study": key.pseudonym("study", h.study_uid if h is not None and h.study_uid else identity),
         "series": key.pseudonym("series", identity), "key_id": key.key_id, "path": row.path, "kind": study.kind,
         "modality": study.modality or UNKNOWN, "n_files": len(study.files),
-        "shape": "x".join(str(n) for n in image.array.shape),
-        "spacing": "x".join(f"{round(v, 4):g}" for v in image.spacing), "orientation": image.orientation,
-        "sha256": pixel_sha256(image.array), "label": row.label,
+        "shape": "x".join(str(n) for n in pixels.shape),
+        "spacing": "x".join(f"{round(v, 4):g}" for v in pixels.spacing), "orientation": pixels.orientation,
+        "sha256": pixels.sha256, "label": row.label,
         "mask": row.mask if mask else "", "mask_sha256": mask[0] if mask else "",
         "sex": normalise_sex(row.sex or (h.sex if h else "")), "age_band": band,
         "site": site_code(key, row.site or (h.institution if h else "")), "scanner": scanner,
         "_row": row.number, "_extras": row.extras, "_split": row.split, "_patient_source": source,
         "_dicom_patient": dicom_patient, "_labels_patient": row.patient_id,
-        "_constant": bool(image.array.min() == image.array.max()),
+        "_constant": pixels.constant,
         "_mask_labels": mask[2] if mask else (),
         "_year": _study_year(h.study_date if h is not None else ""),
     }
@@ -586,10 +596,11 @@ def _identifying_sources(disk: _Disk, labels: list[LabelRow], name=None) -> list
     blank (aliasing needs no labels, and the names need the aliasing).
     """
     sources = []
+    kind_of = functools.cache(attribute_kind)  # a few dozen keywords, repeated in every header
     for study in disk.studies:
         if study.header is not None:
             where = f" of file {name(disk.rel(study.files[0]))}" if name else ""
-            sources.extend((value, f"the DICOM {keyword}{where}" if name else "", attribute_kind(keyword))
+            sources.extend((value, f"the DICOM {keyword}{where}" if name else "", kind_of(keyword))
                            for value, keyword in study.header.identifying_values)
     # A patient_id without digits ("Garcia, Maria") is a name: its parts count alone too.
     sources.extend((row.patient_id, f"the patient_id of labels CSV row {row.number}" if name else "",
@@ -601,8 +612,25 @@ def _identifying_sources(disk: _Disk, labels: list[LabelRow], name=None) -> list
 def _raw_values(disk: _Disk, labels: list[LabelRow], namer: PathNamer, allowed: tuple[str, ...]) -> dict[str, str]:
     """The identifying values as stored ("DOE^JANE"), beside their normalised needles ("doe jane"):
     later scans of MLflow runs match bytes, and a value may reach them in either form."""
-    return {value: label for value, label, kind in _identifying_sources(disk, labels, namer)
-            if needles_of(value, allowed=allowed, kind=kind)}
+    raw: dict[str, str] = {}
+    has_needles: dict[tuple[str, str], bool] = {}  # the studies of a series repeat its header's values
+    for value, label, kind in _identifying_sources(disk, labels, namer):
+        if (value, kind) not in has_needles:
+            has_needles[value, kind] = bool(needles_of(value, allowed=allowed, kind=kind))
+        if has_needles[value, kind]:
+            raw[value] = label  # the last source names it, as before
+    return raw
+
+
+def _first_of_each(sources: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """The sources without repeats of a (value, kind): a repeat adds no needle, and the first label stays."""
+    seen: set[tuple[str, str]] = set()
+    firsts = []
+    for value, source, kind in sources:
+        if (value, kind) not in seen:
+            seen.add((value, kind))
+            firsts.append((value, source, kind))
+    return firsts
 
 
 def _namer(key: ProjectKey, disk: _Disk, labels: list[LabelRow], allowed: tuple[str, ...]) -> PathNamer:
@@ -618,7 +646,7 @@ def _namer(key: ProjectKey, disk: _Disk, labels: list[LabelRow], allowed: tuple[
              for p in PurePosixPath(rel).parts}
     flagged = sorted(p for p in parts if looks_identifying(p, words))
     sources = [*_identifying_sources(disk, labels), *((p, "", "name") for p in flagged)]
-    namer = PathNamer(key, identifying_needles(sources, allowed), words)
+    namer = PathNamer(key, identifying_needles(_first_of_each(sources), allowed), words)
     namer.flagged.update(flagged)
     return namer
 
@@ -627,4 +655,4 @@ def _needles(disk: _Disk, labels: list[LabelRow], namer: PathNamer, allowed: tup
     """Every identifying value the outputs must not hold, each labelled with its file or row."""
     sources = _identifying_sources(disk, labels, namer)
     sources.extend((part, "an identifying file or folder name", "name") for part in sorted(namer.flagged))
-    return identifying_needles(sources, allowed)
+    return identifying_needles(_first_of_each(sources), allowed)

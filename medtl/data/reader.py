@@ -105,7 +105,8 @@ class MedtlDicomReader(ImageReader):
         try:
             with quiet_pydicom():
                 if isinstance(img, Dataset):
-                    array, affine = _multiframe(img) if dicom.number_of_frames(img) > 1 else _single_image(img)
+                    array, affine = (dicom.multiframe_volume(img) if dicom.number_of_frames(img) > 1
+                                     else dicom.single_image(img))
                 else:
                     array, affine = _series(list(img))
         except Exception as err:  # noqa: BLE001 - the message of a decoder error can quote a header value
@@ -291,41 +292,6 @@ def _read_one(owner: ImageReader, monai_reader: ImageReader, data: Sequence[Path
 def _is_dicom(name: PathLike) -> bool:
     path = Path(name)
     return path.is_file() and dicom.looks_like_dicom(path)
-
-
-def _single_image(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """A single-frame image as (columns, rows) values: display values unless quantitative (see `frames`)."""
-    modality = dicom.modality_of(ds)
-    pixels = dicom.frames(ds, display=modality not in dicom.QUANTITATIVE_MODALITIES)[0]
-    orientation, positions, spacing = dicom.frame_geometry(ds, 1)
-    affine = geometry.volume_affine(
-        orientation, positions[0] if positions else None, spacing, dicom.slice_spacing(ds) or 1.0
-    )
-    return np.ascontiguousarray(pixels.T), affine
-
-
-def _multiframe(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """A multi-frame file as a (columns, rows, frames) volume in modality units.
-
-    Frames are placed by their per-frame positions (a gantry-tilted stack is resampled, see
-    `geometry.correct_gantry_tilt`), else along the normal at the file's slice spacing; discovery
-    quarantines files with neither.
-    """
-    n = dicom.number_of_frames(ds)
-    volume = dicom.frames(ds)
-    orientation, positions, spacing = dicom.frame_geometry(ds, n)
-    origin = positions[0] if positions else None
-    step: Sequence[float] | float | None = dicom.slice_spacing(ds)
-    if orientation is not None and positions is not None and len(positions) == n:
-        stack = geometry.order_stack(orientation, positions)
-        if isinstance(stack, str):
-            raise ValueError("multi-frame positions no longer form a stack")
-        volume = volume[list(stack.order)]
-        origin, step = positions[stack.order[0]], stack.step
-    if step is None:
-        raise ValueError("multi-frame file has neither frame positions nor a slice spacing")
-    volume, step = geometry.correct_gantry_tilt(volume.transpose(2, 1, 0), orientation, spacing, step)
-    return np.ascontiguousarray(volume), geometry.volume_affine(orientation, origin, spacing, step)
 
 
 def _series(datasets: list[Dataset]) -> tuple[np.ndarray, np.ndarray]:
