@@ -31,6 +31,7 @@ from medtl.vocabulary import (
 )
 
 _PREFIX = 2  # needles are indexed by their first characters: 2, the shortest needle (a CJK name part)
+_SCAN_KEY = 8  # the output scan's index: up to 8 first characters (see `Needles.scan_index`)
 # Decimal numbers ("1.25" in a private tag) identify nobody but collide with spacings.
 _DECIMAL = re.compile(r"[+-]?\d*\.\d+")
 _LONG_DIGITS = re.compile(r"\d{6,}")
@@ -49,18 +50,20 @@ class Needles:
     by_prefix: Mapping[str, tuple[str, ...]] = field(repr=False)
 
     @functools.cached_property
-    def scan_index(self) -> tuple[dict[str, str], dict[str, list[str]]]:
-        """The needles `scan_for_phi` searches, indexed by their first three characters.
+    def scan_index(self) -> tuple[dict[str, str], dict[str, list[str]], tuple[int, ...]]:
+        """The needles `scan_for_phi` searches, indexed by their first `_SCAN_KEY` characters (all of a
+        shorter needle), with the key lengths in use.
 
-        A scan then tries needles only where a word starts: one dict lookup per word, not one pass
-        over the text per identifying value. Digits-only needles under 5 digits are left out: they
+        A scan then tries needles only where a word starts, one dict lookup per key length: a
+        2-character index put thousands of dates behind "20" and "19", and the scan grew with
+        the square of the data set. Digits-only needles under 5 digits are left out: they
         collide with shapes and counts ("1024x1024").
         """
         patterns = {n: label for n, label in self.labels.items() if not (n.isdigit() and len(n) < MIN_SCANNED_DIGITS)}
-        by_prefix: dict[str, list[str]] = {}
+        by_key: dict[str, list[str]] = {}
         for needle in patterns:
-            by_prefix.setdefault(needle[:_PREFIX], []).append(needle)
-        return patterns, by_prefix
+            by_key.setdefault(needle[:_SCAN_KEY], []).append(needle)
+        return patterns, by_key, tuple(sorted({len(key) for key in by_key}))
 
     def found_in(self, text: str) -> bool:
         """True if any needle occurs in `text`, normalised (a substring, not only whole words)."""
@@ -256,7 +259,7 @@ def scan_for_phi(
         of file a/b.dcm (person name)".
     """
     needles = forbidden if isinstance(forbidden, Needles) else identifying_needles(forbidden, allowed)
-    patterns, by_prefix = needles.scan_index
+    patterns, by_key, key_lengths = needles.scan_index
     findings: list[str] = []
     for name, text in _iter_outputs(texts_or_files):
         folded = normalise(text)
@@ -265,9 +268,10 @@ def scan_for_phi(
         hits: set[str] = set()
         for match in _WORD_START.finditer(folded):
             at = match.start()
-            for needle in by_prefix.get(folded[at : at + _PREFIX], ()):
-                if folded.startswith(needle, at) and _counts(folded, at, needle, hex_spans, hex_starts):
-                    hits.add(patterns[needle])
+            for length in key_lengths:
+                for needle in by_key.get(folded[at : at + length], ()):
+                    if folded.startswith(needle, at) and _counts(folded, at, needle, hex_spans, hex_starts):
+                        hits.add(patterns[needle])
         findings.extend(f"{name}: contains {_article(label)}" for label in sorted(hits))
     return findings
 
