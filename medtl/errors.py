@@ -44,6 +44,8 @@ def did_you_mean(name: object, options: Iterable[str], *, prefix: str = "") -> s
     """
     options = [str(o) for o in options]
     close = difflib.get_close_matches(str(name), options, n=3, cutoff=0.5)
+    # difflib breaks ties by reverse name ("lite2 or lite1 or lite0"); closest first, then by name.
+    close.sort(key=lambda c: (-difflib.SequenceMatcher(None, str(name), c).ratio(), c))
     if close:
         return "did you mean " + " or ".join(repr(prefix + c) for c in close) + "?"
     return "choose from " + ", ".join(prefix + o for o in options)

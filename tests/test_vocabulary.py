@@ -75,3 +75,12 @@ def test_two_characters_are_enough_for_a_chinese_japanese_or_korean_name():
 @pytest.mark.parametrize("component", ["x_3.5mm.png", "v1.2.png", "img_0001.png", "sub-01_ses-02_T1w.nii.gz"])
 def test_decimals_and_versions_are_no_month_and_day(component):
     assert generic_component(component)
+
+
+def test_did_you_mean_lists_equally_close_names_in_name_order():
+    from medtl.errors import did_you_mean
+
+    encoders = ["resnet18", "efficientnet_lite2", "efficientnet_lite0", "efficientnet_lite1"]
+    assert did_you_mean("efficientnet_lite", encoders) == (
+        "did you mean 'efficientnet_lite0' or 'efficientnet_lite1' or 'efficientnet_lite2'?")
+    assert did_you_mean("efficientnet_lite1x", encoders).startswith("did you mean 'efficientnet_lite1'")
