@@ -228,23 +228,25 @@ _SOFTWARE_KEYWORDS = frozenset(("ImplementationClassUID", "ImplementationVersion
 
 @contextlib.contextmanager
 def quiet_pydicom() -> Iterator[None]:
-    """Silence pydicom's warnings and log records: they can quote header values (PHI).
+    """Silence pydicom's and highdicom's warnings and log records: they can quote header values (PHI).
 
     pydicom converts raw values lazily and warns about invalid ones with the value in the
     message, so every read, decode or value access of a dataset runs inside this.
     Usable as a decorator (`@quiet_pydicom()`).
     """
-    logger = logging.getLogger("pydicom")
     # Disabling "pydicom" alone is not enough: its child loggers (pydicom.pixels.decoders.base
     # logs decoder failures with a traceback) still propagate through it to the root handlers.
-    saved = logger.disabled, logger.propagate
-    logger.disabled, logger.propagate = True, False
+    loggers = [logging.getLogger(name) for name in ("pydicom", "highdicom")]
+    saved = [(logger.disabled, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.disabled, logger.propagate = True, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.disabled, logger.propagate = saved
+        for logger, (disabled, propagate) in zip(loggers, saved, strict=True):
+            logger.disabled, logger.propagate = disabled, propagate
 
 
 @quiet_pydicom()

@@ -26,9 +26,7 @@ PHI guard before showing them.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,7 +263,7 @@ def _refuse_overlap(path: Path, clashes: int) -> None:
 
 def _seg_labels(path: Path, grid: _Grid, classes: dict[str, int]) -> tuple[np.ndarray, list[str]]:
     """(slices, rows, columns) labels and unknown names of a SEG."""
-    with _quiet():
+    with quiet_pydicom():
         try:
             seg = hd.seg.segread(path)
         except Exception as err:  # noqa: BLE001 - highdicom's messages can quote header values
@@ -320,7 +318,7 @@ def _segment_number(seg: Dataset, per_frame: list[Dataset], i: int) -> int:
 def _seg_series_uids(path: Path, seg: Dataset | None = None) -> list[str]:
     """Series a SEG references: ReferencedSeriesSequence, else highdicom's source image references."""
     header = seg if seg is not None else _read(path)
-    with _quiet():
+    with quiet_pydicom():
         uids = [str(item.SeriesInstanceUID) for item in header.get("ReferencedSeriesSequence") or []
                 if item.get("SeriesInstanceUID")]
         if not uids:
@@ -454,15 +452,3 @@ def _read(path: Path) -> Dataset:
     except Exception as err:  # noqa: BLE001 - pydicom's messages can quote header values
         raise InputError(f"{path.name} must be a readable DICOM file, not failing with {type(err).__name__}") from None
 
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """highdicom's log records off too (its child loggers propagate through "highdicom")."""
-    logger = logging.getLogger("highdicom")
-    saved = logger.disabled, logger.propagate
-    logger.disabled, logger.propagate = True, False
-    try:
-        with quiet_pydicom():
-            yield
-    finally:
-        logger.disabled, logger.propagate = saved

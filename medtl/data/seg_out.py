@@ -13,9 +13,7 @@ study); nothing here logs or prints a header value or a path, and errors name ne
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +103,7 @@ def write_dicom_seg(
     frames = _source_frames(labels, np.asarray(affine, dtype=np.float64), datasets)
     seg = _segmentation(datasets, frames, segment_names, series_description)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    with _quiet():
+    with quiet_pydicom():
         seg.save_as(out_path)
     return Path(out_path)
 
@@ -143,7 +141,7 @@ def _read_headers(source_files: Sequence[Path]) -> list[Dataset]:
                          "or an empty list")
     try:
         datasets = [dicom.read_dataset(Path(path), pixels=False) for path in source_files]
-        with _quiet():
+        with quiet_pydicom():
             series = {(str(ds.get("SeriesInstanceUID", "")), str(ds.get("FrameOfReferenceUID", ""))) for ds in datasets}
             frames = [dicom.number_of_frames(ds) for ds in datasets]
             sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
@@ -198,7 +196,7 @@ def _frame_grids(datasets: list[Dataset], n_frames: int) -> list[_Frame]:
     """The pixel grid of every source frame, in source order, or an InputError."""
     grids = []
     for ds in datasets:
-        with _quiet():
+        with quiet_pydicom():
             orientation, positions, spacing = dicom.frame_geometry(ds, n_frames)
             shape = (int(ds.Rows), int(ds.Columns))
             frame_of_reference = ds.get("FrameOfReferenceUID")
@@ -270,7 +268,7 @@ def _segmentation(datasets: list[Dataset], frames: np.ndarray, names: Sequence[s
         for number, name in enumerate(names, start=1)
     ]
     try:
-        with _quiet():
+        with quiet_pydicom():
             return hd.seg.Segmentation(
                 source_images=datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=_SERIES_NUMBER,
@@ -282,15 +280,3 @@ def _segmentation(datasets: list[Dataset], frames: np.ndarray, names: Sequence[s
         raise InputError(f"the source images must be ones highdicom can segment, not failing with "
                          f"{type(err).__name__}; check that they are one image series") from None
 
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """pydicom's and highdicom's warnings and log records off: they can quote header values."""
-    logger = logging.getLogger("highdicom")
-    saved = logger.disabled, logger.propagate
-    logger.disabled, logger.propagate = True, False
-    try:
-        with quiet_pydicom():
-            yield
-    finally:
-        logger.disabled, logger.propagate = saved
