@@ -94,6 +94,7 @@ def run_arm(work: Path, root: Path, labels: Path, weights: str, args: argparse.N
     timings = metrics["timings"]
     result = {
         "weights": weights,
+        "encoder": cfg.model.encoder,
         "image_size": cfg.data.image_size[0],
         "epochs": cfg.train.epochs,
         "epochs_run": metrics["epochs_run"],
@@ -143,7 +144,7 @@ def summary(results: list[dict]) -> None:
     for r in results:
         other = r["wall_seconds"] - r["manifest_seconds"] - r["train_seconds"] - r["evaluate_seconds"]
         rows.append([
-            f"EfficientNet-Lite0 {r['weights']}", f"{r['image_size']} px", f"{r['epochs_run']}/{r['epochs']}",
+            f"{r['encoder']} {r['weights']}", f"{r['image_size']} px", f"{r['epochs_run']}/{r['epochs']}",
             r["best_epoch"], f"{r['auroc']:.3f}", ci(r["auroc_ci"]), f"{r['accuracy']:.3f}", ci(r["accuracy_ci"]),
             f"{r['wall_seconds'] / 60:.1f}", f"{r['manifest_seconds']:.0f}", f"{r['train_seconds']:.0f}",
             f"{r['evaluate_seconds']:.0f}", f"{other:.0f}",
