@@ -196,12 +196,9 @@ def missing_weights_message(encoder: str, record: WeightRecord) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """SHA-256 of a file's bytes (the standard library reads it in chunks)."""
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
