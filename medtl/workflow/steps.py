@@ -37,14 +37,20 @@ _INTERRUPTED = threading.Event()
 
 @contextlib.contextmanager
 def interrupts_kept() -> Iterator[None]:
-    """Within a run, Ctrl-C raises KeyboardInterrupt and is also kept until the run stops."""
+    """Within a run, Ctrl-C raises KeyboardInterrupt and is also kept until the run stops.
+
+    A Ctrl-C that lands inside an MLflow (database) call is only kept: the call finishes and the next
+    `stop_if_interrupted` (each epoch end and step start) raises it. A second Ctrl-C raises at once.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupted(signum, frame):  # noqa: ARG001 - the signal module's handler signature
-        _INTERRUPTED.set()
-        raise KeyboardInterrupt
+        if _INTERRUPTED.is_set() or not _in_a_database_call(frame):
+            _INTERRUPTED.set()
+            raise KeyboardInterrupt
+        _INTERRUPTED.set()  # raised by the caller's next `stop_if_interrupted`
 
     previous = signal.signal(signal.SIGINT, interrupted)
     _INTERRUPTED.clear()
@@ -54,6 +60,21 @@ def interrupts_kept() -> Iterator[None]:
         # None: the previous handler was not set from Python; Python's own is the closest match.
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
         _INTERRUPTED.clear()
+
+
+# Modules in whose calls a Ctrl-C waits: a KeyboardInterrupt raised inside an MLflow write can leave
+# SQLAlchemy's SQLite connection checked out mid-transaction, holding the database's write lock, and
+# the run then cannot be ended KILLED ("database is locked" after MLflow's 20 s busy timeout).
+_DEFERRING_MODULES = ("mlflow", "sqlalchemy", "sqlite3", "alembic")
+
+
+def _in_a_database_call(frame) -> bool:
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".", 1)[0] in _DEFERRING_MODULES:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def stop_if_interrupted() -> None:
