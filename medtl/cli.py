@@ -64,6 +64,8 @@ def _cmd_manifest_build(args: argparse.Namespace) -> int:
         fractions=fractions,  # type: ignore[arg-type]
         k_min=args.k_min,
         progress=not args.quiet,
+        segment_map=_segment_map(args.segment_map),
+        masks_from_dicom=args.masks_from_dicom,
     )
     if result.key_message:
         print(result.key_message)
@@ -72,6 +74,27 @@ def _cmd_manifest_build(args: argparse.Namespace) -> int:
     print(f"manifest: {result.manifest_csv} ({result.rows} rows, {result.patients} patients; splits: {splits})")
     print(f"sidecar:  {result.sidecar_json} (files: {counts}; k-anonymity {result.k_anonymity}; key id {result.key_id})")
     return 0
+
+
+def _segment_map(text: str | None) -> dict[str, int]:
+    """`--segment-map`: "liver=1,tumour=2", or a YAML/JSON file holding such a mapping."""
+    import yaml
+
+    from medtl.errors import InputError
+
+    if not text:
+        return {}
+    if Path(text).suffix.lower() in (".yaml", ".yml", ".json") and Path(text).is_file():
+        mapping = yaml.safe_load(Path(text).read_text(encoding="utf-8")) or {}
+        if not isinstance(mapping, dict):
+            raise InputError(f"--segment-map file {Path(text).name} must hold a mapping of names to class indices, "
+                             f"not a {type(mapping).__name__}; write e.g. 'liver: 1'")
+        return mapping
+    pairs = [part.rpartition("=") for part in text.split(",") if part.strip()]
+    if any(not sep or not name.strip() or not index.strip().isdigit() for name, sep, index in pairs):
+        raise InputError("--segment-map must be NAME=INDEX pairs separated by commas (e.g. liver=1,tumour=2) or a "
+                         "YAML/JSON file, not another form")
+    return {name.strip(): int(index) for name, _, index in pairs}
 
 
 def _cmd_manifest_verify(args: argparse.Namespace) -> int:
@@ -302,6 +325,10 @@ def _add_data_commands(sub, common: argparse.ArgumentParser) -> None:
     b.add_argument("--subgroups", help="extra subgroup columns of the labels CSV, comma-separated")
     b.add_argument("--fractions", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
     b.add_argument("--k-min", type=int, default=11, help="warn when k-anonymity is below this (default 11)")
+    b.add_argument("--segment-map", metavar="NAME=INDEX,...",
+                   help="classes of DICOM SEG segments / RTSTRUCT ROIs, e.g. liver=1,tumour=2 (or a YAML/JSON file)")
+    b.add_argument("--masks-from-dicom", action="store_true",
+                   help="a row without a mask gets the SEG/RTSTRUCT under ROOT that references its series")
     b.set_defaults(func=_cmd_manifest_build, step="building the manifest")
     v = msub.add_parser("verify", parents=[common], help="re-hash the files of a manifest; exit 1 when anything changed")
     v.add_argument("manifest", help="manifest CSV")

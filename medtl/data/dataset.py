@@ -6,7 +6,9 @@ with medtl's readers (`medtl.data.reader`), the intensity is scaled to 0..1 by t
 row's modality (`IntensityByScheme`: a CT window or MONAI's percentile scaling), then
 orientation/spacing, resize and the encoder's normalisation. Augmentations (`Augmentation`) run
 after the cache, for training only. Masks are declared as label maps: nearest-neighbour
-resampling, never intensity transforms. Items carry only the manifest's pseudonymous `id`: no path,
+resampling, never intensity transforms. A mask that is a DICOM SEG or RTSTRUCT (`mask_sop_class`
+in the manifest) becomes a label map on its image's grid through the manifest's `segment_map`
+(`LoadMaskd`). Items carry only the manifest's pseudonymous `id`: no path,
 no header ever reaches the batch or a cache file (the readers return geometry-only metadata,
 `LoadImaged` prunes the file name it adds, and the pipeline ends by dropping all metadata).
 `preprocessing_record` gives every setting as flat run parameters.
@@ -25,8 +27,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from monai import transforms as mt
-from monai.data import CacheDataset, Dataset, ImageReader, PersistentDataset, get_track_meta, set_track_meta
+from monai.data import (
+    CacheDataset,
+    Dataset,
+    ImageReader,
+    MetaTensor,
+    PersistentDataset,
+    get_track_meta,
+    set_track_meta,
+)
 
+from medtl.data import dicom_masks
 from medtl.data.reader import PRUNE_META_PATTERN, MedtlNiftiReader, MedtlStudyReader
 from medtl.data.verify import resolve_path, resolve_study
 from medtl.errors import InputError
@@ -198,6 +209,7 @@ def study_item(item: dict, root: Path, key_file: Path | None, prep: Preprocessin
         InputError: If the row's study or mask cannot be found (naming the row id, never a path).
     """
     row = item["row"]
+    dicom_mask = bool(str(row.get("mask_sop_class") or "").strip()) and bool(item.get("mask_ref"))
     try:
         study = resolve_study(row, root, key_file=key_file)
         mask = resolve_path(item["mask_ref"], root, key_file=key_file) if item.get("mask_ref") else None
@@ -208,12 +220,15 @@ def study_item(item: dict, root: Path, key_file: Path | None, prep: Preprocessin
             f"manifest row {row['id']} could not be loaded ({type(err).__name__}); "
             f"run `medtl manifest verify` to see what changed"
         ) from err
-    return {
+    loaded = {
         "id": item["id"],
         "label": str(mask) if mask is not None else item["label"],
         "image": [str(path) for path in study.files],
         "intensity": _modality_scheme(str(row.get("modality", "")), prep.intensity),
     }
+    if dicom_mask:  # LoadMaskd rasterises it onto these files' grid, then drops both keys
+        loaded.update(mask_series=list(loaded["image"]), segment_map=dict(item.get("segment_map") or {}))
+    return loaded
 
 
 def load_transform(keys: str, reader: ImageReader) -> mt.LoadImaged:
@@ -273,7 +288,7 @@ def deterministic_transforms(prep: Preprocessing, root: Path, key_file: Path | N
         load_transform("image", MedtlStudyReader()),
     ]
     if has_mask:
-        steps.append(load_transform("label", MedtlNiftiReader()))
+        steps.append(LoadMaskd())
     steps.append(IntensityByScheme(intensity_transforms(prep)))
     if prep.spatial_dims == 3:
         steps.append(mt.Orientationd(keys=keys, axcodes="RAS", labels=None))
@@ -287,6 +302,36 @@ def deterministic_transforms(prep: Preprocessing, root: Path, key_file: Path | N
     steps.append(_normalise(prep))
     steps.append(mt.EnsureTyped(keys=keys, track_meta=False))
     return mt.Compose(steps)
+
+
+class LoadMaskd(mt.MapTransform):
+    """Load an item's "label" mask: an image file with `MedtlNiftiReader` (MONAI's readers for other
+    formats), or a DICOM SEG/RTSTRUCT as a label map on the grid of the item's "image".
+
+    MONAI has no reader for SEG or RTSTRUCT; `dicom_masks.label_map` gives the label map in the
+    layout `MedtlStudyReader` gives the series, so it takes the loaded image's affine and metadata.
+    Runs after the image is loaded; removes the item's "mask_series" and "segment_map".
+    """
+
+    def __init__(self) -> None:
+        super().__init__(keys="label")
+        self._image_mask = load_transform("label", MedtlNiftiReader())
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        series, segment_map = d.pop("mask_series", None), d.pop("segment_map", None)
+        if series is None:
+            return self._image_mask(d)
+        name = f"the DICOM mask of manifest row {d['id']}"
+        labels, _ = dicom_masks.label_map(Path(str(d["label"])), [Path(f) for f in series], segment_map or {},
+                                          name=name)
+        image = d["image"]
+        if tuple(labels.shape) != tuple(image.shape[1:]):
+            raise InputError(f"{name} must lie on its image's grid, not a grid of another shape; rebuild the "
+                             f"manifest (`medtl manifest build`)")
+        d["label"] = MetaTensor(np.ascontiguousarray(labels[None], dtype=np.float32), affine=image.affine.clone(),
+                                meta={k: v for k, v in image.meta.items() if k != "affine"})
+        return d
 
 
 def scoring_item(study_id: str, files: Sequence[Path], modality: str, prep: Preprocessing) -> dict:
@@ -376,8 +421,12 @@ class TrainingPipeline(mt.Compose):
             set_track_meta(tracking)
 
 
-def manifest_items(manifest: pd.DataFrame, split: str, task: str, classes: Sequence[str]) -> list[dict]:
-    """Dataset items of one split: pseudonymous id, the manifest row, the target."""
+def manifest_items(manifest: pd.DataFrame, split: str, task: str, classes: Sequence[str],
+                   segment_map: Mapping[str, int] | None = None) -> list[dict]:
+    """Dataset items of one split: pseudonymous id, the manifest row, the target.
+
+    `segment_map` (the manifest sidecar's) turns the rows' DICOM SEG/RTSTRUCT masks into classes.
+    """
     rows = manifest[manifest["split"] == split]
     items = []
     index = {name: i for i, name in enumerate(classes)}
@@ -388,6 +437,8 @@ def manifest_items(manifest: pd.DataFrame, split: str, task: str, classes: Seque
                 continue  # rows without a mask cannot train a segmenter; counted by the caller
             item["mask_ref"] = str(row["mask"])
             item["label"] = -1  # replaced by the mask when loaded
+            if str(row.get("mask_sop_class") or "").strip():
+                item["segment_map"] = dict(segment_map or {})
         else:
             label = str(row.get("label", ""))
             if label not in index:

@@ -120,7 +120,7 @@ def referenced_series(path: Path) -> str:
 
 
 def label_map(
-    mask_path: Path, series_files: Sequence[Path], segment_map: Mapping[str, int]
+    mask_path: Path, series_files: Sequence[Path], segment_map: Mapping[str, int], *, name: str | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """The label map of a DICOM SEG or RTSTRUCT on the grid of the series it references.
 
@@ -133,6 +133,8 @@ def label_map(
         mask_path: The SEG or RTSTRUCT file.
         series_files: The files of the image series it references (single-frame images, any order).
         segment_map: Segment or ROI name -> class index (0-255; 0 keeps a known name as background).
+        name: How errors call the mask file (default its file name; a manifest build passes "the
+            mask of labels CSV row 7", as a file name can identify a patient).
 
     Returns:
         (labels, unknown): uint8 labels, (columns, rows, slices) as `load_study` loads the series
@@ -152,13 +154,19 @@ def label_map(
         ((512, 512, 3), [])
     """
     mask_path = Path(mask_path)
-    kind = _kind_or_refuse(mask_path)
-    classes = _class_lookup(segment_map)
-    grid = _series_grid(series_files)
-    if kind == "seg":
-        labels, unknown = _seg_labels(mask_path, grid, classes)
-    else:
-        labels, unknown = _rtstruct_labels(mask_path, grid, classes)
+    try:
+        kind = _kind_or_refuse(mask_path)
+        classes = _class_lookup(segment_map)
+        grid = _series_grid(series_files)
+        if kind == "seg":
+            labels, unknown = _seg_labels(mask_path, grid, classes)
+        else:
+            labels, unknown = _rtstruct_labels(mask_path, grid, classes)
+    except InputError as err:
+        message = str(err)
+        if name is None or not message.startswith(mask_path.name):
+            raise
+        raise InputError(name + message[len(mask_path.name):]) from None
     volume = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (slices, rows, columns) -> load_study's layout
     return (volume[:, :, 0] if len(grid.sop_uids) == 1 else volume), list(dict.fromkeys(unknown))
 
@@ -202,11 +210,12 @@ def _series_grid(series_files: Sequence[Path]) -> _Grid:
                 facts = (str(ds.get("SOPInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
                          int(ds.Rows), int(ds.Columns), dicom.slice_spacing(ds))
         except Exception as err:  # noqa: BLE001 - pydicom's messages can quote header values
-            raise InputError(f"{Path(path).name} must be a readable DICOM image, not failing with "
-                             f"{type(err).__name__}; {_HOW_SERIES}") from None
+            # Series file k by its place, not its name: image file names can carry a patient's name.
+            raise InputError(f"series file {len(slices) + 1} of {len(series_files)} must be a readable DICOM image, "
+                             f"not failing with {type(err).__name__}; {_HOW_SERIES}") from None
         if not single or orientation is None or positions is None:
-            raise InputError(f"{Path(path).name} must be a single-frame image with position and orientation, not "
-                             f"lack them; {_HOW_SERIES}")
+            raise InputError(f"series file {len(slices) + 1} of {len(series_files)} must be a single-frame image "
+                             f"with position and orientation, not lack them; {_HOW_SERIES}")
         slices.append((orientation, positions[0], spacing or (1.0, 1.0), *facts))
     orientation, _, spacing, _, series_uid, rows, columns, thickness = slices[0]
     if any(

@@ -28,6 +28,8 @@ class _Disk:
     rejected: dict[str, Rejection] = field(default_factory=dict)
     below: dict[str, set[int]] = field(default_factory=dict)  # folder -> studies under it
     pixels: dict[int, PixelSummary] = field(default_factory=dict)  # study -> pixels known from discovery
+    # Files the build decided about beyond discovery (a DICOM SEG used as a mask): rel -> (status, reason).
+    decided: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def rel(self, path: Path) -> str:
         path = Path(path)

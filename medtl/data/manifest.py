@@ -32,6 +32,13 @@ from medtl.data.deid import attribute_kind
 from medtl.data.dicom import PixelSummary, pixel_sha256
 from medtl.data.inventory import _Disk, _inside, _row_id, _scan_disk, _series_identity
 from medtl.data.leakage import SplitGroups, check_given_splits, split_groups
+from medtl.data.manifest_masks import (
+    DicomMask,
+    dicom_mask_files,
+    load_dicom_mask,
+    unmapped_names,
+    with_found_masks,
+)
 from medtl.data.needles import Needles, PathNamer, identifying_needles, looks_identifying, needles_of
 from medtl.data.output_guard import _held_messages, _write_checked
 from medtl.data.privacy import (
@@ -54,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = (
     "id", "patient", "study", "series", "key_id", "path", "kind", "modality", "n_files", "shape", "spacing",
-    "orientation", "sha256", "label", "mask", "mask_sha256", "sex", "age_band", "site", "scanner",
+    "orientation", "sha256", "label", "mask", "mask_sha256", "mask_sop_class", "sex", "age_band", "site", "scanner",
 )  # then the declared extra subgroup columns, then "split"
 LABEL_COLUMNS = ("path", "label", "mask", "patient_id", "split", "sex", "age", "site", "scanner")
 
@@ -107,13 +114,14 @@ class ManifestResult:
 # Labels CSV
 
 
-def read_labels(labels_csv: Path, subgroup_columns: Sequence[str] = ()) -> list[LabelRow]:
+def read_labels(labels_csv: Path, subgroup_columns: Sequence[str] = (), *, targets: bool = True) -> list[LabelRow]:
     """Read and check the labels CSV; errors name the file and row, never a value.
 
     Args:
         labels_csv: Columns `path` and `label` and/or `mask`; optional `patient_id`, `split`,
             `sex`, `age`, `site`, `scanner` and the declared extra subgroup columns.
         subgroup_columns: Extra subgroup columns to carry into the manifest.
+        targets: Require a `label` or `mask` column (False when masks are found from DICOM).
 
     Returns:
         The rows, in file order.
@@ -138,7 +146,7 @@ def read_labels(labels_csv: Path, subgroup_columns: Sequence[str] = ()) -> list[
             f"save it as CSV"
         ) from err
     table.columns = [str(c).strip().lower() for c in table.columns]
-    extras = _check_columns(name, list(table.columns), subgroup_columns)
+    extras = _check_columns(name, list(table.columns), subgroup_columns, targets)
     rows, problems, seen = [], [], {}
     for number, record in enumerate(table.to_dict("records"), start=2):
         cell = {k: str(v).strip() for k, v in record.items()}
@@ -196,14 +204,14 @@ def extra_subgroups(subgroup_columns: Sequence[str]) -> list[str]:
     return extras
 
 
-def _check_columns(name: str, columns: list[str], subgroup_columns: Sequence[str]) -> list[str]:
+def _check_columns(name: str, columns: list[str], subgroup_columns: Sequence[str], targets: bool = True) -> list[str]:
     if "path" not in columns:
         separator = next((s for s in (";", "\t", "|") if len(columns) == 1 and s in columns[0]), None)
         if separator:
             raise InputError(f"{name} must be comma-separated, not separated by {separator!r}; save it as CSV with "
                              f"commas (a 'path' column, relative to the data root)")
         raise InputError(f"{name} must have a 'path' column, not only {columns}; add it (relative to the data root)")
-    if "label" not in columns and "mask" not in columns:
+    if targets and "label" not in columns and "mask" not in columns:
         raise InputError(f"{name} must have a 'label' and/or 'mask' column, not neither; add the targets")
     extras = extra_subgroups(subgroup_columns)
     for column in extras:
@@ -257,6 +265,8 @@ def build_manifest(
     progress: bool = True,
     exclude: Sequence[Path] = (),
     workers: int | None = None,
+    segment_map: Mapping[str, int] | None = None,
+    masks_from_dicom: bool = False,
 ) -> ManifestResult:
     """Build the manifest CSV and its sidecar `out_csv.with_suffix(".json")`.
 
@@ -274,6 +284,10 @@ def build_manifest(
             and its sidecar); the outputs themselves are always left out.
         workers: Processes that read and decode the files (`medtl.data.discover.discover`);
             default `default_workers()`, 1 for none. The outputs do not depend on it.
+        segment_map: Segment/ROI name -> class index for masks that are DICOM SEG or RTSTRUCT
+            objects (`medtl.data.dicom_masks.label_map`); recorded in the sidecar.
+        masks_from_dicom: A row without a mask gets the SEG/RTSTRUCT under `root` that references
+            its series; the labels CSV then needs no label or mask column.
 
     Returns:
         A `ManifestResult`.
@@ -289,13 +303,15 @@ def build_manifest(
     sidecar_json = out_csv.with_suffix(".json")
     fractions = _check_build_settings(root, fractions, k_min)
     key = load_key(key_file)
-    labels = read_labels(labels_csv, subgroup_columns)
+    labels = read_labels(labels_csv, subgroup_columns, targets=not masks_from_dicom)
     extras = extra_subgroups(subgroup_columns)
     extra = [Path(p).resolve() for p in exclude]
     outputs = {_inside(root, p) for p in (out_csv, sidecar_json, *extra)} - {None}
     with _held_messages() as (held_logs, held_warnings):
         disk = _scan_disk(root, outputs, progress, workers)
-        rows, fate, notes = _rows(key, disk, labels, labels_csv, progress, workers)
+        masks = _MaskSettings.of(disk, labels, dict(segment_map or {}), masks_from_dicom)
+        labels = masks.labels
+        rows, fate, notes = _rows(key, disk, labels, labels_csv, progress, workers, masks)
     allowed = _class_names(labels)
     namer = _namer(key, disk, labels, allowed)
     records = _records_or_refuse(rows, labels, disk, labels_csv)
@@ -310,6 +326,7 @@ def build_manifest(
     document["leakage"] = groups.counts
     # The label values the masks hold, so a segmentation run can check model.num_classes up front.
     document["mask_labels"] = sorted({v for r in records if r.get("_mask_labels") for v in r["_mask_labels"]})
+    document.update(masks.sidecar())
     needles = _needles(disk, labels, namer, allowed)
     _write_checked(out_csv, sidecar_json, table, document, messages, held_logs, held_warnings, needles,
                    [r["_row"] for r in records], ("label", *extras))
@@ -347,12 +364,55 @@ def _check_build_settings(root: Path, fractions: Sequence[float], k_min: int) ->
     return check_fractions(fractions)
 
 
-def _match(disk: _Disk, labels: list[LabelRow], labels_csv: Path):
-    """Studies each label row points at, its mask study, and the rows that cannot be used."""
-    masks: dict[int, int] = {}
+@dataclass
+class _MaskSettings:
+    """DICOM masks of a build: the SEG/RTSTRUCT files, the segment map and what was found."""
+
+    files: dict[str, str]  # rel -> "seg" | "rtstruct"
+    segment_map: dict[str, int]
+    masks_from_dicom: bool
+    labels: list[LabelRow]  # with the masks found from DICOM filled in
+    problems: dict[int, str]  # rows the search for DICOM masks could not serve
+    loaded: dict = field(default_factory=dict)  # (rel, study) -> DicomMask | reason
+
+    @classmethod
+    def of(cls, disk: _Disk, labels: list[LabelRow], segment_map: dict[str, int], from_dicom: bool) -> _MaskSettings:
+        # Headers of skipped files are read only when a row may use one as its mask.
+        wanted = from_dicom or any(row.mask in disk.rejected for row in labels)
+        files = dicom_mask_files(disk) if wanted else {}
+        problems: dict[int, str] = {}
+        if from_dicom:
+            labels, problems = with_found_masks(disk, labels, files)
+        return cls(files, segment_map, from_dicom, labels, problems)
+
+    def used(self) -> list[DicomMask]:
+        return [m for m in self.loaded.values() if isinstance(m, DicomMask)]
+
+    def notes(self) -> list[str]:
+        shown, hidden = unmapped_names(self.used())
+        if not shown and not hidden:
+            return []
+        listed = ", ".join(repr(n) for n in shown) + (f" and {hidden} more not shown (not plain words)" if hidden
+                                                     else "")
+        return [f"{len(shown) + hidden} segment/ROI names of DICOM masks are not in the segment map and were left as "
+                f"background: {listed or 'none shown'}; add them to data.segment_map (--segment-map) to train on them"]
+
+    def sidecar(self) -> dict:
+        shown, hidden = unmapped_names(self.used())
+        return {"segment_map": dict(sorted(self.segment_map.items())), "masks_from_dicom": self.masks_from_dicom,
+                "dicom_masks": {"used": len(self.used()), "unmapped_segment_names": shown,
+                                "unmapped_segment_names_not_shown": hidden}}
+
+
+def _match(disk: _Disk, labels: list[LabelRow], labels_csv: Path, dicom_files: Mapping[str, str]):
+    """Studies each label row points at, its mask (a study index, or a DICOM mask's relative path),
+    and the rows that cannot be used."""
+    masks: dict[int, int | str] = {}
     problems: dict[int, str] = {}
     for row in labels:
-        if row.mask:
+        if row.mask in dicom_files:
+            masks[row.number] = row.mask
+        elif row.mask:
             found = disk.targets(row.mask)
             if found is None:
                 problems[row.number] = "mask: no file or folder at this path"
@@ -360,7 +420,7 @@ def _match(disk: _Disk, labels: list[LabelRow], labels_csv: Path):
                 problems[row.number] = f"mask must resolve to one image, not {len(found)}"
             else:
                 masks[row.number] = found[0]
-    mask_studies = set(masks.values())
+    mask_studies = {m for m in masks.values() if isinstance(m, int)}
     targeted: dict[int, list[int]] = {}
     claimed: dict[int, int] = {}
     # Rows naming a copy of another file (served by that file's study) come last: a row naming
@@ -389,9 +449,11 @@ def _match(disk: _Disk, labels: list[LabelRow], labels_csv: Path):
     return targeted, masks, problems
 
 
-def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path, progress: bool, workers: int):
+def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path, progress: bool, workers: int,
+          dicom: _MaskSettings):
     """Manifest records (and unused label rows), each study's (status, reason), and notes."""
-    targeted, masks, problems = _match(disk, labels, labels_csv)
+    targeted, masks, problems = _match(disk, labels, labels_csv, dicom.files)
+    problems = {**dicom.problems, **problems}
     fate: dict[int, tuple[str, str]] = {}
     mask_cache: dict[int, tuple[str, tuple[int, ...], tuple[int, ...]] | str] = {}
     rows: list[dict] = []
@@ -408,13 +470,15 @@ def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path
             fate[index] = ("quarantined", "non-finite pixel values (NaN or Inf)")
             problems.setdefault(row.number, "its pixels hold NaN or Inf values")
             continue
-        mask = _load_mask(disk, masks.get(row.number), mask_cache, pixels.shape)
+        mask = _row_mask(disk, row, index, masks, mask_cache, dicom, pixels.shape)
         if isinstance(mask, str):
             problems.setdefault(row.number, mask)
             continue
         fate[index] = ("used", "")
-        if mask:
+        if isinstance(masks.get(row.number), int):
             fate[masks[row.number]] = ("used", "mask")
+        elif row.number in masks:
+            disk.decided[masks[row.number]] = ("used", "mask")
         rows.append(_record(key, disk, row, index, pixels, mask))
     used = {r["_row"] for r in rows}
     for row in labels:
@@ -425,14 +489,16 @@ def _rows(key: ProjectKey, disk: _Disk, labels: list[LabelRow], labels_csv: Path
         rows.append({"_row": row.number, "_path": row.path if exists else "", "_reason": reason})
         for index in targeted[row.number]:
             fate.setdefault(index, ("skipped", f"labels CSV row {row.number} not used: {reason}"))
-        if row.number in masks:
+        if isinstance(masks.get(row.number), int):
             fate.setdefault(masks[row.number], ("skipped", f"mask of labels CSV row {row.number}, not used"))
+        elif row.number in masks and masks[row.number] not in disk.decided:
+            disk.decided[masks[row.number]] = ("skipped", f"mask of labels CSV row {row.number}, not used")
     for index, cached in mask_cache.items():
         if isinstance(cached, str):
             fate[index] = ("quarantined", cached)
     for index in range(len(disk.studies)):
         fate.setdefault(index, ("skipped", NO_LABEL_ROW))
-    notes = []
+    notes = dicom.notes()
     per_file = sum(1 for r in rows if r.get("_patient_source") == "one_per_file")
     if per_file:
         notes.append(f"{per_file} rows had no patient_id and no DICOM PatientID: each file was treated as its own "
@@ -453,6 +519,22 @@ def _loaded(disk: _Disk, indexes: list[int], workers: int) -> Iterator[PixelSumm
     import medtl.data.reader  # noqa: F401
 
     return discovery.map_in_workers(discovery.study_pixels, studies, workers)
+
+
+def _row_mask(disk: _Disk, row: LabelRow, index: int, masks: dict, cache: dict, dicom: _MaskSettings,
+              shape: tuple[int, ...]):
+    """(sha256, shape, label values, SOP class) of a row's mask, None without one, or the reason it
+    cannot be used. The SOP class is "" for a mask that is an image (NIfTI, ...)."""
+    mask = masks.get(row.number)
+    if not isinstance(mask, str):
+        loaded = _load_mask(disk, mask, cache, shape)
+        return loaded if loaded is None or isinstance(loaded, str) else (*loaded, "")
+    found = load_dicom_mask(disk, mask, index, dicom.segment_map, row.number, dicom.loaded)
+    if isinstance(found, str):
+        return found
+    if found.shape != tuple(shape):
+        return "its DICOM mask's grid must equal the image's, not differ; check that it was drawn on this series"
+    return found.sha256, found.shape, found.labels, found.sop_class
 
 
 def _load_mask(disk: _Disk, index: int | None, cache: dict, shape: tuple[int, ...]):
@@ -504,6 +586,7 @@ def _record(key: ProjectKey, disk: _Disk, row: LabelRow, index: int, pixels: Pix
         "spacing": "x".join(f"{round(v, 4):g}" for v in pixels.spacing), "orientation": pixels.orientation,
         "sha256": pixels.sha256, "label": row.label,
         "mask": row.mask if mask else "", "mask_sha256": mask[0] if mask else "",
+        "mask_sop_class": mask[3] if mask else "",
         "sex": normalise_sex(row.sex or (h.sex if h else "")), "age_band": band,
         "site": site_code(key, row.site or (h.institution if h else "")), "scanner": scanner,
         "_row": row.number, "_extras": row.extras, "_split": row.split, "_patient_source": source,

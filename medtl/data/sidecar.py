@@ -114,6 +114,7 @@ def _status(facts: BuildFacts) -> dict[str, tuple[str, str]]:
     """(status, reason) of every file discovery or the build decided about."""
     disk = facts.disk
     status: dict[str, tuple[str, str]] = {r: (j.status, j.reason) for r, j in disk.rejected.items()}
+    status.update(disk.decided)
     for index, study in enumerate(disk.studies):
         status.update(dict.fromkeys((disk.rel(f) for f in study.files), facts.fate[index]))
     labels_rel = _inside(disk.root, facts.labels_csv)

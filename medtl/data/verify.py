@@ -20,9 +20,11 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from medtl.data import dicom_masks
 from medtl.data import discover as discovery
 from medtl.data.inventory import _Disk, _inside, _row_id, _scan_disk, _series_identity, file_sha256
 from medtl.data.manifest import _namer, pixel_sha256
+from medtl.data.manifest_masks import label_map_sha256
 from medtl.data.privacy import ALIAS_PREFIX, legacy_key_id, load_key, resolve_alias
 from medtl.data.types import Study
 from medtl.errors import ConfigError, InputError
@@ -106,8 +108,8 @@ def verify_manifest(manifest_csv: Path, root: Path, *, key_file: Path | None = N
         try:
             same = pixel_sha256(discovery.load_study(disk.studies[index]).array) == row["sha256"]
             if same and row.get("mask"):
-                mask = _study_at(disk, resolve_alias(key, row["mask"], disk.files))
-                same = mask is not None and pixel_sha256(discovery.load_study(mask).array) == row["mask_sha256"]
+                same = _mask_sha256(disk, resolve_alias(key, row["mask"], disk.files), row, index,
+                                    sidecar.get("segment_map") or {}) == row["mask_sha256"]
         except Exception:  # noqa: BLE001 - an undecodable file is a change, not a crash
             same = False
         if not same:
@@ -120,6 +122,16 @@ def verify_manifest(manifest_csv: Path, root: Path, *, key_file: Path | None = N
 def _entry_sha256(root: Path, rel: str) -> str:
     """A file's SHA-256, "" for entries that are listed but never read (FIFOs, broken links)."""
     return file_sha256(root / rel) if discovery.regular_file(root / rel, root) else ""
+
+
+def _mask_sha256(disk: _Disk, rel: str, row: dict, index: int, segment_map: dict) -> str:
+    """The pixel hash of a row's mask as the build made it ("" when it is gone): a DICOM SEG/RTSTRUCT
+    rasterised onto the row's series with the sidecar's segment map, else the mask image's pixels."""
+    if str(row.get("mask_sop_class") or "").strip():
+        labels, _ = dicom_masks.label_map(disk.root / rel, disk.studies[index].files, segment_map)
+        return label_map_sha256(labels)
+    mask = _study_at(disk, rel)
+    return pixel_sha256(discovery.load_study(mask).array) if mask is not None else ""
 
 
 def _study_at(disk: _Disk, rel: str) -> Study | None:

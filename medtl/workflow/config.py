@@ -195,6 +195,15 @@ class DataConfig:
         "memory", description="where the deterministic preprocessing is cached")
     num_workers: Whole = Field(0, ge=0, description="DataLoader workers", examples=["0 (load in the training process)"])
     augment: StrictBool = Field(True, description="random flips/affine/noise/contrast for training")
+    # Masks that are DICOM SEG/RTSTRUCT objects name their segments (ROIs) in free text; the map
+    # turns names into classes (compared without regard to case and spacing); unknown names are
+    # reported by the manifest build and stay background, never guessed.
+    segment_map: Annotated[dict[Text, Annotated[int, Field(ge=0, le=255, strict=True)]],
+                           Listed("no map (DICOM SEG/RTSTRUCT masks are refused)")] = Field(
+        default_factory=dict, description="DICOM SEG segment / RTSTRUCT ROI name -> class index",
+        examples=["{liver: 1, tumour: 2}"])
+    masks_from_dicom: StrictBool = Field(
+        False, description="a row without a mask gets the SEG/RTSTRUCT under data.root that references its series")
 
 
 @_section

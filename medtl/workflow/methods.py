@@ -203,7 +203,7 @@ def train_dann(
     load_initial_state(bundle.model, initial_state)
     prep = preprocessing_for(cfg, bundle)
     source = source_data(cfg, data)
-    items = (manifest_items(source.manifest, "train", cfg.task, data.classes)
+    items = (manifest_items(source.manifest, "train", cfg.task, data.classes, source.sidecar.get("segment_map"))
              + unlabelled_items(_target_training_rows(cfg, data)))
     domains, _ = domain_labels([item["row"][a.domain_column] for item in items], target=a.target.strip(),
                                column=a.domain_column)

@@ -181,6 +181,7 @@ def prepare_data(cfg: WorkflowConfig, output_dir: Path, *, progress: bool = True
     whole = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)  # every split, every row
     check_leakage(whole, source=source)
     check_mask_labels(cfg, sidecar, source=source)
+    check_segment_map(cfg, sidecar, source=source)
     manifest, dropped, kept_without_modality = _task_rows(cfg, whole, source=source)
     for split in SPLITS:
         if not (manifest["split"] == split).any():
@@ -213,7 +214,7 @@ def _manifest(cfg: WorkflowConfig, output_dir: Path, *, progress: bool) -> tuple
         Path(cfg.data.root), Path(cfg.data.labels), manifest_path,
         key_file=Path(cfg.data.key_file) if cfg.data.key_file else None, seed=cfg.seed,
         subgroup_columns=cfg.data.subgroups, fractions=cfg.data.fractions, progress=progress,
-        exclude=_published_paths(cfg),
+        exclude=_published_paths(cfg), segment_map=cfg.data.segment_map, masks_from_dicom=cfg.data.masks_from_dicom,
     )
     return manifest_path, dict(built.forbidden)
 
@@ -373,6 +374,21 @@ def check_mask_labels(cfg: WorkflowConfig, sidecar: Mapping, *, source: str) -> 
     raise ConfigError(
         f"the masks of manifest {source} hold labels {shown}, so config key 'model.num_classes' must be at least "
         f"{top + 1}, not {cfg.model.num_classes}; set --set model.num_classes={top + 1} (background 0 is a class)")
+
+
+def check_segment_map(cfg: WorkflowConfig, sidecar: Mapping, *, source: str) -> None:
+    """A run trains on the classes its manifest's DICOM masks were hashed with (the sidecar's
+    `segment_map`); a `data.segment_map` that differs would train on other label maps.
+
+    Raises:
+        ConfigError: naming `data.segment_map` and the manifest.
+    """
+    built = {" ".join(str(k).split()).casefold(): int(v) for k, v in (sidecar.get("segment_map") or {}).items()}
+    given = {" ".join(str(k).split()).casefold(): int(v) for k, v in cfg.data.segment_map.items()}
+    if given and built != given:
+        raise ConfigError(
+            f"config key 'data.segment_map' must equal the segment map manifest {source} was built with, not "
+            f"differ; rebuild the manifest with this map or drop data.segment_map to use the manifest's")
 
 
 def _empty_split_message(cfg: WorkflowConfig, split: str, whole: pd.DataFrame, dropped: Mapping[str, int], *,

@@ -82,7 +82,7 @@ def datasets_for(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing, *
     """MONAI datasets of the given splits (train optionally restricted to `train_ids`)."""
     out = {}
     for split in splits:
-        items = manifest_items(data.manifest, split, cfg.task, data.classes)
+        items = manifest_items(data.manifest, split, cfg.task, data.classes, data.sidecar.get("segment_map"))
         if split == "train" and train_ids is not None:
             items = [item for item in items if item["id"] in train_ids]
         out[split] = make_dataset(
