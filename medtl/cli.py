@@ -179,8 +179,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from medtl.data.pacs import check_store_url
     from medtl.workflow.predict import run_predict
 
+    if args.store_to:
+        check_store_url(args.store_to)  # a malformed URL is refused before the predictions, not after
     out = run_predict(args.model, Path(args.root), Path(args.output),
                       labels=Path(args.labels) if args.labels else None,
                       key_file=Path(args.key_file) if args.key_file else None, progress=not args.quiet)
@@ -194,6 +197,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if out.dicom_segs:
         print(f"{out.dicom_segs} DICOM SEG objects in {out.output_dir / 'dicom_seg'}: they carry the source's patient "
               f"and study identifiers (DICOM requires them); keep them local")
+    return _store_segs(args, out.output_dir / "dicom_seg") if args.store_to else 0
+
+
+def _store_segs(args: argparse.Namespace, folder: Path) -> int:
+    """`medtl predict --store-to URL`: the DICOM SEG objects the predictions wrote, sent to the PACS."""
+    from medtl.data.pacs import store
+    from medtl.errors import InputError
+
+    files = sorted(folder.glob("*.dcm"))
+    if not files:
+        raise InputError("--store-to must come with DICOM SEG objects to store, not none: only a segmentation model "
+                         "on DICOM series writes them (the predictions were written); leave --store-to out")
+    result = store(args.store_to, files, progress=not args.quiet, auth_file=Path(args.netrc) if args.netrc else None)
+    print(f"stored {result.stored} DICOM SEG objects to the PACS, {result.n_failed} failed")
+    for reason, n in sorted(result.failed.items()):
+        print(f"failed: {n} ({reason})")
+    if result.n_failed:
+        print("run the same command again to retry them (storing an object twice is harmless)")
+        return 1
     return 0
 
 
@@ -383,6 +405,10 @@ def _add_run_commands(sub, common: argparse.ArgumentParser) -> None:
     pr.add_argument("--labels", help="optional CSV whose 'path' column picks the studies")
     pr.add_argument("--output", required=True, help="output folder (predictions.csv, masks/, dicom_seg/)")
     pr.add_argument("--key-file", help="project key file (default: $MEDTL_KEY_FILE or the config folder)")
+    pr.add_argument("--store-to", metavar="URL",
+                    help="store the DICOM SEG objects written to a PACS over DICOMweb (STOW-RS), e.g. "
+                         "https://pacs.hospital.example/dicom-web; credentials as for `medtl pull`")
+    pr.add_argument("--netrc", metavar="FILE", help="netrc file with the PACS credentials (default ~/.netrc)")
     pr.set_defaults(func=_cmd_predict, step="predicting")
 
     rep = sub.add_parser("report", parents=[common], help="render the audited evaluation report of an MLflow run again")

@@ -11,6 +11,8 @@ Credentials come from the environment (`MEDTL_DICOMWEB_TOKEN`, or `MEDTL_DICOMWE
 `MEDTL_DICOMWEB_PASSWORD`) or a netrc file, never from the command line; they are never logged or
 put in a message, and neither are UIDs (their hashes may appear in debug records).
 
+`store` sends DICOM files back (STOW-RS), e.g. the DICOM SEG objects `medtl predict` writes.
+
 Example:
     >>> result = pull("https://pacs.hospital.example/dicom-web", parse_query("Modality=CR"), Path("pulled"))
     ... # doctest: +SKIP
@@ -26,13 +28,14 @@ import netrc
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import requests
+from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -86,6 +89,24 @@ class PullResult:
     @property
     def n_failed(self) -> int:
         """Instances and lists that failed, all reasons together."""
+        return sum(self.failed.values())
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What `store` did: counts only.
+
+    Attributes:
+        stored: Files the PACS accepted.
+        failed: Files it did not accept (or that could not be read), by reason.
+    """
+
+    stored: int
+    failed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_failed(self) -> int:
+        """Files that failed, all reasons together."""
         return sum(self.failed.values())
 
 
@@ -198,14 +219,7 @@ def pull(
     server = _check_url(url)
     filters = check_query(query)
     out = _prepare(Path(out))
-    from dicomweb_client.api import DICOMwebClient
-
-    session, has_credentials = _session(server.host, auth_file)
-    server = _Server(server.host, server.address, has_credentials)
-    client = DICOMwebClient(url.rstrip("/"), session=session, permissive_uid=True, timeout=TIMEOUT)
-    # dicomweb-client retries busy answers (429, 503, 504) and any exception, by default 5 times over
-    # ~30 s; 3 tries over ~3 s ride out a hiccup without making a wrong URL wait half a minute.
-    client.set_http_retry_params(retry=True, max_attempts=RETRIES, wait_exponential_multiplier=500)
+    client, server = _client(url, server, auth_file)
     failed: Counter[str] = Counter()
     with _quiet_libraries():
         studies = _search_studies(client, filters, server)
@@ -216,6 +230,44 @@ def pull(
     logger.info("pull: %d studies, %d series, %d instances fetched, %d already present, %d failed",
                 result.studies, result.series, fetched, skipped, result.n_failed)
     return result
+
+
+def store(url: str, files: Sequence[Path], *, progress: bool = True, auth_file: Path | None = None) -> StoreResult:
+    """Send DICOM files to a DICOMweb server (STOW-RS), one request per file.
+
+    Storing again what the PACS already holds is harmless (servers replace or keep an instance with
+    the same SOPInstanceUID), so a store that failed part-way is simply run again.
+
+    Args:
+        url: The DICOMweb root, as for `pull`.
+        files: DICOM files to store (e.g. `OUTPUT/dicom_seg/*.dcm` of `medtl predict`).
+        progress: Show a tqdm progress bar over the files.
+        auth_file: netrc file for the credentials when the environment has none, as for `pull`.
+
+    Returns:
+        A `StoreResult` with counts.
+
+    Raises:
+        InputError: Malformed URL, refused credentials or unreachable server. A file the server
+            rejects is counted, not raised.
+    """
+    client, server = _client(url, _check_url(url), auth_file)
+    stored, failed = 0, Counter()
+    with _quiet_libraries():
+        for path in tqdm(list(files), desc="storing to the PACS", unit="file", disable=not progress):
+            try:
+                dataset = dcmread(path)
+            except (OSError, InvalidDicomError):
+                failed["not a readable DICOM file"] += 1
+                continue
+            try:
+                _call(client.store_instances, server, "storing an instance", [dataset])
+            except _Failed as err:
+                failed[err.reason] += 1
+                continue
+            stored += 1
+    logger.info("store: %d instances stored, %d failed", stored, sum(failed.values()))
+    return StoreResult(stored, dict(failed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +302,11 @@ def _study_searches(filters: Mapping[str, str]) -> list[dict[str, str]]:
     return [{**base, "ModalitiesInStudy": m} for m in modalities] if modalities else [base]
 
 
+def check_store_url(url: str) -> None:
+    """Refuse a URL `store` cannot use (another scheme, credentials in it), before any work is done."""
+    _check_url(url)
+
+
 def _check_url(url: str) -> _Server:
     """The server of a DICOMweb URL; refuses other schemes and credentials in the URL."""
     parts = urlsplit(str(url).strip())
@@ -269,6 +326,19 @@ def _check_url(url: str) -> _Server:
 
 # ---------------------------------------------------------------------------------------------
 # Credentials
+
+
+def _client(url: str, server: _Server, auth_file: Path | None):
+    """A dicomweb-client client with the credentials, and the server (now knowing whether any were sent)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    session, has_credentials = _session(server.host, auth_file)
+    server = _Server(server.host, server.address, has_credentials)
+    client = DICOMwebClient(url.rstrip("/"), session=session, permissive_uid=True, timeout=TIMEOUT)
+    # dicomweb-client retries busy answers (429, 503, 504) and any exception, by default 5 times over
+    # ~30 s; 3 tries over ~3 s ride out a hiccup without making a wrong URL wait half a minute.
+    client.set_http_retry_params(retry=True, max_attempts=RETRIES, wait_exponential_multiplier=500)
+    return client, server
 
 
 def _session(host: str, auth_file: Path | None) -> tuple[requests.Session, bool]:

@@ -185,7 +185,11 @@ def test_a_seg_of_another_series_leaves_its_row_out_naming_the_row_not_the_file(
 
 
 @pytest.mark.slow
-def test_segment_3d_trains_and_evaluates_on_seg_masks(demo, tmp_path, monkeypatch):
+def test_segment_3d_trains_on_seg_masks_and_predict_stores_its_seg_objects_to_the_pacs(
+    demo, tmp_path, monkeypatch, orthanc, credentials
+):
+    from medtl.cli import main
+    from medtl.data.pacs import pull
     from medtl.workflow.config import load_config
     from medtl.workflow.run import run_workflow
 
@@ -204,6 +208,14 @@ def test_segment_3d_trains_and_evaluates_on_seg_masks(demo, tmp_path, monkeypatc
     manifest = pd.read_csv(tmp_path / "run" / "manifest.csv", dtype=str, keep_default_na=False)
     assert (manifest["mask_sop_class"] == SOP_CLASS["seg"]).all() and len(manifest) == len(seg)
     assert np.isfinite(outputs.metrics["test"]["dice"])
+
+    cts[["path"]].to_csv(tmp_path / "cts.csv", index=False)
+    status = main(["-q", "predict", f"models:/seg_from_dicom/{outputs.model_version}", "--root", str(root), "--labels",
+                   str(tmp_path / "cts.csv"), "--output", str(tmp_path / "pred"), "--store-to", orthanc.url])
+    written = {pydicom.dcmread(p).SOPInstanceUID for p in (tmp_path / "pred" / "dicom_seg").glob("*.dcm")}
+    assert status == 0 and len(written) == len(cts)
+    pull(orthanc.url, {"Modality": "SEG"}, tmp_path / "from_pacs", progress=False)
+    assert written <= {pydicom.dcmread(p).SOPInstanceUID for p in (tmp_path / "from_pacs").rglob("*.dcm")}
     with pytest.raises(ConfigError, match="data.segment_map' must equal the segment map"):
         run_workflow(load_config(workflow, [f"data.root={root}", f"data.manifest={tmp_path / 'run' / 'manifest.csv'}",
                                             "data.segment_map={organ: 1, lesion: 1}", "data.manifest_out="]),
