@@ -84,7 +84,9 @@ class Augmentation:
     `rotate_range` radians about each axis (one in 2D, three in 3D), scales by up to
     `scale_range` and shifts by up to `translate_fraction` of the image size per axis (masks
     follow with nearest neighbour); Gaussian noise of `noise_std` and a gamma in
-    `contrast_gamma` change the image only. 3D patch training crops a random patch first.
+    `contrast_gamma` change the image only. 3D patch training crops a random patch first: with a
+    mask, a `foreground_fraction` of the patches are centred on a foreground voxel (nnU-Net forces
+    a third), the others anywhere in the volume.
     """
 
     affine_prob: float = 0.5
@@ -95,6 +97,7 @@ class Augmentation:
     noise_std: float = 0.05
     contrast_prob: float = 0.2
     contrast_gamma: tuple[float, float] = (0.8, 1.25)
+    foreground_fraction: float = 1 / 3
 
 
 def preprocessing_record(prep: Preprocessing, augmentation: Augmentation | None = None) -> dict[str, str | float]:
@@ -370,7 +373,9 @@ def augmentation_transforms(prep: Preprocessing, has_mask: bool, augmentation: A
     keys = ["image", "label"] if has_mask else ["image"]
     modes = ["bilinear", "nearest"] if has_mask else ["bilinear"]
     steps: list = []
-    if prep.patch:
+    if prep.patch and has_mask and aug.foreground_fraction > 0:
+        steps.append(ForegroundPatchd(keys, prep.image_size, aug.foreground_fraction))
+    elif prep.patch:
         steps.append(mt.RandSpatialCropd(keys=keys, roi_size=prep.image_size, random_size=False))
     steps += [
         mt.RandAffined(
@@ -386,6 +391,29 @@ def augmentation_transforms(prep: Preprocessing, has_mask: bool, augmentation: A
         mt.RandAdjustContrastd(keys="image", prob=aug.contrast_prob, gamma=aug.contrast_gamma),
     ]
     return mt.Compose(steps)
+
+
+class ForegroundPatchd(mt.RandomizableTransform, mt.MapTransform):
+    """A random patch, centred on a foreground voxel of "label" with probability `fraction`.
+
+    MONAI's `RandCropByPosNegLabeld` draws the patch; it returns a list even for one sample, and
+    medtl's batches are of single items, so this returns its one item.
+    """
+
+    def __init__(self, keys: Sequence[str], size: Sequence[int], fraction: float) -> None:
+        mt.MapTransform.__init__(self, keys)
+        mt.RandomizableTransform.__init__(self, prob=1.0)
+        # pos/neg are relative weights: pos / (pos + neg) of the patches are centred on foreground.
+        self.crop = mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=size, pos=fraction,
+                                              neg=1 - fraction, num_samples=1, allow_smaller=True)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.crop.set_random_state(seed, state)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        return self.crop(data)[0]
 
 
 class TrainingPipeline(mt.Compose):

@@ -13,6 +13,7 @@ from medtl.data.dataset import (
     Augmentation,
     Preprocessing,
     TrainingPipeline,
+    augmentation_transforms,
     class_names,
     make_dataset,
     manifest_items,
@@ -147,3 +148,24 @@ def test_training_augmentations_run_without_metadata_tracking_and_give_the_same_
             assert torch.equal(untracked[key], reference[key].as_subclass(torch.Tensor))
     unaugmented = make_dataset(items, prep, root, key_file=_key(root), train=False, cache="none")[0]
     assert not torch.equal(untracked["image"], unaugmented["image"])
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1 / 3])
+def test_3d_patches_are_centred_on_foreground_as_often_as_asked(fraction):
+    volume = torch.zeros(1, 48, 48, 48)
+    label = torch.zeros(1, 48, 48, 48)
+    label[0, 40:44, 2:6, 40:44] = 1  # a small structure in a corner: uniform patches rarely hold it
+    prep = Preprocessing(spatial_dims=3, image_size=(16, 16, 16), patch=True)
+    crop = augmentation_transforms(prep, True, Augmentation(foreground_fraction=fraction, affine_prob=0.0,
+                                                            noise_prob=0.0, contrast_prob=0.0))
+    crop.set_random_state(0)
+    draws = 300
+    hits = sum(bool(crop({"image": volume, "label": label})["label"].sum() > 0) for _ in range(draws))
+    # The chance that a patch anywhere holds some of it: patch starts 0-32 per axis, of which those
+    # overlapping 40-43, 2-5 and 40-43 (8, 6 and 8 of 33): about 0.01.
+    uniform = 8 * 6 * 8 / 33**3
+    if fraction == 1.0:
+        assert hits == draws
+    else:  # a third centred on it, plus the uniform chance of the other two thirds
+        expected = fraction + (1 - fraction) * uniform
+        assert abs(hits / draws - expected) < 0.08, (hits / draws, expected)
