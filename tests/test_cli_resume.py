@@ -50,8 +50,11 @@ def test_cli_run_killed_after_an_epoch_then_resumed_matches_an_uninterrupted_run
     data = tmp_path / "data"
     write_demo_data(data, patients=80, seed=1, progress=False)
     log = tmp_path / "log.txt"
-    reference = _run(_command(data, tmp_path, tmp_path / "reference"), tmp_path, log)
-    assert reference.wait(timeout=600) == 0, log.read_text()[-3000:]
+    # The uninterrupted reference runs beside the others (each run takes one thread), in a working
+    # folder of its own: its own MLflow store and published manifest, the same project key.
+    (tmp_path / "ref").mkdir()
+    reference_log = tmp_path / "reference_log.txt"
+    reference = _run(_command(data, tmp_path / "ref", tmp_path / "reference"), tmp_path / "ref", reference_log)
 
     output = tmp_path / "resumed"
     last = output / "checkpoints" / "last.pt"
@@ -73,6 +76,7 @@ def test_cli_run_killed_after_an_epoch_then_resumed_matches_an_uninterrupted_run
 
     resumed = _run(_command(data, tmp_path, output, "--resume"), tmp_path, log)
     assert resumed.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert reference.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
     # A fresh start would give the same predictions (same seed, one thread): check it really resumed.
     assert f"resumed from last.pt: {done} epoch(s) already done" in log.read_text()
     got = pd.read_csv(output / "predictions.csv")

@@ -43,6 +43,36 @@ def medtl_run(work: Path, data_root: Path, labels: Path, manifest_out: Path, *ex
     return subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=900)
 
 
+def medtl_in_process(work: Path, data_root: Path, labels: Path, manifest_out: Path, monkeypatch, capsys,
+                     *extra: str) -> subprocess.CompletedProcess:
+    """The command of `medtl_run` through `medtl.cli.main` in this process, working directory `work`.
+
+    For runs that stop before training: a fresh interpreter would spend most of their time importing.
+    """
+    import logging
+
+    from medtl.cli import main
+
+    sets = [f"data.root={data_root}", f"data.labels={labels}", f"data.manifest_out={manifest_out}", *BUDGET, *extra]
+    args = ["-q", "run", str(WORKFLOW), "--output", str(work / "out")]
+    for setting in sets:
+        args += ["--set", setting]
+    monkeypatch.chdir(work)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # the embedded store of `work`, as in a subprocess
+        monkeypatch.delenv(name, raising=False)
+    capsys.readouterr()
+    root, saved = logging.getLogger(), logging.getLogger().handlers[:]
+    try:
+        status = main(args)
+    finally:  # the CLI sets up logging for its process: give the test session its own back
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in saved:
+            root.addHandler(handler)
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, printed.out, printed.err)
+
+
 def mlflow_runs(work: Path, monkeypatch) -> list:
     """Every run of the `medtl` experiment in the embedded SQLite store of `work`."""
     monkeypatch.chdir(work)
@@ -87,7 +117,7 @@ def _good_manifest(data: Path, labels: Path, target: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("failure", ["empty data root", "no train rows"])
-def test_a_failed_run_leaves_the_published_manifest_byte_identical(tmp_path, monkeypatch, failure):
+def test_a_failed_run_leaves_the_published_manifest_byte_identical(tmp_path, monkeypatch, capsys, failure):
     data = tmp_path / "exports"
     labels = write_png_exports(data)
     published = tmp_path / "manifests" / "classify_2d.csv"
@@ -100,7 +130,7 @@ def test_a_failed_run_leaves_the_published_manifest_byte_identical(tmp_path, mon
         labels = tmp_path / "test_only.csv"
         table.assign(split="test").to_csv(labels, index=False)
 
-    done = medtl_run(tmp_path, data, labels, published)
+    done = medtl_in_process(tmp_path, data, labels, published, monkeypatch, capsys)
     assert done.returncode == 2, done.stderr[-4000:]
     assert "Traceback" not in done.stderr
     assert {p.name: p.read_bytes() for p in (published, published.with_suffix(".json"))} == before
@@ -119,14 +149,15 @@ def test_a_failed_run_leaves_the_published_manifest_byte_identical(tmp_path, mon
         ("data.image_size=[0, 96]", r"config key 'data.image_size' must hold positive sizes"),
     ],
 )
-def test_a_run_that_cannot_start_names_the_key_before_building_anything(tmp_path, monkeypatch, setting, message):
+def test_a_run_that_cannot_start_names_the_key_before_building_anything(tmp_path, monkeypatch, capsys, setting,
+                                                                        message):
     data = tmp_path / "exports"
     labels = write_png_exports(data)
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "notes.pth").write_text("not a checkpoint\n")
     published = tmp_path / "manifests" / "classify_2d.csv"
 
-    done = medtl_run(tmp_path, data, labels, published, setting)
+    done = medtl_in_process(tmp_path, data, labels, published, monkeypatch, capsys, setting)
     assert done.returncode == 2, done.stderr[-4000:]
     assert "Traceback" not in done.stderr
     assert re.search(message, done.stderr), done.stderr[-2000:]

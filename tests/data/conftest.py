@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,12 +109,26 @@ def _start(binary: str, plugin: str, folder: Path) -> tuple[subprocess.Popen, st
     pytest.fail(f"Orthanc did not answer /system within 30 s: {log.read_text()[-1500:]}")
 
 
+@contextmanager
+def _running(folder: Path) -> Iterator[str]:
+    """A started Orthanc (its base URL), stopped afterwards."""
+    binary, plugin = _install_orthanc()
+    process, base, _ = _start(binary, plugin, folder)
+    try:
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory) -> Iterator[Pacs]:
-    """A running Orthanc (DICOMweb at `url`) holding the demo studies of 10 patients."""
-    binary, plugin = _install_orthanc()
-    process, base, _ = _start(binary, plugin, tmp_path_factory.mktemp("orthanc"))
-    try:
+    """A running Orthanc (DICOMweb at `url`) holding the demo studies of 10 patients; tests only read it."""
+    with _running(tmp_path_factory.mktemp("orthanc")) as base:
         demo = write_demo_data(tmp_path_factory.mktemp("pacs-demo") / "demo", patients=10, seed=0, progress=False)
         sop_files: dict[str, Path] = {}
         with requests.Session() as session:
@@ -125,13 +140,14 @@ def orthanc(tmp_path_factory) -> Iterator[Pacs]:
                 else:  # only the demo's truncated file is refused
                     assert path.name == "partial_transfer.dcm", f"Orthanc refused {path.name}: {answer.status_code}"
         yield Pacs(url=f"{base}/dicom-web", host="127.0.0.1", demo=demo, sop_files=sop_files)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+
+
+@pytest.fixture
+def empty_pacs(tmp_path) -> Iterator[str]:
+    """The DICOMweb URL of a fresh, empty Orthanc for a test that stores: what it holds is the test's alone."""
+    (tmp_path / "orthanc").mkdir()
+    with _running(tmp_path / "orthanc") as base:
+        yield f"{base}/dicom-web"
 
 
 @pytest.fixture

@@ -186,7 +186,7 @@ def test_a_seg_of_another_series_leaves_its_row_out_naming_the_row_not_the_file(
 
 @pytest.mark.slow
 def test_segment_3d_trains_on_seg_masks_and_predict_stores_its_seg_objects_to_the_pacs(
-    demo, tmp_path, monkeypatch, orthanc, credentials
+    demo, tmp_path, monkeypatch, empty_pacs, credentials
 ):
     from medtl.cli import main
     from medtl.data.pacs import pull
@@ -211,11 +211,11 @@ def test_segment_3d_trains_on_seg_masks_and_predict_stores_its_seg_objects_to_th
 
     cts[["path"]].to_csv(tmp_path / "cts.csv", index=False)
     status = main(["-q", "predict", f"models:/seg_from_dicom/{outputs.model_version}", "--root", str(root), "--labels",
-                   str(tmp_path / "cts.csv"), "--output", str(tmp_path / "pred"), "--store-to", orthanc.url])
+                   str(tmp_path / "cts.csv"), "--output", str(tmp_path / "pred"), "--store-to", empty_pacs])
     written = {pydicom.dcmread(p).SOPInstanceUID for p in (tmp_path / "pred" / "dicom_seg").glob("*.dcm")}
     assert status == 0 and len(written) == len(cts)
-    pull(orthanc.url, {"Modality": "SEG"}, tmp_path / "from_pacs", progress=False)
-    assert written <= {pydicom.dcmread(p).SOPInstanceUID for p in (tmp_path / "from_pacs").rglob("*.dcm")}
+    pull(empty_pacs, {"Modality": "SEG"}, tmp_path / "from_pacs", progress=False)
+    assert written == {pydicom.dcmread(p).SOPInstanceUID for p in (tmp_path / "from_pacs").rglob("*.dcm")}
     with pytest.raises(ConfigError, match="data.segment_map' must equal the segment map"):
         run_workflow(load_config(workflow, [f"data.root={root}", f"data.manifest={tmp_path / 'run' / 'manifest.csv'}",
                                             "data.segment_map={organ: 1, lesion: 1}", "data.manifest_out="]),

@@ -228,7 +228,8 @@ def test_query_messages_do_not_quote_values():
 
 
 @pytest.mark.slow
-def test_stored_seg_objects_come_back_from_the_pacs_and_storing_twice_is_harmless(orthanc, credentials, tmp_path):
+def test_stored_seg_objects_come_back_from_the_pacs_and_storing_twice_is_harmless(orthanc, empty_pacs, credentials,
+                                                                                  tmp_path):
     import numpy as np
 
     from tests.data import dicom_factory as factory
@@ -241,9 +242,9 @@ def test_stored_seg_objects_come_back_from_the_pacs_and_storing_twice_is_harmles
     segments[1:-1, 10:20, 12:30] = 1
     seg = factory.write_seg(tmp_path / "out" / "seg.dcm", files, segments, ["organ"])
     for _ in range(2):
-        result = pacs.store(orthanc.url, [seg], progress=False)
+        result = pacs.store(empty_pacs, [seg], progress=False)
         assert (result.stored, result.failed) == (1, {})
-    pulled = pull(orthanc.url, {"Modality": "SEG"}, tmp_path / "pulled", progress=False)
+    pulled = pull(empty_pacs, {"Modality": "SEG"}, tmp_path / "pulled", progress=False)
     back = [pydicom.dcmread(p) for p in (tmp_path / "pulled").rglob("*.dcm")]
     sent = pydicom.dcmread(seg)
     assert pulled.fetched == 1 and [b.SOPInstanceUID for b in back] == [sent.SOPInstanceUID]
