@@ -81,7 +81,7 @@ MEDTL_WORDS = frozenset(
     """medtl manifest manifests sidecar sidecars pseudonym pseudonyms pseudonymous alias aliases
     aliased quarantined quarantine unlabelled unlabeled unaccounted dicom nifti nii png jpeg jpg
     tiff bmp dcm csv json yaml yml html css svg pdf txt mlflow mlruns monai pydicom nibabel timm
-    sqlalchemy sqlite sqlite3 alembic
+    sqlalchemy sqlite sqlite3 alembic dcmtk endian
     torch torchvision torchrun pytorch sklearn fairlearn numpy pandas auroc auprc ece brier dice
     hausdorff youden bonferroni imagenet medicalnet efficientnet resnet densenet unet lite
     finetune finetuning adabn dann lp ft probe prototype fewshot ddp gloo nccl cuda cpu gpu amp

@@ -46,7 +46,7 @@ _GRID_FRACTION = 0.1
 _ORIENTATION_ATOL = 1e-3
 _SPACING_RTOL = 1e-3
 _ABSENT = "the referenced series is absent"
-_HOW_SERIES = "pass the files of the image series the mask was drawn on"
+_HOW_SERIES = "check that the image series given (a labels CSV row's path) is the one the mask was drawn on"
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,16 @@ def _normalised(name: object) -> str:
     return " ".join(str(name).split()).casefold()
 
 
+def check_segment_map(segment_map: Mapping[str, int]) -> dict[str, int]:
+    """`segment_map` with names as `label_map` compares them, checked to give one class 0-255 per name.
+
+    Raises:
+        InputError: If it is not a mapping, a value is not a class index, or two names that differ
+            only in case or spacing map to different classes.
+    """
+    return _class_lookup(segment_map)
+
+
 def _class_lookup(segment_map: Mapping[str, int]) -> dict[str, int]:
     """`segment_map` with normalised names, checked to give one uint8 class per name."""
     if not isinstance(segment_map, Mapping):
@@ -276,11 +286,14 @@ def _seg_labels(path: Path, grid: _Grid, classes: dict[str, int]) -> tuple[np.nd
         try:
             seg = hd.seg.segread(path)
         except Exception as err:  # noqa: BLE001 - highdicom's messages can quote header values
-            raise InputError(f"{path.name} must be a readable DICOM SEG, not failing with {type(err).__name__}; "
-                             "export it again") from None
+            raise InputError(_unreadable_seg(path, err)) from None
         names = {int(item.SegmentNumber): str(item.get("SegmentLabel", "")) for item in seg.SegmentSequence}
         per_frame = list(seg.get("PerFrameFunctionalGroupsSequence") or [])
         n_frames = int(seg.number_of_frames)
+        if per_frame and len(per_frame) != n_frames:  # which description belongs to which frame is unknown
+            raise InputError(f"{path.name}: a SEG must describe each of its frames once, not hold {n_frames} "
+                             f"frame(s) of pixel data with {len(per_frame)} per-frame descriptions "
+                             f"(NumberOfFrames missing or wrong?); export it again")
         sources = [_frame_sources(item) for item in per_frame]
         uids = _seg_series_uids(path, seg)
         sop_uids = {str(u[2]) for u in seg.get_source_image_uids()} | {s for refs in sources for s in refs}
@@ -303,6 +316,19 @@ def _seg_labels(path: Path, grid: _Grid, classes: dict[str, int]) -> tuple[np.nd
                 clashes += _paint(labels, k, values >= 0.5 * top if kind == "FRACTIONAL" else values > 0, index)
     _refuse_overlap(path, clashes)
     return labels, unknown
+
+
+def _unreadable_seg(path: Path, err: Exception) -> str:
+    """Why highdicom could not read a SEG, without its message (it can quote header values)."""
+    with quiet_pydicom():
+        try:
+            syntax = dicom.read_dataset(path, pixels=False).file_meta.TransferSyntaxUID
+        except Exception:  # noqa: BLE001 - then there is nothing more to say than the error type
+            syntax = None
+    if syntax is not None and not syntax.is_little_endian:
+        return (f"{path.name} must be a DICOM SEG in a little-endian transfer syntax (highdicom reads no other), not "
+                f"big endian; convert it to explicit VR little endian (DCMTK, pydicom) and build again")
+    return f"{path.name} must be a DICOM SEG highdicom can read, not one it refuses ({type(err).__name__}); export it again"
 
 
 def _frame_sources(item: Dataset) -> list[str]:
@@ -335,8 +361,7 @@ def _seg_series_uids(path: Path, seg: Dataset | None = None) -> list[str]:
                 seg = seg if seg is not None else hd.seg.segread(path, lazy_frame_retrieval=True)
                 uids = [str(u[1]) for u in seg.get_source_image_uids() if u[1]]
             except Exception as err:  # noqa: BLE001 - highdicom's messages can quote header values
-                raise InputError(f"{path.name} must be a readable DICOM SEG, not failing with "
-                                 f"{type(err).__name__}; export it again") from None
+                raise InputError(_unreadable_seg(path, err)) from None
     return list(dict.fromkeys(uids))
 
 

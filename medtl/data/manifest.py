@@ -34,6 +34,7 @@ from medtl.data.inventory import _Disk, _inside, _row_id, _scan_disk, _series_id
 from medtl.data.leakage import SplitGroups, check_given_splits, split_groups
 from medtl.data.manifest_masks import (
     DicomMask,
+    check_segment_map,
     dicom_mask_files,
     load_dicom_mask,
     unmapped_names,
@@ -304,12 +305,13 @@ def build_manifest(
     fractions = _check_build_settings(root, fractions, k_min)
     key = load_key(key_file)
     labels = read_labels(labels_csv, subgroup_columns, targets=not masks_from_dicom)
+    segment_map = check_segment_map(segment_map or {})
     extras = extra_subgroups(subgroup_columns)
     extra = [Path(p).resolve() for p in exclude]
     outputs = {_inside(root, p) for p in (out_csv, sidecar_json, *extra)} - {None}
     with _held_messages() as (held_logs, held_warnings):
         disk = _scan_disk(root, outputs, progress, workers)
-        masks = _MaskSettings.of(disk, labels, dict(segment_map or {}), masks_from_dicom)
+        masks = _MaskSettings.of(disk, labels, segment_map, masks_from_dicom)
         labels = masks.labels
         rows, fate, notes = _rows(key, disk, labels, labels_csv, progress, workers, masks)
     allowed = _class_names(labels)
@@ -346,6 +348,11 @@ def build_manifest(
 def _records_or_refuse(rows: list[dict], labels: list[LabelRow], disk: _Disk, labels_csv: Path) -> list[dict]:
     """The manifest records among the rows; none at all is an error (nothing is written)."""
     records = [r for r in rows if "id" in r]
+    found = [(r["_row"], r["_reason"]) for r in rows if r.get("_path")]
+    if not records and found:  # the rows named files that exist: say what was wrong with them
+        raise InputError(
+            f"{labels_csv.name} must have at least one usable row, not none (of {len(labels)} rows): "
+            f"{_row_problems(found)}; fix these rows and rebuild; nothing was written")
     if not records:
         raise InputError(
             f"the data root must hold a study for at least one row of {labels_csv.name}, not none (of "

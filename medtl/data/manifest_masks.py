@@ -38,6 +38,20 @@ class DicomMask:
     unknown: tuple[str, ...]  # segment/ROI names not in the segment map (free text: not written as such)
 
 
+def check_segment_map(segment_map: Mapping[str, int]) -> dict[str, int]:
+    """The segment map as given, once checked (class indices 0-255, names that differ only in case
+    or spacing mapping to one class): a bad map is refused before any row, not in every row.
+
+    Raises:
+        ConfigError: naming what is wrong (never a name: names are free text).
+    """
+    try:
+        dicom_masks.check_segment_map(segment_map)
+    except InputError as err:
+        raise ConfigError(f"{err} (data.segment_map / --segment-map)") from None
+    return dict(segment_map)
+
+
 def dicom_mask_files(disk: _Disk) -> dict[str, str]:
     """The SEG/RTSTRUCT files discovery skipped, by relative path -> "seg" or "rtstruct"."""
     found = {}

@@ -75,7 +75,9 @@ def sidecar(facts: BuildFacts, table: pd.DataFrame, notes: Sequence[str]) -> tup
     """
     files = _files(facts)
     unused_rows = _unused_rows(facts)
-    unlabelled_rows = int(sum(1 for r in facts.labels if not r.label and not r.mask))
+    # Rows with neither label nor mask that are in the manifest (a row left out is counted as such).
+    unused = {r["_row"] for r in facts.rows if "_reason" in r}
+    unlabelled_rows = int(sum(1 for r in facts.labels if not r.label and not r.mask and r.number not in unused))
     k_info = k_anonymity(table, facts.k_min)
     counted = _counts(facts, table, files, len(unused_rows), unlabelled_rows)
     messages = [*notes, *_warnings(facts, table, files, counted, k_info)]

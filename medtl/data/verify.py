@@ -49,7 +49,8 @@ class VerifyResult:
         """One line per difference, for the CLI."""
         out = ["the manifest CSV differs from the SHA-256 in its sidecar"] if self.manifest_modified else []
         out += [f"changed file: {f}" for f in self.changed] + [f"missing file: {f}" for f in self.missing]
-        out += [f"new file: {f}" for f in self.new] + [f"row {r}: pixel sha256 changed" for r in self.rows_changed]
+        out += [f"new file: {f}" for f in self.new]
+        out += [f"row {r}: pixel sha256 changed (of its image or its mask, or the mask is gone)" for r in self.rows_changed]
         return out + [f"row {r}: study not found" for r in self.rows_missing]
 
 

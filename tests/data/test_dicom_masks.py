@@ -244,3 +244,24 @@ def test_real_rtstructs_referencing_missing_images_are_refused_as_absent(name):
     with pytest.raises(InputError, match=re.escape(f"{name}: the referenced series is absent")) as caught:
         label_map(folder / name, [folder / "ct_1.dcm", folder / "ct_2.dcm"], {"roi-1": 1})
     assert "ROI" not in str(caught.value) and "2.16.840" not in str(caught.value)
+
+
+# --- pydicom's own SEG test files: real files nobody here wrote ------------------------------------
+
+
+def test_pydicoms_big_endian_seg_is_refused_with_how_to_convert_it(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    seg = Path(get_testdata_file("liver_expb_1frame.dcm"))  # Explicit VR Big Endian: highdicom refuses it
+    with pytest.raises(InputError, match=r"^liver_expb_1frame\.dcm must be a DICOM SEG in a little-endian transfer "
+                                         r"syntax .* not big endian; convert it"):
+        label_map(seg, _series(tmp_path), {"liver": 1})
+
+
+def test_pydicoms_seg_with_more_frame_descriptions_than_frames_is_refused_not_half_read(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    seg = Path(get_testdata_file("liver_1frame.dcm"))  # no NumberOfFrames: 1 frame of pixels, 3 descriptions
+    with pytest.raises(InputError, match=r"must describe each of its frames once, not hold 1 frame\(s\) of pixel "
+                                         r"data with 3 per-frame descriptions"):
+        label_map(seg, _series(tmp_path), {"liver": 1})

@@ -125,7 +125,8 @@ def test_masks_from_dicom_finds_the_seg_that_references_each_series(demo, tmp_pa
 def test_masks_from_dicom_refuses_to_choose_between_two_masks_of_one_series(demo, tmp_path):
     work, root, key, cts = demo
     cts[["path", "patient_id"]].to_csv(tmp_path / "paths.csv", index=False)
-    with pytest.raises(InputError, match="must hold a study for at least one row"):  # every series has two
+    with pytest.raises(InputError, match=r"paths\.csv must have at least one usable row, not none \(of 8 rows\): rows "
+                                         r"2, 3, 4, 5, 6 and 3 more: 2 DICOM masks reference its series"):
         build_manifest(root, tmp_path / "paths.csv", tmp_path / "m.csv", key_file=key, progress=False,
                        segment_map=SEGMENTS, masks_from_dicom=True)
     named = cts[["path", "patient_id"]].assign(mask="")
@@ -220,3 +221,19 @@ def test_segment_3d_trains_on_seg_masks_and_predict_stores_its_seg_objects_to_th
         run_workflow(load_config(workflow, [f"data.root={root}", f"data.manifest={tmp_path / 'run' / 'manifest.csv'}",
                                             "data.segment_map={organ: 1, lesion: 1}", "data.manifest_out="]),
                      tmp_path / "run2", progress=False)
+
+
+def test_a_contradictory_segment_map_is_refused_once_before_any_row(demo, tmp_path):
+    with pytest.raises(ConfigError, match=r"segment_map keys that differ only in case or spacing must map to one "
+                                          r"class.*\(data\.segment_map / --segment-map\)"):
+        _build(demo, "seg.csv", "seg_manifest.csv", segment_map={"organ": 1, "ORGAN": 2})
+
+
+def test_when_every_row_is_refused_the_error_says_why_per_row(demo, tmp_path):
+    work, root, key, _ = demo
+    seg = pd.read_csv(work / "seg.csv", dtype=str, keep_default_na=False).head(2)
+    seg.assign(mask=[seg["mask"][1], seg["mask"][0]]).to_csv(tmp_path / "swapped.csv", index=False)
+    with pytest.raises(InputError, match=r"^swapped\.csv must have at least one usable row, not none \(of 2 rows\): "
+                                         r"row 2: the DICOM mask of labels CSV row 2: the referenced series is absent"):
+        build_manifest(root, tmp_path / "swapped.csv", tmp_path / "m.csv", key_file=key, progress=False,
+                       segment_map=SEGMENTS)
