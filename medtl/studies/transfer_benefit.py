@@ -42,7 +42,7 @@ from medtl.tracking import phi_guard, run_records, store
 from medtl.tracking.values import MAX_TAG_LENGTH, safe_text
 from medtl.workflow.config import WorkflowConfig
 from medtl.workflow.evaluate import check_audit_setup, evaluate, predictions_table, run_audit
-from medtl.workflow.prepare import PreparedData, prepare_data, publish_manifest
+from medtl.workflow.prepare import PreparedData, input_size_from_data, prepare_data, publish_manifest
 from medtl.workflow.record import AUDIT_STATUS_TAG, PHILeakError, config_dict
 from medtl.workflow.train import train_model
 
@@ -179,6 +179,7 @@ def run_transfer_benefit(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, output_dir, progress=progress)
+    cfg = input_size_from_data(cfg, data)  # one patch for every arm, from the whole training split
     check_audit_setup(cfg, data)  # every child run audits: fail now, not after the first training
     stratify = cfg.task == "classification"
     subsets = {s: nested_label_subsets(data.manifest, values, seed=s, stratify=stratify,

@@ -7,6 +7,7 @@ folder and returns the rows the task can use (`PreparedData`); `publish_manifest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -103,7 +104,8 @@ def preflight(cfg: WorkflowConfig) -> None:
                               dropout=m.dropout, meta=True)
     except (ConfigError, WeightsError) as err:
         raise type(err)(_weights_message(m.weights, str(err))) from err
-    check_input_size(bundle, cfg.data.image_size, name="config key 'data.image_size'")
+    if cfg.data.image_size:  # else chosen from the data, after the manifest build
+        check_input_size(bundle, cfg.data.image_size, name="config key 'data.image_size'")
     train_config_for(cfg, progress=False, monitor="val_loss")  # the engine's own checks of the train keys
 
 
@@ -355,6 +357,58 @@ def positive_class(cfg: WorkflowConfig, data: PreparedData) -> str | None:
     if len(data.classes) == 2:
         return data.classes[1]
     return cfg.audit.positive_class or None
+
+
+#: A patch chosen from the data is a multiple of this on every axis (the encoder's pooling halves it
+#: four times), between these bounds: CPU training stays practical, and small volumes are padded.
+PATCH_MULTIPLE = 16
+PATCH_BOUNDS = (16, 96)
+_RAS_AXIS = {"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}
+
+
+def input_size_from_data(cfg: WorkflowConfig, data: PreparedData) -> WorkflowConfig:
+    """`cfg` with `data.image_size` chosen from the data when it is [] (3D segmentation).
+
+    As nnU-Net sizes its patch from the data: the median shape of the training volumes at the run's
+    spacing (`data.spacing`, else each volume's own), in the RAS axis order training uses, each axis
+    rounded to the nearest multiple of `PATCH_MULTIPLE` within `PATCH_BOUNDS`. A patch about the size
+    of the typical volume sees the whole structure and its context; a smaller one (a fixed default)
+    sees a part. The demo's CT series (about 26 x 26 x 14 voxels at 1.5 x 1.5 x 2.5 mm) get
+    [32, 32, 16]; the hippocampus crops (35 x 51 x 35 at 1 mm) [32, 48, 32].
+
+    Raises:
+        InputError: When no training row has a readable shape, spacing and orientation.
+    """
+    if cfg.data.image_size:
+        return cfg
+    rows = data.manifest[data.manifest["split"] == "train"]
+    shapes = [s for s in (_ras_shape(r, cfg.data.spacing) for r in rows.to_dict("records")) if s is not None]
+    if not shapes:
+        raise InputError(f"manifest {data.manifest_path.name} must give the shape, spacing and orientation of its "
+                         f"training volumes, not lack them, for data.image_size [] to choose the patch; set "
+                         f"data.image_size (e.g. [32, 32, 16])")
+    low, high = PATCH_BOUNDS
+    median = np.median(np.asarray(shapes, dtype=float), axis=0)
+    size = tuple(int(min(max(PATCH_MULTIPLE * round(m / PATCH_MULTIPLE), low), high)) for m in median)
+    logger.info("data.image_size from the data: %s (the median training volume is %s voxels)", list(size),
+                "x".join(f"{m:g}" for m in median))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
+
+
+def _ras_shape(row: Mapping, spacing: Sequence[float]) -> tuple[float, float, float] | None:
+    """A manifest row's volume shape in RAS axis order, at `spacing` (mm) when given."""
+    try:
+        shape = [int(v) for v in str(row["shape"]).split("x")]
+        own = [float(v) for v in str(row["spacing"]).split("x")]
+        axes = [_RAS_AXIS[c] for c in str(row["orientation"]).upper()]
+    except (KeyError, ValueError):
+        return None
+    if not (len(shape) == len(own) == len(axes) == 3) or sorted(axes) != [0, 1, 2]:
+        return None
+    ras = [0.0, 0.0, 0.0]
+    for n, mm, axis in zip(shape, own, axes, strict=True):
+        ras[axis] = n * mm / float(spacing[axis]) if spacing else float(n)
+    return ras[0], ras[1], ras[2]
 
 
 def check_mask_labels(cfg: WorkflowConfig, sidecar: Mapping, *, source: str) -> None:

@@ -23,7 +23,7 @@ from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
 from medtl.engine.loop import fit
 from medtl.engine.runtime import seed_everything
 from medtl.engine.sampling import class_weights
-from medtl.errors import InputError
+from medtl.errors import ConfigError, InputError
 from medtl.models.factory import ModelBundle, create_model
 from medtl.models.strategies import TransferPlan, make_transfer_plan, stage_group_name
 from medtl.workflow.config import WorkflowConfig
@@ -47,7 +47,14 @@ class TrainedModel:
 
 
 def preprocessing_for(cfg: WorkflowConfig, bundle: ModelBundle) -> Preprocessing:
-    """Network-input settings that match the encoder's weight record."""
+    """Network-input settings that match the encoder's weight record.
+
+    Raises:
+        ConfigError: If `data.image_size` is still [] (`prepare.input_size_from_data` chooses it).
+    """
+    if not cfg.data.image_size:
+        raise ConfigError("data.image_size must be chosen before training, not left []; call "
+                          "medtl.workflow.prepare.input_size_from_data(cfg, data) after prepare_data (medtl run does)")
     record = bundle.weights
     return Preprocessing(
         spatial_dims=cfg.model.spatial_dims,
@@ -209,7 +216,8 @@ def train_config_for(cfg: WorkflowConfig, *, progress: bool, monitor: str, epoch
     values.update(
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
-        val_roi_size=tuple(cfg.data.image_size) if patches else None,
+        # [] (not chosen yet, in preflight): the engine's checks need no patch size.
+        val_roi_size=(tuple(cfg.data.image_size) or None) if patches else None,
         monitor=monitor,
         mode="min" if monitor == "val_loss" else "max",
         progress=progress,

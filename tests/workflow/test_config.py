@@ -20,7 +20,15 @@ WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 def test_shipped_workflows_validate(name):
     cfg = load_config(WORKFLOWS / f"{name}.yaml")
     assert cfg.name == name
-    assert len(cfg.data.image_size) == cfg.model.spatial_dims
+    # segment_3d chooses its patch from the data ([]); the others give the input size.
+    assert len(cfg.data.image_size) == (0 if name == "segment_3d" else cfg.model.spatial_dims)
+
+
+def test_an_image_size_from_the_data_is_for_3d_segmentation_only():
+    with pytest.raises(ConfigError, match=r"data.image_size' must have 2 values .* \(\[\] chooses it from the data "
+                                          r"for 3D segmentation only\)"):
+        load_config(WORKFLOWS / "classify_2d.yaml", ["data.image_size=[]"])
+    assert load_config(WORKFLOWS / "segment_3d.yaml", ["data.image_size=null"]).data.image_size == ()
 
 
 def test_set_overrides_take_the_stable_dotted_keys():
@@ -301,7 +309,7 @@ def test_dataclasses_replace_keeps_working_and_validates_like_loading():
 
 
 def test_to_dict_is_a_plain_nested_mapping_that_loads_back():
-    cfg = load_config(WORKFLOWS / "segment_3d.yaml", ["audit.tolerances={auroc: 0.05}"])
+    cfg = load_config(WORKFLOWS / "segment_3d.yaml", ["audit.tolerances={auroc: 0.05}", "data.image_size=[32, 32, 16]"])
     plain = to_dict(cfg)
     assert plain["train"]["lr"] == 0.001 and plain["audit"]["tolerances"] == {"auroc": 0.05}
     assert plain["data"]["image_size"] == (32, 32, 16)

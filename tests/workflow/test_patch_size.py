@@ -1,0 +1,67 @@
+"""`data.image_size: []` (segment_3d's default): the 3D training patch chosen from the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medtl.data.synthetic import write_demo_data
+from medtl.errors import InputError
+from medtl.workflow.config import load_config
+from medtl.workflow.prepare import input_size_from_data, prepare_data
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+
+
+def _data(rows: list[tuple[str, str, str]], split: str = "train") -> SimpleNamespace:
+    table = pd.DataFrame([{"shape": s, "spacing": mm, "orientation": o, "split": split} for s, mm, o in rows])
+    return SimpleNamespace(manifest=table, manifest_path=Path("manifest.csv"))
+
+
+def _cfg(*extra: str):
+    return load_config(WORKFLOWS / "segment_3d.yaml", ["data.image_size=[]", *extra])
+
+
+def test_the_patch_is_the_median_volume_in_ras_order_at_the_run_spacing_to_a_multiple_of_16():
+    # Hippocampus-like crops stored in two axis orders: the patch follows RAS, not the array order.
+    rows = [("35x51x35", "1x1x1", "RAS"), ("51x35x36", "1x1x1", "ARS"), ("34x52x35", "1x1x1", "LPI")]
+    assert input_size_from_data(_cfg("data.spacing=[1, 1, 1]"), _data(rows)).data.image_size == (32, 48, 32)
+    # At 2 mm the same volumes are half as many voxels along each axis.
+    assert input_size_from_data(_cfg("data.spacing=[2, 2, 2]"), _data(rows)).data.image_size == (16, 32, 16)
+    # data.spacing [] keeps each volume's grid: its own voxel counts.
+    assert input_size_from_data(_cfg("data.spacing=[]"), _data(rows)).data.image_size == (32, 48, 32)
+
+
+def test_the_patch_stays_within_its_bounds_and_only_training_rows_count():
+    tiny, huge = ("5x6x4", "1x1x1", "RAS"), ("400x512x300", "1x1x1", "RAS")
+    assert input_size_from_data(_cfg("data.spacing=[1, 1, 1]"), _data([tiny])).data.image_size == (16, 16, 16)
+    assert input_size_from_data(_cfg("data.spacing=[1, 1, 1]"), _data([huge])).data.image_size == (96, 96, 96)
+    data = _data([tiny])
+    data.manifest = pd.concat([data.manifest, _data([huge] * 5, split="test").manifest])
+    assert input_size_from_data(_cfg("data.spacing=[1, 1, 1]"), data).data.image_size == (16, 16, 16)
+
+
+def test_a_given_size_is_kept_and_a_manifest_without_geometry_is_refused_naming_the_key():
+    given = load_config(WORKFLOWS / "segment_3d.yaml", ["data.image_size=[48, 48, 16]"])
+    assert input_size_from_data(given, _data([("9x9x9", "1x1x1", "RAS")])) is given
+    with pytest.raises(InputError, match=r"for data.image_size \[\] to choose the patch; set data.image_size"):
+        input_size_from_data(_cfg(), _data([("9x9", "1x1", "RA")]))
+
+
+def test_the_demo_ct_series_get_the_patch_segment_3d_shipped_before(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    key = tmp_path / "project.key"
+    key.write_bytes(np.random.default_rng(0).bytes(32))
+    key.chmod(0o600)
+    monkeypatch.setenv("MEDTL_KEY_FILE", str(key))
+    root = tmp_path / "data"
+    write_demo_data(root, patients=60, seed=3, progress=False)
+    cfg = load_config(WORKFLOWS / "segment_3d.yaml", [f"data.root={root}", f"data.labels={root / 'labels.csv'}",
+                                                      "data.manifest_out="])
+    assert cfg.data.image_size == ()
+    data = prepare_data(cfg, tmp_path / "out", progress=False)
+    assert input_size_from_data(cfg, data).data.image_size == (32, 32, 16)
