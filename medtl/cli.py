@@ -119,12 +119,16 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     # Counts only: the server's UIDs and header values are never printed.
     print(f"pulled {result.studies} studies ({result.series} series) into {args.out}: {result.fetched} instances "
           f"fetched, {result.skipped} already present, {result.n_failed} failed")
-    for reason, n in sorted(result.failed.items()):
+    return _failures(result.failed, "run the same command again to retry them; files already written are kept")
+
+
+def _failures(failed: dict[str, int], retry: str) -> int:
+    """One line per failure reason of a PACS transfer (counts only), the retry hint; the exit status."""
+    for reason, n in sorted(failed.items()):
         print(f"failed: {n} ({reason})")
-    if result.n_failed:
-        print("run the same command again to retry them; files already written are kept")
-        return 1
-    return 0
+    if failed:
+        print(retry)
+    return 1 if failed else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -211,12 +215,7 @@ def _store_segs(args: argparse.Namespace, folder: Path) -> int:
                          "on DICOM series writes them (the predictions were written); leave --store-to out")
     result = store(args.store_to, files, progress=not args.quiet, auth_file=Path(args.netrc) if args.netrc else None)
     print(f"stored {result.stored} DICOM SEG objects to the PACS, {result.n_failed} failed")
-    for reason, n in sorted(result.failed.items()):
-        print(f"failed: {n} ({reason})")
-    if result.n_failed:
-        print("run the same command again to retry them (storing an object twice is harmless)")
-        return 1
-    return 0
+    return _failures(result.failed, "run the same command again to retry them (storing an object twice is harmless)")
 
 
 def _audit_summary(status: str | None, passed: bool | None, audit_json: Path, registered: str) -> str:
