@@ -43,9 +43,19 @@ EPOCHS = 2
 
 
 def _medtl(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return _medtl_side_by_side([args], cwd, **env)[0]
+
+
+def _medtl_side_by_side(commands: list[list[str]], cwd: Path, **env: str) -> list[subprocess.CompletedProcess]:
+    """`medtl` commands run at the same time (most of each is the interpreter importing), in order."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **env}
-    return subprocess.run([sys.executable, "-m", "medtl.cli", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=900)
+    running = [subprocess.Popen([sys.executable, "-m", "medtl.cli", *args], cwd=cwd, env=full_env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
+    done = []
+    for args, process in zip(commands, running, strict=True):
+        out, err = process.communicate(timeout=900)
+        done.append(subprocess.CompletedProcess(args, process.returncode, out, err))
+    return done
 
 
 # -- 3. no traceback with a path reaches the console ----------------------------------------
@@ -54,7 +64,9 @@ def _medtl(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProces
 def test_an_unexpected_error_in_a_patient_named_folder_prints_one_path_free_line(tmp_path):
     folder = tmp_path / "DOE_JANE"
     (folder / "workflow.yaml").mkdir(parents=True)  # reading it raises IsADirectoryError, quoting the path
-    done = _medtl(["-q", "run", str(folder / "workflow.yaml")], tmp_path)
+    workflow = str(folder / "workflow.yaml")
+    done, *debugged = _medtl_side_by_side(
+        [["-q", "run", workflow], ["--debug", "-q", "run", workflow], ["-q", "run", workflow, "--debug"]], tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     for part in ("DOE_JANE", str(tmp_path), tmp_path.name):
@@ -63,9 +75,7 @@ def test_an_unexpected_error_in_a_patient_named_folder_prints_one_path_free_line
         "medtl: error: unexpected IsADirectoryError while loading the workflow config; run again with --debug "
         "for the full traceback (it may show file paths)"]
 
-    for args in (["--debug", "-q", "run", str(folder / "workflow.yaml")], ["-q", "run", str(folder / "workflow.yaml"),
-                                                                         "--debug"]):
-        debug = _medtl(args, tmp_path)
+    for debug in debugged:  # --debug before or after the command
         assert debug.returncode == 2
         assert "Traceback (most recent call last)" in debug.stderr and "DOE_JANE" in debug.stderr
         assert debug.stderr.rstrip().endswith("while loading the workflow config; the traceback above shows where")
