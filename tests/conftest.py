@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -16,6 +17,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (tests that need real data skip without it)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def fixed_key(tmp_path, monkeypatch) -> Path:
+    """A project key of fixed bytes in $MEDTL_KEY_FILE: the patient-level split of demo data is fixed too."""
+    key = tmp_path / "project.key"
+    key.write_bytes(np.random.default_rng(0).bytes(32))
+    key.chmod(0o600)
+    monkeypatch.setenv("MEDTL_KEY_FILE", str(key))
+    return key
 
 
 @pytest.fixture(autouse=True)

@@ -536,7 +536,7 @@ def _row_mask(disk: _Disk, row: LabelRow, index: int, masks: dict, cache: dict, 
     if not isinstance(mask, str):
         loaded = _load_mask(disk, mask, cache, shape)
         return loaded if loaded is None or isinstance(loaded, str) else (*loaded, "")
-    found = load_dicom_mask(disk, mask, index, dicom.segment_map, row.number, dicom.loaded)
+    found = load_dicom_mask(disk, mask, dicom.files[mask], index, dicom.segment_map, row.number, dicom.loaded)
     if isinstance(found, str):
         return found
     if found.shape != tuple(shape):

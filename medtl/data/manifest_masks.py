@@ -90,18 +90,19 @@ def with_found_masks(disk: _Disk, labels: Sequence, masks: Mapping[str, str]) ->
     return rows, problems
 
 
-def load_dicom_mask(disk: _Disk, rel: str, study_index: int, segment_map: Mapping[str, int], row_number: int,
-                    cache: dict) -> DicomMask | str:
+def load_dicom_mask(disk: _Disk, rel: str, kind: str, study_index: int, segment_map: Mapping[str, int],
+                    row_number: int, cache: dict) -> DicomMask | str:
     """The label map of a DICOM mask on its row's series, or the reason it cannot be used.
 
-    `cache` holds one result per (mask, series), so a mask is rasterised once per build.
+    `kind` is the mask's "seg" or "rtstruct" (from `dicom_mask_files`); `cache` holds one result per
+    (mask, series), so a mask is rasterised once per build.
     """
     if (rel, study_index) not in cache:
-        cache[rel, study_index] = _label_map(disk, rel, study_index, segment_map, row_number)
+        cache[rel, study_index] = _label_map(disk, rel, kind, study_index, segment_map, row_number)
     return cache[rel, study_index]
 
 
-def _label_map(disk: _Disk, rel: str, study_index: int, segment_map: Mapping[str, int], row_number: int):
+def _label_map(disk: _Disk, rel: str, kind: str, study_index: int, segment_map: Mapping[str, int], row_number: int):
     if not segment_map:
         raise ConfigError(
             "segment_map must name the classes of DICOM SEG/RTSTRUCT masks, not be empty: medtl does not guess "
@@ -113,7 +114,6 @@ def _label_map(disk: _Disk, rel: str, study_index: int, segment_map: Mapping[str
     except InputError as err:
         return str(err)
     values = tuple(int(v) for v in np.unique(labels))
-    kind = dicom_masks.mask_kind(disk.root / rel)
     return DicomMask(label_map_sha256(labels), tuple(labels.shape), values, SOP_CLASS[kind], tuple(unknown))
 
 

@@ -292,12 +292,9 @@ def _wait_for(url: str, server: subprocess.Popen, seconds: float = 120.0) -> Non
 
 
 @pytest.mark.slow
-def test_segmentation_predict_writes_masks_on_the_input_grid_and_dicom_seg_over_the_source(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    key = tmp_path / "project.key"  # a fixed key: the patient-level split (hence CTs in every split) is fixed too
-    key.write_bytes(np.random.default_rng(0).bytes(32))
-    key.chmod(0o600)
-    monkeypatch.setenv("MEDTL_KEY_FILE", str(key))
+def test_segmentation_predict_writes_masks_on_the_input_grid_and_dicom_seg_over_the_source(tmp_path, monkeypatch,
+                                                                                              fixed_key):
+    monkeypatch.chdir(tmp_path)  # fixed_key: the patient-level split (hence CTs in every split) is fixed too
     root = tmp_path / "data"
     write_demo_data(root, patients=60, seed=3, progress=False)
     cfg = load_config(WORKFLOWS / "segment_3d.yaml", [f"data.root={root}", f"data.labels={root / 'labels.csv'}",

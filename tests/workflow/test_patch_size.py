@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -52,12 +51,8 @@ def test_a_given_size_is_kept_and_a_manifest_without_geometry_is_refused_naming_
         input_size_from_data(_cfg(), _data([("9x9", "1x1", "RA")]))
 
 
-def test_the_demo_ct_series_get_the_patch_segment_3d_shipped_before(tmp_path, monkeypatch):
+def test_the_demo_ct_series_get_the_patch_segment_3d_shipped_before(tmp_path, monkeypatch, fixed_key):
     monkeypatch.chdir(tmp_path)
-    key = tmp_path / "project.key"
-    key.write_bytes(np.random.default_rng(0).bytes(32))
-    key.chmod(0o600)
-    monkeypatch.setenv("MEDTL_KEY_FILE", str(key))
     root = tmp_path / "data"
     write_demo_data(root, patients=60, seed=3, progress=False)
     cfg = load_config(WORKFLOWS / "segment_3d.yaml", [f"data.root={root}", f"data.labels={root / 'labels.csv'}",
