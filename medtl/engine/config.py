@@ -66,6 +66,9 @@ class TrainConfig:
         weight_decay: default weight decay (groups may override it).
         momentum: SGD momentum (ignored by AdamW).
         warmup_epochs: linear warm-up length in epochs (fractions allowed), stepped per batch.
+        min_steps: the run's smallest number of optimizer steps: when `epochs` passes over the
+            training set make fewer, every epoch goes over it several times (the same number
+            each epoch, so warm-up, patience and the schedule keep their meaning); 0 = off.
         scheduler: "cosine" (decay to `min_lr_ratio` x lr after warm-up) or "constant".
         min_lr_ratio: final learning rate of the cosine schedule as a fraction of each group's lr.
         early_stopping_patience: stop after this many epochs without improvement; None = never.
@@ -107,6 +110,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     momentum: float = 0.9
     warmup_epochs: float = 1.0
+    min_steps: int = 0
     scheduler: str = "cosine"
     min_lr_ratio: float = 0.0
     early_stopping_patience: int | None = 10
@@ -141,6 +145,7 @@ class TrainConfig:
         _positive("weight_decay", self.weight_decay, allow_zero=True, integer=False)
         _positive("momentum", self.momentum, allow_zero=True, integer=False)
         _positive("warmup_epochs", self.warmup_epochs, allow_zero=True, integer=False)
+        _positive("min_steps", self.min_steps, allow_zero=True)
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _positive("min_lr_ratio", self.min_lr_ratio, allow_zero=True, integer=False)
         if self.min_lr_ratio > 1:
@@ -206,6 +211,8 @@ class FitResult:
         total_train_seconds: wall time of all epochs (training + validation), across resumes.
         time_to_best_seconds: wall time until the end of `best_epoch`.
         best_checkpoint: file with the best weights, or None without a checkpoint folder.
+        passes_per_epoch: times each epoch went over the training set (above 1 when
+            `min_steps` asked for more steps than `epochs` passes make).
     """
 
     history: list[dict[str, float]]
@@ -217,3 +224,4 @@ class FitResult:
     total_train_seconds: float
     time_to_best_seconds: float
     best_checkpoint: Path | None = field(default=None)
+    passes_per_epoch: int = 1

@@ -4,6 +4,7 @@ and resumable checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -49,7 +50,7 @@ from medtl.engine.runtime import (
     resolve_amp,
     seed_everything,
 )
-from medtl.engine.sampling import shard_indices, train_sampler
+from medtl.engine.sampling import passes_per_epoch, shard_indices, train_sampler
 from medtl.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class _Run:
     folder: Path | None
     retune_threads: bool
     first_epoch: int
+    passes: int
     best_in_memory: dict[str, torch.Tensor] | None = None
     net: torch.nn.Module | None = None  # the DDP / compiled wrapper of the model, rebuilt on (un)freezing
     trainable: tuple[bool, ...] | None = None
@@ -175,7 +177,8 @@ def fit(
             bar.update(1)
     if run.ema is not None:  # what `_finish` keeps when no epoch was best: the average, as validated
         model.load_state_dict(run.ema.module.state_dict())
-    return _finish(model, run.folder, run.state, run.best_in_memory, cfg, rt)
+    return dataclasses.replace(_finish(model, run.folder, run.state, run.best_in_memory, cfg, rt),
+                               passes_per_epoch=run.passes)
 
 
 def _check_arguments(
@@ -211,6 +214,13 @@ def _start_run(
     sampler = train_sampler(
         train_ds, cfg.balance, seed=cfg.seed, rank=rt.info.rank, world_size=rt.info.world_size
     )
+    passes = passes_per_epoch(len(sampler), cfg.batch_size, cfg.epochs, cfg.min_steps)
+    if passes > 1:
+        sampler = train_sampler(train_ds, cfg.balance, seed=cfg.seed, rank=rt.info.rank,
+                                world_size=rt.info.world_size, passes=passes)
+        if rt.info.is_main:
+            log.info("the training set is small for %d optimizer steps: each epoch goes over it %d times "
+                        "(train.min_steps)", cfg.min_steps, passes)
     drop_last = cfg.drop_last and len(sampler) >= cfg.batch_size
     steps_per_epoch = (
         len(sampler) // cfg.batch_size if drop_last else math.ceil(len(sampler) / cfg.batch_size)
@@ -229,7 +239,7 @@ def _start_run(
     return _Run(
         optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler, steps_per_epoch=steps_per_epoch,
         drop_last=drop_last, state=state, folder=folder, retune_threads=_retune_threads(cfg, rt, state),
-        first_epoch=state.next_epoch, ema=ema,
+        first_epoch=state.next_epoch, ema=ema, passes=passes,
     )
 
 

@@ -172,7 +172,9 @@ class BalancedSampler(Sampler[int]):
         return self.per_rank
 
 
-def train_sampler(dataset: Dataset, balance: str, *, seed: int, rank: int = 0, world_size: int = 1) -> Any:
+def train_sampler(
+    dataset: Dataset, balance: str, *, seed: int, rank: int = 0, world_size: int = 1, passes: int = 1
+) -> Any:
     """The training sampler: shuffled (`DistributedSampler`, also for one process) or balanced.
 
     Both have `set_epoch(epoch)`; call it before every epoch.
@@ -183,15 +185,54 @@ def train_sampler(dataset: Dataset, balance: str, *, seed: int, rank: int = 0, w
         seed: shuffle seed (the same on every rank).
         rank: this process's rank.
         world_size: number of processes.
+        passes: times an epoch goes over the training set (each sample `passes` times when
+            shuffled, in one shuffled order; `passes` times as many draws when balanced).
 
     Returns:
         A sampler with `set_epoch`.
     """
+    n = len(dataset)  # type: ignore[arg-type]
     if balance == "sampler":
         return BalancedSampler(
-            sample_weights(dataset_labels(dataset)), rank=rank, world_size=world_size, seed=seed
+            sample_weights(dataset_labels(dataset)), num_samples=n * passes, rank=rank, world_size=world_size,
+            seed=seed,
         )
-    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    if passes == 1:
+        return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    # DistributedSampler only needs the length: shuffle n x passes slots and fold them back onto the
+    # n samples, so every sample is seen `passes` times an epoch (torch has no repeat option).
+    return _Folded(DistributedSampler(range(n * passes), num_replicas=world_size, rank=rank, shuffle=True,  # type: ignore[arg-type]
+                                      seed=seed), n)
+
+
+class _Folded(Sampler[int]):
+    """A sampler over n x k slots whose indices are taken modulo n."""
+
+    def __init__(self, inner: DistributedSampler, n: int) -> None:
+        self.inner, self.n = inner, n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return (i % self.n for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def passes_per_epoch(samples_per_rank: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """How many times each epoch must go over the training set for `epochs` epochs to make at
+    least `min_steps` optimizer steps (1 when they already do, or when `min_steps` is 0).
+
+    Args:
+        samples_per_rank: training samples one process sees in one pass.
+        batch_size: samples per optimizer step and process.
+        epochs: the run's epochs.
+        min_steps: the run's smallest number of optimizer steps.
+    """
+    steps = max(1, samples_per_rank // batch_size) * epochs
+    return max(1, math.ceil(min_steps / steps))
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> Sequence[int]:

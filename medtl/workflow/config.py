@@ -236,6 +236,10 @@ class TrainConfigSection:
     layer_decay: Number = Field(0.0, ge=0, le=1, description="learning-rate decay per encoder stage; 0: off",
                                 examples=["0.5 (0 turns layer-wise decay off)"])
     warmup_epochs: Whole = Field(1, ge=0, description="linear warm-up epochs", examples=["1"])
+    # BiT-HyperRule (Kolesnikov et al. 2020) fine-tunes data sets under 20k images for 500 steps: a small
+    # training set gets more passes per epoch, not fewer updates (its own recipe, chosen from its size).
+    min_steps: Whole = Field(500, ge=0, description="fewest optimizer steps: small training sets are passed "
+                             "over several times an epoch; 0: off", examples=["500 (0 turns it off)"])
     ema_decay: Number = Field(0.0, ge=0, lt=1, description="moving average of the weights, validated and kept; 0: off",
                               examples=["0.999 (0 turns the average off)"])
     early_stopping_patience: Whole = Field(5, ge=1, description="epochs without improvement", examples=["4"])

@@ -201,7 +201,8 @@ def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, au
             load_report=load_report,
             frozen_layers=list(trained.frozen_schedule),
             preprocessing=dataclasses.asdict(trained.prep),
-            hyperparameters={k: v for k, v in dataclasses.asdict(trained.train_config).items() if k != "progress"},
+            hyperparameters={**{k: v for k, v in dataclasses.asdict(trained.train_config).items() if k != "progress"},
+                             "passes_per_epoch": trained.fit.passes_per_epoch},
             library_versions=library_versions(),
             head="classification head (pooling, dropout, linear)" if cfg.task == "classification"
             else "U-Net-style decoder on the encoder's multi-scale features",

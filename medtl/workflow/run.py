@@ -324,6 +324,7 @@ def _write_results(run: _Run, trained: TrainedModel, evaluation: dict, extra: di
         "threshold": evaluation.get("threshold"),
         "best_epoch": trained.fit.best_epoch,
         "epochs_run": trained.fit.epochs_run,
+        "passes_per_epoch": trained.fit.passes_per_epoch,
         "timings": run.timings,
         "run_id": run.run_id,
         "audit_passed": status == "passed",
@@ -371,6 +372,7 @@ def _record_results(run: _Run, trained: TrainedModel, evaluation: dict, extra: d
     flat.update({f"adaptation.{k}": float(v) for k, v in method_info.items()})
     if reference.test is not None:
         flat.update(flat_estimates("reference_test", reference.test))
+    flat["train.passes_per_epoch"] = float(metrics["passes_per_epoch"])  # train.min_steps' choice for this data
     flat["audit.passed"] = float(metrics["audit_passed"])
     flat["audit.evaluated_attributes"] = float(len(audit_dict.get("evaluated_attributes", [])))
     flat.update(gap_metrics(audit_dict))
