@@ -29,7 +29,7 @@ EPOCHS = 4
 def _command(data: Path, work: Path, output: Path, *extra: str) -> list[str]:
     sets = [
         f"data.root={data}", f"data.labels={data / 'labels.csv'}", f"data.manifest_out={work / 'manifest.csv'}",
-        "data.image_size=[32, 32]", f"train.epochs={EPOCHS}", "train.batch_size=16",
+        "data.image_size=[32, 32]", f"train.epochs={EPOCHS}", "train.min_steps=0", "train.batch_size=16",
         f"train.early_stopping_patience={EPOCHS}", "train.num_threads=1", "evaluation.n_boot=100",
     ]
     args = [sys.executable, "-m", "medtl.cli", "-q", "run", str(REPO / "workflows" / "classify_2d.yaml"),

@@ -24,7 +24,7 @@ def test_torchrun_two_ranks_train_model_and_scratch_twin_and_rank_zero_alone_rec
     output = tmp_path / "out"
     cmd = ["-m", "medtl.cli", "-q", "run", str(REPO / "workflows" / "classify_2d.yaml"), "--output", str(output)]
     for setting in (f"data.root={data}", f"data.labels={data / 'labels.csv'}", f"data.manifest_out={tmp_path / 'manifest.csv'}",
-              "data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100",
+              "data.image_size=[32, 32]", "train.epochs=1", "train.min_steps=0", "train.batch_size=16", "evaluation.n_boot=100",
               "audit.reference=scratch"):
         cmd += ["--set", setting]
     returncode, printed = torchrun(cmd, cwd=tmp_path, timeout=420)

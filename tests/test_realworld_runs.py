@@ -127,7 +127,7 @@ def test_the_cli_names_the_step_of_an_unexpected_error_inside_a_run(tmp_path):
 
 def _sets(data: Path, work: Path, name: str) -> list[str]:
     return [f"data.root={data}", f"data.labels={data / 'labels.csv'}", f"data.manifest_out={work / 'manifest.csv'}",
-            "data.fractions=[0.6, 0.2, 0.2]", "data.image_size=[32, 32]", f"train.epochs={EPOCHS}",
+            "data.fractions=[0.6, 0.2, 0.2]", "data.image_size=[32, 32]", f"train.epochs={EPOCHS}", "train.min_steps=0",
             "train.batch_size=16", "train.num_threads=1", "evaluation.n_boot=100", "audit.reference=none",
             f"name={name}", f"tracking.registered_model={name}", "tracking.experiment=realworld"]
 

@@ -29,7 +29,7 @@ from tests.exports import write_png_exports
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "workflows" / "classify_2d.yaml"
-BUDGET = ["train.epochs=1", "train.batch_size=16", "evaluation.n_boot=200"]
+BUDGET = ["train.epochs=1", "train.min_steps=0", "train.batch_size=16", "evaluation.n_boot=200"]
 
 
 def medtl_run(work: Path, data_root: Path, labels: Path, manifest_out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -203,7 +203,7 @@ def test_segment_3d_trains_on_seg_masks_and_predict_stores_its_seg_objects_to_th
     workflow = Path(__file__).resolve().parents[2] / "workflows" / "segment_3d.yaml"
     cfg = load_config(workflow, [f"data.root={root}", f"data.labels={tmp_path / 'seg_split.csv'}",
                                  "data.segment_map={organ: 1, lesion: 2}", "data.image_size=[16, 16, 8]",
-                                 "train.epochs=1", "evaluation.n_boot=100", "audit.reference=none",
+                                 "train.epochs=1", "train.min_steps=0", "evaluation.n_boot=100", "audit.reference=none",
                                  "data.manifest_out=", "tracking.registered_model=seg_from_dicom"])
     outputs = run_workflow(cfg, tmp_path / "run", progress=False)
     manifest = pd.read_csv(tmp_path / "run" / "manifest.csv", dtype=str, keep_default_na=False)

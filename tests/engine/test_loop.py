@@ -313,3 +313,20 @@ def test_monai_random_transforms_are_reseeded_per_epoch_for_resumable_augmentati
         ds[i]
     assert torch.equal(epoch_images(123), first)
     assert not torch.equal(epoch_images(124), first)
+
+
+def test_min_steps_passes_over_a_small_training_set_several_times_an_epoch():
+    torch.manual_seed(0)
+    model = toy_classifier()
+    updates: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: updates.append(len(args[0])) if module.training else None)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, min_steps=20, monitor="accuracy", mode="max", **FAST)
+    result = fit(model, ToyImages(16, seed=1), ToyImages(8, seed=2), loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
+                 val_metric_fn=accuracy)
+    # 16 samples = 2 steps a pass; 2 epochs need 5 passes each for 20 steps.
+    assert result.passes_per_epoch == 5 and result.epochs_run == 2
+    assert updates == [8] * 20
+    plain = fit(toy_classifier(), ToyImages(16, seed=1), ToyImages(8, seed=2), loss_fn=nn.CrossEntropyLoss(),
+                cfg=TrainConfig(epochs=2, batch_size=8, monitor="accuracy", mode="max", **FAST),
+                val_metric_fn=accuracy)
+    assert plain.passes_per_epoch == 1

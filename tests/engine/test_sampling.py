@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medtl.engine import BalancedSampler, class_weights, dataset_labels, sample_weights
-from medtl.engine.sampling import train_sampler
+from medtl.engine.sampling import passes_per_epoch, train_sampler
 from medtl.errors import ConfigError, InputError
 
 
@@ -93,3 +93,34 @@ def test_dataset_labels_refuses_segmentation_masks_for_balancing():
     masks = Items([[[0, 1], [1, 0]]] * 3)
     with pytest.raises(ConfigError, match="balance: none"):
         dataset_labels(masks)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_passes_show_every_sample_that_many_times_an_epoch_split_across_ranks(world_size):
+    ds = Items(IMBALANCED[:25])
+    seen: list[int] = []
+    for rank in range(world_size):
+        sampler = train_sampler(ds, "none", seed=3, rank=rank, world_size=world_size, passes=4)
+        sampler.set_epoch(2)
+        seen += list(sampler)
+    assert sorted(seen) == sorted(list(range(25)) * 4)  # 100 slots: no rank pads
+    again = train_sampler(ds, "none", seed=3, passes=4)
+    again.set_epoch(2)
+    other = train_sampler(ds, "none", seed=3, passes=4)
+    other.set_epoch(3)
+    assert list(again) != list(other)  # reshuffled per epoch, the passes interleaved in one order
+    balanced = train_sampler(ds, "sampler", seed=3, passes=4)
+    assert len(balanced) == 100
+
+
+@pytest.mark.parametrize(
+    ("samples", "batch", "epochs", "min_steps", "passes"),
+    [(244, 32, 5, 500, 15),  # 7 steps x 5 epochs = 35: 15 passes make 525 steps
+     (2428, 32, 8, 500, 1),  # 75 x 8 = 600 steps already
+     (20, 32, 2, 500, 250),  # fewer samples than a batch: one step a pass
+     (244, 32, 5, 0, 1)],  # off
+)
+def test_passes_per_epoch_reach_min_steps_with_the_fewest_passes(samples, batch, epochs, min_steps, passes):
+    assert passes_per_epoch(samples, batch, epochs, min_steps) == passes
+    steps = max(1, samples // batch) * epochs
+    assert steps * passes >= min_steps and (passes == 1 or steps * (passes - 1) < min_steps)

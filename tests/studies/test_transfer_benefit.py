@@ -360,7 +360,7 @@ def _demo_overrides(demo, experiment: str) -> list[str]:
     # batch of one image (train_config_for keeps incomplete batches), which some subset sizes give.
     return [
         f"data.root={demo.root}", f"data.labels={demo.labels_csv}", "data.image_size=[48,48]",
-        "data.augment=false", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100",
+        "data.augment=false", "train.epochs=1", "train.min_steps=0", "train.batch_size=16", "evaluation.n_boot=100",
         "audit.attributes=[sex]", "audit.intersections=false", "audit.min_group_size=2",
         f"tracking.experiment={experiment}",
     ]

@@ -11,7 +11,7 @@ from medtl.data.synthetic import write_demo_data
 from medtl.tracking import store
 from medtl.workflow.demo import run_demo
 
-TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100"]
+TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.min_steps=0", "train.batch_size=16", "evaluation.n_boot=100"]
 
 DEMO_STORE: dict[str, str] = {}  # the tracking URI the demo run recorded in
 

@@ -39,7 +39,7 @@ from medtl.workflow.run import run_workflow
 from tests.data import dicom_factory as factory
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
-TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100",
+TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.min_steps=0", "train.batch_size=16", "evaluation.n_boot=100",
         "audit.reference=none", "data.manifest_out="]
 
 
@@ -298,7 +298,7 @@ def test_segmentation_predict_writes_masks_on_the_input_grid_and_dicom_seg_over_
     root = tmp_path / "data"
     write_demo_data(root, patients=60, seed=3, progress=False)
     cfg = load_config(WORKFLOWS / "segment_3d.yaml", [f"data.root={root}", f"data.labels={root / 'labels.csv'}",
-                                                      "data.image_size=[16, 16, 8]", "train.epochs=1",
+                                                      "data.image_size=[16, 16, 8]", "train.epochs=1", "train.min_steps=0",
                                                       "evaluation.n_boot=100", "audit.reference=none",
                                                       "data.manifest_out=", "tracking.registered_model=seg"])
     trained = run_workflow(cfg, tmp_path / "run", progress=False)

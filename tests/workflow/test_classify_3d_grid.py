@@ -65,7 +65,7 @@ def test_classify_3d_trains_on_volumes_already_on_a_grid_at_their_grid(tmp_path,
         f"data.root={labels.parent}", f"data.labels={labels}", f"data.manifest_out={tmp_path / 'manifest.csv'}",
         # What describes the data: no DICOM modality, not CT, already on a 28³ grid.
         "data.modalities=[]", "data.intensity=mr", "data.spacing=[]", "data.image_size=[28, 28, 28]",
-        "data.cache=disk", "train.epochs=1", "train.num_threads=1", "evaluation.n_boot=100"])
+        "data.cache=disk", "train.epochs=1", "train.min_steps=0", "train.num_threads=1", "evaluation.n_boot=100"])
     inputs: set[tuple[tuple[int, ...], bool]] = set()
 
     def record(module: torch.nn.Module, args: tuple) -> None:

@@ -112,6 +112,16 @@ def test_transfer_method_keys_parse_from_set():
     assert cfg.continual.from_model == "models:/segment_3d/4"
 
 
+@pytest.mark.parametrize("workflow", ["classify_2d", "classify_3d", "segment_3d"])
+def test_shipped_workflows_give_small_training_sets_500_steps_unless_turned_off(workflow):
+    from medtl.workflow.train import train_config_for
+
+    shipped = load_config(WORKFLOWS / f"{workflow}.yaml", [])
+    assert train_config_for(shipped, progress=False, monitor="auroc").min_steps == 500
+    off = load_config(WORKFLOWS / f"{workflow}.yaml", ["train.min_steps=0"])
+    assert train_config_for(off, progress=False, monitor="auroc").min_steps == 0
+
+
 def test_train_num_threads_reaches_the_engine_zero_meaning_measure():
     from medtl.workflow.train import train_config_for
 

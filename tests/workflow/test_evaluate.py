@@ -19,7 +19,7 @@ from medtl.tracking import registry, store
 from medtl.workflow.config import load_config
 from medtl.workflow.run import run_workflow
 
-TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100"]
+TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.min_steps=0", "train.batch_size=16", "evaluation.n_boot=100"]
 RADIOGRAPHS = {"name": "xr", "data": {"modalities": ["CR", "DX"], "intensity": "xray"},
                "tracking": {"experiment": "run-audit-tests"}}
 

@@ -30,7 +30,7 @@ from medtl.workflow.prepare import PreparedData, prepare_data
 from medtl.workflow.run import run_workflow
 from medtl.workflow.train import build_model, load_initial_state
 
-TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.batch_size=16", "evaluation.n_boot=100"]
+TINY = ["data.image_size=[32, 32]", "train.epochs=1", "train.min_steps=0", "train.batch_size=16", "evaluation.n_boot=100"]
 RADIOGRAPHS = {"name": "xr", "data": {"modalities": ["CR", "DX"], "intensity": "xray"},
                "tracking": {"experiment": "adaptation-tests"}}
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")

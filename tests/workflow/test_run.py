@@ -56,6 +56,7 @@ def test_demo_run_writes_the_stable_outputs(demo_run, monkeypatch):
     assert metrics["test"]["auroc"] == pytest.approx(_test_auroc(outputs.output_dir / "predictions.csv"), abs=1e-9)
     assert metrics["run_id"] == outputs.run_id
     assert metrics["positive_class"] == "1"  # integer labels: 1 of 0/1
+    assert metrics["passes_per_epoch"] == 1  # TINY turns train.min_steps off (the engine's tests cover the passes)
     assert {"train_seconds", "manifest_seconds"} <= set(metrics["timings"])
     predictions = pd.read_csv(outputs.output_dir / "predictions.csv")
     assert list(predictions.columns) == ["id", "split", "y_true", "y_score", "y_pred", "sex", "age_band", "site", "scanner"]
@@ -86,6 +87,7 @@ def test_demo_run_is_registered_with_the_documented_tags(demo_run, monkeypatch):
     audit = json.loads((outputs.output_dir / "audit.json").read_text())
     assert all(g["suppressed"] for g in audit["groups"]) and audit["evaluated_attributes"] == []
     assert version.tags["audit_status"] == "inconclusive"
+    assert store.client().get_run(outputs.run_id).data.metrics["train.passes_per_epoch"] == 1.0
     aliases = store.client().get_registered_model(outputs.model_name).aliases
     assert str(aliases.get("candidate")) == outputs.model_version
 
