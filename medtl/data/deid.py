@@ -18,8 +18,8 @@ import re
 import warnings
 from collections.abc import Iterator
 
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary
@@ -312,7 +312,11 @@ def attribute_kind(attribute: str) -> str:
 
 def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Iterator[tuple[str, str, object]]:
     """Yield (attribute, VR, value) of every identifying element, recursing into sequences."""
-    for elem in ds:
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and not _may_identify(raw, inside_identifying or inside_private):
+            continue  # pydicom converts values on access: most elements never need it (a third of intake)
+        elem = ds[tag]
         listed = _is_listed(elem)
         private = inside_private or elem.tag.is_private
         if elem.VR == "SQ":
@@ -330,6 +334,29 @@ def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Ite
             (inside_identifying or private) and elem.VR in _CONTEXT_VRS and elem.keyword not in _CODE_KEYWORDS
         ):
             yield from ((field, vr, value) for vr, value in _element_values(elem, numbers_ok=not private))
+
+
+def _may_identify(raw: RawDataElement, inside: bool) -> bool:
+    """Whether `_walk` could yield a not yet converted element, judged from its tag and VR alone.
+
+    True whenever unsure (private tags, VRs the dictionary leaves open, UN): those are converted
+    and judged as before. `inside`: within an identifying or private sequence.
+    """
+    tag = raw.tag
+    if tag.is_private or raw.VR == "UN":
+        return True
+    try:
+        vr = raw.VR or dictionary_VR(tag)
+        keyword = keyword_for_tag(tag)
+    except KeyError:  # not in the dictionary: pydicom reads it as UN
+        return True
+    if " or " in vr or vr == "SQ":
+        return True  # the dictionary leaves it open ("US or SS"); sequences (their items are walked)
+    if keyword in IDENTIFYING_KEYWORDS or int(tag) in _NEWER_TAGS or (0x6000 <= tag.group <= 0x60FF and tag.element == 0x4000):
+        return True
+    if vr in _SKIPPED_VRS or keyword in _SOFTWARE_KEYWORDS:
+        return False
+    return vr in _ALWAYS_VRS or (inside and vr in _CONTEXT_VRS and keyword not in _CODE_KEYWORDS)
 
 
 def _is_listed(elem: DataElement) -> bool:

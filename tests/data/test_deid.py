@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -164,3 +165,30 @@ def test_pydicom_decoder_tracebacks_never_reach_the_root_logger(tmp_path, caplog
         except RuntimeError:
             child.exception("could not decode")
     assert "DOE_JANE" not in caplog.text and "could not decode" not in caplog.text
+
+
+def _pydicom_test_files() -> list[str]:
+    from pydicom.data.data_manager import DATA_ROOT  # the files pydicom ships (its getters may try downloads)
+
+    return sorted(str(p) for p in (Path(DATA_ROOT) / "test_files").rglob("*.dcm"))
+
+
+def test_values_judged_from_raw_tags_equal_those_of_a_fully_converted_header():
+    # identifying_values converts only the elements its tag and VR say could identify (pydicom
+    # converts values lazily); the result must equal that of a header whose every element was converted.
+    checked = 0
+    for path in _pydicom_test_files():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lazy = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+                eager = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+                for _ in eager.iterall():  # converts every element, sequences included
+                    pass
+                if eager.file_meta is not None:
+                    list(eager.file_meta)
+        except Exception:  # noqa: BLE001 - pydicom's deliberately broken files: not this test's subject
+            continue
+        assert identifying_values(lazy) == identifying_values(eager), path.rsplit("/", 1)[-1]
+        checked += 1
+    assert checked > 50  # pydicom bundles about a hundred real files
