@@ -192,3 +192,21 @@ def test_values_judged_from_raw_tags_equal_those_of_a_fully_converted_header():
         assert identifying_values(lazy) == identifying_values(eager), path.rsplit("/", 1)[-1]
         checked += 1
     assert checked > 50  # pydicom bundles about a hundred real files
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_values_read_lazily_from_a_file_equal_those_of_the_dataset_written(tmp_path, implicit):
+    ds = _dataset_with_phi()
+    # Not an identifying keyword: it identifies only inside an identifying sequence (its context).
+    ds.RequestAttributesSequence[0].Manufacturer = "Quimby Westfield Radiology"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    path = tmp_path / "phi.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    lazy = pydicom.dcmread(path)
+    assert isinstance(lazy.get_item(0x00100010), pydicom.dataelem.RawDataElement)  # nothing converted yet
+    found = identifying_values(lazy)
+    assert ("Quimby Westfield Radiology", "Manufacturer") in found
+    written = {pair for pair in identifying_values(ds) if not pair[1].startswith("MediaStorage")}
+    assert {pair for pair in found if not pair[1].startswith("MediaStorage")} == written
