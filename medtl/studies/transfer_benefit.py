@@ -313,7 +313,8 @@ def _child_run(cfg: WorkflowConfig, data: PreparedData, arm: Arm, fraction: floa
         metric = _primary_metric(cfg, evaluation["test"])
         estimate = evaluation["test"].get(metric) or {}
         flat = {f"test.{metric}": estimate.get("value"), "train_seconds": fit.total_train_seconds,
-                "time_to_best_seconds": fit.time_to_best_seconds, "audit.passed": float(audit["passed"]),
+                "time_to_best_seconds": fit.time_to_best_seconds, "train.passes_per_epoch": float(fit.passes_per_epoch),
+                "audit.passed": float(audit["passed"]),
                 "audit.evaluated_attributes": float(len(audit.get("evaluated_attributes", [])))}
         if estimate.get("ci"):
             flat[f"test.{metric}.ci_lo"], flat[f"test.{metric}.ci_hi"] = map(float, estimate["ci"])
@@ -328,6 +329,7 @@ def _child_run(cfg: WorkflowConfig, data: PreparedData, arm: Arm, fraction: floa
         "ci": [float(v) for v in estimate["ci"]] if estimate.get("ci") else None,
         "train_seconds": float(fit.total_train_seconds), "time_to_best_seconds": float(fit.time_to_best_seconds),
         "epochs_run": int(fit.epochs_run), "best_epoch": int(fit.best_epoch), "best_val": _number(fit.best_metric),
+        "passes_per_epoch": int(fit.passes_per_epoch),
         "n_train_patients": int(train_rows["patient"].nunique()), "n_train_images": len(train_rows),
         "strategy": arm.strategy, "weights_source": trained.bundle.weights.source, "run_id": created.info.run_id,
         "history": history, "audit_passed": bool(audit["passed"]), "audit_status": audit["status"],

@@ -390,6 +390,7 @@ def test_transfer_benefit_study_on_demo_data_writes_json_plot_and_nested_mlflow_
             (run,) = point["runs"]
             assert run["seed"] == cfg.seed and math.isfinite(run["value"]) and len(run["ci"]) == 2
             assert run["epochs_run"] == len(run["history"]) == 1
+            assert run["passes_per_epoch"] == 1  # train.min_steps=0: the study records what the recipe chose
     head = written["headline"]
     assert HEADLINE_KEYS <= set(head) and head["text"]
     _assert_headline_follows_the_rule(written)
