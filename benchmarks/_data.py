@@ -101,6 +101,33 @@ def hippocampus_labels(work: Path, *, limit: int | None = None) -> tuple[Path, P
     return HIPPOCAMPUS, labels_csv
 
 
+def hippocampus_volume_labels(work: Path) -> tuple[Path, Path]:
+    """A 3D classification labels CSV (`path,label,patient_id`): is the hippocampus small?
+
+    The label comes from the experts' masks: "small" when the segmented hippocampus (anterior +
+    posterior voxels, 1 mm^3 each) is below the median of the 191 cases, else "normal" (hippocampal
+    volume is the standard MRI marker of atrophy). The classifier sees the image only.
+
+    Returns:
+        (data root = the shared hippocampus folder, labels CSV in the work folder).
+    """
+    import nibabel as nib
+    import numpy as np
+
+    require(HIPPOCAMPUS / "labels", "hippocampus masks (hippocampus/labels)")
+    images = sorted((HIPPOCAMPUS / "images").glob("*.nii.gz"))
+    volumes = {image.name: float(np.count_nonzero(np.asarray(nib.load(HIPPOCAMPUS / "labels" / image.name).dataobj)))
+               for image in images}
+    median = float(np.median(list(volumes.values())))
+    labels_csv = work / "hippocampus_volume_labels.csv"
+    lines = ["path,label,patient_id"]
+    for image in images:
+        label = "small" if volumes[image.name] < median else "normal"
+        lines.append(f"images/{image.name},{label},hippo-{image.name.split('.')[0]}")
+    labels_csv.write_text("\n".join(lines) + "\n")
+    return HIPPOCAMPUS, labels_csv
+
+
 def mlflow_store(work: Path) -> str:
     """Point MLflow at a SQLite store inside `work` (never the repository's mlruns)."""
     uri = f"sqlite:///{work / 'mlflow.db'}"

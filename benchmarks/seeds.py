@@ -7,6 +7,9 @@ per seed, and reports the test metric with its 95 % bootstrap CI, wall time, and
 - `--data hippocampus`: `workflows/segment_3d.yaml` on ../shared/data/hippocampus (191 MRI cases,
   medtl's own patient-level split), with `data.modalities=[]` (NIfTI has no DICOM modality),
   `data.intensity=mr` and `data.spacing=[1,1,1]`; test mean Dice over the two foreground classes.
+- `--data hippocampus-volume`: `workflows/classify_3d.yaml` on the same MRI crops, labelled "small"
+  when the experts' mask holds fewer voxels than the cohort's median (hippocampal volume, the MRI
+  marker of atrophy), else "normal"; with `data.modalities=[]` and `data.intensity=mr`; test AUROC.
 - `--data demo-ct`: `workflows/classify_3d.yaml` on medtl's synthetic demo CT series (600 patients,
   seed 0: lesion present or not), no extra settings; test AUROC.
 
@@ -42,6 +45,10 @@ TARGETS = {
     "hippocampus": Target("segment_3d", "dice", ("data.modalities=[]", "data.intensity=mr", "data.spacing=[1, 1, 1]"), (
         ("nnU-Net 3d_fullres (Medical Segmentation Decathlon Task04, 5-fold CV)", "0.89-0.90"),
         ("medtl benchmarks/transfer_benefit.py, 32^3, 20 epochs (docs/benchmarks.md section 3)", "0.874"))),
+    "hippocampus-volume": Target("classify_3d", "auroc", ("data.modalities=[]", "data.intensity=mr"), (
+        ("none published for this label (hippocampus below the cohort's median volume, from the experts' masks)",
+         "-"),
+        ("MedMNIST v2 3D, ResNet-18+ACS (other data: OrganMNIST3D ... VesselMNIST3D)", "0.73-0.99"))),
     "demo-ct": Target("classify_3d", "auroc", (), (
         ("MedMNIST v2 3D, ResNet-18+ACS (other data: OrganMNIST3D ... VesselMNIST3D)", "0.73-0.99"),)),
 }
@@ -63,6 +70,8 @@ def data_for(name: str, work: Path) -> tuple[Path, Path]:
     """(data root, labels CSV) of a benchmark data set, made in `work` when it is generated."""
     if name == "hippocampus":
         return _data.hippocampus_labels(work)
+    if name == "hippocampus-volume":
+        return _data.hippocampus_volume_labels(work)
     from medtl.data.synthetic import write_demo_data
 
     root = work / "demo_ct"

@@ -21,7 +21,7 @@ from medtl.models.fewshot import embed, few_shot_eval, flatten_results
 from medtl.tracking import run_records, store
 from medtl.workflow.config import WorkflowConfig, validate
 from medtl.workflow.evaluate import patient_ids, strict_json
-from medtl.workflow.prepare import PreparedData, prepare_data, publish_manifest
+from medtl.workflow.prepare import PreparedData, input_size_from_data, prepare_data, publish_manifest
 from medtl.workflow.record import config_dict, scan_before_logging, scan_or_raise
 from medtl.workflow.steps import killed_on_interrupt
 from medtl.workflow.train import build_model, preprocessing_for
@@ -68,6 +68,7 @@ def run_few_shot(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, output_dir, progress=progress)
+    cfg = input_size_from_data(cfg, data)  # data.image_size [] (3D): from the training volumes
     store.tracking_uri()
     tags = {"medtl.workflow": cfg.name, "medtl.study": "few-shot"}
     forbidden = {**data.forbidden, **(extra_forbidden or {})}

@@ -181,9 +181,9 @@ class DataConfig:
         (), description="keep only studies of these DICOM modalities", examples=["[CR, DX] or [CT]"])
     fractions: Annotated[tuple[Number, ...], Listed(), AfterValidator(_split_shares)] = Field(
         (0.7, 0.15, 0.15), description="train/val/test share of patients", examples=["[0.7, 0.15, 0.15]"])
-    # [] (3D segmentation only): the patch from the data, `prepare.input_size_from_data`.
-    image_size: Annotated[tuple[Whole, ...], Listed("from the data (3D segmentation: about the median training "
-                                                    "volume)"), AfterValidator(_positive_sizes)] = Field(
+    # [] (3D only): from the data, `prepare.input_size_from_data` (segmentation's patch, classification's input).
+    image_size: Annotated[tuple[Whole, ...], Listed("from the data (3D: about the median training volume)"),
+                          AfterValidator(_positive_sizes)] = Field(
         (96, 96), description="network input (3D segmentation: the training patch)",
         examples=["[96, 96] (2D) or [32, 32, 16] (3D)"])
     spacing: Annotated[tuple[Number, ...], Listed("keep the source spacing")] = Field(
@@ -594,12 +594,12 @@ def validate(cfg: WorkflowConfig) -> WorkflowConfig:
         raise ConfigError("config must set data.manifest, or both data.root and data.labels")
     if cfg.data.manifest and not cfg.data.root:
         raise ConfigError("config key 'data.root' must be set with data.manifest (files are read from it)")
-    from_data = not cfg.data.image_size and cfg.task == "segmentation" and cfg.model.spatial_dims == 3
+    from_data = not cfg.data.image_size and cfg.model.spatial_dims == 3
     if len(cfg.data.image_size) != cfg.model.spatial_dims and not from_data:
         raise ConfigError(
             f"config key 'data.image_size' must have {cfg.model.spatial_dims} values for "
             f"model.spatial_dims={cfg.model.spatial_dims}, not {list(cfg.data.image_size)} ([] chooses it from the "
-            f"data for 3D segmentation only)"
+            f"data for 3D models only)"
         )
     if cfg.model.multi_label:
         raise ConfigError("config key 'model.multi_label' must be false for workflows, not true: the manifest holds one "

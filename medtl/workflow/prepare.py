@@ -367,8 +367,9 @@ _RAS_AXIS = {"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}
 
 
 def input_size_from_data(cfg: WorkflowConfig, data: PreparedData) -> WorkflowConfig:
-    """`cfg` with `data.image_size` chosen from the data when it is [] (3D segmentation).
+    """`cfg` with `data.image_size` chosen from the data when it is [] (3D models).
 
+    3D segmentation trains on patches of this size; 3D classification resizes each whole volume to it.
     As nnU-Net sizes its patch from the data: the median shape of the training volumes at the run's
     spacing (`data.spacing`, else each volume's own), in the RAS axis order training uses, each axis
     rounded to the nearest multiple of `PATCH_MULTIPLE` within `PATCH_BOUNDS`. A patch about the size

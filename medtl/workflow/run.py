@@ -170,7 +170,7 @@ def _run_steps(cfg: WorkflowConfig, output_dir: Path, *, resume: bool, progress:
     dist_info = init_distributed()
     data = _prepare(cfg, output_dir, main_rank=dist_info.rank == 0, resume=resume, progress=progress,
                     dist_info=dist_info)
-    cfg = input_size_from_data(cfg, data)  # data.image_size [] (3D segmentation): from the manifest, on every rank
+    cfg = input_size_from_data(cfg, data)  # data.image_size [] (3D): from the manifest, on every rank
     check_audit_setup(cfg, data)  # before training, not after it; on every rank, so all of them stop
     store.tracking_uri()
     run = _Run(cfg, output_dir, data, name=cfg.tracking.registered_model or cfg.name, registered=_registered_start(cfg))

@@ -24,11 +24,12 @@ def test_shipped_workflows_validate(name):
     assert len(cfg.data.image_size) == (0 if name == "segment_3d" else cfg.model.spatial_dims)
 
 
-def test_an_image_size_from_the_data_is_for_3d_segmentation_only():
+def test_an_image_size_from_the_data_is_for_3d_models_only():
     with pytest.raises(ConfigError, match=r"data.image_size' must have 2 values .* \(\[\] chooses it from the data "
-                                          r"for 3D segmentation only\)"):
+                                          r"for 3D models only\)"):
         load_config(WORKFLOWS / "classify_2d.yaml", ["data.image_size=[]"])
     assert load_config(WORKFLOWS / "segment_3d.yaml", ["data.image_size=null"]).data.image_size == ()
+    assert load_config(WORKFLOWS / "classify_3d.yaml", ["data.image_size=[]"]).data.image_size == ()
 
 
 def test_set_overrides_take_the_stable_dotted_keys():

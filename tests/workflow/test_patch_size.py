@@ -44,6 +44,13 @@ def test_the_patch_stays_within_its_bounds_and_only_training_rows_count():
     assert input_size_from_data(_cfg("data.spacing=[1, 1, 1]"), data).data.image_size == (16, 16, 16)
 
 
+def test_3d_classification_resizes_to_the_median_volume_on_each_volume_s_own_grid():
+    # classify_3d keeps each volume's grid (data.spacing []): the input is the median voxel counts.
+    cfg = load_config(WORKFLOWS / "classify_3d.yaml", ["data.image_size=[]"])
+    rows = [("28x28x28", "1x1x1", "RAS"), ("28x28x28", "2x2x2", "LPS"), ("64x64x64", "1x1x1", "RAS")]
+    assert input_size_from_data(cfg, _data(rows)).data.image_size == (32, 32, 32)
+
+
 def test_a_given_size_is_kept_and_a_manifest_without_geometry_is_refused_naming_the_key():
     given = load_config(WORKFLOWS / "segment_3d.yaml", ["data.image_size=[48, 48, 16]"])
     assert input_size_from_data(given, _data([("9x9x9", "1x1x1", "RAS")])) is given
