@@ -606,6 +606,7 @@ def validate(cfg: WorkflowConfig) -> WorkflowConfig:
                           "label per study; score multi-label predictions with medtl.evaluation.metrics."
                           "multilabel_metrics")
     _validate_spacing(cfg)
+    _validate_tta(cfg)
     _validate_adaptation(cfg)
     _validate_multitask(cfg)
     _validate_continual(cfg)
@@ -620,6 +621,15 @@ def _validate_spacing(cfg: WorkflowConfig) -> None:
     if spacing and (len(spacing) != dims or not all(s > 0 and math.isfinite(s) for s in spacing)):
         raise ConfigError(f"config key 'data.spacing' must be {dims} positive voxel sizes in mm, not {list(spacing)}; "
                           f"e.g. {config_keys()['data.spacing'].example}, or [] to keep the source spacing")
+
+
+def _validate_tta(cfg: WorkflowConfig) -> None:
+    # Training shows no mirrored images. A mirrored radiograph costs a little (-0.004 AUROC); a mirrored
+    # volume's classes land on the wrong side (-0.22 to -0.36 test Dice on the hippocampus, for every axis).
+    if cfg.evaluation.tta != "none" and (cfg.task != "classification" or cfg.model.spatial_dims != 2):
+        raise ConfigError(f"config key 'evaluation.tta' must be none for {cfg.model.spatial_dims}D {cfg.task}, not "
+                          f"{cfg.evaluation.tta}: training shows no mirrored images, and averaging a mirrored volume "
+                          f"in lowered test Dice by 0.22-0.36 (docs/benchmarks.md); flip is for 2D classification")
 
 
 def _validate_adaptation(cfg: WorkflowConfig) -> None:

@@ -330,3 +330,11 @@ def test_to_dict_is_a_plain_nested_mapping_that_loads_back():
 def test_list_choices_ignore_case_and_comma_lists_parse():
     cfg = load_config(WORKFLOWS / "classify_2d.yaml", ["fewshot.methods=Prototype", "data.modalities=CR,DX"])
     assert (cfg.fewshot.methods, cfg.data.modalities) == (("prototype",), ("CR", "DX"))
+
+
+@pytest.mark.parametrize("workflow", ["segment_3d", "classify_3d"])
+def test_flip_test_time_augmentation_is_refused_beyond_2d_classification(workflow):
+    with pytest.raises(ConfigError, match=r"'evaluation.tta' must be none for 3D .*, not flip: training shows no "
+                                          r"mirrored images"):
+        load_config(WORKFLOWS / f"{workflow}.yaml", ["evaluation.tta=flip"])
+    assert load_config(WORKFLOWS / "classify_2d.yaml", ["evaluation.tta=flip"]).evaluation.tta == "flip"
