@@ -211,17 +211,17 @@ def _start_run(
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     groups = plan.param_groups if plan is not None else default_param_groups(model, cfg.weight_decay)
     optimizer = build_optimizer(groups, cfg)
+    passes = passes_per_epoch(math.ceil(len(train_ds) / rt.info.world_size), cfg.batch_size, cfg.epochs,  # type: ignore[arg-type]
+                              cfg.min_steps)
+    if passes > 1 and rt.info.is_main:
+        log.info("the training set is small for %d optimizer steps: each epoch goes over it %d times (train.min_steps)",
+                 cfg.min_steps, passes)
     sampler = train_sampler(
-        train_ds, cfg.balance, seed=cfg.seed, rank=rt.info.rank, world_size=rt.info.world_size
+        train_ds, cfg.balance, seed=cfg.seed, rank=rt.info.rank, world_size=rt.info.world_size, passes=passes
     )
-    passes = passes_per_epoch(len(sampler), cfg.batch_size, cfg.epochs, cfg.min_steps)
-    if passes > 1:
-        sampler = train_sampler(train_ds, cfg.balance, seed=cfg.seed, rank=rt.info.rank,
-                                world_size=rt.info.world_size, passes=passes)
-        if rt.info.is_main:
-            log.info("the training set is small for %d optimizer steps: each epoch goes over it %d times "
-                        "(train.min_steps)", cfg.min_steps, passes)
-    drop_last = cfg.drop_last and len(sampler) >= cfg.batch_size
+    # Several passes see every sample several times an epoch: a partial last batch adds nothing, and
+    # one of a single sample would fail in BatchNorm (the caller's drop_last guards one pass only).
+    drop_last = (cfg.drop_last or passes > 1) and len(sampler) >= cfg.batch_size
     steps_per_epoch = (
         len(sampler) // cfg.batch_size if drop_last else math.ceil(len(sampler) / cfg.batch_size)
     )

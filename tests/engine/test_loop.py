@@ -330,3 +330,14 @@ def test_min_steps_passes_over_a_small_training_set_several_times_an_epoch():
                 cfg=TrainConfig(epochs=2, batch_size=8, monitor="accuracy", mode="max", **FAST),
                 val_metric_fn=accuracy)
     assert plain.passes_per_epoch == 1
+
+
+def test_several_passes_never_end_an_epoch_with_a_batch_of_one_sample():
+    # 3 samples, batches of 2, 3 passes: 9 draws an epoch. A last batch of one sample would fail in
+    # BatchNorm layers, and drop_last=False (the caller's choice for one pass) must not let it through.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])) if module.training else None)
+    cfg = TrainConfig(epochs=1, batch_size=2, min_steps=3, drop_last=False, monitor="val_loss", **FAST)
+    result = fit(model, ToyImages(3, seed=1), ToyImages(4, seed=2), loss_fn=nn.CrossEntropyLoss(), cfg=cfg)
+    assert result.passes_per_epoch == 3 and sizes == [2, 2, 2, 2]
