@@ -103,7 +103,7 @@ MEDTL_WORDS = frozenset(
     workspace ymwdymwd zscore backend debug stderr stdout traceback tracebacks venv byte spreadsheet
     surrogateescape underdiagnosis ctx int keyword loc neighbouring highdicom pyfunc tvd smd psi std stats
     quantiles numeric preprocess mappings download backslashes ema tta labelmap roiname dicomweb http https
-    netrc url""".split()
+    netrc url benchmarks""".split()
 )
 
 # Words of medtl's fixed outputs that person-name checks must know: split names and the nouns of

@@ -331,7 +331,7 @@ def _child_run(cfg: WorkflowConfig, data: PreparedData, arm: Arm, fraction: floa
         "epochs_run": int(fit.epochs_run), "best_epoch": int(fit.best_epoch), "best_val": _number(fit.best_metric),
         "passes_per_epoch": int(fit.passes_per_epoch),
         "n_train_patients": int(train_rows["patient"].nunique()), "n_train_images": len(train_rows),
-        "strategy": arm.strategy, "weights_source": trained.bundle.weights.source, "run_id": created.info.run_id,
+        "strategy": trained.strategy, "weights_source": trained.bundle.weights.source, "run_id": created.info.run_id,
         "history": history, "audit_passed": bool(audit["passed"]), "audit_status": audit["status"],
         "gaps": [{k: g.get(k) for k in ("attribute", "metric", "value", "ci", "flagged", "status")}
                  for g in audit.get("gaps", []) if g.get("kind") == "difference"],

@@ -236,6 +236,10 @@ class TrainConfigSection:
     layer_decay: Number = Field(0.0, ge=0, le=1, description="learning-rate decay per encoder stage; 0: off",
                                 examples=["0.5 (0 turns layer-wise decay off)"])
     warmup_epochs: Whole = Field(1, ge=0, description="linear warm-up epochs", examples=["1"])
+    # Measured at 10 % of PneumoniaMNIST (docs/benchmarks.md): LP-FT 0.957, fine-tuning 0.949, scratch on all labels 0.950.
+    small_data_strategy: Annotated[Literal[STRATEGIES], ANY_CASE] = Field(
+        "lp_ft", description="strategy of pretrained fine-tuning when the training set is small (train.min_steps "
+        "passes over it several times an epoch); finetune: no change")
     # BiT-HyperRule (Kolesnikov et al. 2020) fine-tunes data sets under 20k images for 500 steps: a small
     # training set gets more passes per epoch, not fewer updates (its own recipe, chosen from its size).
     min_steps: Whole = Field(500, ge=0, description="fewest optimizer steps: small training sets are passed "

@@ -107,7 +107,7 @@ def version_tags(cfg: WorkflowConfig, data: PreparedData, trained: TrainedModel,
     bundle = trained.bundle
     tags = {
         "task": cfg.task, "encoder": cfg.model.encoder, "weights_origin": bundle.weights.origin,
-        "weights_source": bundle.weights.source, "strategy": cfg.train.strategy,
+        "weights_source": bundle.weights.source, "strategy": trained.strategy,
         "manifest_sha256": data.manifest_sha256, "run_id": run_id,
     }
     if cfg.adaptation.method != "none":

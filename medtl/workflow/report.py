@@ -196,7 +196,7 @@ def build_report_inputs(cfg: WorkflowConfig, data, trained, evaluation: dict, au
         data=dataclasses.replace(_provenance(data, audit, phi_scan), source=source, synthetic=synthetic),
         model=ModelTransfer(
             encoder=cfg.model.encoder,
-            strategy=cfg.train.strategy,
+            strategy=trained.strategy,
             weights=bundle.weights.as_dict(),
             load_report=load_report,
             frozen_layers=list(trained.frozen_schedule),

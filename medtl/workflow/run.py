@@ -325,6 +325,7 @@ def _write_results(run: _Run, trained: TrainedModel, evaluation: dict, extra: di
         "best_epoch": trained.fit.best_epoch,
         "epochs_run": trained.fit.epochs_run,
         "passes_per_epoch": trained.fit.passes_per_epoch,
+        "strategy": trained.strategy,
         "timings": run.timings,
         "run_id": run.run_id,
         "audit_passed": status == "passed",

@@ -7,6 +7,7 @@ Each piece is a plain function so the transfer methods (`medtl.workflow.methods`
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -21,12 +22,14 @@ from torch.utils.data import Dataset
 from medtl.data.dataset import Preprocessing, make_dataset, manifest_items
 from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
 from medtl.engine.loop import fit
-from medtl.engine.runtime import seed_everything
-from medtl.engine.sampling import class_weights
+from medtl.engine.runtime import init_distributed, seed_everything
+from medtl.engine.sampling import class_weights, passes_per_epoch
 from medtl.errors import ConfigError, InputError
 from medtl.models.factory import ModelBundle, create_model
 from medtl.models.strategies import TransferPlan, make_transfer_plan, stage_group_name
 from medtl.workflow.config import WorkflowConfig
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # prepare imports train (its preflight checks the train keys)
     from medtl.workflow.prepare import PreparedData
@@ -44,6 +47,8 @@ class TrainedModel:
     frozen_parameters: int
     # Which optimizer groups were frozen in which epochs, e.g. ["epochs 1-2: encoder.stage0, ..."].
     frozen_schedule: list[str] = field(default_factory=list)
+    # The transfer strategy trained with (train.small_data_strategy may replace train.strategy).
+    strategy: str = "finetune"
 
 
 def preprocessing_for(cfg: WorkflowConfig, bundle: ModelBundle) -> Preprocessing:
@@ -261,12 +266,30 @@ def train_model(
     prep = preprocessing_for(cfg, bundle)
     sets = datasets_for(cfg, data, prep, progress=progress, train_ids=train_ids)
     loss_fn, metric_fn, monitor = loss_and_metric(cfg, loss_class_weights(cfg, sets["train"].data))
+    strategy = training_strategy(cfg, bundle, len(sets["train"]), strategy)
     trained = fit_model(
         cfg, data, bundle, prep, model=bundle.model, train_set=sets["train"], val_set=sets["val"],
         loss_fn=loss_fn, metric_fn=metric_fn, monitor=monitor, plan=transfer_plan_for(cfg, bundle.model, strategy),
         output_dir=output_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end,
     )
-    return trained, sets
+    return dataclasses.replace(trained, strategy=strategy), sets
+
+
+def training_strategy(cfg: WorkflowConfig, bundle: ModelBundle, n_train: int, strategy: str | None = None) -> str:
+    """The transfer strategy to train with: `strategy` (default `train.strategy`), or
+    `train.small_data_strategy` when pretrained weights are fine-tuned on a training set too small for
+    `train.min_steps` in `train.epochs` passes (the engine then passes over it several times an epoch).
+    """
+    chosen = strategy or cfg.train.strategy
+    if chosen != "finetune" or bundle.weights.source == "none":
+        return chosen  # another strategy was asked for, or random weights: nothing to probe
+    world = init_distributed().world_size
+    passes = passes_per_epoch(math.ceil(n_train / world), cfg.train.batch_size, cfg.train.epochs, cfg.train.min_steps)
+    if passes > 1 and cfg.train.small_data_strategy != chosen:
+        logger.info("a small training set (%d studies): train.small_data_strategy %s instead of finetune",
+                    n_train, cfg.train.small_data_strategy)
+        return cfg.train.small_data_strategy
+    return chosen
 
 
 def load_initial_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:

@@ -57,6 +57,7 @@ def test_demo_run_writes_the_stable_outputs(demo_run, monkeypatch):
     assert metrics["run_id"] == outputs.run_id
     assert metrics["positive_class"] == "1"  # integer labels: 1 of 0/1
     assert metrics["passes_per_epoch"] == 1  # TINY turns train.min_steps off (the engine's tests cover the passes)
+    assert metrics["strategy"] == "finetune"  # one pass: train.small_data_strategy does not apply
     assert {"train_seconds", "manifest_seconds"} <= set(metrics["timings"])
     predictions = pd.read_csv(outputs.output_dir / "predictions.csv")
     assert list(predictions.columns) == ["id", "split", "y_true", "y_score", "y_pred", "sex", "age_band", "site", "scanner"]
@@ -88,6 +89,7 @@ def test_demo_run_is_registered_with_the_documented_tags(demo_run, monkeypatch):
     assert all(g["suppressed"] for g in audit["groups"]) and audit["evaluated_attributes"] == []
     assert version.tags["audit_status"] == "inconclusive"
     assert store.client().get_run(outputs.run_id).data.metrics["train.passes_per_epoch"] == 1.0
+    assert version.tags["strategy"] == "finetune"  # the strategy trained with (train.small_data_strategy did not apply)
     aliases = store.client().get_registered_model(outputs.model_name).aliases
     assert str(aliases.get("candidate")) == outputs.model_version
 
