@@ -48,7 +48,7 @@ class TrainedModel:
     # Which optimizer groups were frozen in which epochs, e.g. ["epochs 1-2: encoder.stage0, ..."].
     frozen_schedule: list[str] = field(default_factory=list)
     # The transfer strategy trained with (train.small_data_strategy may replace train.strategy).
-    strategy: str = "finetune"
+    strategy: str = ""
 
 
 def preprocessing_for(cfg: WorkflowConfig, bundle: ModelBundle) -> Preprocessing:
@@ -272,7 +272,7 @@ def train_model(
         loss_fn=loss_fn, metric_fn=metric_fn, monitor=monitor, plan=transfer_plan_for(cfg, bundle.model, strategy),
         output_dir=output_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end,
     )
-    return dataclasses.replace(trained, strategy=strategy), sets
+    return trained, sets
 
 
 def training_strategy(cfg: WorkflowConfig, bundle: ModelBundle, n_train: int, strategy: str | None = None) -> str:
@@ -383,6 +383,7 @@ def fit_model(
         plan_groups=[g["name"] for g in plan.param_groups],
         frozen_parameters=int(frozen),
         frozen_schedule=frozen_schedule(plan, result.epochs_run),
+        strategy=getattr(getattr(plan, "base", plan), "strategy", cfg.train.strategy),  # DANN wraps the plan
     )
 
 

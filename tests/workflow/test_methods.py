@@ -163,6 +163,7 @@ def test_dann_run_trains_with_unlabelled_target_studies_and_registers_a_plain_cl
     out = run_workflow(cfg, tmp_path / "run", progress=False, extra_forbidden=demo.phi)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["adaptation"]["target_images"] == unlabelled
+    assert metrics["strategy"] == "finetune"  # read through DANN's wrapper of the strategy's plan
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
     on_target = (predictions["split"] == "test") & (predictions["site"] == demo.target)
     assert metrics["target_test"]["auroc"] == pytest.approx(_auroc(predictions, on_target), abs=1e-9)
@@ -202,6 +203,7 @@ def test_continual_run_records_both_test_sets_and_starts_from_the_registered_ver
     assert run.tags["medtl.continual_from"] == f"xr_continual/{first.model_version}"
     version = store.client().get_model_version("xr_continual", out.model_version)
     assert version.tags["continual_from"] == f"xr_continual/{first.model_version}"
+    assert version.tags["strategy"] == metrics["strategy"] == "linear_probe"  # the strategy trained with
 
     # A linear probe keeps the encoder frozen: its weights are the registered version's, not ImageNet's.
     parent = load_registered_weights(f"models:/xr_continual/{first.model_version}").state
