@@ -22,6 +22,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
 from pydicom.valuerep import PersonName
 
@@ -315,7 +316,7 @@ def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Ite
     for tag in ds.keys():
         raw = ds.get_item(tag)
         if isinstance(raw, RawDataElement) and not _may_identify(raw, inside_identifying or inside_private):
-            continue  # pydicom converts values on access: most elements never need it (a third of intake)
+            continue  # pydicom converts values on access; most elements never need it (the walk was 26 % of intake's CPU)
         elem = ds[tag]
         listed = _is_listed(elem)
         private = inside_private or elem.tag.is_private
@@ -352,7 +353,7 @@ def _may_identify(raw: RawDataElement, inside: bool) -> bool:
         return True
     if " or " in vr or vr == "SQ":
         return True  # the dictionary leaves it open ("US or SS"); sequences (their items are walked)
-    if keyword in IDENTIFYING_KEYWORDS or int(tag) in _NEWER_TAGS or (0x6000 <= tag.group <= 0x60FF and tag.element == 0x4000):
+    if _listed(keyword, tag):
         return True
     if vr in _SKIPPED_VRS or keyword in _SOFTWARE_KEYWORDS:
         return False
@@ -360,10 +361,14 @@ def _may_identify(raw: RawDataElement, inside: bool) -> bool:
 
 
 def _is_listed(elem: DataElement) -> bool:
-    if elem.keyword in IDENTIFYING_KEYWORDS or int(elem.tag) in _NEWER_TAGS:
+    return _listed(elem.keyword, elem.tag)
+
+
+def _listed(keyword: str, tag: BaseTag) -> bool:
+    if keyword in IDENTIFYING_KEYWORDS or int(tag) in _NEWER_TAGS:
         return True
     # Overlay comments live in the repeating groups 60xx (Table E.1-1 row "Overlay Comments").
-    return 0x6000 <= elem.tag.group <= 0x60FF and elem.tag.element == 0x4000
+    return 0x6000 <= tag.group <= 0x60FF and tag.element == 0x4000
 
 
 def _element_values(elem: DataElement, *, numbers_ok: bool) -> Iterator[tuple[str, object]]:
