@@ -1,17 +1,17 @@
 """Manifest rows -> MONAI datasets of dictionaries, with the preprocessing the encoder expects.
 
-The deterministic part is MONAI transforms, cached by MONAI (`CacheDataset` in memory or
-`PersistentDataset` on disk): the row's study is resolved to its files, `LoadImaged` reads them
-with medtl's readers (`medtl.data.reader`), the intensity is scaled to 0..1 by the scheme of the
-row's modality (`IntensityByScheme`: a CT window or MONAI's percentile scaling), then
-orientation/spacing, resize and the encoder's normalisation. Augmentations (`Augmentation`) run
-after the cache, for training only. Masks are declared as label maps: nearest-neighbour
-resampling, never intensity transforms. A mask that is a DICOM SEG or RTSTRUCT (`mask_sop_class`
-in the manifest) becomes a label map on its image's grid through the manifest's `segment_map`
-(`LoadMaskd`). Items carry only the manifest's pseudonymous `id`: no path,
-no header ever reaches the batch or a cache file (the readers return geometry-only metadata,
-`LoadImaged` prunes the file name it adds, and the pipeline ends by dropping all metadata).
-`preprocessing_record` gives every setting as flat run parameters.
+The deterministic part is MONAI transforms, cached by MONAI's `CacheDataset` in memory or by
+`DiskCache` on disk (safetensors files; see there why not MONAI's `PersistentDataset`): the row's
+study is resolved to its files, `LoadImaged` reads them with medtl's readers (`medtl.data.reader`),
+the intensity is scaled to 0..1 by the scheme of the row's modality (`IntensityByScheme`: a CT
+window or MONAI's percentile scaling), then orientation/spacing, resize and the encoder's
+normalisation. Augmentations (`Augmentation`) run after the cache, for training only. Masks are
+declared as label maps: nearest-neighbour resampling, never intensity transforms. A mask that is a
+DICOM SEG or RTSTRUCT (`mask_sop_class` in the manifest) becomes a label map on its image's grid
+through the manifest's `segment_map` (`LoadMaskd`). Items carry only the manifest's pseudonymous
+`id`: no path, no header ever reaches the batch or a cache file (the readers return geometry-only
+metadata, `LoadImaged` prunes the file name it adds, and the pipeline ends by dropping all
+metadata). `preprocessing_record` gives every setting as flat run parameters.
 """
 
 from __future__ import annotations
@@ -20,22 +20,27 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
+import tempfile
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from monai import transforms as mt
 from monai.data import (
     CacheDataset,
     Dataset,
     ImageReader,
     MetaTensor,
-    PersistentDataset,
     get_track_meta,
     set_track_meta,
 )
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from medtl.data import dicom_masks
 from medtl.data.reader import PRUNE_META_PATTERN, MedtlNiftiReader, MedtlStudyReader
@@ -500,7 +505,7 @@ def make_dataset(
         augment: allow augmentations at all.
         augmentation: the augmentation settings (default `Augmentation()`); record them with
             `preprocessing_record`.
-        cache: "memory" (CacheDataset), "disk" (PersistentDataset under `cache_dir`) or "none".
+        cache: "memory" (CacheDataset), "disk" (`DiskCache` under `cache_dir`) or "none".
         cache_dir: folder for the disk cache, e.g. the run's `OUTPUT/cache`. Each file holds one
             item after the deterministic transforms ({"id", "label", "image"}: plain tensors and
             the row pseudonym, no metadata), named by a hash of what determines it (row id,
@@ -519,24 +524,85 @@ def make_dataset(
     rand = augmentation_transforms(prep, has_mask, augmentation) if (train and augment) else None
     # MONAI's random spatial transforms turn plain tensors back into MetaTensors; items leave as
     # plain tensors (no metadata to collate, cache or leak).
-    if rand is None:
-        pipeline = det
-    else:
+    after_cache: list = []
+    if rand is not None:
         keys = ["image", "label"] if has_mask else ["image"]
-        pipeline = TrainingPipeline([*det.transforms, *rand.transforms, mt.EnsureTyped(keys=keys, track_meta=False)])
+        after_cache = [*rand.transforms, mt.EnsureTyped(keys=keys, track_meta=False)]
+    pipeline = TrainingPipeline([*det.transforms, *after_cache]) if after_cache else det
     if cache == "none":
         return Dataset(items, transform=pipeline)
     if cache == "disk":
         if cache_dir is None:
             raise InputError("cache 'disk' must come with a cache_dir, not None; give a folder (a run uses "
                              "OUTPUT/cache) or set data.cache=memory")
-        keyed = [{**item, "cache_key": _cache_key(item, prep)} for item in items]
-        return PersistentDataset(
-            keyed, transform=pipeline, cache_dir=Path(cache_dir), hash_func=lambda it: it["cache_key"].encode()
-        )
+        random = TrainingPipeline(after_cache) if after_cache else None
+        return DiskCache(items, det, random, Path(cache_dir), [_cache_key(item, prep) for item in items])
     if cache != "memory":
         raise InputError(f"cache must be one of memory, disk, none, not {cache!r}; set data.cache")
     return CacheDataset(items, transform=pipeline, num_workers=0, progress=progress, copy_cache=True)
+
+
+class DiskCache(Dataset):
+    """Items after the deterministic transforms, kept as one safetensors file each under `cache_dir`.
+
+    Why not MONAI's `PersistentDataset`: it stores items with `torch.save` and reads them back
+    through torch's weights-only unpickler, about 0.8 ms per item, more than a cached 2D item's
+    augmentations cost (the disk cache was 2.6x faster than no cache, against 6x in memory).
+    safetensors reads the same tensors in under 0.1 ms and can hold nothing but tensors and a
+    string map, so a cache file cannot carry code or metadata. Each file holds the item's tensors
+    ("image", and "label" for a mask) and, as JSON in the header, its other values: the row
+    pseudonym "id" and a class index "label". A file is written to a temporary name in the same
+    folder and renamed into place, so workers and DDP ranks never read half a file; a file that
+    cannot be read is computed and written again.
+
+    `transform` is the random part (MONAI's `set_rnd` seeds it like a cached dataset's pipeline).
+    """
+
+    def __init__(self, items: Sequence[dict], det: mt.Compose, rand: TrainingPipeline | None, cache_dir: Path,
+                 keys: Sequence[str]) -> None:
+        self.transform = rand  # first attribute: `set_rnd` seeds it as it seeds a cached dataset's pipeline
+        super().__init__(list(items), transform=rand)
+        self._det, self._files = det, [Path(cache_dir) / f"{key}.safetensors" for key in keys]
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+
+    def _transform(self, index: int) -> dict:
+        item = self._read(self._files[index])
+        if item is None:
+            item = self._det(dict(self.data[index]))
+            _write_cached(self._files[index], item)
+        return item if self.transform is None else self.transform(item)
+
+    @staticmethod
+    def _read(file: Path) -> dict | None:
+        try:
+            with safe_open(file, framework="pt") as f:
+                item = json.loads((f.metadata() or {}).get("medtl", "{}"))
+                item.update({key: f.get_tensor(key) for key in f.keys()})
+            return item
+        except FileNotFoundError:
+            return None
+        except (SafetensorError, ValueError, OSError):
+            warnings.warn(f"disk cache file {file.name} cannot be read; computing it again", stacklevel=2)
+            return None
+
+
+def _write_cached(file: Path, item: Mapping) -> None:
+    """Write one cached item (see `DiskCache`) atomically."""
+    tensors = {k: v.contiguous() for k, v in item.items() if isinstance(v, torch.Tensor)}
+    others = {k: v for k, v in item.items() if k not in tensors}
+    try:
+        header = {"medtl": json.dumps(others)}
+    except TypeError as error:
+        raise InputError(f"a preprocessed item holds {sorted(others)}, which the disk cache cannot store as "
+                         "tensors or JSON; set data.cache=memory") from error
+    handle, temp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata=header)
+        os.replace(temp, file)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
 
 
 def _cache_key(item: dict, prep: Preprocessing) -> str:

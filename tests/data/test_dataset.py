@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from monai import transforms as mt
 from monai.data import get_track_meta
+from monai.data.utils import set_rnd
+from safetensors import safe_open
 
 from medtl.data.dataset import (
     Augmentation,
+    DiskCache,
     Preprocessing,
     TrainingPipeline,
     augmentation_transforms,
@@ -104,17 +109,20 @@ def test_disk_cache_files_hold_tensors_and_pseudonyms_only_and_serve_later_epoch
     cache = tmp_path / "cache"
     ds = make_dataset(items, prep, root, key_file=_key(root), train=False, cache="disk", cache_dir=cache)
     first = [ds[i] for i in range(len(ds))]
-    files = sorted(cache.glob("*.pt"))
-    assert len(files) == len(items)
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == len(items) and not list(cache.glob("*.tmp"))
 
     needles = [str(root.resolve()), str(root), *(p for p in xray["path"] if not p.startswith("alias:")),
                *(s for s in manifest.attrs["phi"] if len(s) >= 6)]
     for file in files:
-        raw = file.read_bytes()  # torch.save stores its pickle uncompressed: strings show as bytes
+        raw = file.read_bytes()  # safetensors stores its JSON header and the tensors uncompressed
         assert not [n for n in needles if n.encode() in raw], file.name
-        cached = torch.load(file, weights_only=True)
+        with safe_open(file, framework="pt") as f:
+            assert set(f.keys()) == {"image"} and set(f.metadata()) == {"medtl"}
+            assert set(json.loads(f.metadata()["medtl"])) == {"id", "label"}
+        cached = DiskCache._read(file)
         assert set(cached) == {"id", "image", "label"} and cached["id"].startswith("R-")
-        assert type(cached["image"]) is torch.Tensor  # no MetaTensor, so no metadata dictionary
+        assert type(cached["label"]) is int and type(cached["image"]) is torch.Tensor
     assert not any(item["id"] in f.name or item["row"]["sha256"] in f.name for item in items for f in files)
 
     # Later epochs read the files, not the studies: a dataset whose root does not exist still serves them,
@@ -124,7 +132,39 @@ def test_disk_cache_files_hold_tensors_and_pseudonyms_only_and_serve_later_epoch
     assert all(torch.equal(a["image"], again[i]["image"]) and a["id"] == again[i]["id"] for i, a in enumerate(first))
     train = make_dataset(items, prep, gone, key_file=_key(root), train=True, cache="disk", cache_dir=cache)
     assert tuple(train[0]["image"].shape) == (1, 32, 32)
-    assert len(list(cache.glob("*.pt"))) == len(items)
+    assert len(list(cache.glob("*.safetensors"))) == len(items)
+
+
+def test_disk_cache_serves_the_memory_cache_values_with_the_same_augmentations_and_recomputes_a_broken_file(
+        demo_manifest, tmp_path):
+    root, manifest = demo_manifest
+    ct = manifest[manifest["modality"] == "CT"]
+    items = manifest_items(ct, ct["split"].iloc[0], "segmentation", [])
+    prep = Preprocessing(spatial_dims=3, image_size=(16, 16, 8), spacing=(1.5, 1.5, 2.5), intensity="ct",
+                         ct_window=(-200.0, 300.0), normalization="zscore_nonzero", patch=True)
+    always = Augmentation(affine_prob=1.0, noise_prob=1.0, contrast_prob=1.0)
+    cache = tmp_path / "cache"
+
+    def epoch(kind: str, seed: int) -> list[dict]:
+        ds = make_dataset(items, prep, root, key_file=_key(root), train=True, augmentation=always, cache=kind,
+                          cache_dir=cache, progress=False)
+        set_rnd(ds, seed)  # as the engine seeds an epoch
+        return [ds[i] for i in range(len(ds))]
+
+    for seed in (0, 1):  # seed 0 writes the files, seed 1 reads them
+        memory, disk = epoch("memory", seed), epoch("disk", seed)
+        for a, b in zip(memory, disk, strict=True):
+            assert a["id"] == b["id"]
+            for key in ("image", "label"):  # the mask comes back as a tensor label map, as from memory
+                assert type(b[key]) is torch.Tensor and torch.equal(a[key], b[key])
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == len(items)
+
+    files[0].write_bytes(b"not a safetensors file")  # e.g. a disk that filled up under another tool
+    with pytest.warns(UserWarning, match=f"disk cache file {files[0].name} cannot be read; computing it again"):
+        again = epoch("disk", 1)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(memory, again, strict=True))
+    assert DiskCache._read(files[0]) is not None  # written again, whole
 
 
 def test_training_augmentations_run_without_metadata_tracking_and_give_the_same_values(demo_manifest):

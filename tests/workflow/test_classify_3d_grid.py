@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medtl.data.dataset import IMAGENET_MEAN, IMAGENET_STD, PERCENTILES, deterministic_transforms
+from medtl.data.dataset import IMAGENET_MEAN, IMAGENET_STD, PERCENTILES, DiskCache, deterministic_transforms
 from medtl.models.factory import create_model
 from medtl.workflow.config import load_config
 from medtl.workflow.run import run_workflow
@@ -83,11 +83,11 @@ def test_classify_3d_trains_on_volumes_already_on_a_grid_at_their_grid(tmp_path,
     assert inputs == {(GRID, True), (GRID, False)}  # trained and scored at the volumes' grid
 
     # The disk cache holds what the network was fed: each volume voxel for voxel, never resampled.
-    files = sorted((tmp_path / "out" / "cache").glob("*.pt"))
+    files = sorted((tmp_path / "out" / "cache").glob("*.safetensors"))
     assert len(files) == 40
     path_of = dict(zip(manifest["id"], manifest["path"], strict=True))
     for file in files:
-        cached = torch.load(file, weights_only=True)
+        cached = DiskCache._read(file)
         volume = nib.load(labels.parent / path_of[cached["id"]]).get_fdata(dtype=np.float32)
         assert tuple(cached["image"].shape) == (1, *GRID)
         np.testing.assert_allclose(cached["image"][0].numpy(), _network_input(volume), atol=1e-4)

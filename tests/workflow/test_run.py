@@ -323,7 +323,7 @@ def test_disk_cache_fills_the_run_output_folder_and_serves_the_next_epoch(tmp_pa
     prep = preprocessing_for(cfg, build_model(cfg))
     val = datasets_for(cfg, prepared, prep, progress=False, splits=("val",))["val"]
     first = [val[i]["image"] for i in range(len(val))]
-    assert len(list((out / "cache").glob("*.pt"))) == len(val) == 12
+    assert len(list((out / "cache").glob("*.safetensors"))) == len(val) == 12
 
     shutil.rmtree(cfg.data.root)  # the studies are gone: the second epoch can only read the cache
     second = [val[i]["image"] for i in range(len(val))]
