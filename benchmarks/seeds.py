@@ -10,8 +10,8 @@ per seed, and reports the test metric with its 95 % bootstrap CI, wall time, and
 - `--data hippocampus-volume`: `workflows/classify_3d.yaml` on the same MRI crops, labelled "small"
   when the experts' mask holds fewer voxels than the cohort's median (hippocampal volume, the MRI
   marker of atrophy), else "normal"; with `data.modalities=[]` and `data.intensity=mr`; test AUROC.
-- `--data demo-ct`: `workflows/classify_3d.yaml` on medtl's synthetic demo CT series (600 patients,
-  seed 0: lesion present or not), no extra settings; test AUROC.
+- `--data demo-ct`: `workflows/classify_3d.yaml` on medtl's synthetic demo CT series (`--patients`,
+  default 600, demo seed 0: lesion present or not), no extra settings; test AUROC.
 
 Usage:
     .venv/bin/python benchmarks/seeds.py --data hippocampus [--work DIR] [--seeds 0 1 2] [--set key=value ...]
@@ -62,11 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="more workflow overrides (after the data's own), e.g. train.epochs=20")
     parser.add_argument("--name", default="", help="suffix of the run folders (to keep several variants)")
+    parser.add_argument("--patients", type=int, default=600, help="demo-ct: patients of the demo data set")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     return parser.parse_args(argv)
 
 
-def data_for(name: str, work: Path) -> tuple[Path, Path]:
+def data_for(name: str, work: Path, patients: int = 600) -> tuple[Path, Path]:
     """(data root, labels CSV) of a benchmark data set, made in `work` when it is generated."""
     if name == "hippocampus":
         return _data.hippocampus_labels(work)
@@ -74,9 +75,9 @@ def data_for(name: str, work: Path) -> tuple[Path, Path]:
         return _data.hippocampus_volume_labels(work)
     from medtl.data.synthetic import write_demo_data
 
-    root = work / "demo_ct"
+    root = work / ("demo_ct" if patients == 600 else f"demo_ct_{patients}")
     if not (root / "labels.csv").is_file():
-        write_demo_data(root, patients=600, seed=0, progress=False)
+        write_demo_data(root, patients=patients, seed=0, progress=False)
     return root, root / "labels.csv"
 
 
@@ -107,7 +108,7 @@ def run_seed(work: Path, root: Path, labels: Path, seed: int, args: argparse.Nam
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     work = _data.setup(args.work, progress=args.progress)
-    root, labels = data_for(args.data, work)
+    root, labels = data_for(args.data, work, args.patients)
     print("machine:", _data.machine())
     results = [run_seed(work, root, labels, seed, args) for seed in args.seeds]
     metric = TARGETS[args.data].metric
