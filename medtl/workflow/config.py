@@ -196,7 +196,7 @@ class DataConfig:
     cache: Annotated[Literal["memory", "disk", "none"], ANY_CASE] = Field(
         "memory", description="where the deterministic preprocessing is cached")
     num_workers: Whole = Field(0, ge=0, description="DataLoader workers", examples=["0 (load in the training process)"])
-    augment: StrictBool = Field(True, description="random flips/affine/noise/contrast for training")
+    augment: StrictBool = Field(True, description="random affine (rotation, scale, shift), noise and contrast for training; no flips")
     # Masks that are DICOM SEG/RTSTRUCT objects name their segments (ROIs) in free text; the map
     # turns names into classes (compared without regard to case and spacing); unknown names are
     # reported by the manifest build and stay background, never guessed.
