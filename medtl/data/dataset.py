@@ -20,9 +20,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
-import tempfile
-import warnings
+import uuid
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +40,14 @@ from monai.data import (
     set_track_meta,
 )
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from medtl.data import dicom_masks
 from medtl.data.reader import PRUNE_META_PATTERN, MedtlNiftiReader, MedtlStudyReader
 from medtl.data.verify import resolve_path, resolve_study
 from medtl.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -553,7 +555,8 @@ class DiskCache(Dataset):
     ("image", and "label" for a mask) and, as JSON in the header, its other values: the row
     pseudonym "id" and a class index "label". A file is written to a temporary name in the same
     folder and renamed into place, so workers and DDP ranks never read half a file; a file that
-    cannot be read is computed and written again.
+    cannot be read is computed and written again (with a warning naming the file). A folder that
+    cannot be written fails with `InputError` saying what to do.
 
     `transform` is the random part (MONAI's `set_rnd` seeds it like a cached dataset's pipeline).
     """
@@ -563,7 +566,10 @@ class DiskCache(Dataset):
         self.transform = rand  # first attribute: `set_rnd` seeds it as it seeds a cached dataset's pipeline
         super().__init__(list(items), transform=rand)
         self._det, self._files = det, [Path(cache_dir) / f"{key}.safetensors" for key in keys]
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise cache_folder_error(error) from error
 
     def _transform(self, index: int) -> dict:
         item = self._read(self._files[index])
@@ -574,16 +580,21 @@ class DiskCache(Dataset):
 
     @staticmethod
     def _read(file: Path) -> dict | None:
+        """The cached item, or None when there is none or it is not a whole cache file (then it is
+        computed again)."""
         try:
             with safe_open(file, framework="pt") as f:
                 item = json.loads((f.metadata() or {}).get("medtl", "{}"))
-                item.update({key: f.get_tensor(key) for key in f.keys()})
-            return item
+                if isinstance(item, dict) and "image" in f.keys():
+                    item.update({key: f.get_tensor(key) for key in f.keys()})
+                    return item
         except FileNotFoundError:
             return None
         except (SafetensorError, ValueError, OSError):
-            warnings.warn(f"disk cache file {file.name} cannot be read; computing it again", stacklevel=2)
-            return None
+            pass
+        logger.warning("disk cache file %s cannot be read (cut short, or not written by medtl); computing it "
+                       "again", file.name)
+        return None
 
 
 def _write_cached(file: Path, item: Mapping) -> None:
@@ -595,14 +606,23 @@ def _write_cached(file: Path, item: Mapping) -> None:
     except TypeError as error:
         raise InputError(f"a preprocessed item holds {sorted(others)}, which the disk cache cannot store as "
                          "tensors or JSON; set data.cache=memory") from error
-    handle, temp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-    os.close(handle)
+    data = save(tensors, metadata=header)
+    temp = file.with_name(f"{file.stem}.{uuid.uuid4().hex[:8]}.tmp")  # unique per writer (workers, ranks)
     try:
-        save_file(tensors, temp, metadata=header)
+        with open(temp, "xb") as handle:  # created with the umask's permissions, as the run's other outputs
+            handle.write(data)
         os.replace(temp, file)
+    except OSError as error:
+        raise cache_folder_error(error) from error
     finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+        temp.unlink(missing_ok=True)
+
+
+def cache_folder_error(error: OSError) -> InputError:
+    """What to do when the disk cache folder cannot be created or written (without its path)."""
+    return InputError(f"the disk cache folder (the run's OUTPUT/cache, data.cache: disk) cannot be written "
+                      f"({type(error).__name__}: {error.strerror or 'unknown reason'}); make it writable or "
+                      "delete it, or set data.cache=memory")
 
 
 def _cache_key(item: dict, prep: Preprocessing) -> str:

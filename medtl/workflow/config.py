@@ -192,7 +192,8 @@ class DataConfig:
         "auto", description="CT window, MR percentiles, X-ray range, or auto from the modality")
     ct_window: Annotated[tuple[Number, ...], Listed(), AfterValidator(_ordered_window)] = Field(
         (-1000.0, 1000.0), description="CT window [low, high] in HU", examples=["[-1000, 1000]"])
-    # disk: OUTPUT/cache/ holds the preprocessed tensors and the row pseudonym only, no path or header value.
+    # disk: OUTPUT/cache/ holds one safetensors file per item: the preprocessed tensors, the row pseudonym and the
+    # class index, no path or header value.
     cache: Annotated[Literal["memory", "disk", "none"], ANY_CASE] = Field(
         "memory", description="where the deterministic preprocessing is cached")
     num_workers: Whole = Field(0, ge=0, description="DataLoader workers", examples=["0 (load in the training process)"])

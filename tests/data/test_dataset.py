@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -12,6 +15,7 @@ from monai import transforms as mt
 from monai.data import get_track_meta
 from monai.data.utils import set_rnd
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from medtl.data.dataset import (
     Augmentation,
@@ -25,6 +29,7 @@ from medtl.data.dataset import (
 )
 from medtl.data.manifest import build_manifest
 from medtl.data.synthetic import write_demo_data
+from medtl.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +141,11 @@ def test_disk_cache_files_hold_tensors_and_pseudonyms_only_and_serve_later_epoch
 
 
 def test_disk_cache_serves_the_memory_cache_values_with_the_same_augmentations_and_recomputes_a_broken_file(
-        demo_manifest, tmp_path):
+        demo_manifest, tmp_path, caplog):
     root, manifest = demo_manifest
     ct = manifest[manifest["modality"] == "CT"]
-    items = manifest_items(ct, ct["split"].iloc[0], "segmentation", [])
+    items = [item for split in sorted(set(ct["split"])) for item in manifest_items(ct, split, "segmentation", [])]
+    assert len(items) >= 3
     prep = Preprocessing(spatial_dims=3, image_size=(16, 16, 8), spacing=(1.5, 1.5, 2.5), intensity="ct",
                          ct_window=(-200.0, 300.0), normalization="zscore_nonzero", patch=True)
     always = Augmentation(affine_prob=1.0, noise_prob=1.0, contrast_prob=1.0)
@@ -160,11 +166,40 @@ def test_disk_cache_serves_the_memory_cache_values_with_the_same_augmentations_a
     files = sorted(cache.glob("*.safetensors"))
     assert len(files) == len(items)
 
-    files[0].write_bytes(b"not a safetensors file")  # e.g. a disk that filled up under another tool
-    with pytest.warns(UserWarning, match=f"disk cache file {files[0].name} cannot be read; computing it again"):
+    files[0].write_bytes(files[0].read_bytes()[:200])  # cut short, e.g. a disk that filled up
+    save_file({"image": torch.zeros(1)}, files[1], metadata={"medtl": "[1, 2]"})  # a header that is no item
+    save_file({"other": torch.zeros(1)}, files[2], metadata={"medtl": "{}"})  # no image
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medtl.data.dataset"):
         again = epoch("disk", 1)
+    warned = sorted(r.getMessage() for r in caplog.records if r.name == "medtl.data.dataset")
+    assert warned == sorted(f"disk cache file {f.name} cannot be read (cut short, or not written by medtl); "
+                            f"computing it again" for f in files[:3])
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(memory, again, strict=True))
-    assert DiskCache._read(files[0]) is not None  # written again, whole
+    assert all(DiskCache._read(f) is not None for f in files[:3])  # written again, whole
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~_umask() for f in files[:3])  # as other outputs, not 0600
+    assert not list(cache.glob("*.tmp"))
+
+    # A cache folder that cannot be written says so and what to do, without its path.
+    shutil.rmtree(cache)
+    blocked = make_dataset(items, prep, root, key_file=_key(root), train=False, cache="disk", cache_dir=cache,
+                           progress=False)
+    shutil.rmtree(cache)  # gone under the run (or not writable): the first item cannot be stored
+    with pytest.raises(InputError, match=r"the disk cache folder \(the run's OUTPUT/cache, data.cache: disk\) "
+                                         r"cannot be written \(FileNotFoundError: No such file or directory\); "
+                                         r"make it writable or delete it, or set data.cache=memory") as caught:
+        blocked[0]
+    assert str(tmp_path) not in str(caught.value)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InputError, match="the disk cache folder .* cannot be written"):
+        make_dataset(items, prep, root, key_file=_key(root), train=False, cache="disk",
+                     cache_dir=tmp_path / "a-file" / "cache", progress=False)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_training_augmentations_run_without_metadata_tracking_and_give_the_same_values(demo_manifest):
