@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from medtl.data.dataset import class_names
 from medtl.data.inventory import file_sha256
@@ -375,12 +376,14 @@ def input_size_from_data(cfg: WorkflowConfig, data: PreparedData) -> WorkflowCon
     rounded to the nearest multiple of `PATCH_MULTIPLE` within `PATCH_BOUNDS`. A patch about the size
     of the typical volume sees the whole structure and its context; a smaller one (a fixed default)
     sees a part. The demo's CT series (about 26 x 26 x 14 voxels at 1.5 x 1.5 x 2.5 mm) get
-    [32, 32, 16]; the hippocampus crops (35 x 51 x 35 at 1 mm) [32, 48, 32].
+    [32, 32, 16]; the hippocampus crops (35 x 51 x 35 at 1 mm) [32, 48, 32]. A classifier's size,
+    given or chosen, is checked by `warn_if_batchnorm_starves`.
 
     Raises:
         InputError: When no training row has a readable shape, spacing and orientation.
     """
     if cfg.data.image_size:
+        warn_if_batchnorm_starves(cfg)
         return cfg
     rows = data.manifest[data.manifest["split"] == "train"]
     shapes = [s for s in (_ras_shape(r, cfg.data.spacing) for r in rows.to_dict("records")) if s is not None]
@@ -393,7 +396,46 @@ def input_size_from_data(cfg: WorkflowConfig, data: PreparedData) -> WorkflowCon
     size = tuple(int(min(max(PATCH_MULTIPLE * round(m / PATCH_MULTIPLE), low), high)) for m in median)
     logger.info("data.image_size from the data: %s (the median training volume is %s voxels)", list(size),
                 "x".join(f"{m:g}" for m in median))
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
+    warn_if_batchnorm_starves(cfg)
+    return cfg
+
+
+#: Fewer values than this per channel in the encoder's last BatchNorm (batch x last-stage voxels)
+#: and classification training fails (see `warn_if_batchnorm_starves`).
+MIN_LAST_STAGE_VALUES = 16
+
+
+def warn_if_batchnorm_starves(cfg: WorkflowConfig) -> bool:
+    """Warn (and return True) when a classifier's last stage is too small for BatchNorm.
+
+    The encoders downsample 32 times (ImageNet) or 8 (MedicalNet): [32, 32, 16] leaves an
+    EfficientNet a last stage of one voxel, where BatchNorm normalises each channel over the batch
+    alone (4 values at batch size 4). Then training cannot fit: the inflated EfficientNet-Lite0
+    could not fit 32 demo CT series in 30 epochs, and classify_3d at [32, 32, 16] tested at chance
+    on 375 series. At [64, 64, 32] (2 x 2 x 1 voxels, 16 values) it reached test AUROC 0.997
+    (docs/benchmarks.md). Segmentation is not checked: its decoder works at finer stages.
+    """
+    if cfg.task != "classification" or not cfg.data.image_size:
+        return False
+    reduction = last_stage_reduction(cfg.model.encoder)
+    voxels = int(np.prod([-(-int(s) // reduction) for s in cfg.data.image_size]))
+    if voxels * cfg.train.batch_size >= MIN_LAST_STAGE_VALUES:
+        return False
+    larger = [int(s) * 2 for s in cfg.data.image_size]
+    logger.warning("data.image_size %s leaves encoder '%s' a last stage of %d voxel(s) (it downsamples %d times): "
+                   "with train.batch_size %d its BatchNorm normalises over %d values, and classification then "
+                   "barely trains; use a larger data.image_size (e.g. %s) or train.batch_size",
+                   list(cfg.data.image_size), cfg.model.encoder, voxels, reduction, cfg.train.batch_size,
+                   voxels * cfg.train.batch_size, larger)
+    return True
+
+
+def last_stage_reduction(encoder: str) -> int:
+    """How many times an encoder downsamples its input by its last stage (built without memory)."""
+    with torch.device("meta"):
+        built = get_encoder_spec(encoder, key="config key 'model.encoder'").build(1)
+    return int(built.feature_reductions[-1])
 
 
 def _ras_shape(row: Mapping, spacing: Sequence[float]) -> tuple[float, float, float] | None:

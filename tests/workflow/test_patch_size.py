@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,3 +68,27 @@ def test_the_demo_ct_series_get_the_patch_segment_3d_shipped_before(tmp_path, mo
     assert cfg.data.image_size == ()
     data = prepare_data(cfg, tmp_path / "out", progress=False)
     assert input_size_from_data(cfg, data).data.image_size == (32, 32, 16)
+
+
+def test_a_classifier_input_that_leaves_batchnorm_too_few_values_is_warned_about(caplog):
+    def warned(workflow: str, *sets: str, rows=None) -> list[str]:
+        caplog.clear()
+        cfg = load_config(WORKFLOWS / f"{workflow}.yaml", list(sets))
+        with caplog.at_level(logging.WARNING, logger="medtl.workflow.prepare"):
+            input_size_from_data(cfg, _data(rows or [("9x9x9", "1x1x1", "RAS")]))
+        return [r.getMessage() for r in caplog.records if "BatchNorm" in r.getMessage()]
+
+    # The old classify_3d default: EfficientNet's last stage of one voxel, BatchNorm over the batch of 4.
+    assert warned("classify_3d", "data.image_size=[32, 32, 16]") == [
+        "data.image_size [32, 32, 16] leaves encoder 'efficientnet_lite0' a last stage of 1 voxel(s) (it downsamples "
+        "32 times): with train.batch_size 4 its BatchNorm normalises over 4 values, and classification then barely "
+        "trains; use a larger data.image_size (e.g. [64, 64, 32]) or train.batch_size"]
+    # Chosen from the data: the demo CT series' median volume gives the same size, and the same warning.
+    assert len(warned("classify_3d", "data.image_size=[]", rows=[("26x26x14", "1.5x1.5x2.5", "LPS")])) == 1
+    assert warned("classify_3d") == []  # the shipped [64, 64, 32]: 2 x 2 x 1 voxels, 16 values
+    assert warned("classify_3d", "data.image_size=[32, 32, 16]", "train.batch_size=16") == []
+    assert warned("classify_3d", "data.image_size=[32, 32, 16]", "model.encoder=medicalnet_resnet10",
+                  "model.weights=none") == []  # MedicalNet downsamples 8 times: 4 x 4 x 2 voxels
+    assert warned("segment_3d", "data.image_size=[32, 32, 16]") == []  # the decoder works at finer stages
+    assert warned("classify_2d", "data.image_size=[32, 32]", "train.batch_size=8") != []
+    assert warned("classify_2d") == []  # 96 px at batch 32: 3 x 3 voxels, 288 values
