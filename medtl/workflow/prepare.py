@@ -423,9 +423,9 @@ def warn_if_batchnorm_starves(cfg: WorkflowConfig) -> bool:
     if voxels * cfg.train.batch_size >= MIN_LAST_STAGE_VALUES:
         return False
     larger = [int(s) * 2 for s in cfg.data.image_size]
-    logger.warning("data.image_size %s leaves encoder '%s' a last stage of %d voxel(s) (it downsamples %d times): "
-                   "with train.batch_size %d its BatchNorm normalises over %d values, and classification then "
-                   "barely trains; use a larger data.image_size (e.g. %s) or train.batch_size",
+    logger.warning("data.image_size %s leaves encoder '%s' a last stage of %d voxel(s) (its input is reduced %d "
+                   "times per axis): with train.batch_size %d its BatchNorm sees only %d values per channel, and "
+                   "classification then barely trains; use a larger data.image_size (e.g. %s) or train.batch_size",
                    list(cfg.data.image_size), cfg.model.encoder, voxels, reduction, cfg.train.batch_size,
                    voxels * cfg.train.batch_size, larger)
     return True

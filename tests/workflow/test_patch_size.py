@@ -80,9 +80,9 @@ def test_a_classifier_input_that_leaves_batchnorm_too_few_values_is_warned_about
 
     # The old classify_3d default: EfficientNet's last stage of one voxel, BatchNorm over the batch of 4.
     assert warned("classify_3d", "data.image_size=[32, 32, 16]") == [
-        "data.image_size [32, 32, 16] leaves encoder 'efficientnet_lite0' a last stage of 1 voxel(s) (it downsamples "
-        "32 times): with train.batch_size 4 its BatchNorm normalises over 4 values, and classification then barely "
-        "trains; use a larger data.image_size (e.g. [64, 64, 32]) or train.batch_size"]
+        "data.image_size [32, 32, 16] leaves encoder 'efficientnet_lite0' a last stage of 1 voxel(s) (its input is "
+        "reduced 32 times per axis): with train.batch_size 4 its BatchNorm sees only 4 values per channel, and "
+        "classification then barely trains; use a larger data.image_size (e.g. [64, 64, 32]) or train.batch_size"]
     # Chosen from the data: the demo CT series' median volume gives the same size, and the same warning.
     assert len(warned("classify_3d", "data.image_size=[]", rows=[("26x26x14", "1.5x1.5x2.5", "LPS")])) == 1
     assert warned("classify_3d") == []  # the shipped [64, 64, 32]: 2 x 2 x 1 voxels, 16 values
