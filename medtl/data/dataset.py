@@ -548,9 +548,9 @@ class DiskCache(Dataset):
     """Items after the deterministic transforms, kept as one safetensors file each under `cache_dir`.
 
     Why not MONAI's `PersistentDataset`: it stores items with `torch.save` and reads them back
-    through torch's weights-only unpickler, about 0.8 ms per item, more than a cached 2D item's
-    augmentations cost (the disk cache was 2.6x faster than no cache, against 6x in memory).
-    safetensors reads the same tensors in under 0.1 ms and can hold nothing but tensors and a
+    through torch's weights-only unpickler, about 0.4 ms per 2D item and 0.9 ms per volume with
+    its mask beyond what the memory cache costs; safetensors cuts that to a quarter to a half
+    (docs/benchmarks.md, data pipeline). safetensors files hold nothing but tensors and a
     string map, so a cache file cannot carry code or metadata. Each file holds the item's tensors
     ("image", and "label" for a mask) and, as JSON in the header, its other values: the row
     pseudonym "id" and a class index "label". A file is written to a temporary name in the same
