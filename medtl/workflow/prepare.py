@@ -406,8 +406,8 @@ def input_size_from_data(cfg: WorkflowConfig, data: PreparedData) -> WorkflowCon
 MIN_LAST_STAGE_VALUES = 16
 
 
-def warn_if_batchnorm_starves(cfg: WorkflowConfig) -> bool:
-    """Warn (and return True) when a classifier's last stage is too small for BatchNorm.
+def warn_if_batchnorm_starves(cfg: WorkflowConfig) -> None:
+    """Warn when a classifier's last stage is too small for BatchNorm.
 
     The encoders downsample 32 times (ImageNet) or 8 (MedicalNet): [32, 32, 16] leaves an
     EfficientNet a last stage of one voxel, where BatchNorm normalises each channel over the batch
@@ -417,18 +417,17 @@ def warn_if_batchnorm_starves(cfg: WorkflowConfig) -> bool:
     (docs/benchmarks.md). Segmentation is not checked: its decoder works at finer stages.
     """
     if cfg.task != "classification" or not cfg.data.image_size:
-        return False
+        return
     reduction = last_stage_reduction(cfg.model.encoder)
     voxels = int(np.prod([-(-int(s) // reduction) for s in cfg.data.image_size]))
     if voxels * cfg.train.batch_size >= MIN_LAST_STAGE_VALUES:
-        return False
+        return
     larger = [int(s) * 2 for s in cfg.data.image_size]
     logger.warning("data.image_size %s leaves encoder '%s' a last stage of %d voxel(s) (its input is reduced %d "
                    "times per axis): with train.batch_size %d its BatchNorm sees only %d values per channel, and "
                    "classification then barely trains; use a larger data.image_size (e.g. %s) or train.batch_size",
                    list(cfg.data.image_size), cfg.model.encoder, voxels, reduction, cfg.train.batch_size,
                    voxels * cfg.train.batch_size, larger)
-    return True
 
 
 def last_stage_reduction(encoder: str) -> int:
