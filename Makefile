@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/medtl demo --output demo_output
 
+# One test worker per core (pytest-xdist); an idle worker takes tests queued on a busy one
+# (worksteal), so no worker runs the last slow tests alone. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medtl tests workflows benchmarks

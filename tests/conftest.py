@@ -43,3 +43,14 @@ def _isolated_medtl_config(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files holding a `slow` test run first, each file's tests kept together and in order.
+
+    `make test` spreads tests over parallel workers (pytest-xdist); a slow test collected late
+    would leave one worker running it alone at the end. Files stay whole so that their module
+    fixtures are set up once per worker.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: collection order within each group

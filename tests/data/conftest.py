@@ -27,6 +27,7 @@ import requests
 
 from medtl.data.pacs import PASSWORD_ENV, TOKEN_ENV, USER_ENV
 from medtl.data.synthetic import DemoSummary, write_demo_data
+from tests.processes import apt_get_install
 
 ORTHANC_USER = "medtl-tester"
 #: Distinctive, so a search of messages and logs for it cannot hit anything else.
@@ -64,12 +65,10 @@ def _install_orthanc() -> tuple[str, str]:
         pytest.skip("Orthanc is not installed and this machine has no apt-get to install orthanc orthanc-dicomweb")
     if os.geteuid() != 0:
         pytest.skip("Orthanc is not installed and installing orthanc orthanc-dicomweb with apt-get needs root")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=900)
-        if done.returncode != 0:
-            pytest.skip(f"could not install {' '.join(PACKAGES)} ({' '.join(command[:2])} exited "
-                        f"{done.returncode}): {done.stderr.strip()[-300:]}")
+    failed = apt_get_install(PACKAGES, installed=lambda: all(_orthanc_paths()), timeout=900,
+                             recommends=False)
+    if failed:
+        pytest.skip(f"could not install {' '.join(PACKAGES)}: {failed[-300:]}")
     binary, plugin = _orthanc_paths()
     if not (binary and plugin):
         pytest.skip("orthanc and orthanc-dicomweb were installed but the Orthanc binary or the plugin is missing")

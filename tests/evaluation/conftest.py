@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from medtl.evaluation.report_types import (
     ReportInputs,
     Results,
 )
+from tests.processes import apt_get_install
 
 #: Strings planted where the report must not look (per-patient fields of the inputs).
 PLANTED_PATIENT = "P-PLANTED9f3ac1d2e"
@@ -215,17 +214,9 @@ def chromium() -> str:
         pytest.skip("chromium is not installed and installing it needs root; run `apt-get install chromium`")
     if shutil.which("apt-get") is None:
         pytest.fail("chromium is not installed and apt-get is missing; install a Chromium build by hand")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    deadline = time.monotonic() + APT_TIMEOUT_S
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-        try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
-                                  timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`{' '.join(cmd)}` did not finish within {APT_TIMEOUT_S} s; install chromium by hand")
-        if done.returncode != 0:
-            pytest.fail(f"`{' '.join(cmd)}` failed (exit {done.returncode}); install chromium by hand:\n"
-                        f"{done.stderr[-2000:]}")
+    failed = apt_get_install(["chromium"], installed=lambda: find_chromium() is not None, timeout=APT_TIMEOUT_S)
+    if failed:
+        pytest.fail(f"{failed}; install chromium by hand")
     found = find_chromium()
     if not found:
         pytest.fail("apt-get installed chromium but no chromium executable is on PATH")
