@@ -279,10 +279,21 @@ def identifying_values(ds: Dataset) -> frozenset[tuple[str, str]]:
     meta = getattr(ds, "file_meta", None)
     for source in (meta, ds):
         if source is not None:
-            for field, vr, value in _walk(source, inside_identifying=False, inside_private=False):
-                kind = "person" if vr == "PN" else attribute_kind(field)
-                found.update((text, field) for text in _texts(vr, value) if _worth_keeping(text, kind, vr))
+            found.update(_walk(source, inside_identifying=False, inside_private=False))
     return frozenset(found)
+
+
+# Slices of one series repeat most header elements byte for byte (names, IDs, dates, study
+# UIDs), and converting raw values is most of the walk's cost: the pairs of a raw element are
+# kept by its bytes and everything its conversion depends on (VR, encoding, character set,
+# context). pydicom has no such cache. Bounded; emptied by `forget_values` after discovery.
+_MEMO: dict[tuple, tuple[tuple[str, str], ...]] = {}
+_MEMO_LIMIT = 20_000
+
+
+def forget_values() -> None:
+    """Drop the identifying values the walk keeps between files (call once discovery is done)."""
+    _MEMO.clear()
 
 
 # Attributes naming or numbering a person, place, device or record: several common words there
@@ -311,30 +322,75 @@ def attribute_kind(attribute: str) -> str:
     return "name" if _NAME_ATTRIBUTE.search(attribute) else "text"
 
 
-def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Iterator[tuple[str, str, object]]:
-    """Yield (attribute, VR, value) of every identifying element, recursing into sequences."""
+def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Iterator[tuple[str, str]]:
+    """Yield (value, attribute) of every identifying element worth keeping, recursing into sequences."""
+    charset: tuple | None = ()  # the dataset's character set, looked up once it is needed
     for tag in ds.keys():
         raw = ds.get_item(tag)
-        if isinstance(raw, RawDataElement) and not _may_identify(raw, inside_identifying or inside_private):
-            continue  # pydicom converts values on access; most elements never need it (the walk was 26 % of intake's CPU)
+        if isinstance(raw, RawDataElement):
+            if not _may_identify(raw, inside_identifying or inside_private):
+                continue  # pydicom converts values on access; most elements never need it
+            if charset == ():
+                charset = _charset(ds)
+            key = _memo_key(raw, charset, inside_identifying, inside_private) if charset else None
+            if key is not None:
+                pairs = _MEMO.get(key)
+                if pairs is None:
+                    if len(_MEMO) >= _MEMO_LIMIT:
+                        _MEMO.clear()
+                    pairs = _MEMO[key] = tuple(_pairs(ds[tag], inside_identifying, inside_private))
+                yield from pairs
+                continue
         elem = ds[tag]
-        listed = _is_listed(elem)
-        private = inside_private or elem.tag.is_private
         if elem.VR == "SQ":
+            listed, private = _is_listed(elem), inside_private or elem.tag.is_private
             for item in elem.value or ():
-                yield from _walk(
-                    item, inside_identifying=inside_identifying or listed, inside_private=private
-                )
+                yield from _walk(item, inside_identifying=inside_identifying or listed, inside_private=private)
             continue
-        if elem.tag.is_private and 0x0010 <= elem.tag.element <= 0x00FF:
-            continue  # private creator: names the vendor's dictionary, not a person
-        if elem.keyword in _SOFTWARE_KEYWORDS:
-            continue
-        field = elem.keyword or f"private tag ({elem.tag.group:04X},{elem.tag.element:04X})"
-        if listed or elem.VR in _ALWAYS_VRS or (
-            (inside_identifying or private) and elem.VR in _CONTEXT_VRS and elem.keyword not in _CODE_KEYWORDS
-        ):
-            yield from ((field, vr, value) for vr, value in _element_values(elem, numbers_ok=not private))
+        yield from _pairs(elem, inside_identifying, inside_private)
+
+
+def _memo_key(raw: RawDataElement, charset: tuple, inside_identifying: bool, inside_private: bool) -> tuple | None:
+    """What a raw element's pairs depend on, or None when its conversion depends on other elements.
+
+    Private tags (their VR comes from the private creator), UN, ambiguous VRs ("US or SS") and
+    sequences are walked as before, never kept.
+    """
+    if raw.tag.is_private or not isinstance(raw.value, bytes):
+        return None  # a value not read yet (deferred) has no bytes to compare
+    vr = raw.VR
+    if vr is None:
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return None
+    if vr in ("SQ", "UN") or " or " in vr:
+        return None
+    return (int(raw.tag), vr, raw.value, raw.is_little_endian, raw.is_implicit_VR, charset,
+            inside_identifying, inside_private)
+
+
+def _charset(ds: Dataset) -> tuple[str, ...] | None:
+    """The encodings pydicom decodes the dataset's text with (its own or its parent's), None if unknown."""
+    encodings = getattr(ds, "_character_set", None)  # pydicom's own lookup, inheritance included
+    return tuple(encodings) if isinstance(encodings, list | tuple) and encodings else None
+
+
+def _pairs(elem: DataElement, inside_identifying: bool, inside_private: bool) -> Iterator[tuple[str, str]]:
+    """(value, attribute) of one element that is not a sequence, if it identifies and is worth keeping."""
+    listed = _is_listed(elem)
+    private = inside_private or elem.tag.is_private
+    if elem.tag.is_private and 0x0010 <= elem.tag.element <= 0x00FF:
+        return  # private creator: names the vendor's dictionary, not a person
+    if elem.keyword in _SOFTWARE_KEYWORDS:
+        return
+    field = elem.keyword or f"private tag ({elem.tag.group:04X},{elem.tag.element:04X})"
+    if listed or elem.VR in _ALWAYS_VRS or (
+        (inside_identifying or private) and elem.VR in _CONTEXT_VRS and elem.keyword not in _CODE_KEYWORDS
+    ):
+        for vr, value in _element_values(elem, numbers_ok=not private):
+            kind = "person" if vr == "PN" else attribute_kind(field)
+            yield from ((text, field) for text in _texts(vr, value) if _worth_keeping(text, kind, vr))
 
 
 def _may_identify(raw: RawDataElement, inside: bool) -> bool:

@@ -242,6 +242,7 @@ def inspect_dicom(path: Path) -> DicomImage | Rejection:
         return Rejection(path, "quarantined", "DICOM object without pixel data")
     if "PixelData" not in ds:
         return Rejection(path, "skipped", "floating-point pixel data (parametric map), not an image")
+    header = header_facts(ds)  # before decoding converts elements (see header_facts)
     values = decoded_frames(ds)
     if isinstance(values, str):
         return Rejection(path, "quarantined", values)
@@ -263,7 +264,7 @@ def inspect_dicom(path: Path) -> DicomImage | Rejection:
         orientation=orientation,
         positions=positions,
         pixel_spacing=spacing,
-        header=header_facts(ds),
+        header=header,
         sop_uid=_text(ds, "SOPInstanceUID"),
         transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         pixel_digest=hashlib.sha256(ds.PixelData).hexdigest(),
@@ -456,6 +457,9 @@ def number_of_frames(ds: Dataset) -> int:
 
 def header_facts(ds: Dataset) -> HeaderFacts:
     """Identifying and subgroup-relevant header values of one file (in memory only)."""
+    # First, while the elements are still raw: the walk skips converting those it has met in
+    # earlier files (`medtl.data.deid`), and the fields below would convert them.
+    found = identifying_values(ds)
     return HeaderFacts(
         patient_id=_text(ds, "PatientID"),
         study_uid=_text(ds, "StudyInstanceUID"),
@@ -469,7 +473,7 @@ def header_facts(ds: Dataset) -> HeaderFacts:
         model=_text(ds, "ManufacturerModelName"),
         body_part=_text(ds, "BodyPartExamined"),
         photometric=_text(ds, "PhotometricInterpretation"),
-        identifying_values=identifying_values(ds),
+        identifying_values=found,
     )
 
 
@@ -705,13 +709,23 @@ def _keyword(tag: object) -> str:
 
 
 def _thumbnail(frame: np.ndarray) -> tuple[float, ...]:
-    """Block means of a frame: equal for lossless copies, close for lossy ones, apart for other images."""
-    bands = np.array_split(frame, min(_THUMBNAIL, frame.shape[0]), axis=0)
-    return tuple(
-        float(block.mean(dtype=np.float64))
-        for band in bands
-        for block in np.array_split(band, min(_THUMBNAIL, frame.shape[1]), axis=1)
-    )
+    """Block means of a (rows, columns) frame: equal for lossless copies, close for lossy ones, apart otherwise.
+
+    The blocks are `np.array_split`'s (up to `_THUMBNAIL` per side, the first ones a row or column
+    larger); their sums come from one `np.add.reduceat` per axis instead of a mean per block (the
+    per-block means were 8 % of the CPU of reading a file at intake).
+    """
+    rows = _split_starts(frame.shape[0], min(_THUMBNAIL, frame.shape[0]))
+    cols = _split_starts(frame.shape[1], min(_THUMBNAIL, frame.shape[1]))
+    sums = np.add.reduceat(np.add.reduceat(frame, cols, axis=1, dtype=np.float64), rows, axis=0)  # rows are contiguous
+    counts = np.outer(np.diff(rows, append=frame.shape[0]), np.diff(cols, append=frame.shape[1]))
+    return tuple((sums / counts).ravel().tolist())
+
+
+def _split_starts(length: int, parts: int) -> np.ndarray:
+    """Start indices of `np.array_split(range(length), parts)`: the first `length % parts` parts one longer."""
+    size, extra = divmod(length, parts)
+    return np.cumsum([0] + [size + 1] * extra + [size] * (parts - extra - 1), dtype=np.int64)
 
 
 def _pair(value: object) -> tuple[float, float] | None:

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medtl.data import dicom, geometry
+from medtl.data.deid import forget_values
 from medtl.data.dicom import DicomImage, PixelSummary
 from medtl.data.types import HeaderFacts, LoadedImage, Rejection, Study
 from medtl.errors import InputError
@@ -140,13 +141,16 @@ def discover_with_pixels(
     images: list[DicomImage] = []
     outcomes = tqdm(_inspected(files, real_root, count), total=len(files), desc="Scanning files", unit="file",
                     disable=not progress)
-    for outcome in outcomes:
-        if isinstance(outcome, Study):
-            studies.append(outcome)
-        elif isinstance(outcome, Rejection):
-            rejections.append(outcome)
-        else:
-            images.append(outcome)
+    try:
+        for outcome in outcomes:
+            if isinstance(outcome, Study):
+                studies.append(outcome)
+            elif isinstance(outcome, Rejection):
+                rejections.append(outcome)
+            else:
+                images.append(outcome)
+    finally:
+        forget_values()  # the header walk's values kept between files (worker processes end with theirs)
     series_studies, series_rejections = assemble_series(images)
     known = {image.path: image.pixels for image in images if image.pixels is not None}
     studies.extend(series_studies)

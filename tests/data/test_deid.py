@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from medtl.data.deid import IDENTIFYING_KEYWORDS, MIN_VALUE_LENGTH, identifying_values
+from medtl.data.deid import IDENTIFYING_KEYWORDS, MIN_VALUE_LENGTH, forget_values, identifying_values
 from tests.data import dicom_factory as factory
 
 
@@ -192,6 +192,46 @@ def test_values_judged_from_raw_tags_equal_those_of_a_fully_converted_header():
         assert identifying_values(lazy) == identifying_values(eager), path.rsplit("/", 1)[-1]
         checked += 1
     assert checked > 50  # pydicom bundles about a hundred real files
+
+
+def _read_quietly(path: str) -> Dataset | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, force=True, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - pydicom's deliberately broken files
+        return None
+
+
+def test_values_kept_between_files_equal_those_of_a_fresh_walk():
+    # The walk keeps the pairs of raw elements it has converted (series slices repeat them); over
+    # every file pydicom ships, read after all the others, a file must give what it gives alone.
+    paths = [p for p in _pydicom_test_files() if _read_quietly(p) is not None]
+    alone = {}
+    for path in paths:
+        forget_values()
+        alone[path] = identifying_values(_read_quietly(path))
+    forget_values()
+    for path in paths:
+        identifying_values(_read_quietly(path))
+    for path in reversed(paths):
+        assert identifying_values(_read_quietly(path)) == alone[path], path.rsplit("/", 1)[-1]
+    assert sum(bool(found) for found in alone.values()) > 30
+
+
+def test_the_same_name_bytes_under_another_character_set_give_that_set_s_name(tmp_path):
+    ds = _dataset_with_phi()
+    ds.SpecificCharacterSet = "ISO_IR 100"  # Latin-1
+    ds.PatientName = "M\u00fcller^Hannelore"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    latin = tmp_path / "latin.dcm"
+    ds.save_as(latin, enforce_file_format=True)
+    # The same bytes declared Cyrillic (ISO 8859-5): byte 0xFC is another letter there.
+    cyrillic = tmp_path / "cyrillic.dcm"
+    cyrillic.write_bytes(latin.read_bytes().replace(b"ISO_IR 100", b"ISO_IR 144"))
+    names = [{v for v, a in identifying_values(pydicom.dcmread(f)) if a == "PatientName"} for f in (latin, cyrillic)]
+    assert names == [{"M\u00fcller^Hannelore"}, {"M\u045cller^Hannelore"}]
 
 
 @pytest.mark.parametrize("implicit", [True, False])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from pydicom.uid import RLELossless
 
 from medtl.data import dicom, geometry
@@ -267,3 +270,14 @@ def test_non_image_category_names_valid_non_image_objects(sop_class, modality, e
 )
 def test_non_image_category_keeps_image_storage_classes(sop_class):
     assert dicom.non_image_category(sop_class, "") == ""
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
+                  elements=st.floats(-5000, 5000, width=32)))
+def test_thumbnail_is_the_mean_of_each_array_split_block(frame):
+    # The definition the copy check relies on, computed the slow way: np.array_split's blocks.
+    blocks = [block for band in np.array_split(frame, min(dicom._THUMBNAIL, frame.shape[0]), axis=0)
+              for block in np.array_split(band, min(dicom._THUMBNAIL, frame.shape[1]), axis=1)]
+    expected = [float(block.mean(dtype=np.float64)) for block in blocks]
+    np.testing.assert_allclose(dicom._thumbnail(frame), expected, rtol=1e-9, atol=1e-9)

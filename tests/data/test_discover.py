@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from pydicom.pixels import apply_voi_lut
 
+from medtl.data import deid
 from medtl.data.discover import discover, load_study
 from medtl.data.types import Rejection, Study
 from medtl.errors import InputError
@@ -208,6 +209,7 @@ def test_series_header_facts_collect_identifying_values_over_all_files(tmp_path)
     values = {v if isinstance(v, str) else v[0] for v in header.identifying_values}
     assert {"scanned by technologist MARSHALL", factory.PATIENT_NAME, factory.ACCESSION} <= values
     assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths} <= values
+    assert not deid._MEMO, "the values the walk kept between files must be dropped once discovery ends"
 
 
 def test_copies_of_the_same_instance_are_skipped_not_stacked(tmp_path):
