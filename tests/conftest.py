@@ -48,9 +48,9 @@ def _isolated_medtl_config(tmp_path_factory, monkeypatch):
 def pytest_collection_modifyitems(config, items):
     """Test files holding a `slow` test run first, each file's tests kept together and in order.
 
-    `make test` spreads tests over parallel workers (pytest-xdist); a slow test collected late
-    would leave one worker running it alone at the end. Files stay whole so that their module
-    fixtures are set up once per worker.
+    `make test` hands whole test files to parallel workers (pytest-xdist, loadfile); a slow file
+    queued last would leave one worker running it alone at the end. Files stay whole so that
+    their module fixtures are set up once.
     """
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: collection order within each group
