@@ -93,7 +93,8 @@ class Augmentation:
     follow with nearest neighbour); Gaussian noise of `noise_std` and a gamma in
     `contrast_gamma` change the image only. 3D patch training crops a random patch first: with a
     mask, a `foreground_fraction` of the patches are centred on a foreground voxel (nnU-Net forces
-    a third), the others anywhere in the volume.
+    a third), the others anywhere in the volume. `flip_axes` are spatial axes mirrored at random,
+    each on its own with probability `flip_prob` (nnU-Net mirrors every axis); none by default.
     """
 
     affine_prob: float = 0.5
@@ -105,6 +106,8 @@ class Augmentation:
     contrast_prob: float = 0.2
     contrast_gamma: tuple[float, float] = (0.8, 1.25)
     foreground_fraction: float = 1 / 3
+    flip_axes: tuple[int, ...] = ()
+    flip_prob: float = 0.5
 
 
 def preprocessing_record(prep: Preprocessing, augmentation: Augmentation | None = None) -> dict[str, str | float]:
@@ -396,6 +399,7 @@ def augmentation_transforms(prep: Preprocessing, has_mask: bool, augmentation: A
         ),
         mt.RandGaussianNoised(keys="image", prob=aug.noise_prob, std=aug.noise_std),
         mt.RandAdjustContrastd(keys="image", prob=aug.contrast_prob, gamma=aug.contrast_gamma),
+        *(mt.RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=axis) for axis in aug.flip_axes),
     ]
     return mt.Compose(steps)
 

@@ -197,7 +197,12 @@ class DataConfig:
     cache: Annotated[Literal["memory", "disk", "none"], ANY_CASE] = Field(
         "memory", description="where the deterministic preprocessing is cached")
     num_workers: Whole = Field(0, ge=0, description="DataLoader workers", examples=["0 (load in the training process)"])
-    augment: StrictBool = Field(True, description="random affine (rotation, scale, shift), noise and contrast for training; no flips")
+    augment: StrictBool = Field(True, description="random affine (rotation, scale, shift), noise and contrast for training")
+    # Mirroring puts a structure on the other side: right for symmetric anatomy, wrong where a class
+    # means a side (left kidney) unless it is mirrored too. Hence none by default.
+    flip_axes: Annotated[tuple[Whole, ...], Listed("no flips")] = Field(
+        (), description="spatial axes mirrored at random in training, each with probability 0.5 (3D: 0 left-right, "
+                        "1 back-front, 2 foot-head)", examples=["[0, 1, 2]"])
     # Masks that are DICOM SEG/RTSTRUCT objects name their segments (ROIs) in free text; the map
     # turns names into classes (compared without regard to case and spacing); unknown names are
     # reported by the manifest build and stay background, never guessed.
@@ -611,6 +616,7 @@ def validate(cfg: WorkflowConfig) -> WorkflowConfig:
                           "label per study; score multi-label predictions with medtl.evaluation.metrics."
                           "multilabel_metrics")
     _validate_spacing(cfg)
+    _validate_flips(cfg)
     _validate_tta(cfg)
     _validate_adaptation(cfg)
     _validate_multitask(cfg)
@@ -626,6 +632,13 @@ def _validate_spacing(cfg: WorkflowConfig) -> None:
     if spacing and (len(spacing) != dims or not all(s > 0 and math.isfinite(s) for s in spacing)):
         raise ConfigError(f"config key 'data.spacing' must be {dims} positive voxel sizes in mm, not {list(spacing)}; "
                           f"e.g. {config_keys()['data.spacing'].example}, or [] to keep the source spacing")
+
+
+def _validate_flips(cfg: WorkflowConfig) -> None:
+    axes, dims = cfg.data.flip_axes, cfg.model.spatial_dims
+    if len(set(axes)) != len(axes) or not all(0 <= a < dims for a in axes):
+        raise ConfigError(f"config key 'data.flip_axes' must list distinct spatial axes from 0 to {dims - 1} for "
+                          f"model.spatial_dims={dims}, not {list(axes)}; e.g. {list(range(dims))}, or [] for no flips")
 
 
 def _validate_tta(cfg: WorkflowConfig) -> None:

@@ -60,6 +60,7 @@ from medtl.workflow.train import (
     loss_class_weights,
     preprocessing_for,
     train_model,
+    training_augmentation,
     transfer_plan_for,
 )
 
@@ -208,7 +209,8 @@ def train_dann(
     domains, _ = domain_labels([item["row"][a.domain_column] for item in items], target=a.target.strip(),
                                column=a.domain_column)
     train_set = make_dataset(items, prep, data.root, key_file=data.key_file, train=True, augment=cfg.data.augment,
-                             cache=cfg.data.cache, cache_dir=data.cache_dir, progress=progress)
+                             augmentation=training_augmentation(cfg), cache=cfg.data.cache, cache_dir=data.cache_dir,
+                             progress=progress)
     sets = {"train": train_set, **datasets_for(cfg, source, prep, progress=progress, splits=("val", "test"))}
     model = DANNModel(bundle.model, num_domains=2, hidden=a.hidden)
     plan = DANNPlan(transfer_plan_for(cfg, model), epochs=cfg.train.epochs, gamma=a.gamma, max_lambda=a.max_lambda)

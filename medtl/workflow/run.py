@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtl.data.dataset import Augmentation, preprocessing_record
+from medtl.data.dataset import preprocessing_record
 from medtl.engine.runtime import barrier, cleanup_distributed, init_distributed
 from medtl.evaluation.report import render_report
 from medtl.tracking import registry, run_records, store
@@ -76,7 +76,7 @@ from medtl.workflow.record import (
 )
 from medtl.workflow.report import build_report_inputs, inputs_to_json
 from medtl.workflow.steps import interrupts_kept, killed_on_interrupt, set_step
-from medtl.workflow.train import TrainedModel
+from medtl.workflow.train import TrainedModel, training_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def _train(run: _Run, *, resume: bool, progress: bool):
     report = trained.bundle.load_report
     run_records.log_weights(trained.bundle.weights.as_dict(), report.as_dict() if report is not None else None)
     # What the network saw: every preprocessing and augmentation setting, so a run can be redone.
-    run_records.log_config(preprocessing_record(trained.prep, Augmentation() if run.cfg.data.augment else None))
+    run_records.log_config(preprocessing_record(trained.prep, training_augmentation(run.cfg)))
     return trained, sets, method_info, scratch
 
 

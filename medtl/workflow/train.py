@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medtl.data.dataset import Preprocessing, make_dataset, manifest_items
+from medtl.data.dataset import Augmentation, Preprocessing, make_dataset, manifest_items
 from medtl.engine.config import FitResult, TrainConfig, TransferPlanLike
 from medtl.engine.loop import fit
 from medtl.engine.runtime import init_distributed, seed_everything
@@ -89,6 +89,11 @@ def build_model(cfg: WorkflowConfig, *, weights: str | None = None) -> ModelBund
     )
 
 
+def training_augmentation(cfg: WorkflowConfig) -> Augmentation | None:
+    """The random transforms of training the config asks for; None with `data.augment: false`."""
+    return Augmentation(flip_axes=tuple(cfg.data.flip_axes)) if cfg.data.augment else None
+
+
 def datasets_for(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing, *, progress: bool = True,
                  train_ids: set[str] | None = None, splits: tuple[str, ...] = ("train", "val", "test")) -> dict:
     """MONAI datasets of the given splits (train optionally restricted to `train_ids`)."""
@@ -104,6 +109,7 @@ def datasets_for(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing, *
             key_file=data.key_file,
             train=split == "train",
             augment=cfg.data.augment,
+            augmentation=training_augmentation(cfg),
             cache=cfg.data.cache,
             cache_dir=data.cache_dir,
             progress=progress,

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -244,3 +245,34 @@ def test_3d_patches_are_centred_on_foreground_as_often_as_asked(fraction):
     else:  # a third centred on it, plus the uniform chance of the other two thirds
         expected = fraction + (1 - fraction) * uniform
         assert abs(hits / draws - expected) < 0.08, (hits / draws, expected)
+
+
+@pytest.mark.parametrize(("dims", "axes"), [(2, (0,)), (2, (1,)), (3, (0, 2)), (3, (0, 1, 2))])
+def test_flips_mirror_image_and_mask_together_along_each_axis_asked(dims, axes):
+    size = (6, 8, 10)[:dims]
+    image = torch.arange(np.prod(size), dtype=torch.float32).reshape(1, *size)
+    label = (image % 3).float()
+    prep = Preprocessing(spatial_dims=dims, image_size=size)
+    only_flips = Augmentation(affine_prob=0.0, noise_prob=0.0, contrast_prob=0.0, flip_axes=axes, flip_prob=1.0)
+    out = augmentation_transforms(prep, True, only_flips)({"image": image, "label": label})
+    dims_flipped = [1 + a for a in axes]  # after the channel axis
+    assert torch.equal(torch.as_tensor(out["image"]), image.flip(dims_flipped))
+    assert torch.equal(torch.as_tensor(out["label"]), label.flip(dims_flipped))
+
+
+def test_each_axis_flips_on_its_own_with_the_probability_asked():
+    image = torch.arange(2 * 3, dtype=torch.float32).reshape(1, 2, 3)
+    flips = augmentation_transforms(Preprocessing(spatial_dims=2, image_size=(2, 3)), False,
+                                    Augmentation(affine_prob=0.0, noise_prob=0.0, contrast_prob=0.0, flip_axes=(0, 1)))
+    flips.set_random_state(0)
+    seen = Counter()
+    for _ in range(400):
+        out = torch.as_tensor(flips({"image": image})["image"])
+        seen[next(d for d in [(), (1,), (2,), (1, 2)] if torch.equal(out, image.flip(list(d)) if d else image))] += 1
+    assert all(abs(seen[d] / 400 - 0.25) < 0.07 for d in [(), (1,), (2,), (1, 2)]), seen  # 0.5 x 0.5 each
+
+
+def test_no_flips_unless_asked():
+    assert Augmentation().flip_axes == ()
+    steps = augmentation_transforms(Preprocessing(spatial_dims=3, image_size=(8, 8, 8)), True).transforms
+    assert not [s for s in steps if "Flip" in type(s).__name__]

@@ -237,6 +237,10 @@ def test_choices_come_from_the_one_vocabulary():
         ("classify_2d", "audit.alpha=0", r"'audit\.alpha' must be in \(0, 1\), not 0"),
         ("classify_2d", "audit.tolerances={auroc: -0.1}", r"'audit\.tolerances\.auroc' must be at least 0"),
         ("classify_2d", "train.warmup_epochs=-1", r"'train\.warmup_epochs' must be at least 0"),
+        ("classify_2d", "data.flip_axes=[2]", r"'data\.flip_axes' must list distinct spatial axes from 0 to 1 for "
+                                              r"model\.spatial_dims=2, not \[2\]"),
+        ("segment_3d", "data.flip_axes=[0, 0]", r"'data\.flip_axes' must list distinct spatial axes from 0 to 2"),
+        ("segment_3d", "data.flip_axes=[-1]", r"'data\.flip_axes' must list distinct spatial axes"),
     ],
 )
 def test_numeric_ranges_are_refused_when_the_config_loads(workflow, setting, message):
