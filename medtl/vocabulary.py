@@ -123,8 +123,9 @@ TASKS = ("classification", "segmentation")
 STRATEGIES = ("linear_probe", "finetune", "gradual_unfreeze", "lp_ft", "discriminative")
 THRESHOLD_RULES = ("youden", "sensitivity", "fpr")
 #: Test-time augmentation: "flip" averages the outputs of the image and its mirror image along the
-#: last spatial axis (left-right in a radiograph: the column axis).
-TTA_MODES = ("none", "flip")
+#: last spatial axis (left-right in a radiograph: the column axis); "mirror" averages the image and
+#: its mirror image along each axis training flipped (`data.flip_axes`).
+TTA_MODES = ("none", "flip", "mirror")
 FEW_SHOT_METHODS = ("prototype", "linear_probe")
 OPTIMIZERS = ("adamw", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")

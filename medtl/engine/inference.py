@@ -176,10 +176,11 @@ def predict(
     return rows
 
 
-def tta_flips(mode: str, spatial_dims: int) -> tuple[int, ...]:
+def tta_flips(mode: str, spatial_dims: int, trained_axes: Sequence[int] = ()) -> tuple[int, ...]:
     """The `flips` of `predict` for a test-time augmentation mode (`medtl.vocabulary.TTA_MODES`).
 
     "flip" mirrors the last spatial axis: the columns of a 2D image (left-right in a radiograph).
+    "mirror" mirrors each of `trained_axes`, the axes training flipped (`data.flip_axes`).
 
     Raises:
         ConfigError: for an unknown mode.
@@ -187,6 +188,10 @@ def tta_flips(mode: str, spatial_dims: int) -> tuple[int, ...]:
     if mode not in TTA_MODES:
         raise ConfigError(f"test-time augmentation must be one of {', '.join(TTA_MODES)}, not {mode!r}; "
                           "set evaluation.tta")
+    if mode == "mirror":
+        if not trained_axes:
+            raise ConfigError("evaluation.tta mirror needs the axes training flipped; set data.flip_axes, e.g. [0, 1, 2]")
+        return tuple(int(a) for a in trained_axes)
     return (spatial_dims - 1,) if mode == "flip" else ()
 
 

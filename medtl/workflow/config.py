@@ -278,7 +278,8 @@ class EvaluationConfig:
     n_boot: Whole = Field(2000, ge=100, description="bootstrap replicates (patients resampled)", examples=["2000"])
     # Part of the registered model: `medtl predict`, `medtl evaluate` and the served model average alike.
     tta: Annotated[Literal[TTA_MODES], ANY_CASE] = Field(
-        "none", description="test-time augmentation: flip averages the image and its left-right mirror")
+        "none", description="test-time augmentation: flip averages the image and its left-right mirror; mirror, "
+                            "the image and its mirror along each axis of data.flip_axes")
 
 
 @_section
@@ -642,12 +643,18 @@ def _validate_flips(cfg: WorkflowConfig) -> None:
 
 
 def _validate_tta(cfg: WorkflowConfig) -> None:
-    # Training shows no mirrored images. A mirrored radiograph costs a little (-0.004 AUROC); a mirrored
-    # volume's classes land on the wrong side (-0.22 to -0.36 test Dice on the hippocampus, for every axis).
+    # Without data.flip_axes training shows no mirrored images. A mirrored radiograph costs a little (-0.004
+    # AUROC); a mirrored volume's classes land on the wrong side (-0.22 to -0.36 test Dice on the hippocampus).
+    if cfg.evaluation.tta == "mirror":
+        if not (cfg.data.flip_axes and cfg.data.augment):
+            raise ConfigError("config key 'evaluation.tta' can be mirror only for a model trained with flips: set "
+                              "data.flip_axes (e.g. [0, 1, 2]) with data.augment true, or set evaluation.tta to none")
+        return
     if cfg.evaluation.tta != "none" and (cfg.task != "classification" or cfg.model.spatial_dims != 2):
         raise ConfigError(f"config key 'evaluation.tta' must be none for {cfg.model.spatial_dims}D {cfg.task}, not "
                           f"{cfg.evaluation.tta}: training shows no mirrored images, and averaging a mirrored volume "
-                          f"in lowered test Dice by 0.22-0.36 (docs/benchmarks.md); flip is for 2D classification")
+                          f"in lowered test Dice by 0.22-0.36 (docs/benchmarks.md); flip is for 2D classification, mirror for "
+                          f"models trained with data.flip_axes")
 
 
 def _validate_adaptation(cfg: WorkflowConfig) -> None:

@@ -47,7 +47,7 @@ def predictions_table(cfg: WorkflowConfig, data: PreparedData, trained: TrainedM
     roi = tuple(cfg.data.image_size) if trained.prep.patch else None
     activation = "none" if multitask else "softmax"  # config validation refuses model.multi_label
     # A multi-task output holds segmentation and class logits in one tensor: not averaged over flips.
-    flips = () if multitask else tta_flips(cfg.evaluation.tta, cfg.model.spatial_dims)
+    flips = () if multitask else tta_flips(cfg.evaluation.tta, cfg.model.spatial_dims, cfg.data.flip_axes)
     by_id = data.manifest.set_index("id")
     index = {name: i for i, name in enumerate(head_classes)}
     for split in ("val", "test"):

@@ -86,7 +86,7 @@ class ModelPackage:
 
     def flips(self) -> tuple[int, ...]:
         """The spatial axes `predict` mirrors for the frozen test-time augmentation."""
-        return tta_flips(self.tta, self.spatial_dims)
+        return tta_flips(self.tta, self.spatial_dims, self.workflow_config.get("data", {}).get("flip_axes", ()))
 
     def input_shape(self) -> tuple[int, ...]:
         """One network input without the batch axis, `(channels, *spatial)`."""
@@ -206,7 +206,8 @@ def package_for_run(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing
     )
 
 
-REUSED_DATA_KEYS = ("subgroups", "modalities", "image_size", "spacing", "intensity", "ct_window", "cache")
+# flip_axes: the axes evaluation.tta mirror averages over (`ModelPackage.flips`).
+REUSED_DATA_KEYS = ("subgroups", "modalities", "image_size", "spacing", "intensity", "ct_window", "cache", "flip_axes")
 
 
 def reusable_config(cfg: WorkflowConfig) -> dict[str, Any]:

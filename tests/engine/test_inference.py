@@ -91,3 +91,10 @@ def test_flip_tta_mirrors_a_dense_output_back_before_averaging(roi):
 def test_an_unknown_tta_mode_is_refused_with_the_config_key():
     with pytest.raises(ConfigError, match="evaluation.tta"):
         tta_flips("rotate", 2)
+
+
+def test_mirror_tta_mirrors_the_axes_training_flipped_and_needs_them():
+    assert tta_flips("mirror", 3, (0, 1, 2)) == (0, 1, 2)
+    assert tta_flips("mirror", 3, [2]) == (2,)
+    with pytest.raises(ConfigError, match="data.flip_axes"):
+        tta_flips("mirror", 3)

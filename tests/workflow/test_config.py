@@ -1,6 +1,7 @@
 """Workflow configuration: the stable keys, --set overrides and errors that name the bad key."""
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -342,3 +343,27 @@ def test_flip_test_time_augmentation_is_refused_beyond_2d_classification(workflo
                                           r"mirrored images"):
         load_config(WORKFLOWS / f"{workflow}.yaml", ["evaluation.tta=flip"])
     assert load_config(WORKFLOWS / "classify_2d.yaml", ["evaluation.tta=flip"]).evaluation.tta == "flip"
+
+
+@pytest.mark.parametrize("workflow", ["segment_3d", "classify_3d", "classify_2d"])
+def test_mirror_test_time_augmentation_needs_a_model_trained_with_flips(workflow):
+    with pytest.raises(ConfigError, match=r"'evaluation.tta' can be mirror only for a model trained with flips"):
+        load_config(WORKFLOWS / f"{workflow}.yaml", ["evaluation.tta=mirror"])
+    axes = "[0, 1]" if workflow == "classify_2d" else "[0, 1, 2]"
+    with pytest.raises(ConfigError, match=r"can be mirror only for a model trained with flips"):
+        load_config(WORKFLOWS / f"{workflow}.yaml", ["evaluation.tta=mirror", f"data.flip_axes={axes}", "data.augment=false"])
+    cfg = load_config(WORKFLOWS / f"{workflow}.yaml", ["evaluation.tta=mirror", f"data.flip_axes={axes}"])
+    assert (cfg.evaluation.tta, cfg.data.flip_axes) == ("mirror", tuple(json.loads(axes)))
+
+
+def test_the_package_mirrors_the_axes_its_run_trained_with_flips():
+    from medtl.workflow.package import ModelPackage, reusable_config
+
+    cfg = load_config(WORKFLOWS / "segment_3d.yaml", ["evaluation.tta=mirror", "data.flip_axes=[0, 2]"])
+    fields = {"task": cfg.task, "encoder": cfg.model.encoder, "spatial_dims": 3, "in_channels": 1, "num_classes": 3,
+              "classes": [], "positive_class": None, "threshold": None, "preprocessing": {}, "modalities": [],
+              "key_id": "", "manifest_sha256": ""}
+    package = ModelPackage(**fields, tta=cfg.evaluation.tta, workflow_config=reusable_config(cfg))
+    assert package.flips() == (0, 2)  # what `medtl predict`, external evaluation and serving average over
+    # A package written before data.flip_axes existed keeps its own mode.
+    assert ModelPackage(**fields, tta="none", workflow_config={"data": {}}).flips() == ()
