@@ -33,7 +33,7 @@ from medtl.errors import ConfigError, InputError
 from medtl.tracking import registry, store
 from medtl.workflow.config import load_config
 from medtl.workflow.external import run_external_validation
-from medtl.workflow.package import PACKAGE_FILE, remembered_manifest
+from medtl.workflow.package import PACKAGE_FILE, read_package, remembered_manifest
 from medtl.workflow.predict import run_predict
 from medtl.workflow.run import run_workflow
 from tests.data import dicom_factory as factory
@@ -300,8 +300,12 @@ def test_segmentation_predict_writes_masks_on_the_input_grid_and_dicom_seg_over_
     cfg = load_config(WORKFLOWS / "segment_3d.yaml", [f"data.root={root}", f"data.labels={root / 'labels.csv'}",
                                                       "data.image_size=[16, 16, 8]", "train.epochs=1", "train.min_steps=0",
                                                       "evaluation.n_boot=100", "audit.reference=none",
-                                                      "data.manifest_out=", "tracking.registered_model=seg"])
+                                                      "data.manifest_out=", "tracking.registered_model=seg",
+                                                      # Trained with flips, so predict averages the mirror views too.
+                                                      "data.flip_axes=[0, 1, 2]", "evaluation.tta=mirror"])
     trained = run_workflow(cfg, tmp_path / "run", progress=False)
+    package, _ = read_package(tmp_path / "run" / "package")
+    assert (package.tta, package.flips()) == ("mirror", (0, 1, 2))  # what predict, evaluate and serving average over
     # The demo folder also holds the NIfTI masks themselves: a CSV of the image paths picks the CTs.
     labels = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
     labels.loc[labels["mask"] != "", ["path"]].to_csv(tmp_path / "cts.csv", index=False)
@@ -333,7 +337,6 @@ def test_segmentation_predict_writes_masks_on_the_input_grid_and_dicom_seg_over_
 @pytest.mark.slow
 def test_scoring_holds_one_chunk_of_preprocessed_studies_and_gives_the_same_scores(env, monkeypatch):
     from medtl.workflow import apply
-    from medtl.workflow.package import read_package
 
     package, network = read_package(env["outputs"].output_dir / "package")
     rng = np.random.default_rng(0)
