@@ -286,14 +286,24 @@ def identifying_values(ds: Dataset) -> frozenset[tuple[str, str]]:
 # Slices of one series repeat most header elements byte for byte (names, IDs, dates, study
 # UIDs), and converting raw values is most of the walk's cost: the pairs of a raw element are
 # kept by its bytes and everything its conversion depends on (VR, encoding, character set,
-# context). pydicom has no such cache. Bounded; emptied by `forget_values` after discovery.
-_MEMO: dict[tuple, tuple[tuple[str, str], ...]] = {}
+# context). pydicom has no such cache. Only inside `values_kept_between_files` (None outside it,
+# so no identifying value outlives the discovery that read it); bounded.
+_MEMO: dict[tuple, tuple[tuple[str, str], ...]] | None = None
 _MEMO_LIMIT = 20_000
 
 
-def forget_values() -> None:
-    """Drop the identifying values the walk keeps between files (call once discovery is done)."""
-    _MEMO.clear()
+@contextlib.contextmanager
+def values_kept_between_files() -> Iterator[None]:
+    """Within the block, `identifying_values` reuses what it converted in earlier files; dropped after.
+
+    Worker processes forked inside the block keep their own copy until they end.
+    """
+    global _MEMO
+    _MEMO = {}
+    try:
+        yield
+    finally:
+        _MEMO = None
 
 
 # Attributes naming or numbering a person, place, device or record: several common words there
@@ -330,15 +340,16 @@ def _walk(ds: Dataset, *, inside_identifying: bool, inside_private: bool) -> Ite
         if isinstance(raw, RawDataElement):
             if not _may_identify(raw, inside_identifying or inside_private):
                 continue  # pydicom converts values on access; most elements never need it
-            if charset == ():
+            memo = _MEMO
+            if memo is not None and charset == ():
                 charset = _charset(ds)
-            key = _memo_key(raw, charset, inside_identifying, inside_private) if charset else None
+            key = _memo_key(raw, charset, inside_identifying, inside_private) if memo is not None and charset else None
             if key is not None:
-                pairs = _MEMO.get(key)
+                pairs = memo.get(key)
                 if pairs is None:
-                    if len(_MEMO) >= _MEMO_LIMIT:
-                        _MEMO.clear()
-                    pairs = _MEMO[key] = tuple(_pairs(ds[tag], inside_identifying, inside_private))
+                    if len(memo) >= _MEMO_LIMIT:
+                        memo.clear()
+                    pairs = memo[key] = tuple(_pairs(ds[tag], inside_identifying, inside_private))
                 yield from pairs
                 continue
         elem = ds[tag]

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medtl.data import dicom, geometry
-from medtl.data.deid import forget_values
+from medtl.data.deid import values_kept_between_files
 from medtl.data.dicom import DicomImage, PixelSummary
 from medtl.data.types import HeaderFacts, LoadedImage, Rejection, Study
 from medtl.errors import InputError
@@ -141,7 +141,7 @@ def discover_with_pixels(
     images: list[DicomImage] = []
     outcomes = tqdm(_inspected(files, real_root, count), total=len(files), desc="Scanning files", unit="file",
                     disable=not progress)
-    try:
+    with values_kept_between_files():  # series slices repeat their header values
         for outcome in outcomes:
             if isinstance(outcome, Study):
                 studies.append(outcome)
@@ -149,8 +149,6 @@ def discover_with_pixels(
                 rejections.append(outcome)
             else:
                 images.append(outcome)
-    finally:
-        forget_values()  # the header walk's values kept between files (worker processes end with theirs)
     series_studies, series_rejections = assemble_series(images)
     known = {image.path: image.pixels for image in images if image.pixels is not None}
     studies.extend(series_studies)

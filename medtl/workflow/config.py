@@ -652,9 +652,9 @@ def _validate_tta(cfg: WorkflowConfig) -> None:
         return
     if cfg.evaluation.tta != "none" and (cfg.task != "classification" or cfg.model.spatial_dims != 2):
         raise ConfigError(f"config key 'evaluation.tta' must be none for {cfg.model.spatial_dims}D {cfg.task}, not "
-                          f"{cfg.evaluation.tta}: training shows no mirrored images, and averaging a mirrored volume "
-                          f"in lowered test Dice by 0.22-0.36 (docs/benchmarks.md); flip is for 2D classification, mirror for "
-                          f"models trained with data.flip_axes")
+                          f"{cfg.evaluation.tta}: training shows no mirrored images, and averaged in, a mirrored volume "
+                          f"lowered test Dice by 0.22-0.36 (docs/benchmarks.md); flip is for 2D classification, mirror "
+                          f"for models trained with data.flip_axes")
 
 
 def _validate_adaptation(cfg: WorkflowConfig) -> None:

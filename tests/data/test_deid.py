@@ -11,7 +11,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from medtl.data.deid import IDENTIFYING_KEYWORDS, MIN_VALUE_LENGTH, forget_values, identifying_values
+from medtl.data import deid
+from medtl.data.deid import (
+    IDENTIFYING_KEYWORDS,
+    MIN_VALUE_LENGTH,
+    identifying_values,
+    values_kept_between_files,
+)
 from tests.data import dicom_factory as factory
 
 
@@ -209,14 +215,18 @@ def test_values_kept_between_files_equal_those_of_a_fresh_walk():
     paths = [p for p in _pydicom_test_files() if _read_quietly(p) is not None]
     alone = {}
     for path in paths:
-        forget_values()
-        alone[path] = identifying_values(_read_quietly(path))
-    forget_values()
-    for path in paths:
-        identifying_values(_read_quietly(path))
-    for path in reversed(paths):
-        assert identifying_values(_read_quietly(path)) == alone[path], path.rsplit("/", 1)[-1]
+        with values_kept_between_files():
+            alone[path] = identifying_values(_read_quietly(path))
+    with values_kept_between_files():
+        for path in paths:
+            identifying_values(_read_quietly(path))
+        assert deid._MEMO, "the walk must keep what it converted inside the block"
+        for path in reversed(paths):
+            assert identifying_values(_read_quietly(path)) == alone[path], path.rsplit("/", 1)[-1]
     assert sum(bool(found) for found in alone.values()) > 30
+    # Outside the block nothing is kept: a direct call leaves no identifying value behind.
+    identifying_values(_read_quietly(paths[0]))
+    assert deid._MEMO is None
 
 
 def test_the_same_name_bytes_under_another_character_set_give_that_set_s_name(tmp_path):
@@ -230,7 +240,8 @@ def test_the_same_name_bytes_under_another_character_set_give_that_set_s_name(tm
     # The same bytes declared Cyrillic (ISO 8859-5): byte 0xFC is another letter there.
     cyrillic = tmp_path / "cyrillic.dcm"
     cyrillic.write_bytes(latin.read_bytes().replace(b"ISO_IR 100", b"ISO_IR 144"))
-    names = [{v for v, a in identifying_values(pydicom.dcmread(f)) if a == "PatientName"} for f in (latin, cyrillic)]
+    with values_kept_between_files():  # the second file meets the first one's kept bytes
+        names = [{v for v, a in identifying_values(pydicom.dcmread(f)) if a == "PatientName"} for f in (latin, cyrillic)]
     assert names == [{"M\u00fcller^Hannelore"}, {"M\u045cller^Hannelore"}]
 
 
