@@ -140,6 +140,8 @@ def create_model(
     multi_label: bool = False,
     dropout: float = 0.2,
     decoder_channels: Sequence[int] | None = None,
+    input_skip: int = 0,
+    deep_supervision: int = 0,
     min_matched: float = 0.9,
     meta: bool = False,
 ) -> ModelBundle:
@@ -158,6 +160,10 @@ def create_model(
         dropout: dropout before the classifier.
         decoder_channels: segmentation decoder widths, deepest first (default: MONAI
             FlexibleUNet's (256, 128, 64, 32, 16) in 2D, halved in 3D).
+        input_skip: segmentation: channels of a conv block on the input that is the decoder's
+            full-resolution skip (0: none; see `UNetDecoder`).
+        deep_supervision: segmentation: coarser decoder blocks that also get a head in training
+            (0: none; see `Segmenter`).
         min_matched: refuse a checkpoint that fills less than this share of the encoder.
         meta: build on PyTorch's meta device (shapes only: no memory, no values): every check of
             a real build, cheaply, for a preflight before hours of work (the weights file is still
@@ -179,12 +185,13 @@ def create_model(
     """
     return _assemble(task, encoder, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      weights=weights, multi_label=multi_label, dropout=dropout, decoder_channels=decoder_channels,
-                     min_matched=min_matched, meta=meta)
+                     input_skip=input_skip, deep_supervision=deep_supervision, min_matched=min_matched, meta=meta)
 
 
 def _assemble(task: str, encoder: str, *, spatial_dims: int, in_channels: int, num_classes: int,
               weights: str | os.PathLike, multi_label: bool, dropout: float,
-              decoder_channels: Sequence[int] | None, min_matched: float, meta: bool) -> ModelBundle:
+              decoder_channels: Sequence[int] | None, input_skip: int, deep_supervision: int,
+              min_matched: float, meta: bool) -> ModelBundle:
     """`create_model`, on real tensors or on the meta device: one code path, so checks and builds agree."""
     if task not in TASKS:
         raise ConfigError(f"model.task must be one of {list(TASKS)}, not {task!r}; fix the model config")
@@ -196,6 +203,11 @@ def _assemble(task: str, encoder: str, *, spatial_dims: int, in_channels: int, n
     _check_int("num_classes", num_classes, 1)
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), not {dropout!r}; use e.g. 0.2")
+    for key, value in (("input_skip", input_skip), ("deep_supervision", deep_supervision)):
+        _check_int(key, value, 0)
+        if value and task != "segmentation":
+            raise ConfigError(f"model.{key} must be 0 for {task}, not {value!r}; it is a setting of the "
+                              f"segmentation decoder")
     if multi_label and task != "classification":
         raise ConfigError("model.multi_label must be false for segmentation, not true; segmentation channels "
                           "are exclusive classes")
@@ -211,7 +223,8 @@ def _assemble(task: str, encoder: str, *, spatial_dims: int, in_channels: int, n
         if task == "classification":
             model: nn.Module = Classifier(base, num_classes, dropout=dropout, multi_label=multi_label)
         else:
-            model = Segmenter(base, num_classes, decoder_channels or DECODER_CHANNELS[spatial_dims])
+            model = Segmenter(base, num_classes, decoder_channels or DECODER_CHANNELS[spatial_dims],
+                              input_skip=input_skip, deep_supervision=deep_supervision)
 
     report = None
     if path is not None:

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from medtl.errors import ConfigError, InputError
 from medtl.models.domain import _plain, cross_entropy_known
-from medtl.models.heads import ClassificationHead, Segmenter
+from medtl.models.heads import ClassificationHead, Segmenter, segmentation_logits
 
 OUTPUTS = ("both", "segmentation", "classification")
 
@@ -96,6 +96,9 @@ class MultiTaskModel(nn.Module):
             raise ConfigError(f"model.num_classes must be an integer >= 1, not {num_classes!r}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), not {dropout!r}; use e.g. 0.2")
+        if len(segmenter.aux_heads):
+            raise ConfigError(f"model.deep_supervision must be 0 for multi-task training, not "
+                              f"{len(segmenter.aux_heads)}; set model.deep_supervision=0")
         self.encoder = segmenter.encoder
         self.decoder = segmenter.decoder
         self.head = segmenter.head
@@ -137,8 +140,7 @@ class MultiTaskModel(nn.Module):
     def forward_tasks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Segmentation logits (B, S, *x.shape[2:]) and class logits (B, K)."""
         pyramid = self.encoder.forward_pyramid(x)
-        size = x.shape[2:][::-1]  # the encoder works in reversed axis order (see Segmenter)
-        segmentation = self.encoder.to_input_axes(self.head(self.decoder(pyramid, size)))
+        segmentation = segmentation_logits(self.encoder, self.decoder, self.head, pyramid, x)
         return segmentation, self.cls_head(pyramid[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -226,6 +226,10 @@ class ModelConfig:
                                examples=["2 (classes, or segmentation labels incl. background)"])
     multi_label: StrictBool = Field(False, description="one sigmoid per class (refused by workflows)")
     dropout: Number = Field(0.2, ge=0, lt=1, description="dropout before the classification head", examples=["0.2"])
+    input_skip: Whole = Field(0, ge=0, description="segmentation: channels of a conv block on the input, the "
+                              "decoder's full-resolution skip; 0: none", examples=["16 (0 turns it off)"])
+    deep_supervision: Whole = Field(0, ge=0, description="segmentation: coarser decoder blocks (half resolution, "
+                                    "quarter, ...) also trained with a head of their own; 0: none", examples=["2"])
 
 
 @_section

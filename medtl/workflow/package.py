@@ -72,6 +72,8 @@ class ModelPackage:
     run_id: str = ""
     multi_label: bool = False
     dropout: float = 0.2
+    input_skip: int = 0  # model.input_skip (0 in packages written before it existed)
+    deep_supervision: int = 0  # model.deep_supervision: the training-only heads, kept so the weights fit
     tta: str = "none"  # test-time augmentation (evaluation.tta), applied wherever the model scores
     # The settings `medtl evaluate` reuses (task, model, evaluation, audit, seed, experiment,
     # data's intensity/size keys and subgroups): no path, no data value.
@@ -97,7 +99,8 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
     """The package's network with freshly initialised weights (no download: weights "none")."""
     return create_model(package.task, package.encoder, spatial_dims=package.spatial_dims,
                         in_channels=package.in_channels, num_classes=package.num_classes, weights="none",
-                        multi_label=package.multi_label, dropout=package.dropout).model
+                        multi_label=package.multi_label, dropout=package.dropout,
+                        input_skip=package.input_skip, deep_supervision=package.deep_supervision).model
 
 
 def packable(package: ModelPackage, model: torch.nn.Module) -> bool:
@@ -202,7 +205,8 @@ def package_for_run(cfg: WorkflowConfig, data: PreparedData, prep: Preprocessing
         preprocessing=json.loads(json.dumps(dataclasses.asdict(prep))), modalities=list(cfg.data.modalities),
         key_id=str(data.manifest["key_id"].iloc[0]) if len(data.manifest) else "",
         manifest_sha256=data.manifest_sha256, run_id=run_id, multi_label=cfg.model.multi_label,
-        dropout=cfg.model.dropout, tta=cfg.evaluation.tta, workflow_config=reusable_config(cfg), profile=training_profile(data, table, seed=cfg.seed, progress=progress),
+        dropout=cfg.model.dropout, input_skip=cfg.model.input_skip,
+        deep_supervision=cfg.model.deep_supervision, tta=cfg.evaluation.tta, workflow_config=reusable_config(cfg), profile=training_profile(data, table, seed=cfg.seed, progress=progress),
     )
 
 

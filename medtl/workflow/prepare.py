@@ -102,7 +102,8 @@ def preflight(cfg: WorkflowConfig) -> None:
     try:
         bundle = create_model(cfg.task, m.encoder, spatial_dims=m.spatial_dims, in_channels=m.in_channels,
                               num_classes=m.num_classes, weights=m.weights, multi_label=m.multi_label,
-                              dropout=m.dropout, meta=True)
+                              dropout=m.dropout, input_skip=m.input_skip,
+                              deep_supervision=m.deep_supervision, meta=True)
     except (ConfigError, WeightsError) as err:
         raise type(err)(_weights_message(m.weights, str(err))) from err
     if cfg.data.image_size:  # else chosen from the data, after the manifest build

@@ -86,6 +86,8 @@ def build_model(cfg: WorkflowConfig, *, weights: str | None = None) -> ModelBund
         weights=weights or cfg.model.weights,
         multi_label=cfg.model.multi_label,
         dropout=cfg.model.dropout,
+        input_skip=cfg.model.input_skip,
+        deep_supervision=cfg.model.deep_supervision,
     )
 
 
@@ -121,9 +123,11 @@ def loss_and_metric(cfg: WorkflowConfig, weights: torch.Tensor | None) -> tuple[
     """The task's loss (classification: cross-entropy with class `weights`), validation metric function and
     the metric that picks the best epoch."""
     if cfg.task == "segmentation":
-        from monai.losses import DiceCELoss
+        from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-        return DiceCELoss(to_onehot_y=True, softmax=True), validation_dice, "dice"
+        loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        # Deep supervision: the coarser heads' losses on nearest-downsampled masks, weighted 1/2, 1/4, ... (nnU-Net's).
+        return (DeepSupervisionLoss(loss) if cfg.model.deep_supervision else loss), validation_dice, "dice"
 
     ce = torch.nn.CrossEntropyLoss(weight=weights)
     return (lambda o, t: ce(o, t.long())), class_auroc, "auroc"

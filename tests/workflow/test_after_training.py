@@ -302,10 +302,13 @@ def test_segmentation_predict_writes_masks_on_the_input_grid_and_dicom_seg_over_
                                                       "evaluation.n_boot=100", "audit.reference=none",
                                                       "data.manifest_out=", "tracking.registered_model=seg",
                                                       # Trained with flips, so predict averages the mirror views too.
-                                                      "data.flip_axes=[0, 1, 2]", "evaluation.tta=mirror"])
+                                                      "data.flip_axes=[0, 1, 2]", "evaluation.tta=mirror",
+                                                      # The decoder options: the package rebuilds them.
+                                                      "model.input_skip=8", "model.deep_supervision=2"])
     trained = run_workflow(cfg, tmp_path / "run", progress=False)
-    package, _ = read_package(tmp_path / "run" / "package")
+    package, network = read_package(tmp_path / "run" / "package")
     assert (package.tta, package.flips()) == ("mirror", (0, 1, 2))  # what predict, evaluate and serving average over
+    assert (package.input_skip, package.deep_supervision, len(network.aux_heads)) == (8, 2, 2)
     # The demo folder also holds the NIfTI masks themselves: a CSV of the image paths picks the CTs.
     labels = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
     labels.loc[labels["mask"] != "", ["path"]].to_csv(tmp_path / "cts.csv", index=False)

@@ -367,3 +367,28 @@ def test_the_package_mirrors_the_axes_its_run_trained_with_flips():
     assert package.flips() == (0, 2)  # what `medtl predict`, external evaluation and serving average over
     # A package written before data.flip_axes existed keeps its own mode.
     assert ModelPackage(**fields, tta="none", workflow_config={"data": {}}).flips() == ()
+
+
+def test_the_package_rebuilds_the_decoders_input_skip(tmp_path):
+    import torch
+
+    from medtl.models import create_model
+    from medtl.workflow.package import PACKAGE_FILE, ModelPackage, packable, read_package, write_package
+
+    cfg = load_config(WORKFLOWS / "segment_3d.yaml", ["model.input_skip=8"])
+    fields = {"task": cfg.task, "encoder": cfg.model.encoder, "spatial_dims": 3, "in_channels": 1, "num_classes": 3,
+              "classes": [], "positive_class": None, "threshold": None, "preprocessing": {}, "modalities": [],
+              "key_id": "", "manifest_sha256": ""}
+    trained = create_model(cfg.task, cfg.model.encoder, spatial_dims=3, num_classes=3, weights="none",
+                           input_skip=cfg.model.input_skip).model.eval()
+    package = ModelPackage(**fields, input_skip=cfg.model.input_skip)
+    assert packable(package, trained)
+    assert not packable(ModelPackage(**fields), trained)  # without the key, another network
+    _, network = read_package(write_package(package, trained, tmp_path / "package"))
+    image = torch.randn(1, 1, 16, 24, 16)
+    with torch.no_grad():
+        assert torch.equal(network(image), trained(image))
+    # A package written before model.input_skip existed has no skip.
+    document = json.loads((tmp_path / "package" / PACKAGE_FILE).read_text())
+    del document["input_skip"]
+    assert ModelPackage(**document).input_skip == 0
