@@ -254,6 +254,9 @@ class TrainConfigSection:
     # training set gets more passes per epoch, not fewer updates (its own recipe, chosen from its size).
     min_steps: Whole = Field(500, ge=0, description="fewest optimizer steps: small training sets are passed "
                              "over several times an epoch; 0: off", examples=["500 (0 turns it off)"])
+    label_smoothing: Number = Field(0.0, ge=0, lt=1, description="share of each label spread over all classes "
+                                    "in the cross-entropy (segmentation: DiceCE's); 0: off",
+                                    examples=["0.1 (0 turns it off)"])
     ema_decay: Number = Field(0.0, ge=0, lt=1, description="moving average of the weights, validated and kept; 0: off",
                               examples=["0.999 (0 turns the average off)"])
     early_stopping_patience: Whole = Field(5, ge=1, description="epochs without improvement", examples=["4"])
@@ -675,6 +678,9 @@ def _validate_adaptation(cfg: WorkflowConfig) -> None:
         if cfg.task != "classification" or cfg.model.multi_label:
             raise ConfigError("config key 'adaptation.method' must be adabn or none for segmentation or multi-label "
                               "models, not dann; DANN needs one class index per study")
+        if cfg.train.label_smoothing:
+            raise ConfigError(f"config key 'train.label_smoothing' must be 0 with adaptation.method=dann, not "
+                              f"{cfg.train.label_smoothing}: DANN's loss has none; set train.label_smoothing=0")
         if cfg.train.balance == "sampler":
             raise ConfigError("config key 'train.balance' must be none or loss with adaptation.method=dann, not "
                               "sampler; the sampler cannot read DANN's [class, domain] labels")
@@ -684,6 +690,11 @@ def _validate_multitask(cfg: WorkflowConfig) -> None:
     m = cfg.multitask
     if not m.enabled:
         return
+    for key, value in (("model.deep_supervision", cfg.model.deep_supervision),
+                       ("train.label_smoothing", cfg.train.label_smoothing)):
+        if value:
+            raise ConfigError(f"config key '{key}' must be 0 with multitask.enabled, not {value}: the multi-task "
+                              f"loss has neither; set {key}=0")
     if cfg.task != "segmentation":
         raise ConfigError(f"config key 'multitask.enabled' needs task segmentation (studies with a mask and a "
                           f"label), not task {cfg.task}; set task: segmentation")

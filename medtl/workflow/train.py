@@ -125,11 +125,11 @@ def loss_and_metric(cfg: WorkflowConfig, weights: torch.Tensor | None) -> tuple[
     if cfg.task == "segmentation":
         from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        loss = DiceCELoss(to_onehot_y=True, softmax=True, label_smoothing=cfg.train.label_smoothing)
         # Deep supervision: the coarser heads' losses on nearest-downsampled masks, weighted 1/2, 1/4, ... (nnU-Net's).
         return (DeepSupervisionLoss(loss) if cfg.model.deep_supervision else loss), validation_dice, "dice"
 
-    ce = torch.nn.CrossEntropyLoss(weight=weights)
+    ce = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing)
     return (lambda o, t: ce(o, t.long())), class_auroc, "auroc"
 
 

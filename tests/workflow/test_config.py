@@ -85,6 +85,12 @@ def test_image_size_must_match_spatial_dims():
          r"'adaptation\.batch_size' must be at least 2"),
         (["adaptation.methd=adabn"], r"unknown config key 'adaptation\.methd'; did you mean 'adaptation\.method'"),
         (["multitask.enabled=true"], r"'multitask\.enabled' needs task segmentation"),
+        (["adaptation.method=dann", "adaptation.target=SITE-1", "train.label_smoothing=0.1"],
+         r"'train\.label_smoothing' must be 0 with adaptation\.method=dann, not 0\.1"),
+        (["multitask.enabled=true", "task=segmentation", "train.label_smoothing=0.1"],
+         r"'train\.label_smoothing' must be 0 with multitask\.enabled"),
+        (["multitask.enabled=true", "task=segmentation", "model.deep_supervision=2"],
+         r"'model\.deep_supervision' must be 0 with multitask\.enabled, not 2"),
         (["fewshot.ks=[0, 5]"], r"'fewshot\.ks' must be at least 1"),
         (["fewshot.methods=[prototype, knn]"], r"'fewshot\.methods' must be among prototype, linear_probe"),
         (["continual.from_model=classify_2d"], r"'continual\.from_model' must be a registry URI"),
@@ -232,6 +238,8 @@ def test_choices_come_from_the_one_vocabulary():
         ("classify_3d", "data.spacing=[1.5, 1.5]", r"'data\.spacing' must be 3 positive voxel sizes in mm"),
         ("classify_3d", "data.ct_window=[300, -200]", r"'data\.ct_window' must be two numbers \[low, high\]"),
         ("classify_2d", "model.dropout=1", r"'model\.dropout' must be in \[0, 1\), not 1"),
+        ("classify_2d", "train.label_smoothing=1", r"'train\.label_smoothing' must be in \[0, 1\), not 1"),
+        ("segment_3d", "model.deep_supervision=-1", r"'model\.deep_supervision' must be at least 0, not -1"),
         ("classify_2d", "model.num_classes=1", r"'model\.num_classes' must be at least 2, not 1"),
         ("classify_2d", "train.layer_decay=1.5", r"'train\.layer_decay' must be in \[0, 1\]"),
         ("classify_2d", "evaluation.threshold_target=1", r"'evaluation\.threshold_target' must be in \(0, 1\)"),
@@ -392,3 +400,17 @@ def test_the_package_rebuilds_the_decoders_input_skip(tmp_path):
     document = json.loads((tmp_path / "package" / PACKAGE_FILE).read_text())
     del document["input_skip"]
     assert ModelPackage(**document).input_skip == 0
+
+
+def test_label_smoothing_reaches_the_loss():
+    import torch
+
+    from medtl.workflow.train import loss_and_metric
+
+    logits, target = torch.tensor([[4.0, -4.0]]), torch.tensor([0])
+    plain, _, _ = loss_and_metric(load_config(WORKFLOWS / "classify_2d.yaml"), None)
+    smoothed, _, _ = loss_and_metric(load_config(WORKFLOWS / "classify_2d.yaml", ["train.label_smoothing=0.2"]), None)
+    # A confident right answer costs more with smoothed targets (0.9, 0.1) than with (1, 0).
+    expected = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.2)
+    assert float(smoothed(logits, target)) == pytest.approx(float(expected))
+    assert float(smoothed(logits, target)) > float(plain(logits, target)) + 0.5
